@@ -1,0 +1,12 @@
+"""splitkv: split-KV and cascade attention on NVIDIA GPUs, built on PyTorch.
+
+The composable stage is the exact merge of partial attention states
+(:func:`merge_attn_states`, :func:`merge_states`); see :mod:`splitkv.merge` for
+the layouts and the LSE convention (float32 ``[heads, tokens]``, natural log).
+"""
+
+from .merge import explain_merge, merge_attn_states, merge_states
+
+__version__ = "0.1.0"
+
+__all__ = ["merge_attn_states", "merge_states", "explain_merge", "__version__"]

@@ -1,0 +1,328 @@
+"""merge_attn_states / merge_states: every backend against a float64 reference."""
+
+import warnings
+import zlib
+
+import pytest
+import torch
+from merge_reference import LSE_TOLERANCE, TOLERANCES, random_states, reference_merge
+
+import splitkv
+from splitkv import _cuda
+from splitkv._triton_support import TRITON_IMPORT_ERROR
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; the CUDA kernel cannot run on CPU")
+
+
+def backends():
+    names = ["torch"]
+    if not TRITON_IMPORT_ERROR:
+        names.append("triton")  # on CPU: under TRITON_INTERPRET=1 (conftest)
+    names.append(pytest.param("cuda", marks=needs_cuda))
+    return names
+
+
+# (tokens, heads, head_dim): every head size and token count of interest, each
+# head count from 1 to 64, without the full cross product.
+SHAPES = [
+    (0, 4, 128),
+    (1, 1, 64),
+    (7, 3, 72),
+    (613, 8, 80),
+    (613, 16, 96),
+    (7, 64, 128),
+    (4096, 2, 192),
+    (1, 32, 256),
+    (37, 5, 512),
+    (613, 48, 128),
+]
+LARGE_SHAPES = [(4096, 32, 128), (4096, 64, 256)]  # GPU, or the torch backend on CPU
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def generator(request):
+    """Fresh random inputs for every test case, reproducible from its name."""
+    return _generator(zlib.crc32(request.node.name.encode()))
+
+
+def _check_against_reference(out, lse, states, lses, dtype):
+    ref_out, ref_lse = reference_merge(list(states.unbind(0)), list(lses.unbind(0)))
+    torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[dtype], equal_nan=False)
+    if lse is not None:
+        torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOLERANCE)
+
+
+def _shape_cases():
+    cases = [pytest.param(*s, id="x".join(map(str, s))) for s in SHAPES]
+    cases += [pytest.param(*s, id="x".join(map(str, s))) for s in LARGE_SHAPES]
+    return cases
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,heads,head_dim", _shape_cases())
+def test_two_states_match_reference(backend, dtype, tokens, heads, head_dim, generator):
+    if (tokens, heads, head_dim) in LARGE_SHAPES and backend == "triton" and not HAS_CUDA:
+        pytest.skip("large shape: too slow for the Triton interpreter on CPU (runs on GPU)")
+    states, lses = random_states(2, tokens, heads, head_dim, dtype, DEVICE, generator)
+    # Poisoned result buffers: an element the kernel does not write stays NaN.
+    output = torch.full((tokens, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    output_lse = torch.full((heads, tokens), float("nan"), device=DEVICE)
+    out, lse = splitkv.merge_attn_states(
+        states[0], lses[0], states[1], lses[1], output=output, output_lse=output_lse, backend=backend
+    )
+    assert out is output and lse is output_lse
+    _check_against_reference(out, lse, states, lses, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_states", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("tokens,heads,head_dim", [(0, 2, 64), (7, 3, 72), (613, 8, 128), (37, 5, 512)])
+def test_n_states_match_reference(backend, dtype, num_states, tokens, heads, head_dim, generator):
+    states, lses = random_states(num_states, tokens, heads, head_dim, dtype, DEVICE, generator)
+    output = torch.full((tokens, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    output_lse = torch.full((heads, tokens), float("nan"), device=DEVICE)
+    splitkv.merge_states(states, lses, output=output, output_lse=output_lse, backend=backend)
+    _check_against_reference(output, output_lse, states, lses, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_states(backend, dtype):
+    """+inf and -inf both mean empty; the empty side's output (here inf/NaN) is ignored;
+    both empty gives exactly 0 and -inf."""
+    inf, nan = float("inf"), float("nan")
+    pairs = [(inf, 0.5), (-inf, 0.5), (0.5, inf), (0.5, -inf), (inf, inf), (-inf, -inf), (inf, -inf), (-inf, inf)]
+    tokens, heads, head_dim = len(pairs), 2, 64
+    g = _generator(1)
+    prefix = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    suffix = torch.randn(tokens, heads, head_dim, generator=g).to(dtype)
+    prefix_lse = torch.tensor([p for p, _ in pairs]).repeat(heads, 1)
+    suffix_lse = torch.tensor([s for _, s in pairs]).repeat(heads, 1)
+    prefix[torch.isinf(prefix_lse).t()] = nan
+    suffix[torch.isinf(suffix_lse).t()] = inf
+    args = [t.to(DEVICE) for t in (prefix, prefix_lse, suffix, suffix_lse)]
+    out, lse = splitkv.merge_attn_states(*args, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
+    assert not out.isnan().any() and not lse.isnan().any()
+    for row, (p, s) in enumerate(pairs):
+        if abs(p) == inf and abs(s) == inf:
+            assert (out[row] == 0).all() and (lse[:, row] == -inf).all()
+        elif abs(p) == inf:
+            assert torch.equal(out[row], suffix[row]) and torch.allclose(lse[:, row], suffix_lse[:, row])
+        else:
+            assert torch.equal(out[row], prefix[row]) and torch.allclose(lse[:, row], prefix_lse[:, row])
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_nan_lse_is_not_hidden(backend):
+    nan = float("nan")
+    pairs = [(nan, 0.5), (0.5, nan), (nan, float("-inf")), (float("inf"), nan), (nan, nan), (0.5, 1.5)]
+    tokens, heads, head_dim = len(pairs), 1, 64
+    g = _generator(2)
+    prefix, suffix = (torch.randn(tokens, heads, head_dim, generator=g, device="cpu").to(DEVICE) for _ in range(2))
+    prefix_lse = torch.tensor([[p for p, _ in pairs]], device=DEVICE)
+    suffix_lse = torch.tensor([[s for _, s in pairs]], device=DEVICE)
+    out, lse = splitkv.merge_attn_states(prefix, prefix_lse, suffix, suffix_lse, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
+    for row in range(tokens - 1):
+        assert out[row].isnan().all() and lse[0, row].isnan(), row
+    assert not out[-1].isnan().any() and not lse[0, -1].isnan()
+    n_out, n_lse = splitkv.merge_states(
+        torch.stack([prefix, suffix]), torch.stack([prefix_lse, suffix_lse]), backend=backend
+    )
+    torch.testing.assert_close(n_out.cpu(), out, equal_nan=True)
+    torch.testing.assert_close(n_lse.cpu(), lse, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_views(backend, dtype):
+    """Outputs as slices of wider buffers, LSE as transposed [tokens, heads] storage,
+    results written into views; memory around the views is left alone."""
+    tokens, heads, head_dim = 613, 6, 72
+    g = _generator(3)
+    states, lses = random_states(2, tokens, heads, head_dim, dtype, DEVICE, g)
+    wide = torch.randn(2, tokens, 2 * heads, head_dim + 8, generator=g).to(dtype=dtype, device=DEVICE)
+    wide[:, :, ::2, :head_dim] = states  # head stride 2 * (head_dim + 8), token stride 2 * heads * (head_dim + 8)
+    views = [wide[i, :, ::2, :head_dim] for i in range(2)]
+    lse_storage = lses.transpose(1, 2).contiguous()  # [2, tokens, heads]
+    lse_views = [lse_storage[i].t() for i in range(2)]  # [heads, tokens], token stride = heads
+    out_buffer = torch.full((tokens, heads + 2, head_dim + 3), 7.0, dtype=dtype, device=DEVICE)
+    out_view = out_buffer[:, 1 : heads + 1, 1 : head_dim + 1]
+    lse_buffer = torch.full((tokens + 1, heads), 7.0, device=DEVICE)
+    lse_view = lse_buffer[1:].t()
+    splitkv.merge_attn_states(
+        views[0], lse_views[0], views[1], lse_views[1], output=out_view, output_lse=lse_view, backend=backend
+    )
+    _check_against_reference(out_view, lse_view, states, lses, dtype)
+    untouched = torch.ones_like(out_buffer, dtype=torch.bool)
+    untouched[:, 1 : heads + 1, 1 : head_dim + 1] = False
+    assert (out_buffer[untouched] == 7.0).all()
+    assert (lse_buffer[0] == 7.0).all()
+    # The N-way merge reads the same strided states through a stacked view.
+    n_out, n_lse = splitkv.merge_states(wide[:, :, ::2, :head_dim], lse_storage.transpose(1, 2), backend=backend)
+    _check_against_reference(n_out, n_lse, states, lses, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("into", ["prefix", "suffix"])
+def test_in_place(backend, dtype, into):
+    tokens, heads, head_dim = 613, 8, 128
+    states, lses = random_states(2, tokens, heads, head_dim, dtype, DEVICE, _generator(4))
+    # LSE in transposed storage, as a caller holding [tokens, heads] would pass it.
+    prefix, suffix = states[0].clone(), states[1].clone()
+    prefix_lse, suffix_lse = (x.t().contiguous().t() for x in lses)
+    target, target_lse = (prefix, prefix_lse) if into == "prefix" else (suffix, suffix_lse)
+    out, lse = splitkv.merge_attn_states(
+        prefix, prefix_lse, suffix, suffix_lse, output=target, output_lse=target_lse, backend=backend
+    )
+    assert out is target and lse is target_lse
+    _check_against_reference(out, lse, states, lses, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_in_place_n_states(backend):
+    states, lses = random_states(5, 613, 8, 128, torch.float16, DEVICE, _generator(5))
+    work, work_lses = states.clone(), lses.clone()
+    splitkv.merge_states(work, work_lses, output=work[0], output_lse=work_lses[0], backend=backend)
+    _check_against_reference(work[0], work_lses[0], states, lses, torch.float16)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_return_lse_false(backend):
+    states, lses = random_states(2, 37, 4, 64, torch.bfloat16, DEVICE, _generator(6))
+    out, lse = splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], return_lse=False, backend=backend)
+    assert lse is None
+    _check_against_reference(out, None, states, lses, torch.bfloat16)
+    out, lse = splitkv.merge_states(states, lses, return_lse=False, backend=backend)
+    assert lse is None
+    _check_against_reference(out, None, states, lses, torch.bfloat16)
+
+
+def test_auto_backend_choice():
+    states, lses = random_states(2, 4, 2, 64, torch.float16, DEVICE, _generator(7))
+    report = splitkv.explain_merge(states[0], lses[0], states[1], lses[1])
+    expected = "cuda" if HAS_CUDA else "torch"
+    assert report.splitlines()[0] == f"merge_attn_states(backend='auto') -> {expected}", report
+    if not HAS_CUDA:
+        assert "cuda: tensors are on cpu" in report
+        assert "triton: auto runs Triton only on CUDA tensors" in report or TRITON_IMPORT_ERROR
+    with pytest.raises(ValueError, match="backend must be one of"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], backend="cutlass")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on a machine without CUDA")
+def test_cuda_backend_refused_on_cpu():
+    states, lses = random_states(2, 4, 2, 64, torch.float16, "cpu", _generator(8))
+    with pytest.raises(ValueError, match="backend='cuda' cannot run these inputs: tensors are on cpu"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], backend="cuda")
+
+
+def test_disable_cuda_env(monkeypatch):
+    monkeypatch.setenv("SPLITKV_DISABLE_CUDA", "1")
+    states, lses = random_states(2, 4, 2, 64, torch.float16, DEVICE, _generator(9))
+    report = splitkv.explain_merge(states[0], lses[0], states[1], lses[1])
+    if HAS_CUDA:
+        assert "cuda: disabled by SPLITKV_DISABLE_CUDA=1" in report
+        assert report.splitlines()[0].endswith("-> triton")
+
+
+def test_build_failure_falls_back_or_raises(monkeypatch):
+    """A failed build warns once and reports the reason; SPLITKV_REQUIRE_CUDA=1 raises."""
+
+    def broken_build(verbose=False):
+        raise OSError("nvcc not found")
+
+    monkeypatch.setattr(_cuda, "build", broken_build)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_cuda, "_load_error", None)
+    with pytest.warns(RuntimeWarning, match="could not be built: OSError: nvcc not found; falling back to Triton"):
+        assert "nvcc not found" in _cuda.load_error()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "nvcc not found" in _cuda.load_error()  # cached: no second warning
+    monkeypatch.setattr(_cuda, "_load_error", None)
+    monkeypatch.setenv("SPLITKV_REQUIRE_CUDA", "1")
+    with pytest.raises(RuntimeError, match="SPLITKV_REQUIRE_CUDA=1 and the CUDA kernels could not be built"):
+        _cuda.load_error()
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+def _good(tokens=5, heads=3, head_dim=64, dtype=torch.float16):
+    g = _generator(10)
+    return dict(
+        prefix_output=torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
+        prefix_lse=torch.randn(heads, tokens, generator=g),
+        suffix_output=torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
+        suffix_lse=torch.randn(heads, tokens, generator=g),
+    )
+
+
+BAD_INPUTS = [
+    ("prefix_output", lambda a: a["prefix_output"][0], ValueError, "prefix_output must be \\[tokens, heads, head_dim\\]"),
+    ("suffix_output", lambda a: a["suffix_output"][:4], ValueError, "suffix_output must be \\[tokens, heads, head_dim\\]"),
+    ("suffix_output", lambda a: a["suffix_output"].float(), TypeError, "suffix_output must have dtype torch.float16"),
+    ("prefix_output", lambda a: a["prefix_output"].double(), TypeError, "prefix_output must be float32, float16 or bfloat16"),
+    ("prefix_output", lambda a: a["prefix_output"].transpose(1, 2).contiguous().transpose(1, 2), ValueError,
+     "prefix_output must have a contiguous last dim"),
+    ("suffix_output", lambda a: a["suffix_output"].transpose(1, 2).contiguous().transpose(1, 2), ValueError,
+     "suffix_output must have a contiguous last dim"),
+    ("prefix_lse", lambda a: a["prefix_lse"].half(), TypeError, "prefix_lse must have dtype torch.float32"),
+    ("suffix_lse", lambda a: a["suffix_lse"].t(), ValueError, "suffix_lse must be \\[heads, tokens\\]"),
+    ("prefix_lse", lambda a: a["prefix_lse"][None], ValueError, "prefix_lse must be \\[heads, tokens\\]"),
+    ("suffix_lse", lambda a: a["suffix_lse"].to("meta"), ValueError, "suffix_lse must be on cpu"),
+    ("suffix_output", lambda a: a["suffix_output"].to("meta"), ValueError, "suffix_output must be on cpu"),
+    ("prefix_lse", lambda a: a["prefix_lse"].numpy(), TypeError, "prefix_lse must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,exc,message", BAD_INPUTS)
+def test_bad_input_names_the_argument(name, corrupt, exc, message):
+    args = _good()
+    args[name] = corrupt(args)
+    output = torch.full_like(args["prefix_output"] if name != "prefix_output" else _good()["prefix_output"], 3.0)
+    before = output.clone()
+    with pytest.raises(exc, match=message):
+        splitkv.merge_attn_states(**args, output=output)
+    assert torch.equal(output, before)  # rejected before anything ran
+
+
+def test_bad_outputs():
+    args = _good()
+    with pytest.raises(ValueError, match="output must be \\[tokens, heads, head_dim\\]"):
+        splitkv.merge_attn_states(**args, output=torch.empty(5, 3, 32, dtype=torch.float16))
+    with pytest.raises(TypeError, match="output must have dtype torch.float16"):
+        splitkv.merge_attn_states(**args, output=torch.empty(5, 3, 64))
+    with pytest.raises(ValueError, match="output must not be an expanded view"):
+        splitkv.merge_attn_states(**args, output=torch.empty(1, 3, 64, dtype=torch.float16).expand(5, 3, 64))
+    with pytest.raises(TypeError, match="output_lse must have dtype torch.float32"):
+        splitkv.merge_attn_states(**args, output_lse=torch.empty(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="output_lse must be \\[heads, tokens\\]"):
+        splitkv.merge_attn_states(**args, output_lse=torch.empty(5, 3))
+
+
+def test_bad_n_way_inputs():
+    states = torch.randn(3, 5, 2, 64)
+    lses = torch.randn(3, 2, 5)
+    with pytest.raises(ValueError, match="outputs must be \\[num_states, tokens, heads, head_dim\\]"):
+        splitkv.merge_states(states[0], lses)
+    with pytest.raises(ValueError, match="at least one state"):
+        splitkv.merge_states(states[:0], lses[:0])
+    with pytest.raises(ValueError, match="lses must be \\[num_states, heads, tokens\\]"):
+        splitkv.merge_states(states, lses[:2])
+    with pytest.raises(TypeError, match="lses must have dtype torch.float32"):
+        splitkv.merge_states(states, lses.double())
+    with pytest.raises(TypeError, match="outputs must be float32, float16 or bfloat16"):
+        splitkv.merge_states(states.to(torch.int32), lses)
