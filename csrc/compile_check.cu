@@ -6,6 +6,8 @@
 template cudaError_t splitkv::merge_attn_states<float>(const splitkv::MergeParams&, cudaStream_t);
 template cudaError_t splitkv::merge_attn_states<__half>(const splitkv::MergeParams&, cudaStream_t);
 template cudaError_t splitkv::merge_attn_states<__nv_bfloat16>(const splitkv::MergeParams&, cudaStream_t);
-template cudaError_t splitkv::merge_states<float>(const splitkv::MergeNParams&, cudaStream_t);
-template cudaError_t splitkv::merge_states<__half>(const splitkv::MergeNParams&, cudaStream_t);
-template cudaError_t splitkv::merge_states<__nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
+template cudaError_t splitkv::merge_states<float, float>(const splitkv::MergeNParams&, cudaStream_t);
+template cudaError_t splitkv::merge_states<__half, __half>(const splitkv::MergeNParams&, cudaStream_t);
+template cudaError_t splitkv::merge_states<__nv_bfloat16, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
+template cudaError_t splitkv::merge_states<float, __half>(const splitkv::MergeNParams&, cudaStream_t);
+template cudaError_t splitkv::merge_states<float, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);

@@ -12,7 +12,7 @@
 //   outputs [tokens, heads, head_dim] (N-way: [states, tokens, heads, head_dim])
 //   lse     [heads, tokens] float32   (N-way: [states, heads, tokens])
 //
-// Work split: one thread owns one vector of VEC_BYTES bytes of one row; a block
+// Work split: one thread owns one vector of up to 16 bytes of one row; a block
 // owns whole rows. Owning whole rows lets the block read every input lse before
 // a barrier and write the merged lse after it, so output_lse may alias an input
 // lse (in-place merge) without a cross-warp race. Output vectors may alias the
@@ -47,7 +47,7 @@ struct MergeParams {
 };
 
 struct MergeNParams {
-  void* output;            // [tokens, heads, head_dim]
+  void* output;            // [tokens, heads, head_dim], float32 states may merge into half/bfloat16
   float* output_lse;       // [heads, tokens], or nullptr
   const void* states;      // [states, tokens, heads, head_dim]
   const float* lses;       // [states, heads, tokens]
@@ -86,8 +86,8 @@ struct Convert<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
-// The machine word moved by one load or store of VEC_BYTES bytes.
-template <int VEC_BYTES>
+// The machine word moved by one load or store of BYTES bytes.
+template <int BYTES>
 struct Word;
 template <>
 struct Word<16> { using type = uint4; };
@@ -98,25 +98,25 @@ struct Word<4> { using type = unsigned int; };
 template <>
 struct Word<2> { using type = unsigned short; };
 
-template <typename T, int VEC_BYTES>
+template <typename T, int ELEMS>
 union Vec {
-  static constexpr int kElems = VEC_BYTES / static_cast<int>(sizeof(T));
-  typename Word<VEC_BYTES>::type word;
-  T elems[kElems];
+  using WordType = typename Word<ELEMS * static_cast<int>(sizeof(T))>::type;
+  WordType word;
+  T elems[ELEMS];
 };
 
 // Inputs and outputs are touched once: stream them past L1 and mark them
 // evict-first in L2 so they do not push out data other kernels reuse.
-template <typename T, int VEC_BYTES>
-__device__ __forceinline__ Vec<T, VEC_BYTES> load_streaming(const T* ptr) {
-  Vec<T, VEC_BYTES> v;
-  v.word = __ldcs(reinterpret_cast<const typename Word<VEC_BYTES>::type*>(ptr));
+template <typename T, int ELEMS>
+__device__ __forceinline__ Vec<T, ELEMS> load_streaming(const T* ptr) {
+  Vec<T, ELEMS> v;
+  v.word = __ldcs(reinterpret_cast<const typename Vec<T, ELEMS>::WordType*>(ptr));
   return v;
 }
 
-template <typename T, int VEC_BYTES>
-__device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, VEC_BYTES>& v) {
-  __stcs(reinterpret_cast<typename Word<VEC_BYTES>::type*>(ptr), v.word);
+template <typename T, int ELEMS>
+__device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, ELEMS>& v) {
+  __stcs(reinterpret_cast<typename Vec<T, ELEMS>::WordType*>(ptr), v.word);
 }
 
 // flash-attn 2 reports +inf for a row that saw no key; both infinities mean "empty".
@@ -129,13 +129,13 @@ struct RowLayout {
 
 }  // namespace detail
 
-// Two-state merge. Launch geometry comes from merge_launch_layout().
-template <typename T, int VEC_BYTES>
+// Two-state merge; each thread moves ELEMS elements per access.
+template <typename T, int ELEMS>
 __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
-  using V = detail::Vec<T, VEC_BYTES>;
-  constexpr int kElems = V::kElems;
+  using V = detail::Vec<T, ELEMS>;
+  constexpr int kElems = ELEMS;
 
   const int local_row = threadIdx.x / layout.threads_per_row;
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
@@ -158,8 +158,8 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     // lse round trips to memory overlap instead of running back to back.
     const int64_t first = static_cast<int64_t>(lane) * kElems;
     const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
-    V a = detail::load_streaming<T, VEC_BYTES>(prefix_row + first);
-    V b = detail::load_streaming<T, VEC_BYTES>(suffix_row + first);
+    V a = detail::load_streaming<T, ELEMS>(prefix_row + first);
+    V b = detail::load_streaming<T, ELEMS>(suffix_row + first);
 
     const float prefix_lse =
         __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token);
@@ -196,12 +196,12 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
       }
       return out;
     };
-    detail::store_streaming<T, VEC_BYTES>(output_row + first, combine(a, b));
+    detail::store_streaming<T, ELEMS>(output_row + first, combine(a, b));
     // Only head dims wider than a whole block of vectors get here.
     for (int64_t d = first + step; d < p.head_dim; d += step) {
-      a = detail::load_streaming<T, VEC_BYTES>(prefix_row + d);
-      b = detail::load_streaming<T, VEC_BYTES>(suffix_row + d);
-      detail::store_streaming<T, VEC_BYTES>(output_row + d, combine(a, b));
+      a = detail::load_streaming<T, ELEMS>(prefix_row + d);
+      b = detail::load_streaming<T, ELEMS>(suffix_row + d);
+      detail::store_streaming<T, ELEMS>(output_row + d, combine(a, b));
     }
   }
 
@@ -215,12 +215,14 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
 }
 
 // N-way merge over states stacked on a leading axis, in one pass over the data.
-template <typename T, int VEC_BYTES>
+// The states may be float32 partials (as split-KV kernels keep them) merged
+// into a float16/bfloat16 output: TIn and TOut differ then.
+template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     merge_states_kernel(const MergeNParams p, const detail::RowLayout layout) {
-  using Conv = detail::Convert<T>;
-  using V = detail::Vec<T, VEC_BYTES>;
-  constexpr int kElems = V::kElems;
+  using V = detail::Vec<TIn, ELEMS>;
+  using VOut = detail::Vec<TOut, ELEMS>;
+  constexpr int kElems = ELEMS;
 
   const int local_row = threadIdx.x / layout.threads_per_row;
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
@@ -252,10 +254,10 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     merged_lse = all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
     const float inv_total = all_empty ? 0.f : __fdividef(1.f, total);
 
-    const T* state_row = static_cast<const T*>(p.states) + token * p.states_stride_token +
-                         head * p.states_stride_head;
-    T* output_row =
-        static_cast<T*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    const TIn* state_row = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
+                           head * p.states_stride_head;
+    TOut* output_row =
+        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
 
     for (int64_t d = static_cast<int64_t>(lane) * kElems; d < p.head_dim;
          d += static_cast<int64_t>(layout.threads_per_row) * kElems) {
@@ -271,7 +273,7 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
           float w[kUnroll];
 #pragma unroll
           for (int u = 0; u < kUnroll; ++u) {
-            v[u] = detail::load_streaming<T, VEC_BYTES>(state_row + (s + u) * p.states_stride_state + d);
+            v[u] = detail::load_streaming<TIn, ELEMS>(state_row + (s + u) * p.states_stride_state + d);
             const float lse = __ldg(row_lse + (s + u) * p.lses_stride_state);
             w[u] = detail::is_empty_state(lse) ? -1.f : expf(lse - m) * inv_total;
           }
@@ -279,22 +281,22 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
           for (int u = 0; u < kUnroll; ++u) {
             if (w[u] < 0.f) continue;  // empty state: its output is never used
 #pragma unroll
-            for (int i = 0; i < kElems; ++i) acc[i] += Conv::to_float(v[u].elems[i]) * w[u];
+            for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v[u].elems[i]) * w[u];
           }
         }
         for (; s < p.num_states; ++s) {
           const float lse = __ldg(row_lse + s * p.lses_stride_state);
           if (detail::is_empty_state(lse)) continue;
-          const V v = detail::load_streaming<T, VEC_BYTES>(state_row + s * p.states_stride_state + d);
+          const V v = detail::load_streaming<TIn, ELEMS>(state_row + s * p.states_stride_state + d);
           const float w = expf(lse - m) * inv_total;
 #pragma unroll
-          for (int i = 0; i < kElems; ++i) acc[i] += Conv::to_float(v.elems[i]) * w;
+          for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v.elems[i]) * w;
         }
       }
-      V out;
+      VOut out;
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) out.elems[i] = Conv::from_float(acc[i]);
-      detail::store_streaming<T, VEC_BYTES>(output_row + d, out);
+      for (int i = 0; i < kElems; ++i) out.elems[i] = detail::Convert<TOut>::from_float(acc[i]);
+      detail::store_streaming<TOut, ELEMS>(output_row + d, out);
     }
   }
 
@@ -308,22 +310,28 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
 
 namespace detail {
 
-// The widest access (16, 8, 4 or 2 bytes, at least one element) that every
-// row start and the row length allow: 16-byte loads whenever head_dim * size
-// and all strides and base addresses are multiples of 16 bytes.
-template <typename T>
-inline int vector_bytes(const void* const* ptrs, int num_ptrs, const int64_t* strides, int num_strides,
-                        int64_t head_dim) {
-  uint64_t bits = static_cast<uint64_t>(head_dim) * sizeof(T);
+// Alignment in bytes that every address and stride in `bits` shares.
+inline uint64_t alignment_bits(const void* const* ptrs, int num_ptrs, const int64_t* strides, int num_strides,
+                               int64_t head_dim, int elem_size) {
+  uint64_t bits = static_cast<uint64_t>(head_dim) * elem_size;
   for (int i = 0; i < num_ptrs; ++i) bits |= reinterpret_cast<uintptr_t>(ptrs[i]);
-  for (int i = 0; i < num_strides; ++i) bits |= static_cast<uint64_t>(strides[i]) * sizeof(T);
-  int bytes = 16;
-  while (bytes > static_cast<int>(sizeof(T)) && (bits & (bytes - 1)) != 0) bytes /= 2;
-  return bytes;
+  for (int i = 0; i < num_strides; ++i) bits |= static_cast<uint64_t>(strides[i]) * elem_size;
+  return bits;
 }
 
-inline RowLayout row_layout(int64_t head_dim, int vec_elems) {
-  const int64_t vecs_per_row = (head_dim + vec_elems - 1) / vec_elems;
+// Elements per access: as many as fit 16 bytes of TIn, halved until every
+// row start and the row length of the inputs and of the output are aligned
+// to the access width (so a misaligned view still runs, with narrower loads).
+template <typename TIn, typename TOut>
+inline int vector_elems(uint64_t in_bits, uint64_t out_bits) {
+  int elems = 16 / static_cast<int>(sizeof(TIn));
+  while (elems > 1 && ((in_bits & (elems * sizeof(TIn) - 1)) != 0 || (out_bits & (elems * sizeof(TOut) - 1)) != 0))
+    elems /= 2;
+  return elems;
+}
+
+inline RowLayout row_layout(int64_t head_dim, int elems) {
+  const int64_t vecs_per_row = (head_dim + elems - 1) / elems;
   RowLayout layout;
   layout.threads_per_row =
       static_cast<int>(vecs_per_row < kMaxThreadsPerBlock ? vecs_per_row : kMaxThreadsPerBlock);
@@ -331,10 +339,9 @@ inline RowLayout row_layout(int64_t head_dim, int vec_elems) {
   return layout;
 }
 
-template <typename T, int VEC_BYTES, typename Params, typename Kernel>
+template <int ELEMS, typename Params, typename Kernel>
 inline cudaError_t launch_rows(Kernel kernel, const Params& p, cudaStream_t stream) {
-  constexpr int kElems = VEC_BYTES / static_cast<int>(sizeof(T));
-  const RowLayout layout = row_layout(p.head_dim, kElems);
+  const RowLayout layout = row_layout(p.head_dim, ELEMS);
   const int64_t rows = p.num_tokens * p.num_heads;
   const int64_t blocks = (rows + layout.rows_per_block - 1) / layout.rows_per_block;
   const int threads = layout.threads_per_row * layout.rows_per_block;
@@ -343,21 +350,20 @@ inline cudaError_t launch_rows(Kernel kernel, const Params& p, cudaStream_t stre
 }
 
 template <int N>
-using VecBytes = std::integral_constant<int, N>;
+using Elems = std::integral_constant<int, N>;
 
-// Dispatch by vector width: `kernel_for(VecBytes<N>{})` names the kernel
-// instantiation that moves N bytes per access.
-template <typename T, typename Params, typename KernelFor>
-inline cudaError_t launch_with_vector_bytes(int vec_bytes, const Params& p, cudaStream_t stream,
-                                            KernelFor kernel_for) {
-  switch (vec_bytes) {
-    case 16: return launch_rows<T, 16>(kernel_for(VecBytes<16>{}), p, stream);
-    case 8: return launch_rows<T, 8>(kernel_for(VecBytes<8>{}), p, stream);
-    case 4: return launch_rows<T, 4>(kernel_for(VecBytes<4>{}), p, stream);
+// Dispatch by vector width: `kernel_for(Elems<N>{})` names the kernel
+// instantiation that moves N elements of TIn per access.
+template <typename TIn, typename Params, typename KernelFor>
+inline cudaError_t launch_with_vector_elems(int elems, const Params& p, cudaStream_t stream, KernelFor kernel_for) {
+  switch (elems) {
+    case 8:
+      if constexpr (sizeof(TIn) <= 2) return launch_rows<8>(kernel_for(Elems<8>{}), p, stream);
+      break;
+    case 4: return launch_rows<4>(kernel_for(Elems<4>{}), p, stream);
+    case 2: return launch_rows<2>(kernel_for(Elems<2>{}), p, stream);
+    case 1: return launch_rows<1>(kernel_for(Elems<1>{}), p, stream);
     default: break;
-  }
-  if constexpr (sizeof(T) == 2) {
-    return launch_rows<T, 2>(kernel_for(VecBytes<2>{}), p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -372,20 +378,23 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   const void* ptrs[] = {p.output, p.prefix_output, p.suffix_output};
   const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.prefix_stride_token,
                              p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
-  const int vec_bytes = detail::vector_bytes<T>(ptrs, 3, strides, 6, p.head_dim);
-  return detail::launch_with_vector_bytes<T>(
-      vec_bytes, p, stream, [](auto v) { return merge_attn_states_kernel<T, decltype(v)::value>; });
+  const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), p, stream, [](auto e) {
+    return merge_attn_states_kernel<T, decltype(e)::value>;
+  });
 }
 
-template <typename T>
+template <typename TIn, typename TOut>
 cudaError_t merge_states(const MergeNParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0 || p.head_dim == 0) return cudaSuccess;
-  const void* ptrs[] = {p.output, p.states};
-  const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.states_stride_state,
-                             p.states_stride_token, p.states_stride_head};
-  const int vec_bytes = detail::vector_bytes<T>(ptrs, 2, strides, 5, p.head_dim);
-  return detail::launch_with_vector_bytes<T>(
-      vec_bytes, p, stream, [](auto v) { return merge_states_kernel<T, decltype(v)::value>; });
+  const void* in_ptrs[] = {p.states};
+  const int64_t in_strides[] = {p.states_stride_state, p.states_stride_token, p.states_stride_head};
+  const void* out_ptrs[] = {p.output};
+  const int64_t out_strides[] = {p.output_stride_token, p.output_stride_head};
+  const uint64_t in_bits = detail::alignment_bits(in_ptrs, 1, in_strides, 3, p.head_dim, sizeof(TIn));
+  const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
+  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), p, stream,
+                                               [](auto e) { return merge_states_kernel<TIn, TOut, decltype(e)::value>; });
 }
 
 }  // namespace splitkv

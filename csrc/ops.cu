@@ -93,11 +93,14 @@ void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_ls
   const int64_t num_states = states.size(0), tokens = states.size(1), heads = states.size(2),
                 head_dim = states.size(3);
   const auto dtype = states.scalar_type();
+  const auto out_dtype = output.scalar_type();
+  TORCH_CHECK(out_dtype == dtype || dtype == at::kFloat,
+              "output must have the dtype of states, or states must be float32");
   const auto device = states.device();
   const std::array<int64_t, 3> out_shape{tokens, heads, head_dim};
   const std::array<int64_t, 3> lses_shape{num_states, heads, tokens};
   const std::array<int64_t, 2> lse_shape{heads, tokens};
-  check_output_like(output, "output", out_shape, dtype, device);
+  check_output_like(output, "output", out_shape, out_dtype, device);
   check_output_like(lses, "lses", lses_shape, at::kFloat, device);
   if (output_lse) check_output_like(*output_lse, "output_lse", lse_shape, at::kFloat, device);
   check_rows(tokens, heads, head_dim, states);
@@ -127,9 +130,13 @@ void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_ls
 
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    C10_CUDA_CHECK(splitkv::merge_states<T>(p, stream));
+  dispatch_dtype(out_dtype, [&](auto out_tag) {
+    using TOut = decltype(out_tag);
+    if (dtype == at::kFloat) {
+      C10_CUDA_CHECK((splitkv::merge_states<float, TOut>(p, stream)));
+    } else {
+      C10_CUDA_CHECK((splitkv::merge_states<TOut, TOut>(p, stream)));
+    }
   });
 }
 

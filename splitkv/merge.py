@@ -30,6 +30,7 @@ import torch
 
 from . import _cuda
 from ._checks import (
+    FLOAT_DTYPES,
     expect_contiguous_last,
     expect_float_dtype,
     expect_like,
@@ -128,21 +129,33 @@ def _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, out
         expect_writable("output_lse", output_lse)
 
 
-def _check_n(states, lses, output, output_lse) -> None:
+def _check_n(states, lses, output, output_lse, output_dtype) -> torch.dtype:
+    """Checks the N-way inputs; returns the output dtype."""
     expect_rank("outputs", states, 4, "[num_states, tokens, heads, head_dim]")
     expect_float_dtype("outputs", states)
     expect_contiguous_last("outputs", states)
     num_states, tokens, heads, head_dim = states.shape
     if num_states == 0:
         raise ValueError("outputs must hold at least one state (num_states = 0)")
-    dtype, device = states.dtype, states.device
+    device = states.device
     expect_like("lses", lses, (num_states, heads, tokens), torch.float32, device, "[num_states, heads, tokens]")
     if output is not None:
-        expect_like("output", output, (tokens, heads, head_dim), dtype, device, "[tokens, heads, head_dim]", True)
+        output_dtype = expect_rank("output", output, 3, "[tokens, heads, head_dim]").dtype
+    elif output_dtype is None:
+        output_dtype = states.dtype
+    if output_dtype != states.dtype and (states.dtype != torch.float32 or output_dtype not in FLOAT_DTYPES):
+        raise TypeError(
+            f"the output dtype must be that of outputs ({states.dtype}), or outputs must be float32 "
+            f"(partials merged into a narrower output); got {output_dtype}"
+        )
+    if output is not None:
+        layout = "[tokens, heads, head_dim]"
+        expect_like("output", output, (tokens, heads, head_dim), output_dtype, device, layout, True)
         expect_writable("output", output)
     if output_lse is not None:
         expect_like("output_lse", output_lse, (heads, tokens), torch.float32, device, "[heads, tokens]")
         expect_writable("output_lse", output_lse)
+    return output_dtype
 
 
 def merge_attn_states(
@@ -206,6 +219,7 @@ def merge_states(
     output: Optional[torch.Tensor] = None,
     output_lse: Optional[torch.Tensor] = None,
     return_lse: bool = True,
+    output_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Merge ``num_states`` partial attention states in one pass (no chain of pairwise merges).
@@ -217,6 +231,9 @@ def merge_states(
         output, output_lse, return_lse, backend: as in :func:`merge_attn_states`;
             ``output`` may be ``outputs[i]`` itself and ``output_lse`` may be
             ``lses[i]`` itself.
+        output_dtype: dtype of the result when ``output`` is not given (default:
+            that of ``outputs``). float32 partials (what split-KV kernels keep)
+            may merge straight into a float16 or bfloat16 result.
 
     Returns:
         ``(output [tokens, heads, head_dim], output_lse [heads, tokens] or None)``.
@@ -226,11 +243,11 @@ def merge_states(
         >>> # partial states of 8 KV chunks, e.g. from split-KV decoding
         >>> out, lse = splitkv.merge_states(chunk_outputs, chunk_lses)
     """
-    _check_n(outputs, lses, output, output_lse)
+    output_dtype = _check_n(outputs, lses, output, output_lse, output_dtype)
     _, num_tokens, num_heads, head_dim = outputs.shape
     impl = _MERGE_N_BACKENDS.select(backend, outputs, num_tokens * num_heads)
     if output is None:
-        output = outputs.new_empty((num_tokens, num_heads, head_dim))
+        output = outputs.new_empty((num_tokens, num_heads, head_dim), dtype=output_dtype)
     if output_lse is None and return_lse:
         output_lse = lses.new_empty((num_heads, num_tokens))
     impl.run(output, output_lse, outputs, lses)

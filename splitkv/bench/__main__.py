@@ -1,0 +1,16 @@
+"""``python -m splitkv.bench {merge,...} [options]``: run one benchmark."""
+
+import sys
+
+from . import merge
+
+BENCHMARKS = {"merge": merge.main}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        raise SystemExit(f"usage: python -m splitkv.bench {{{','.join(BENCHMARKS)}}} [options]")
+    BENCHMARKS[sys.argv[1]](sys.argv[2:])
+
+
+main()

@@ -1,0 +1,103 @@
+"""Timing and reporting shared by the benchmarks: median times with L2 flushed,
+CUDA-graph replay, host overhead, the device's copy bandwidth, and the
+JSON / markdown / PNG outputs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+def environment() -> dict:
+    import triton
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def median_ms(fn: Callable[[], object]) -> float:
+    """Median device time of ``fn`` in ms, L2 flushed before every run (CUDA events)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def graph_replay_us(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 50) -> float:
+    """Median time per call in µs when ``calls_per_graph`` calls replay from one CUDA graph
+    (launch gaps shrink to what the GPU itself needs; inputs stay hot in L2)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls_per_graph)
+    return statistics.median(times)
+
+
+def host_overhead_us(fn: Callable[[], object], calls: int = 2000, repeats: int = 7) -> float:
+    """Host time per call in µs for back-to-back calls on a shape too small for the
+    GPU to be the bottleneck (median over repeats)."""
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) * 1e6 / calls)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def copy_bandwidth_tbs(num_bytes: int = 2 << 30) -> float:
+    """Measured device-to-device copy bandwidth, bytes read + written per second, in TB/s."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * num_bytes / (ms * 1e-3) / 1e12
+
+
+def write_outputs(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def text_table(header: list[str], rows: list[list]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells)
