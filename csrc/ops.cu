@@ -1,11 +1,15 @@
 // The torch binding: registers the merge kernels as custom ops
-// (torch.ops.splitkv.*). Validation with user-facing messages happens in
-// Python before the op is called; the checks here only keep a direct call of
-// the raw op from touching memory it does not own.
-#include <c10/cuda/CUDAStream.h>
+// (torch.ops.splitkv.*, for torch.compile and CUDA graphs) and exposes the
+// eager fast path of merge_attn_states as a Python function. Validation with
+// user-facing messages happens in Python (splitkv/merge.py); the checks here
+// only keep the ops from touching memory they do not own.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <optional>
 
@@ -35,41 +39,59 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
-void merge_attn_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& prefix_output,
-                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                       const at::Tensor& suffix_lse) {
-  TORCH_CHECK(prefix_output.dim() == 3, "prefix_output must be [tokens, heads, head_dim]");
-  TORCH_CHECK(prefix_output.is_cuda(), "prefix_output must be a CUDA tensor");
-  const int64_t tokens = prefix_output.size(0), heads = prefix_output.size(1), head_dim = prefix_output.size(2);
-  const auto dtype = prefix_output.scalar_type();
-  const auto device = prefix_output.device();
-  const std::array<int64_t, 2> lse_shape{heads, tokens};
-  check_output_like(suffix_output, "suffix_output", prefix_output.sizes(), dtype, device);
-  check_output_like(output, "output", prefix_output.sizes(), dtype, device);
-  check_output_like(prefix_lse, "prefix_lse", lse_shape, at::kFloat, device);
-  check_output_like(suffix_lse, "suffix_lse", lse_shape, at::kFloat, device);
-  if (output_lse) check_output_like(*output_lse, "output_lse", lse_shape, at::kFloat, device);
-  check_rows(tokens, heads, head_dim, prefix_output);
-  check_rows(tokens, heads, head_dim, suffix_output);
-  check_rows(tokens, heads, head_dim, output);
+bool has_expanded_dim(const at::Tensor& t) {
+  for (int64_t i = 0; i < t.dim(); ++i)
+    if (t.stride(i) == 0 && t.size(i) > 1) return true;
+  return false;
+}
 
+// Whether the two-state kernel may run these arguments. splitkv/merge.py checks
+// the same rules and raises errors that name the argument; this predicate keeps
+// the raw op and the eager fast path from touching memory they do not own, and
+// sends anything doubtful back to Python for its message.
+bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                     const at::Tensor& suffix_lse, const at::Tensor* output, const at::Tensor* output_lse) {
+  if (prefix_output.dim() != 3 || !prefix_output.is_cuda()) return false;
+  const auto dtype = prefix_output.scalar_type();
+  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  const auto device = prefix_output.device();
+  const int64_t tokens = prefix_output.size(0), heads = prefix_output.size(1), head_dim = prefix_output.size(2);
+  if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
+  const auto like_output = [&](const at::Tensor& t) {
+    return t.sizes() == prefix_output.sizes() && t.scalar_type() == dtype && t.device() == device &&
+           (head_dim <= 1 || t.stride(2) == 1);
+  };
+  const auto like_lse = [&](const at::Tensor& t) {
+    return t.dim() == 2 && t.size(0) == heads && t.size(1) == tokens && t.scalar_type() == at::kFloat &&
+           t.device() == device;
+  };
+  if (!like_output(prefix_output) || !like_output(suffix_output) || !like_lse(prefix_lse) || !like_lse(suffix_lse))
+    return false;
+  if (output != nullptr && (!like_output(*output) || has_expanded_dim(*output))) return false;
+  if (output_lse != nullptr && (!like_lse(*output_lse) || has_expanded_dim(*output_lse))) return false;
+  return true;
+}
+
+void launch_merge_attn_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& prefix_output,
+                              const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                              const at::Tensor& suffix_lse) {
   splitkv::MergeParams p{};
   p.output = output.data_ptr();
-  p.output_lse = output_lse ? output_lse->data_ptr<float>() : nullptr;
+  p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.prefix_output = prefix_output.data_ptr();
   p.prefix_lse = prefix_lse.data_ptr<float>();
   p.suffix_output = suffix_output.data_ptr();
   p.suffix_lse = suffix_lse.data_ptr<float>();
-  p.num_tokens = tokens;
-  p.num_heads = heads;
-  p.head_dim = head_dim;
+  p.num_tokens = prefix_output.size(0);
+  p.num_heads = prefix_output.size(1);
+  p.head_dim = prefix_output.size(2);
   p.output_stride_token = output.stride(0);
   p.output_stride_head = output.stride(1);
   p.prefix_stride_token = prefix_output.stride(0);
   p.prefix_stride_head = prefix_output.stride(1);
   p.suffix_stride_token = suffix_output.stride(0);
   p.suffix_stride_head = suffix_output.stride(1);
-  if (output_lse) {
+  if (output_lse != nullptr) {
     p.output_lse_stride_head = output_lse->stride(0);
     p.output_lse_stride_token = output_lse->stride(1);
   }
@@ -78,12 +100,59 @@ void merge_attn_states(at::Tensor& output, const std::optional<at::Tensor>& outp
   p.suffix_lse_stride_head = suffix_lse.stride(0);
   p.suffix_lse_stride_token = suffix_lse.stride(1);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(prefix_output.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(dtype, [&](auto tag) {
+  dispatch_dtype(prefix_output.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(splitkv::merge_attn_states<T>(p, stream));
   });
+}
+
+void merge_attn_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& prefix_output,
+                       const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
+                       const at::Tensor& suffix_lse) {
+  const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
+  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &output, lse_out),
+              "splitkv::merge_attn_states: invalid arguments (splitkv.merge_attn_states says which)");
+  launch_merge_attn_states(output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse);
+}
+
+bool cuda_disabled_by_env() {
+  const char* flag = std::getenv("SPLITKV_DISABLE_CUDA");
+  return flag != nullptr && flag[0] != '\0' && !(flag[0] == '0' && flag[1] == '\0');
+}
+
+bool unpack_tensor(py::handle obj, at::Tensor& out) {
+  if (!THPVariable_Check(obj.ptr())) return false;
+  out = THPVariable_Unpack(obj.ptr());
+  return true;
+}
+
+// The eager fast path of splitkv.merge_attn_states(backend="auto"): one Python
+// call that checks, allocates and launches, because the dispatcher and the
+// Python-side checks cost more host time than the kernel takes on small inputs.
+// Returns None for anything it does not run (CPU tensors, bad arguments,
+// SPLITKV_DISABLE_CUDA=1), and the Python path takes over.
+py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle prefix_lse_obj,
+                                   py::handle suffix_output_obj, py::handle suffix_lse_obj, py::handle output_obj,
+                                   py::handle output_lse_obj, bool return_lse) {
+  at::Tensor prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse;
+  if (!unpack_tensor(prefix_output_obj, prefix_output) || !unpack_tensor(prefix_lse_obj, prefix_lse) ||
+      !unpack_tensor(suffix_output_obj, suffix_output) || !unpack_tensor(suffix_lse_obj, suffix_lse))
+    return py::none();
+  const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
+  if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
+    return py::none();
+  if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
+                       has_output_lse ? &output_lse : nullptr) ||
+      cuda_disabled_by_env())
+    return py::none();
+  if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options());
+  if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
+  const bool write_lse = has_output_lse || return_lse;
+  launch_merge_attn_states(output, write_lse ? &output_lse : nullptr, prefix_output, prefix_lse, suffix_output,
+                           suffix_lse);
+  return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
 void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& states,
@@ -152,4 +221,9 @@ TORCH_LIBRARY(splitkv, m) {
 TORCH_LIBRARY_IMPL(splitkv, CUDA, m) {
   m.impl("merge_attn_states", &merge_attn_states);
   m.impl("merge_states", &merge_states);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("merge_attn_states", &merge_attn_states_eager,
+        "Eager fast path of splitkv.merge_attn_states; returns None for what it does not run");
 }

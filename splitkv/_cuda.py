@@ -31,6 +31,8 @@ _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # None: not tried yet; "": loaded; otherwise why it could not be loaded.
 _load_error: Optional[str] = None
 _fakes_registered = False
+#: The compiled module once loaded: its merge_attn_states is the eager fast path.
+eager_ops = None
 
 
 def env_flag(name: str) -> bool:
@@ -53,6 +55,7 @@ def _library_name(src: Path) -> str:
 
 def build(verbose: bool = False) -> str:
     """Compile (or load from the cache) the CUDA ops and register them; returns the library path."""
+    global eager_ops
     from torch.utils import cpp_extension
 
     src = source_dir()
@@ -60,16 +63,16 @@ def build(verbose: bool = False) -> str:
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))
     if not (build_dir / f"{name}.so").exists():
         print(f"splitkv: compiling the CUDA merge kernels into {build_dir} (once, about a minute)", file=sys.stderr)
-    path = cpp_extension.load(
+    module = cpp_extension.load(
         name=name,
         sources=[str(src / s) for s in _SOURCES],
         extra_include_paths=[str(src)],
         extra_cuda_cflags=list(_CUDA_FLAGS),
-        is_python_module=False,
         verbose=verbose,
     )
     _register_fakes()
-    return str(path) if path is not None else str(build_dir / f"{name}.so")
+    eager_ops = module
+    return module.__file__
 
 
 def _register_fakes() -> None:

@@ -201,6 +201,13 @@ def merge_attn_states(
         >>> splitkv.merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse,
         ...                           output=prefix_out, output_lse=prefix_lse)
     """
+    eager = _cuda.eager_ops
+    if eager is not None and (backend == "auto" or backend == "cuda") and not torch.compiler.is_compiling():
+        # One C++ call that checks, allocates and launches; None means "not for me".
+        result = eager.merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse,
+                                         return_lse)  # fmt: skip
+        if result is not None:
+            return result
     _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse)
     num_tokens, num_heads, _ = prefix_output.shape
     impl = MERGE_BACKENDS.select(backend, prefix_output, num_tokens * num_heads)

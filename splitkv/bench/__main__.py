@@ -2,9 +2,9 @@
 
 import sys
 
-from . import merge
+from . import cascade, merge
 
-BENCHMARKS = {"merge": merge.main}
+BENCHMARKS = {"merge": merge.main, "cascade": cascade.main}
 
 
 def main() -> None:

@@ -1,0 +1,361 @@
+"""Triton flash-attention forward for packed varlen batches that also returns the LSE.
+
+``triton_attention_with_lse`` computes softmax attention over sequences packed along
+the token axis (flash-attn varlen layout, bottom-right aligned causal mask, GQA/MQA)
+and returns the output together with the natural-log log-sum-exp of every query row.
+
+With ``num_splits > 1`` it is the first half of split-KV ("flash-decoding"): the keys
+of each sequence are cut into ``num_splits`` contiguous chunks that run as separate
+programs, and the kernel writes one partial ``(out, lse)`` state per chunk for a later
+merge. That spreads a long KV cache over the GPU when there are too few query rows to
+fill it, which is the usual situation when decoding.
+
+Each program owns one KV head and ``BLOCK_M`` rows, where a row is a (query token,
+query head of that KV head's group) pair, so every K/V tile is loaded once for all the
+query heads that share it.
+"""
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = math.log2(math.e)
+_LN2 = tl.constexpr(math.log(2.0))
+_MAX_HEAD_DIM = 256
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _load_kv_tile(ptrs, keys, key_hi, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    # Masks are only emitted where they can be false: unmasked loads vectorise better.
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    if MASK_KEYS:
+        mask = (keys < key_hi)[:, None]
+        if HEAD_DIM != HEAD_DIM_PAD:
+            mask = mask & (offs_d < HEAD_DIM)[None, :]
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != HEAD_DIM_PAD:
+        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    if UPCAST_OPERANDS:
+        # The Triton 3.9 interpreter multiplies the raw uint16 storage of bf16 blocks;
+        # bf16 -> fp32 is exact, so upcasting first gives the same product.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _attend_key_range(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    key_lo,
+    key_hi,
+    row_key_end,
+    qk_scale,
+    MASK_KEYS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) with the keys [key_lo, key_hi).
+
+    Scores are kept in the log2 domain (scaled by softmax_scale * log2(e)) so exp2 can
+    be used. With MASK_KEYS, key ``j`` is visible to row ``r`` iff ``j < row_key_end[r]``
+    and loads stop at key_hi; without it every key of the range must be visible to
+    every row and key_hi - key_lo must be a multiple of BLOCK_N.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    # 64-bit token offset: a long KV cache times its token stride can pass 2**31.
+    k_ptrs = k_base + key_lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + key_lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_kv_tile(k_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
+        s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+        if MASK_KEYS:
+            s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead
+        # avoids exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for that row.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = _load_kv_tile(v_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, INPUT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lh,
+    heads_kv,
+    group,
+    num_row_blocks,
+    num_splits,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # Row blocks, sequences and KV heads share grid axis 0 (limit 2**31 - 1) because
+    # axes 1 and 2 stop at 65535, which long prefills or large decode batches exceed.
+    # Row blocks of one (sequence, KV head) are adjacent so they reuse K/V in L2, and
+    # run last-to-first so the longest causal blocks start first.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    row_block = num_row_blocks - 1 - pid % num_row_blocks
+    seq_head = pid // num_row_blocks
+    seq = seq_head // heads_kv
+    kv_head = seq_head % heads_kv
+
+    q_start = tl.load(cu_seqlens_q + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    k_start = tl.load(cu_seqlens_k + seq)
+    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+
+    num_rows = q_len * group
+    if row_block * BLOCK_M >= num_rows:
+        return
+
+    # Row r of the sequence is query token r // group, query head kv_head * group + r % group.
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    token = rows // group
+    head = kv_head * group + rows % group
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+
+    q_ptrs = Q + (q_start + token).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_d_mask, other=0.0)
+
+    chunk = (k_len + num_splits - 1) // num_splits
+    chunk_lo = tl.minimum(split * chunk, k_len)
+    chunk_hi = tl.minimum(chunk_lo + chunk, k_len)
+    if CAUSAL:
+        # Bottom-right alignment: token i sees key j iff j <= i + k_len - q_len.
+        shift = k_len - q_len + 1
+        first_token = (row_block * BLOCK_M) // group
+        last_token = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
+        common_hi = tl.minimum(chunk_hi, first_token + shift)
+        block_hi = tl.minimum(chunk_hi, last_token + shift)
+        row_key_end = tl.minimum(chunk_hi, token + shift)
+    else:
+        common_hi = chunk_hi
+        block_hi = chunk_hi
+        row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
+    # Whole key blocks that every row of the block sees skip the per-element mask.
+    unmasked_hi = chunk_lo + tl.maximum(common_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
+
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        chunk_lo, unmasked_hi, row_key_end, qk_scale,
+        False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+    acc, l_i, m_i = _attend_key_range(
+        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+        unmasked_hi, block_hi, row_key_end, qk_scale,
+        True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+    )  # fmt: skip
+
+    # Rows that saw no visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing
+    # by 1 instead stores out = 0 and lse = -inf for them.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.log2(l_safe)) * _LN2
+
+    split_offset = split.to(tl.int64)
+    o_ptrs = (
+        Out
+        + split_offset * stride_os
+        + (q_start + token).to(tl.int64)[:, None] * stride_ot
+        + head[:, None] * stride_oh
+        + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
+    lse_ptrs = Lse + split_offset * stride_ls + head.to(tl.int64) * stride_lh + q_start + token
+    tl.store(lse_ptrs, lse, mask=row_valid)
+
+
+def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_per_seq: int, keys_per_split: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep of bf16 prefill on an H100
+    (triton 3.6, 4 x 4096 tokens, 32 heads)."""
+    if _INTERPRET:
+        # Every program is simulated with numpy; small tiles keep CPU tests quick
+        # while still running several key blocks per program.
+        block_m, block_n, num_stages = 16, 16, 1
+    elif head_dim_pad <= 64:
+        block_m, block_n, num_stages = 64, 64, 3
+    elif head_dim_pad <= 128:
+        block_m, block_n, num_stages = 128, 64, 3
+    else:
+        block_m, block_n, num_stages = 128, 64, 2
+    if dtype == torch.float32 and not _INTERPRET:
+        # fp32 tiles take twice the shared memory of 16-bit ones.
+        block_n, num_stages = 32, 2
+        if head_dim_pad > 128:
+            block_m, num_stages = 64, 1
+    # tl.dot needs every dimension >= 16; beyond that, shrink tiles that would mostly
+    # be padding (decode has group rows per sequence, short sequences few keys).
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows_per_seq)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(keys_per_split)))
+    # Keeps the fp32 accumulator around 64 registers per thread; 4 warps on a
+    # 128 x 256 tile ran 5x slower in the sweep.
+    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    return block_m, block_n, num_warps, num_stages
+
+
+def triton_attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention forward returning ``(out, lse)``; see ``reference_attention_with_lse``.
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]``; k, v: ``[total_k, heads_kv, head_dim]``,
+            fp16, bf16 or fp32, any token/head strides but a contiguous last dim,
+            ``head_dim <= 256`` and ``heads_q % heads_kv == 0``.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` on q's device.
+        max_seqlen_q, max_seqlen_k: upper bounds of the sequence lengths, used only to
+            size the grid and the tiles, so the launch never syncs with the device.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: multiplier of ``q @ k^T``.
+        num_splits: number of contiguous key chunks of ``ceil(Lk / num_splits)`` keys
+            each sequence is cut into.
+        out, lse: optional result buffers for the (split) states
+            (``[num_splits, total_q, heads_q, head_dim]`` float32 or q's dtype, any leading strides,
+            contiguous last dim; ``[num_splits, heads_q, total_q]`` float32 with
+            contiguous tokens), e.g. slices of one buffer that gathers the states of
+            several passes for a single merge.
+
+    Returns:
+        With ``num_splits == 1``: ``out [total_q, heads_q, head_dim]`` in q.dtype and
+        ``lse [heads_q, total_q]`` float32 (natural log). Otherwise the per-chunk
+        states ``out [num_splits, total_q, heads_q, head_dim]`` float32 and ``lse
+        [num_splits, heads_q, total_q]`` float32. Rows that see no key (in the whole
+        sequence, or in that chunk) get out 0 and lse ``-inf``.
+    """
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"expected q [tokens, heads, head_dim] and k, v alike, got {q.shape}, {k.shape}, {v.shape}")
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    if k.shape[2] != head_dim or head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match across q, k, v and be <= {_MAX_HEAD_DIM}")
+    if heads_q % heads_kv != 0:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one of {_SUPPORTED_DTYPES}")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k, v need a contiguous last dimension")
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
+        raise TypeError("cu_seqlens_q and cu_seqlens_k must be int32")
+    if not 1 <= num_splits <= 65535:
+        raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
+
+    batch = cu_seqlens_q.shape[0] - 1
+    group = heads_q // heads_kv
+    split_mode = num_splits > 1
+    # Partial states stay fp32: they are rescaled and summed by the merge, and rounding
+    # each one to 16 bits first would add error the unsplit kernel does not have.
+    out_dtype = out.dtype if out is not None else (torch.float32 if split_mode else q.dtype)
+    if out is None:
+        out = torch.empty((num_splits, total_q, heads_q, head_dim), dtype=out_dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((num_splits, heads_q, total_q), dtype=torch.float32, device=q.device)
+    if out.shape != (num_splits, total_q, heads_q, head_dim) or out_dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"out must be [{num_splits}, {total_q}, {heads_q}, {head_dim}], float32 or q's dtype")
+    if out.stride(-1) != 1:
+        raise ValueError("out must have a contiguous last dim")
+    if lse.shape != (num_splits, heads_q, total_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
+        raise ValueError(f"lse must be [{num_splits}, {heads_q}, {total_q}] float32 with contiguous tokens")
+
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    rows_per_seq = max_seqlen_q * group
+    keys_per_split = triton.cdiv(max_seqlen_k, num_splits)
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim_pad, q.dtype, rows_per_seq, keys_per_split)
+    num_row_blocks = triton.cdiv(rows_per_seq, block_m)
+    grid = (num_row_blocks * batch * heads_kv, num_splits)
+
+    if grid[0] > 0 and total_q > 0:
+        # Triton launches on the current CUDA device, which need not be q's.
+        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+            _attention_fwd_kernel[grid](
+                q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+                heads_kv, group, num_row_blocks, num_splits, softmax_scale * _LOG2E,
+                CAUSAL=causal, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                BLOCK_M=block_m, BLOCK_N=block_n,
+                # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
+                # mantissa) do not give; the setting is ignored for 16-bit inputs.
+                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
+                num_warps=num_warps, num_stages=num_stages,
+            )  # fmt: skip
+
+    if split_mode:
+        return out, lse
+    return out[0], lse[0]

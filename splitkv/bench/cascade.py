@@ -1,0 +1,141 @@
+"""Cascade benchmark: shared-prefix decoding (one query per sequence), cascade attention
+against full varlen attention over each sequence's materialised ``[prefix ; suffix_i]`` KV
+(the layout of a system without prefix sharing), with the time of each cascade stage and
+the KV memory each layout needs.
+
+    python -m splitkv.bench cascade [--out benchmarks/results] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import splitkv
+from splitkv.cascade import cascade_stages
+
+from .common import environment, markdown_table, median_ms, text_table, write_outputs
+
+HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
+HEADLINE = [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]  # (sequences, prefix, suffix)
+# Full-layout KV above this is skipped (it must fit next to the cascade layout).
+_MAX_FULL_KV_BYTES = 24 << 30
+
+
+def grid(quick: bool) -> list[tuple[int, int, int]]:
+    sequences = [1, 16, 256] if quick else [1, 4, 16, 64, 256]
+    prefixes = [0, 4096, 32768] if quick else [0, 512, 4096, 16384, 32768]
+    suffixes = [1, 4096] if quick else [1, 256, 4096]
+    return [(b, p, s) for b in sequences for p in prefixes for s in suffixes]
+
+
+def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
+    dtype, device = torch.bfloat16, "cuda"
+    kv_token_bytes = 2 * HEADS_KV * HEAD_DIM * 2
+    full_bytes = num_sequences * (prefix_len + suffix_len) * kv_token_bytes
+    row = {"sequences": num_sequences, "prefix": prefix_len, "suffix": suffix_len,
+           "full_kv_GB": full_bytes / 1e9,
+           "cascade_kv_GB": (prefix_len + num_sequences * suffix_len) * kv_token_bytes / 1e9}  # fmt: skip
+    if full_bytes > _MAX_FULL_KV_BYTES:
+        row["skipped"] = "full layout too large for the benchmark"
+        return row
+    q = torch.randn(num_sequences, HEADS_Q, HEAD_DIM, device=device, dtype=dtype)
+    prefix_k, prefix_v = (torch.randn(prefix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
+    suffix_k, suffix_v = (torch.randn(num_sequences * suffix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype)
+                          for _ in range(2))  # fmt: skip
+    cu_q = torch.arange(num_sequences + 1, device=device, dtype=torch.int32)
+    cu_k = cu_q * suffix_len
+    scale = HEAD_DIM**-0.5
+
+    # The full layout, built once outside the timing: each sequence owns [prefix ; suffix_i].
+    full_k = torch.cat([torch.cat([prefix_k, suffix_k[i * suffix_len:(i + 1) * suffix_len]])
+                        for i in range(num_sequences)])  # fmt: skip
+    full_v = torch.cat([torch.cat([prefix_v, suffix_v[i * suffix_len:(i + 1) * suffix_len]])
+                        for i in range(num_sequences)])  # fmt: skip
+    cu_full = cu_q * (prefix_len + suffix_len)
+    full_args = (q, full_k, full_v, cu_q, cu_full, 1, prefix_len + suffix_len)
+    row["full_backend"] = splitkv.explain_attention(*full_args, causal=True).splitlines()[0].split("-> ")[1]
+    row["full_ms"] = median_ms(lambda: splitkv.attention_with_lse(*full_args, causal=True))
+
+    cascade_args = (q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k)
+    lengths = {"max_seqlen_q": 1, "max_seqlen_k": suffix_len}
+    row["cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths))
+    row["forced_cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths, cascade=True))
+    for name, stage in cascade_stages(*cascade_args, 1, suffix_len, scale, False):
+        row[f"{name}_ms"] = median_ms(stage)
+    row["speedup"] = row["full_ms"] / row["cascade_ms"]
+
+    got = splitkv.cascade_attention(*cascade_args, **lengths)
+    want, _ = splitkv.attention_with_lse(*full_args, causal=True)
+    row["max_diff"] = (got.float() - want.float()).abs().max().item()
+    del full_k, full_v
+    return row
+
+
+def plot(rows: list[dict], env: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for suffix in sorted({r["suffix"] for r in rows}):
+        for prefix in sorted({r["prefix"] for r in rows}):
+            picked = sorted((r for r in rows if r["suffix"] == suffix and r["prefix"] == prefix and "speedup" in r),
+                            key=lambda r: r["sequences"])  # fmt: skip
+            if picked:
+                ax.plot([r["sequences"] for r in picked], [r["speedup"] for r in picked], "o-",
+                        label=f"prefix {prefix}, suffix {suffix}")  # fmt: skip
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequences sharing the prefix (one query token each)")
+    ax.set_ylabel("speedup of cascade over full attention")
+    ax.set_title(f"cascade decode, bf16, 32 q / 8 kv heads, d=128: {env['device']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m splitkv.bench cascade", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--quick", action="store_true", help="a smaller grid")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the cascade benchmark needs a CUDA device")
+    env = environment()
+    cases = HEADLINE + [c for c in grid(args.quick) if c not in HEADLINE]
+    rows = []
+    for case in cases:
+        rows.append(bench_case(*case))
+        torch.cuda.empty_cache()
+
+    header = ["sequences", "prefix", "suffix", "full (" + rows[0].get("full_backend", "?") + ")", "cascade",
+              "speedup", "prefix pass", "suffix pass", "merge", "forced cascade", "KV full GB", "KV cascade GB",
+              "max diff"]  # fmt: skip
+    table = []
+    for r in rows:
+        if "skipped" in r:
+            table.append([r["sequences"], r["prefix"], r["suffix"], "-", "-", r["skipped"], "-", "-", "-", "-",
+                          f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", "-"])  # fmt: skip
+            continue
+        table.append([r["sequences"], r["prefix"], r["suffix"], f"{r['full_ms'] * 1e3:.1f}us",
+                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x",
+                      f"{r['prefix_ms'] * 1e3:.1f}us" if "prefix_ms" in r else "-",
+                      f"{r['suffix_ms'] * 1e3:.1f}us", f"{r['merge_ms'] * 1e3:.1f}us",
+                      f"{r['forced_cascade_ms'] * 1e3:.1f}us", f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}",
+                      f"{r['max_diff']:.3g}"])  # fmt: skip
+    preface = (
+        f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}. "
+        "Decode: one query token per sequence, bf16, 32 query heads, 8 KV heads, head_dim 128. Medians with L2 "
+        "flushed. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
+        "cascade = cascade_attention (auto path); stages timed one by one.\n\n"
+    )
+    write_outputs(args.out, "cascade", {"env": env, "rows": rows}, preface + markdown_table(header, table))
+    plot(rows, env, args.out / "cascade.png")
+    print(text_table(header, table))
+    print(f"\nwrote {args.out}/cascade.json, cascade.md, cascade.png")

@@ -1,0 +1,293 @@
+"""Cascade attention: sequences that share a prefix read the prefix KV once.
+
+Each sequence ``i`` of a batch has the same prefix KV (a system prompt, few-shot
+examples, a document) followed by its own suffix KV. Its queries are its last
+tokens, so they see the whole prefix and, causally, their suffix. Cascade
+attention computes:
+
+1. the prefix pass: all queries of all sequences against the one prefix KV,
+   non-causal, with the query heads of each KV-head group packed into one tile
+   and the prefix split over the multiprocessors (float32 partial states);
+2. the suffix pass: each sequence's queries against its own suffix KV, causal
+   (bottom-right), also split when the suffixes are long;
+3. one N-way merge of all those partial states into the output.
+
+The result equals full causal attention over ``[prefix ; suffix_i]``, while the
+prefix KV is read once instead of once per sequence, and stored once.
+:func:`use_cascade` is the cost model that says when this beats plain attention
+over per-sequence ``[prefix ; suffix_i]`` KV; ``cascade_attention`` takes the
+plain path itself when the model predicts it faster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from .attention import attention_with_lse, check_attention_inputs
+from .merge import merge_attn_states, merge_states
+from ._checks import expect_like, expect_rank
+from .split_kv import choose_num_splits, triton_can_run
+
+__all__ = ["cascade_attention", "use_cascade", "estimate_cascade", "CascadeEstimate"]
+
+# Roofline constants of the cost model, measured on an H100 (SXM, HBM3):
+# copy bandwidth counting read + write, the attention kernels' achieved
+# tensor-core rate, and the cost of one kernel launch on the GPU's timeline.
+_BYTES_PER_US = 2.9e6
+_FLOPS_PER_US = 3.0e8
+_LAUNCH_US = 4.0
+
+
+@dataclass(frozen=True)
+class CascadeEstimate:
+    """Predicted times (µs) of the ways to compute one shared-prefix batch."""
+
+    cascade_us: float  # shared prefix pass + suffix pass + N-way merge
+    plain_us: float  # one attention pass over per-sequence [prefix ; suffix_i] KV that already exists
+    materialise_us: float  # building that per-sequence KV from the prefix and the suffixes
+
+
+def estimate_cascade(
+    num_sequences: int,
+    prefix_len: int,
+    total_suffix_len: int,
+    total_query_len: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    element_size: int = 2,
+) -> CascadeEstimate:
+    """Roofline estimate (bytes over bandwidth, flops over tensor-core rate, plus launches)."""
+    kv_token = 2 * heads_kv * head_dim * element_size  # one token of K and V
+    out_bytes = total_query_len * heads_q * head_dim * element_size
+    # Both ways do the same attention arithmetic: 4 flops per query head, key and dim.
+    mean_keys = prefix_len + total_suffix_len / max(num_sequences, 1)
+    flops_us = 4.0 * total_query_len * heads_q * head_dim * mean_keys / _FLOPS_PER_US
+    # Cascade reads the prefix once and writes + reads float32 partial states (about
+    # two per pass) for the merge.
+    partial = 2 * 4 * total_query_len * heads_q * (head_dim + 1) * 4
+    cascade_bytes = (prefix_len + total_suffix_len) * kv_token + partial + out_bytes
+    cascade_us = max(cascade_bytes / _BYTES_PER_US, flops_us) + 3 * _LAUNCH_US
+    plain_bytes = (num_sequences * prefix_len + total_suffix_len) * kv_token + out_bytes
+    plain_us = max(plain_bytes / _BYTES_PER_US, flops_us) + _LAUNCH_US
+    built = (num_sequences * prefix_len + total_suffix_len) * kv_token
+    materialise_us = (prefix_len * kv_token + 2 * built) / _BYTES_PER_US + 4 * _LAUNCH_US
+    return CascadeEstimate(cascade_us, plain_us, materialise_us)
+
+
+def use_cascade(
+    num_sequences: int,
+    prefix_len: int,
+    total_suffix_len: int,
+    total_query_len: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    element_size: int = 2,
+) -> bool:
+    """Whether to keep a shared-prefix batch as one prefix plus suffixes and run cascade
+    attention, rather than per-sequence ``[prefix ; suffix_i]`` KV and plain attention.
+
+    Cascade reads the prefix KV once instead of ``num_sequences`` times (and stores it
+    once), and pays for float32 partial states, a merge and two more launches. It
+    wins when several sequences share a prefix that is long next to those partial
+    states, as in decoding; it does not with one sequence, with a prefix of a few
+    tokens, or in a long prefill, where the attention arithmetic (the same either
+    way) dominates.
+
+    Example::
+
+        >>> splitkv.use_cascade(64, 8192, 64 * 512, 64, heads_q=32, heads_kv=8, head_dim=128)
+        True
+    """
+    estimate = estimate_cascade(num_sequences, prefix_len, total_suffix_len, total_query_len, heads_q, heads_kv,
+                                head_dim, element_size)  # fmt: skip
+    return estimate.cascade_us <= estimate.plain_us
+
+
+def _check_cascade_inputs(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                          max_seqlen_q, max_seqlen_k, softmax_scale) -> float:  # fmt: skip
+    scale = check_attention_inputs(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   softmax_scale)  # fmt: skip
+    expect_rank("prefix_k", prefix_k, 3, "[prefix_len, heads_kv, head_dim]")
+    layout = "[prefix_len, heads_kv, head_dim]"
+    shape = (prefix_k.shape[0],) + tuple(suffix_k.shape[1:])
+    expect_like("prefix_k", prefix_k, shape, q.dtype, q.device, layout, contiguous_last=True)
+    expect_like("prefix_v", prefix_v, shape, q.dtype, q.device, layout, contiguous_last=True)
+    if cu_seqlens_q.device.type == "cpu":
+        # A query before the last prefix token would see only part of the prefix.
+        lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+        lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+        for i, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+            if lq > lk + 1:
+                raise ValueError(
+                    f"sequence {i} has {lq} queries but {lk} suffix keys: its queries must be its last tokens "
+                    "and come after the prefix (queries <= suffix keys + 1)"
+                )
+    return scale
+
+
+def _max_len(cu_seqlens: torch.Tensor) -> int:
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.shape[0] > 1 else 0
+
+
+def _materialise(prefix: torch.Tensor, suffix: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """Packed ``[prefix ; suffix_i]`` for every sequence and its cu_seqlens, without a host sync."""
+    num_sequences = cu_seqlens_k.shape[0] - 1
+    prefix_len = prefix.shape[0]
+    sequence = torch.arange(num_sequences + 1, device=cu_seqlens_k.device, dtype=torch.int32)
+    cu_full = cu_seqlens_k + sequence * prefix_len
+    full = prefix.new_empty((suffix.shape[0] + num_sequences * prefix_len,) + tuple(prefix.shape[1:]))
+    prefix_rows = (cu_full[:-1, None] + torch.arange(prefix_len, device=full.device, dtype=torch.int32)).flatten()
+    full[prefix_rows.long()] = prefix.repeat(num_sequences, 1, 1)
+    tokens = torch.arange(suffix.shape[0], device=full.device, dtype=torch.int32)
+    owner = torch.searchsorted(cu_seqlens_k[1:], tokens, right=True)
+    full[(tokens + (owner + 1) * prefix_len).long()] = suffix
+    return full, cu_full
+
+
+def cascade_attention(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    suffix_k: torch.Tensor,
+    suffix_v: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    return_lse: bool = False,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    cascade: Union[bool, str] = "auto",
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of many sequences over one shared prefix KV plus their own suffix KV.
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]`` queries of all sequences, packed by
+            ``cu_seqlens_q`` (int32 ``[batch + 1]``); float16, bfloat16 or float32.
+        prefix_k, prefix_v: ``[prefix_len, heads_kv, head_dim]``, the shared prefix KV
+            (``prefix_len`` may be 0).
+        suffix_k, suffix_v: ``[total_k, heads_kv, head_dim]``, each sequence's own KV,
+            packed by ``cu_seqlens_k`` (int32 ``[batch + 1]``; a suffix may be empty).
+        softmax_scale: default ``head_dim ** -0.5``.
+        return_lse: also return the LSE ``[heads_q, total_q]`` (float32, natural log).
+        max_seqlen_q, max_seqlen_k: longest query / suffix sequence; computed from the
+            cu_seqlens (one device sync) when not given. Give them for CUDA graphs.
+        cascade: ``"auto"`` takes the path the cost model (:func:`estimate_cascade`)
+            predicts faster, counting that the plain path must first materialise
+            ``[prefix ; suffix_i]``; ``True`` / ``False`` forces the cascade / the plain path.
+
+    Each sequence's queries are its last tokens and come after the prefix
+    (queries <= suffix keys + 1; checked when the cu_seqlens are on the CPU), so
+    they see the whole prefix and their suffix causally (bottom-right aligned).
+
+    Returns:
+        ``out [total_q, heads_q, head_dim]`` in q's dtype (and ``lse`` with
+        ``return_lse``), equal to full causal attention over ``[prefix ; suffix_i]``.
+
+    Example::
+
+        >>> out = splitkv.cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k)
+    """
+    if max_seqlen_q is None:
+        max_seqlen_q = _max_len(cu_seqlens_q)
+    if max_seqlen_k is None:
+        max_seqlen_k = _max_len(cu_seqlens_k)
+    scale = _check_cascade_inputs(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, softmax_scale)  # fmt: skip
+    num_sequences = cu_seqlens_q.shape[0] - 1
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = suffix_k.shape[1]
+    prefix_len = prefix_k.shape[0]
+    if cascade == "auto":
+        # The inputs come as prefix + suffixes, so the plain way must build [prefix ; suffix_i] first.
+        estimate = estimate_cascade(num_sequences, prefix_len, suffix_k.shape[0], total_q, heads_q, heads_kv,
+                                    head_dim, q.element_size())  # fmt: skip
+        cascade = estimate.cascade_us <= estimate.plain_us + estimate.materialise_us
+
+    if not cascade:
+        full_k, cu_full = _materialise(prefix_k, suffix_k, cu_seqlens_k)
+        full_v, _ = _materialise(prefix_v, suffix_v, cu_seqlens_k)
+        out, lse = attention_with_lse(q, full_k, full_v, cu_seqlens_q, cu_full, max_seqlen_q,
+                                      max_seqlen_k + prefix_len, causal=True, softmax_scale=scale)  # fmt: skip
+    elif triton_can_run(q):
+        out, lse = _cascade_split(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                                  max_seqlen_q, max_seqlen_k, scale, return_lse)  # fmt: skip
+    else:
+        out, lse = _cascade_two_passes(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                                       max_seqlen_q, max_seqlen_k, scale, return_lse)  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+def _single_sequence_bounds(total: int, like: torch.Tensor) -> torch.Tensor:
+    # [0, total] built on the device by a kernel (no host-to-device copy: graph-capturable).
+    return torch.arange(2, device=like.device, dtype=torch.int32) * total
+
+
+def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                   max_seqlen_q, max_seqlen_k, scale, return_lse):  # fmt: skip
+    """The split cascade as named stages, run in order by ``cascade_attention`` (and timed
+    one by one by the benchmark): both passes in the Triton kernel, writing float32
+    partial states side by side into one buffer, then a single N-way merge into q's dtype.
+    The last stage returns ``(out, lse or None)``."""
+    from ._attention_triton import triton_attention_with_lse
+
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = suffix_k.shape[1]
+    group = heads_q // heads_kv
+    num_sequences = cu_seqlens_q.shape[0] - 1
+    prefix_len = prefix_k.shape[0]
+    # All queries form one "sequence" against the prefix: its rows are every query token
+    # times the group's query heads, so each prefix tile serves the whole batch.
+    prefix_splits = choose_num_splits(1, heads_kv, total_q * group, prefix_len, q.device) if prefix_len else 0
+    suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, q.device)
+    num_states = prefix_splits + suffix_splits
+    states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32)
+    lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
+    bounds_q, bounds_prefix = _single_sequence_bounds(total_q, q), _single_sequence_bounds(prefix_len, q)
+
+    def prefix_pass():
+        triton_attention_with_lse(
+            q, prefix_k, prefix_v, bounds_q, bounds_prefix, total_q, prefix_len, False, scale,
+            num_splits=prefix_splits, out=states[:prefix_splits], lse=lses[:prefix_splits],
+        )  # fmt: skip
+
+    def suffix_pass():
+        triton_attention_with_lse(
+            q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
+            num_splits=suffix_splits, out=states[prefix_splits:], lse=lses[prefix_splits:],
+        )  # fmt: skip
+
+    def merge():
+        return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)
+
+    stages = [("prefix", prefix_pass)] if prefix_splits else []
+    return stages + [("suffix", suffix_pass), ("merge", merge)]
+
+
+def _cascade_split(*args):
+    result = None
+    for _, stage in cascade_stages(*args):
+        result = stage()
+    return result
+
+
+def _cascade_two_passes(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, scale, return_lse):  # fmt: skip
+    """Cascade through attention_with_lse (any backend, no splits) and the two-state merge."""
+    total_q = q.shape[0]
+    prefix_len = prefix_k.shape[0]
+    suffix_out, suffix_lse = attention_with_lse(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, causal=True, softmax_scale=scale)  # fmt: skip
+    if prefix_len == 0:
+        return suffix_out, suffix_lse
+    bounds_q, bounds_k = _single_sequence_bounds(total_q, q), _single_sequence_bounds(prefix_len, q)
+    prefix_out, prefix_lse = attention_with_lse(q, prefix_k, prefix_v, bounds_q, bounds_k, total_q, prefix_len,
+                                                softmax_scale=scale)  # fmt: skip
+    return merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, return_lse=return_lse,
+                             output=prefix_out, output_lse=prefix_lse if return_lse else None)  # fmt: skip
+

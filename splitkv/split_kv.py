@@ -1,0 +1,107 @@
+"""Split-KV attention (flash-decoding): each sequence's KV is cut into chunks whose
+partial states are computed in parallel and merged N-way in one pass.
+
+Decoding has one query (times the query heads of a KV head's group) per sequence:
+too few rows to fill a GPU's multiprocessors if each (sequence, KV head) pair
+walks its whole KV alone. Splitting the KV multiplies the parallel work by the
+split count; the price is writing and re-reading one float32 partial state per
+split, so the count is chosen to fill the GPU about twice, no more.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .attention import attention_with_lse, check_attention_inputs
+from .merge import merge_states
+from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
+
+__all__ = ["split_kv_attention", "choose_num_splits"]
+
+# A split shorter than this spends more on its partial state than it saves.
+_MIN_KEYS_PER_SPLIT = 256
+_MAX_SPLITS = 128
+# Query rows (query tokens x query heads of one KV head) one Triton program owns.
+_ROWS_PER_PROGRAM = 64
+
+
+def choose_num_splits(
+    num_sequences: int, heads_kv: int, rows_per_sequence: int, max_seqlen_k: int, device: torch.device
+) -> int:
+    """Split count that gives about two waves of programs on ``device``'s multiprocessors.
+
+    ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV head).
+    """
+    if device.type != "cuda" or max_seqlen_k <= _MIN_KEYS_PER_SPLIT:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / _ROWS_PER_PROGRAM))
+    wanted = math.ceil(2 * sms / programs)
+    return max(1, min(wanted, max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
+
+
+def triton_can_run(q: torch.Tensor) -> bool:
+    """Whether the in-project Triton kernel (the only one that writes split states) runs ``q``."""
+    if TRITON_IMPORT_ERROR or q.shape[-1] > 256:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and interpreter_enabled())
+
+
+def split_kv_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    num_splits: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over each sequence's KV cut into ``num_splits`` chunks, merged exactly.
+
+    Arguments and results are those of :func:`splitkv.attention_with_lse`
+    (varlen packed layout, GQA, bottom-right causal, ``lse [heads_q, total_q]``
+    float32 natural log); the result equals full attention up to rounding.
+
+    Args:
+        num_splits: chunks per sequence (each ``ceil(Lk / num_splits)`` keys); ``None``
+            picks a count from the batch shape and the multiprocessor count
+            (:func:`choose_num_splits`). The partial states are float32 and merged by
+            :func:`splitkv.merge_states` straight into q's dtype.
+
+    Splitting needs the in-project Triton kernel: on CUDA tensors, or on CPU ones
+    under ``TRITON_INTERPRET=1``. Elsewhere (CPU without the interpreter, head_dim
+    over 256) this is :func:`splitkv.attention_with_lse` without splits.
+
+    Example::
+
+        >>> # 8 sequences of 1 query each over 32K cached keys
+        >>> out, lse = splitkv.split_kv_attention(q, k_cache, v_cache, cu_q, cu_k, 1, 32768)
+    """
+    scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    if not triton_can_run(q):
+        return attention_with_lse(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, softmax_scale=scale
+        )
+    from ._attention_triton import triton_attention_with_lse
+
+    if num_splits is None:
+        group = q.shape[1] // k.shape[1]
+        num_splits = choose_num_splits(
+            cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device
+        )
+    states, lses = triton_attention_with_lse(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits=num_splits
+    )
+    if num_splits == 1:
+        return states, lses
+    out, lse = merge_states(states, lses, output_dtype=q.dtype)
+    return out, lse

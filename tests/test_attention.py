@@ -1,0 +1,155 @@
+"""attention_with_lse: every available backend against the float64 reference, and its argument checks."""
+
+import zlib
+
+import pytest
+import torch
+from attention_reference import assert_attention_close, cu_seqlens, random_tokens, reference64
+
+import splitkv
+from splitkv.attention import _FLASH_ATTN_INSTALLED, _unpad_lse
+from splitkv._triton_support import TRITON_IMPORT_ERROR
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def backends():
+    names = ["reference"]
+    if not TRITON_IMPORT_ERROR:
+        names.append("triton")
+    names.append(pytest.param("torch", marks=pytest.mark.skipif(not HAS_CUDA, reason="torch's flash attention needs CUDA")))
+    names.append(pytest.param("flash_attn", marks=pytest.mark.skipif(
+        not (HAS_CUDA and _FLASH_ATTN_INSTALLED), reason="needs CUDA and the flash-attn package")))  # fmt: skip
+    return names
+
+
+@pytest.fixture
+def generator(request):
+    return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
+
+
+# (Lq, Lk) per sequence: decode, an empty query sequence, a square prefill, an empty
+# KV sequence, Lq > Lk (leading causal rows see no key), Lq < Lk.
+LENGTHS = [(1, 33), (0, 4), (37, 37), (5, 0), (20, 9), (3, 50)]
+GPU_LENGTHS = [(1, 4097), (300, 300), (700, 260), (64, 2000)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference(backend, dtype, heads_q, heads_kv, head_dim, causal, generator):
+    if backend in ("torch", "flash_attn") and dtype == torch.float32:
+        pytest.skip("flash attention takes float16/bfloat16 only")
+    if backend == "triton" and not HAS_CUDA and (head_dim == 256 or heads_q == 4):
+        pytest.skip("kept small for the Triton interpreter on CPU (runs on GPU)")
+    lengths = LENGTHS + (GPU_LENGTHS if HAS_CUDA else [])
+    lens_q, lens_k = [lq for lq, _ in lengths], [lk for _, lk in lengths]
+    q = random_tokens(sum(lens_q), heads_q, head_dim, dtype, DEVICE, generator)
+    k = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, DEVICE, generator)
+    v = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, DEVICE, generator)
+    cu_q, cu_k = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+    out, lse = splitkv.attention_with_lse(*args, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (heads_q, q.shape[0]) and lse.dtype == torch.float32
+    ref_out, ref_lse = reference64(*args, causal, head_dim**-0.5)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_custom_scale_and_strided_inputs(backend, generator):
+    dtype = torch.float16
+    lens_q, lens_k = [3, 1], [40, 17]
+    wide = random_tokens(sum(lens_q), 12, 72, dtype, DEVICE, generator)
+    q = wide[:, 2:10, 8:72]  # head and token strides of a wider buffer, contiguous last dim
+    k = random_tokens(sum(lens_k), 6, 64, dtype, DEVICE, generator)[:, ::3]
+    v = random_tokens(sum(lens_k), 2, 64, dtype, DEVICE, generator)
+    cu_q, cu_k = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 3, 40, causal=True, softmax_scale=0.3,
+                                          backend=backend)  # fmt: skip
+    ref_out, ref_lse = reference64(q, k, v, cu_q, cu_k, 3, 40, True, 0.3)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="checks the flash backends' alignment limit, on CUDA")
+def test_misaligned_view_avoids_flash(generator):
+    """Flash kernels fault on rows that are not 16-byte aligned: auto takes Triton instead."""
+    q = random_tokens(4, 4, 72, torch.float16, DEVICE, generator)[:, :, 4:68]
+    k = v = random_tokens(9, 2, 64, torch.float16, DEVICE, generator)
+    cu_q, cu_k = cu_seqlens([4], DEVICE), cu_seqlens([9], DEVICE)
+    report = splitkv.explain_attention(q, k, v, cu_q, cu_k, 4, 9)
+    assert "torch: flash attention needs 16-byte aligned rows; q starts or strides off that" in report
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 4, 9, backend="torch")
+    out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 4, 9)
+    ref_out, ref_lse = reference64(q, k, v, cu_q, cu_k, 4, 9, False, 64**-0.5)
+    assert_attention_close(out, lse, ref_out, ref_lse, torch.float16)
+
+
+def test_auto_choice_and_explain():
+    q = torch.randn(3, 4, 64, device=DEVICE, dtype=torch.float16)
+    k = v = torch.randn(5, 2, 64, device=DEVICE, dtype=torch.float16)
+    cu_q, cu_k = cu_seqlens([3], DEVICE), cu_seqlens([5], DEVICE)
+    report = splitkv.explain_attention(q, k, v, cu_q, cu_k, 3, 5)
+    first = report.splitlines()[0]
+    if not HAS_CUDA:
+        assert first == "attention_with_lse(backend='auto') -> reference", report
+        assert "flash_attn: " in report and "torch: tensors are on cpu" in report
+    else:
+        assert first.endswith("-> flash_attn" if _FLASH_ATTN_INSTALLED else "-> torch"), report
+
+
+def test_old_flash_attn_padded_lse_layout():
+    """flash-attn < 2.6 returned LSE as [batch, heads, max_seqlen_q]; it is unpadded to [heads, total_q]."""
+    lens = [2, 0, 3]
+    cu_q = cu_seqlens(lens, "cpu")
+    padded = torch.randn(3, 4, 3)
+    flat = _unpad_lse(padded, cu_q, 5)
+    want = torch.cat([padded[0, :, :2], padded[2, :, :3]], dim=1)
+    assert torch.equal(flat, want)
+
+
+def _good(dtype=torch.float16):
+    q = torch.randn(4, 4, 64, dtype=dtype)
+    k = torch.randn(6, 2, 64, dtype=dtype)
+    return dict(q=q, k=k, v=k.clone(), cu_seqlens_q=cu_seqlens([1, 3], "cpu"), cu_seqlens_k=cu_seqlens([2, 4], "cpu"),
+                max_seqlen_q=3, max_seqlen_k=4)  # fmt: skip
+
+
+BAD = [
+    ("q", lambda a: a["q"][0], ValueError, "q must be \\[total_q, heads_q, head_dim\\]"),
+    ("q", lambda a: a["q"].to(torch.int8), TypeError, "q must be float32, float16 or bfloat16"),
+    ("k", lambda a: a["k"].float(), TypeError, "k must have dtype torch.float16"),
+    ("k", lambda a: a["k"][:, :, :32], ValueError, "k must have q's head_dim 64"),
+    ("k", lambda a: torch.randn(6, 3, 64, dtype=torch.float16), ValueError, "must be a multiple of k's heads"),
+    ("v", lambda a: a["v"][:5], ValueError, "v must be \\[total_k, heads_kv, head_dim\\] like k"),
+    ("v", lambda a: a["v"].transpose(1, 2).contiguous().transpose(1, 2), ValueError, "v must have a contiguous last dim"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].long(), TypeError, "cu_seqlens_q must have dtype torch.int32"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"][None], ValueError, "cu_seqlens_q must be \\[batch \\+ 1\\]"),
+    ("cu_seqlens_k", lambda a: cu_seqlens([3, 4], "cpu"), ValueError, "cu_seqlens_k must rise from 0 to 6"),
+    ("cu_seqlens_k", lambda a: cu_seqlens([2, 2, 2], "cpu"), ValueError, "cu_seqlens_k must have one entry per"),
+    ("max_seqlen_q", lambda a: 2, ValueError, "max_seqlen_q = 2 is below the longest sequence \\(3\\)"),
+    ("max_seqlen_k", lambda a: 4.0, TypeError, "max_seqlen_k must be a non-negative int"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].to("meta"), ValueError, "cu_seqlens_q must be on cpu like q"),
+]
+
+
+@pytest.mark.parametrize("name,corrupt,exc,message", BAD)
+def test_bad_input_names_the_argument(name, corrupt, exc, message):
+    args = _good()
+    args[name] = corrupt(args)
+    with pytest.raises(exc, match=message):
+        splitkv.attention_with_lse(**args)
+
+
+def test_bad_scale_and_backend():
+    with pytest.raises(TypeError, match="softmax_scale must be a float or None"):
+        splitkv.attention_with_lse(**_good(), softmax_scale="0.1")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        splitkv.attention_with_lse(**_good(), backend="xformers")
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="backend='torch' cannot run these inputs: tensors are on cpu"):
+            splitkv.attention_with_lse(**_good(), backend="torch")

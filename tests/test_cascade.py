@@ -1,0 +1,133 @@
+"""cascade_attention and split_kv_attention end to end: both must equal full attention."""
+
+import random
+import zlib
+
+import pytest
+import torch
+from attention_reference import assert_attention_close, cu_seqlens, random_tokens, reference64
+
+import splitkv
+from splitkv import cascade as cascade_module
+from splitkv.cascade import estimate_cascade
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def rng(request):
+    seed = zlib.crc32(request.node.name.encode())
+    return random.Random(seed), torch.Generator().manual_seed(seed)
+
+
+def _shared_prefix_batch(rng, num_sequences, prefix_len, max_suffix, decode, heads_q, heads_kv, head_dim, dtype):
+    """Random lengths: suffixes from 0 keys up; queries are each sequence's last tokens
+    (1 when decoding, else a prefill chunk of up to the whole suffix)."""
+    py, gen = rng
+    lens_k = [py.randint(0, max_suffix) for _ in range(num_sequences)]
+    lens_q = [min(1, lk + 1) if decode else py.randint(0 if lk == 0 else 1, max(lk, 1)) for lk in lens_k]
+    q = random_tokens(sum(lens_q), heads_q, head_dim, dtype, DEVICE, gen)
+    prefix_k = random_tokens(prefix_len, heads_kv, head_dim, dtype, DEVICE, gen)
+    prefix_v = random_tokens(prefix_len, heads_kv, head_dim, dtype, DEVICE, gen)
+    suffix_k = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, DEVICE, gen)
+    suffix_v = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, DEVICE, gen)
+    return q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k
+
+
+def _full_attention_reference(q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k, scale):
+    """Float64 causal attention over each sequence's materialised [prefix ; suffix_i]."""
+    starts = [0] + list(torch.tensor(lens_k).cumsum(0).tolist())
+    full_k = torch.cat([torch.cat([prefix_k, suffix_k[a:b]]) for a, b in zip(starts[:-1], starts[1:])])
+    full_v = torch.cat([torch.cat([prefix_v, suffix_v[a:b]]) for a, b in zip(starts[:-1], starts[1:])])
+    lens_full = [prefix_k.shape[0] + lk for lk in lens_k]
+    return reference64(q, full_k, full_v, cu_seqlens(lens_q, q.device), cu_seqlens(lens_full, q.device),
+                       max(lens_q), max(lens_full), True, scale)  # fmt: skip
+
+
+CASES = [  # (sequences, prefix_len, max suffix, decode, heads_q, heads_kv, head_dim)
+    (5, 70, 40, True, 8, 2, 64),
+    (3, 33, 30, False, 4, 4, 64),
+    (4, 0, 25, True, 8, 1, 128),
+    (1, 50, 0, True, 8, 8, 64),
+    (6, 40, 20, False, 8, 1, 64),
+]
+GPU_CASES = [
+    (64, 2048, 300, True, 32, 8, 128),
+    (16, 4096, 1024, True, 32, 4, 128),
+    (8, 1000, 700, False, 16, 2, 256),
+    (256, 512, 64, True, 32, 8, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES + (GPU_CASES if HAS_CUDA else []), ids=str)
+@pytest.mark.parametrize("cascade", ["auto", True, False])
+def test_cascade_equals_full_attention(dtype, case, cascade, rng):
+    batch = _shared_prefix_batch(rng, *case, dtype)
+    q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
+    out, lse = splitkv.cascade_attention(
+        q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens(lens_k, DEVICE),
+        return_lse=True, cascade=cascade,
+    )  # fmt: skip
+    ref_out, ref_lse = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cascade_without_triton_uses_two_passes(dtype, rng, monkeypatch):
+    """Where the Triton kernel cannot run, cascade goes through attention_with_lse and the two-state merge."""
+    monkeypatch.setattr(cascade_module, "triton_can_run", lambda q: False)
+    batch = _shared_prefix_batch(rng, 4, 37, 20, False, 8, 2, 64, dtype)
+    q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
+    out = splitkv.cascade_attention(q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v,
+                                    cu_seqlens(lens_k, DEVICE), cascade=True)  # fmt: skip
+    ref_out, _ = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1.6e-2, rtol=1.6e-2)
+
+
+def test_cascade_rejects_queries_before_the_prefix_end():
+    q = torch.randn(3, 2, 64)
+    kv = torch.randn(1, 2, 64)
+    with pytest.raises(ValueError, match="sequence 0 has 3 queries but 1 suffix keys"):
+        splitkv.cascade_attention(q, cu_seqlens([3], "cpu"), kv, kv, kv, kv, cu_seqlens([1], "cpu"))
+    with pytest.raises(ValueError, match="prefix_k must be \\[prefix_len, heads_kv, head_dim\\]"):
+        splitkv.cascade_attention(q[:1], cu_seqlens([1], "cpu"), torch.randn(4, 1, 64), kv, kv, kv,
+                                  cu_seqlens([1], "cpu"))  # fmt: skip
+
+
+def test_cost_model():
+    # Many sequences over a long prefix: cascade reads the prefix once instead of 64 times.
+    assert splitkv.use_cascade(64, 8192, 64 * 512, 64, heads_q=32, heads_kv=8, head_dim=128)
+    big = estimate_cascade(256, 4096, 256 * 256, 256, 32, 8, 128)
+    assert big.plain_us > 5 * big.cascade_us
+    # One sequence shares nothing; a prefix of two tokens is not worth the partial states.
+    assert not splitkv.use_cascade(1, 8192, 512, 1, heads_q=32, heads_kv=8, head_dim=128)
+    assert not splitkv.use_cascade(64, 2, 64 * 4096, 64, heads_q=32, heads_kv=8, head_dim=128)
+    # A long prefill is bound by the same arithmetic either way.
+    assert not splitkv.use_cascade(4, 1024, 4 * 4096, 4 * 4096, heads_q=32, heads_kv=8, head_dim=128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_kv_equals_full_attention(dtype, num_splits, causal, rng):
+    py, gen = rng
+    lengths = [(1, 90), (0, 7), (12, 12), (4, 0), (9, 4), (2, 61)]
+    if HAS_CUDA:
+        lengths += [(1, 32768), (1, 5000), (128, 3000)]
+    lens_q, lens_k = [a for a, _ in lengths], [b for _, b in lengths]
+    q = random_tokens(sum(lens_q), 8, 64, dtype, DEVICE, gen)
+    k = random_tokens(sum(lens_k), 2, 64, dtype, DEVICE, gen)
+    v = random_tokens(sum(lens_k), 2, 64, dtype, DEVICE, gen)
+    args = (q, k, v, cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE), max(lens_q), max(lens_k))
+    out, lse = splitkv.split_kv_attention(*args, causal=causal, num_splits=num_splits)
+    ref_out, ref_lse = reference64(*args, causal, 64**-0.5)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_split_kv_rejects_bad_split_count():
+    q = torch.randn(1, 2, 64)
+    with pytest.raises(ValueError, match="num_splits must be a positive int or None"):
+        splitkv.split_kv_attention(q, q, q, cu_seqlens([1], "cpu"), cu_seqlens([1], "cpu"), 1, 1, num_splits=0)
