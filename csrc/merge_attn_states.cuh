@@ -129,57 +129,49 @@ struct RowLayout {
 
 }  // namespace detail
 
-// Two-state merge; each thread moves ELEMS elements per access, in ROWS rows
-// of the block (more rows per thread: more loads in flight per thread and
-// fewer blocks, which pays on large inputs).
-template <typename T, int ELEMS, int ROWS>
+// Two-state merge; each thread moves ELEMS elements per access.
+template <typename T, int ELEMS>
 __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
   using V = detail::Vec<T, ELEMS>;
+  constexpr int kElems = ELEMS;
 
   const int local_row = threadIdx.x / layout.threads_per_row;
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
   // rows = tokens * heads < 2^31 is checked on the host.
-  const int num_rows = static_cast<int>(p.num_tokens * p.num_heads);
-  const int num_heads = static_cast<int>(p.num_heads);
-  // lane < vectors per row, so every thread owns at least the first vector of each row.
-  const int64_t first = static_cast<int64_t>(lane) * ELEMS;
-  const int64_t step = static_cast<int64_t>(layout.threads_per_row) * ELEMS;
+  const int row = blockIdx.x * layout.rows_per_block + local_row;
+  const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
+  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
+  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
 
-  bool active[ROWS];
-  int token[ROWS], head[ROWS];
-  V a[ROWS], b[ROWS];
-  // All data loads are issued before the lse arithmetic so that the data and
-  // the lse round trips to memory overlap instead of running back to back.
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    const int row = (blockIdx.x * ROWS + r) * layout.rows_per_block + local_row;
-    active[r] = local_row < layout.rows_per_block && row < num_rows;
-    token[r] = active[r] ? row / num_heads : 0;
-    head[r] = active[r] ? row - token[r] * num_heads : 0;
-    if (active[r]) {
-      a[r] = detail::load_streaming<T, ELEMS>(static_cast<const T*>(p.prefix_output) +
-                                              token[r] * p.prefix_stride_token + head[r] * p.prefix_stride_head + first);
-      b[r] = detail::load_streaming<T, ELEMS>(static_cast<const T*>(p.suffix_output) +
-                                              token[r] * p.suffix_stride_token + head[r] * p.suffix_stride_head + first);
-    }
-  }
+  float merged_lse = 0.f;
+  if (active) {
+    const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
+                          head * p.prefix_stride_head;
+    const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
+                          head * p.suffix_stride_head;
+    T* output_row =
+        static_cast<T*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    // lane < vectors per row, so every thread owns at least this first vector.
+    // Its loads are issued before the lse arithmetic so that the data and the
+    // lse round trips to memory overlap instead of running back to back.
+    const int64_t first = static_cast<int64_t>(lane) * kElems;
+    const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
+    V a = detail::load_streaming<T, ELEMS>(prefix_row + first);
+    V b = detail::load_streaming<T, ELEMS>(suffix_row + first);
 
-  float merged_lse[ROWS];
-#pragma unroll
-  for (int r = 0; r < ROWS; ++r) {
-    merged_lse[r] = -INFINITY;
-    if (!active[r]) continue;
     const float prefix_lse =
-        __ldg(p.prefix_lse + head[r] * p.prefix_lse_stride_head + token[r] * p.prefix_lse_stride_token);
+        __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token);
     const float suffix_lse =
-        __ldg(p.suffix_lse + head[r] * p.suffix_lse_stride_head + token[r] * p.suffix_lse_stride_token);
+        __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token);
     const bool prefix_empty = detail::is_empty_state(prefix_lse);
     const bool suffix_empty = detail::is_empty_state(suffix_lse);
 
     float prefix_weight = 0.f, suffix_weight = 0.f;
-    if (!(prefix_empty && suffix_empty)) {
+    if (prefix_empty && suffix_empty) {
+      merged_lse = -INFINITY;
+    } else {
       // The empty side drops out exactly; a NaN lse stays NaN through exp.
       const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
       const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
@@ -188,44 +180,36 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
       const float inv_total = __fdividef(1.f, total);
       prefix_weight = prefix_scale * inv_total;
       suffix_weight = suffix_scale * inv_total;
-      merged_lse[r] = m + logf(total);
+      merged_lse = m + logf(total);
       // fmaxf drops a NaN operand; put it back so a NaN lse is never hidden.
-      if (isnan(prefix_lse) || isnan(suffix_lse)) merged_lse[r] = NAN;
+      if (isnan(prefix_lse) || isnan(suffix_lse)) merged_lse = NAN;
     }
 
     // An empty state contributes nothing, not 0 * (whatever its output holds).
     auto combine = [&](const V& x, const V& y) {
       V out;
 #pragma unroll
-      for (int i = 0; i < ELEMS; ++i) {
+      for (int i = 0; i < kElems; ++i) {
         const float from_prefix = prefix_empty ? 0.f : Conv::to_float(x.elems[i]) * prefix_weight;
         const float from_suffix = suffix_empty ? 0.f : Conv::to_float(y.elems[i]) * suffix_weight;
         out.elems[i] = Conv::from_float(from_prefix + from_suffix);
       }
       return out;
     };
-    const T* prefix_row =
-        static_cast<const T*>(p.prefix_output) + token[r] * p.prefix_stride_token + head[r] * p.prefix_stride_head;
-    const T* suffix_row =
-        static_cast<const T*>(p.suffix_output) + token[r] * p.suffix_stride_token + head[r] * p.suffix_stride_head;
-    T* output_row = static_cast<T*>(p.output) + token[r] * p.output_stride_token + head[r] * p.output_stride_head;
-    detail::store_streaming<T, ELEMS>(output_row + first, combine(a[r], b[r]));
+    detail::store_streaming<T, ELEMS>(output_row + first, combine(a, b));
     // Only head dims wider than a whole block of vectors get here.
     for (int64_t d = first + step; d < p.head_dim; d += step) {
-      const V x = detail::load_streaming<T, ELEMS>(prefix_row + d);
-      const V y = detail::load_streaming<T, ELEMS>(suffix_row + d);
-      detail::store_streaming<T, ELEMS>(output_row + d, combine(x, y));
+      a = detail::load_streaming<T, ELEMS>(prefix_row + d);
+      b = detail::load_streaming<T, ELEMS>(suffix_row + d);
+      detail::store_streaming<T, ELEMS>(output_row + d, combine(a, b));
     }
   }
 
   if (p.output_lse != nullptr) {
     // Every thread of the block has read its input lse before any merged lse is written.
     __syncthreads();
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      if (active[r] && lane == 0) {
-        p.output_lse[head[r] * p.output_lse_stride_head + token[r] * p.output_lse_stride_token] = merged_lse[r];
-      }
+    if (active && lane == 0) {
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
     }
   }
 }
@@ -250,23 +234,31 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
   float merged_lse = 0.f;
   if (active) {
     const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
-    // First pass over the (few, cached) lse values: the max of the non-empty
-    // states, and whether any lse is NaN.
-    float m = -INFINITY;
+    // One pass over the lse values for the running max of the non-empty states
+    // and the sum of exp(lse - max). A decode merge has few rows and many
+    // states, so this loop is bound by load latency: eight loads go out at once.
+    constexpr int kLseBatch = 8;
+    float m = -INFINITY, total = 0.f;
     bool any_nan = false;
-    for (int64_t s = 0; s < p.num_states; ++s) {
-      const float lse = __ldg(row_lse + s * p.lses_stride_state);
-      any_nan |= isnan(lse);
-      if (!detail::is_empty_state(lse)) m = fmaxf(m, lse);
-    }
-    const bool all_empty = (m == -INFINITY) && !any_nan;
-    float total = 0.f;
-    if (!all_empty) {
-      for (int64_t s = 0; s < p.num_states; ++s) {
-        const float lse = __ldg(row_lse + s * p.lses_stride_state);
-        total += detail::is_empty_state(lse) ? 0.f : expf(lse - m);
+    for (int64_t s0 = 0; s0 < p.num_states; s0 += kLseBatch) {
+      float batch[kLseBatch];
+#pragma unroll
+      for (int u = 0; u < kLseBatch; ++u)
+        batch[u] = s0 + u < p.num_states ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kLseBatch; ++u) {
+        const float lse = batch[u];
+        any_nan |= isnan(lse);
+        if (detail::is_empty_state(lse) || isnan(lse)) continue;
+        if (lse > m) {
+          total = total * expf(m - lse) + 1.f;  // rescale the sum to the new max
+          m = lse;
+        } else {
+          total += expf(lse - m);
+        }
       }
     }
+    const bool all_empty = (m == -INFINITY) && !any_nan;
     merged_lse = all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
     const float inv_total = all_empty ? 0.f : __fdividef(1.f, total);
 
@@ -355,12 +347,11 @@ inline RowLayout row_layout(int64_t head_dim, int elems) {
   return layout;
 }
 
-template <int ELEMS, int ROWS = 1, typename Params, typename Kernel>
+template <int ELEMS, typename Params, typename Kernel>
 inline cudaError_t launch_rows(Kernel kernel, const Params& p, cudaStream_t stream) {
   const RowLayout layout = row_layout(p.head_dim, ELEMS);
   const int64_t rows = p.num_tokens * p.num_heads;
-  const int64_t rows_per_block = static_cast<int64_t>(layout.rows_per_block) * ROWS;
-  const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t blocks = (rows + layout.rows_per_block - 1) / layout.rows_per_block;
   const int threads = layout.threads_per_row * layout.rows_per_block;
   kernel<<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(p, layout);
   return cudaGetLastError();
@@ -370,25 +361,20 @@ template <int N>
 using Elems = std::integral_constant<int, N>;
 
 // Dispatch by vector width: `kernel_for(Elems<N>{})` names the kernel
-// instantiation that moves N elements of TIn per access, ROWS rows per thread.
-template <typename TIn, int ROWS = 1, typename Params, typename KernelFor>
+// instantiation that moves N elements of TIn per access.
+template <typename TIn, typename Params, typename KernelFor>
 inline cudaError_t launch_with_vector_elems(int elems, const Params& p, cudaStream_t stream, KernelFor kernel_for) {
   switch (elems) {
     case 8:
-      if constexpr (sizeof(TIn) <= 2) return launch_rows<8, ROWS>(kernel_for(Elems<8>{}), p, stream);
+      if constexpr (sizeof(TIn) <= 2) return launch_rows<8>(kernel_for(Elems<8>{}), p, stream);
       break;
-    case 4: return launch_rows<4, ROWS>(kernel_for(Elems<4>{}), p, stream);
-    case 2: return launch_rows<2, ROWS>(kernel_for(Elems<2>{}), p, stream);
-    case 1: return launch_rows<1, ROWS>(kernel_for(Elems<1>{}), p, stream);
+    case 4: return launch_rows<4>(kernel_for(Elems<4>{}), p, stream);
+    case 2: return launch_rows<2>(kernel_for(Elems<2>{}), p, stream);
+    case 1: return launch_rows<1>(kernel_for(Elems<1>{}), p, stream);
     default: break;
   }
   return cudaErrorInvalidValue;
 }
-
-// Below this many threads (about eight waves of an H100) one row per thread
-// keeps every multiprocessor busy; above it, two rows per thread move more
-// bytes per thread with fewer blocks.
-constexpr int64_t kTwoRowsPerThreadFrom = int64_t{1} << 21;
 
 }  // namespace detail
 
@@ -401,14 +387,9 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.prefix_stride_token,
                              p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
   const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
-  const int elems = detail::vector_elems<T, T>(bits, bits);
-  const int64_t threads = p.num_tokens * p.num_heads * ((p.head_dim + elems - 1) / elems);
-  if (threads >= detail::kTwoRowsPerThreadFrom) {
-    return detail::launch_with_vector_elems<T, 2>(
-        elems, p, stream, [](auto e) { return merge_attn_states_kernel<T, decltype(e)::value, 2>; });
-  }
-  return detail::launch_with_vector_elems<T, 1>(
-      elems, p, stream, [](auto e) { return merge_attn_states_kernel<T, decltype(e)::value, 1>; });
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), p, stream, [](auto e) {
+    return merge_attn_states_kernel<T, decltype(e)::value>;
+  });
 }
 
 template <typename TIn, typename TOut>

@@ -5,6 +5,7 @@
 // only keep the ops from touching memory they do not own.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/Dtype.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -16,18 +17,6 @@
 #include "merge_attn_states.cuh"
 
 namespace {
-
-void check_output_like(const at::Tensor& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
-                       const at::Device& device) {
-  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == device, name, " must be on ", device, ", got ", t.device());
-}
-
-void check_rows(int64_t tokens, int64_t heads, int64_t head_dim, const at::Tensor& output) {
-  TORCH_CHECK(tokens * heads < std::numeric_limits<int32_t>::max(), "tokens * heads must be < 2^31");
-  TORCH_CHECK(head_dim <= 1 || output.stride(-1) == 1, "the head_dim axis must be contiguous");
-}
 
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
@@ -155,41 +144,49 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
   return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
-void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& states,
-                  const at::Tensor& lses) {
-  TORCH_CHECK(states.dim() == 4, "states must be [num_states, tokens, heads, head_dim]");
-  TORCH_CHECK(states.is_cuda(), "states must be a CUDA tensor");
+// Whether the N-way kernel may run these arguments (same role as merge_inputs_ok).
+// float32 states may merge into a float16/bfloat16 output.
+bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, const at::Tensor& output,
+                            const at::Tensor* output_lse) {
+  if (states.dim() != 4 || !states.is_cuda() || states.size(0) == 0) return false;
+  const auto dtype = states.scalar_type(), out_dtype = output.scalar_type();
+  const auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
+  if (!is_float(dtype) || !is_float(out_dtype) || (out_dtype != dtype && dtype != at::kFloat)) return false;
+  const auto device = states.device();
   const int64_t num_states = states.size(0), tokens = states.size(1), heads = states.size(2),
                 head_dim = states.size(3);
-  const auto dtype = states.scalar_type();
-  const auto out_dtype = output.scalar_type();
-  TORCH_CHECK(out_dtype == dtype || dtype == at::kFloat,
-              "output must have the dtype of states, or states must be float32");
-  const auto device = states.device();
-  const std::array<int64_t, 3> out_shape{tokens, heads, head_dim};
-  const std::array<int64_t, 3> lses_shape{num_states, heads, tokens};
-  const std::array<int64_t, 2> lse_shape{heads, tokens};
-  check_output_like(output, "output", out_shape, out_dtype, device);
-  check_output_like(lses, "lses", lses_shape, at::kFloat, device);
-  if (output_lse) check_output_like(*output_lse, "output_lse", lse_shape, at::kFloat, device);
-  check_rows(tokens, heads, head_dim, states);
-  check_rows(tokens, heads, head_dim, output);
+  if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
+  if (head_dim > 1 && states.stride(3) != 1) return false;
+  if (lses.dim() != 3 || lses.size(0) != num_states || lses.size(1) != heads || lses.size(2) != tokens ||
+      lses.scalar_type() != at::kFloat || lses.device() != device)
+    return false;
+  if (output.dim() != 3 || output.size(0) != tokens || output.size(1) != heads || output.size(2) != head_dim ||
+      output.device() != device || (head_dim > 1 && output.stride(2) != 1) || has_expanded_dim(output))
+    return false;
+  if (output_lse != nullptr &&
+      (output_lse->dim() != 2 || output_lse->size(0) != heads || output_lse->size(1) != tokens ||
+       output_lse->scalar_type() != at::kFloat || output_lse->device() != device || has_expanded_dim(*output_lse)))
+    return false;
+  return true;
+}
 
+void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& states,
+                         const at::Tensor& lses) {
   splitkv::MergeNParams p{};
   p.output = output.data_ptr();
-  p.output_lse = output_lse ? output_lse->data_ptr<float>() : nullptr;
+  p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.states = states.data_ptr();
   p.lses = lses.data_ptr<float>();
-  p.num_states = num_states;
-  p.num_tokens = tokens;
-  p.num_heads = heads;
-  p.head_dim = head_dim;
+  p.num_states = states.size(0);
+  p.num_tokens = states.size(1);
+  p.num_heads = states.size(2);
+  p.head_dim = states.size(3);
   p.output_stride_token = output.stride(0);
   p.output_stride_head = output.stride(1);
   p.states_stride_state = states.stride(0);
   p.states_stride_token = states.stride(1);
   p.states_stride_head = states.stride(2);
-  if (output_lse) {
+  if (output_lse != nullptr) {
     p.output_lse_stride_head = output_lse->stride(0);
     p.output_lse_stride_token = output_lse->stride(1);
   }
@@ -197,16 +194,49 @@ void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_ls
   p.lses_stride_head = lses.stride(1);
   p.lses_stride_token = lses.stride(2);
 
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(states.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_dtype(out_dtype, [&](auto out_tag) {
+  const bool float_states = states.scalar_type() == at::kFloat;
+  dispatch_dtype(output.scalar_type(), [&](auto out_tag) {
     using TOut = decltype(out_tag);
-    if (dtype == at::kFloat) {
+    if (float_states) {
       C10_CUDA_CHECK((splitkv::merge_states<float, TOut>(p, stream)));
     } else {
       C10_CUDA_CHECK((splitkv::merge_states<TOut, TOut>(p, stream)));
     }
   });
+}
+
+void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& states,
+                  const at::Tensor& lses) {
+  const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
+  TORCH_CHECK(merge_states_inputs_ok(states, lses, output, lse_out),
+              "splitkv::merge_states: invalid arguments (splitkv.merge_states says which)");
+  launch_merge_states(output, lse_out, states, lses);
+}
+
+// The eager fast path of splitkv.merge_states (see merge_attn_states_eager).
+py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::handle output_obj,
+                              py::handle output_lse_obj, bool return_lse, py::handle output_dtype_obj) {
+  at::Tensor states, lses, output, output_lse;
+  if (!unpack_tensor(states_obj, states) || !unpack_tensor(lses_obj, lses)) return py::none();
+  const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
+  if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
+    return py::none();
+  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env()) return py::none();
+  if (!has_output) {
+    at::ScalarType out_dtype = states.scalar_type();
+    if (!output_dtype_obj.is_none()) {
+      if (!THPDtype_Check(output_dtype_obj.ptr())) return py::none();
+      out_dtype = reinterpret_cast<THPDtype*>(output_dtype_obj.ptr())->scalar_type;
+    }
+    output = at::empty({states.size(1), states.size(2), states.size(3)}, states.options().dtype(out_dtype));
+  }
+  if (!has_output_lse && return_lse) output_lse = at::empty({lses.size(1), lses.size(2)}, lses.options());
+  const bool write_lse = has_output_lse || return_lse;
+  if (!merge_states_inputs_ok(states, lses, output, write_lse ? &output_lse : nullptr)) return py::none();
+  launch_merge_states(output, write_lse ? &output_lse : nullptr, states, lses);
+  return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
 }  // namespace
@@ -226,4 +256,6 @@ TORCH_LIBRARY_IMPL(splitkv, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("merge_attn_states", &merge_attn_states_eager,
         "Eager fast path of splitkv.merge_attn_states; returns None for what it does not run");
+  m.def("merge_states", &merge_states_eager,
+        "Eager fast path of splitkv.merge_states; returns None for what it does not run");
 }

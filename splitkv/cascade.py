@@ -33,12 +33,16 @@ from .split_kv import choose_num_splits, triton_can_run
 
 __all__ = ["cascade_attention", "use_cascade", "estimate_cascade", "CascadeEstimate"]
 
-# Roofline constants of the cost model, measured on an H100 (SXM, HBM3):
-# copy bandwidth counting read + write, the attention kernels' achieved
-# tensor-core rate, and the cost of one kernel launch on the GPU's timeline.
+# Constants of the cost model, measured on the H100 machine of benchmarks/results:
+# copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
+# a kernel's fixed cost on the GPU timeline, and host time per call: a Triton launch
+# (about 40 µs there) and a torch op (about 8 µs). A call costs the larger of its GPU
+# time and its host time, since the two overlap.
 _BYTES_PER_US = 2.9e6
 _FLOPS_PER_US = 3.0e8
-_LAUNCH_US = 4.0
+_KERNEL_US = 3.0
+_TRITON_HOST_US = 40.0
+_TORCH_OP_HOST_US = 8.0
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,12 @@ def estimate_cascade(
     # two per pass) for the merge.
     partial = 2 * 4 * total_query_len * heads_q * (head_dim + 1) * 4
     cascade_bytes = (prefix_len + total_suffix_len) * kv_token + partial + out_bytes
-    cascade_us = max(cascade_bytes / _BYTES_PER_US, flops_us) + 3 * _LAUNCH_US
+    cascade_gpu = max(cascade_bytes / _BYTES_PER_US, flops_us) + 3 * _KERNEL_US
+    cascade_us = max(cascade_gpu, 2 * _TRITON_HOST_US + 4 * _TORCH_OP_HOST_US)
     plain_bytes = (num_sequences * prefix_len + total_suffix_len) * kv_token + out_bytes
-    plain_us = max(plain_bytes / _BYTES_PER_US, flops_us) + _LAUNCH_US
+    plain_us = max(max(plain_bytes / _BYTES_PER_US, flops_us) + _KERNEL_US, 2 * _TORCH_OP_HOST_US)
     built = (num_sequences * prefix_len + total_suffix_len) * kv_token
-    materialise_us = (prefix_len * kv_token + 2 * built) / _BYTES_PER_US + 4 * _LAUNCH_US
+    materialise_us = max((prefix_len * kv_token + 2 * built) / _BYTES_PER_US + 6 * _KERNEL_US, 8 * _TORCH_OP_HOST_US)
     return CascadeEstimate(cascade_us, plain_us, materialise_us)
 
 
@@ -203,6 +208,11 @@ def cascade_attention(
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
     prefix_len = prefix_k.shape[0]
+    if prefix_len == 0 and cascade != True:  # noqa: E712 - "auto" or False
+        # Nothing is shared: plain attention over the suffixes is the whole answer.
+        out, lse = attention_with_lse(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal=True, softmax_scale=scale)  # fmt: skip
+        return (out, lse) if return_lse else out
     if cascade == "auto":
         # The inputs come as prefix + suffixes, so the plain way must build [prefix ; suffix_i] first.
         estimate = estimate_cascade(num_sequences, prefix_len, suffix_k.shape[0], total_q, heads_q, heads_kv,

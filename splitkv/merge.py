@@ -250,6 +250,11 @@ def merge_states(
         >>> # partial states of 8 KV chunks, e.g. from split-KV decoding
         >>> out, lse = splitkv.merge_states(chunk_outputs, chunk_lses)
     """
+    eager = _cuda.eager_ops
+    if eager is not None and (backend == "auto" or backend == "cuda") and not torch.compiler.is_compiling():
+        result = eager.merge_states(outputs, lses, output, output_lse, return_lse, output_dtype)
+        if result is not None:
+            return result
     output_dtype = _check_n(outputs, lses, output, output_lse, output_dtype)
     _, num_tokens, num_heads, head_dim = outputs.shape
     impl = _MERGE_N_BACKENDS.select(backend, outputs, num_tokens * num_heads)

@@ -10,6 +10,7 @@ split, so the count is chosen to fill the GPU about twice, no more.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -28,6 +29,11 @@ _MAX_SPLITS = 128
 _ROWS_PER_PROGRAM = 64
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def choose_num_splits(
     num_sequences: int, heads_kv: int, rows_per_sequence: int, max_seqlen_k: int, device: torch.device
 ) -> int:
@@ -37,7 +43,7 @@ def choose_num_splits(
     """
     if device.type != "cuda" or max_seqlen_k <= _MIN_KEYS_PER_SPLIT:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / _ROWS_PER_PROGRAM))
     wanted = math.ceil(2 * sms / programs)
     return max(1, min(wanted, max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
