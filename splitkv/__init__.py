@@ -5,8 +5,10 @@ The composable stage is the exact merge of partial attention states
 the layouts and the LSE convention (float32 ``[heads, tokens]``, natural log).
 """
 
+from . import distributed
 from .attention import attention_with_lse, explain_attention
 from .cascade import cascade_attention, use_cascade
+from .distributed import context_parallel_attention, context_parallel_prefill, shard_sequences, unshard_sequences
 from .merge import explain_merge, merge_attn_states, merge_states
 from .split_kv import split_kv_attention
 
@@ -21,5 +23,10 @@ __all__ = [
     "split_kv_attention",
     "cascade_attention",
     "use_cascade",
+    "context_parallel_attention",
+    "context_parallel_prefill",
+    "shard_sequences",
+    "unshard_sequences",
+    "distributed",
     "__version__",
 ]
