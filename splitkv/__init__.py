@@ -5,7 +5,7 @@ The composable stage is the exact merge of partial attention states
 the layouts and the LSE convention (float32 ``[heads, tokens]``, natural log).
 """
 
-from . import distributed
+from . import distributed, nn
 from .attention import attention_with_lse, explain_attention
 from .cascade import cascade_attention, use_cascade
 from .distributed import context_parallel_attention, context_parallel_prefill, shard_sequences, unshard_sequences
@@ -15,18 +15,19 @@ from .split_kv import split_kv_attention
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge_attn_states",
-    "merge_states",
-    "explain_merge",
+    "__version__",
     "attention_with_lse",
-    "explain_attention",
-    "split_kv_attention",
     "cascade_attention",
-    "use_cascade",
     "context_parallel_attention",
     "context_parallel_prefill",
-    "shard_sequences",
-    "unshard_sequences",
     "distributed",
-    "__version__",
+    "nn",
+    "explain_attention",
+    "explain_merge",
+    "merge_attn_states",
+    "merge_states",
+    "shard_sequences",
+    "split_kv_attention",
+    "unshard_sequences",
+    "use_cascade",
 ]

@@ -3,8 +3,6 @@ ValueError or TypeError that names the argument, before any kernel is launched."
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -58,7 +56,7 @@ def expect_contiguous_last(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {t.stride()}")
 
 
-def expect_writable(name: str, t: Optional[torch.Tensor]) -> None:
+def expect_writable(name: str, t: torch.Tensor | None) -> None:
     """An output must give every element its own memory (no expanded, stride-0 dims)."""
     if t is not None and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
         raise ValueError(f"{name} must not be an expanded view (stride 0), got strides {t.stride()}")

@@ -7,15 +7,13 @@ all states empty gives output 0 and lse -inf; a NaN lse propagates.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from einops import rearrange
 
 
 def merge_states_torch(
     output: torch.Tensor,
-    output_lse: Optional[torch.Tensor],
+    output_lse: torch.Tensor | None,
     states: torch.Tensor,  # [states, tokens, heads, head_dim]
     lses: torch.Tensor,  # [states, heads, tokens]
 ) -> None:
@@ -38,7 +36,7 @@ def merge_states_torch(
 
 def merge_attn_states_torch(
     output: torch.Tensor,
-    output_lse: Optional[torch.Tensor],
+    output_lse: torch.Tensor | None,
     prefix_output: torch.Tensor,
     prefix_lse: torch.Tensor,
     suffix_output: torch.Tensor,

@@ -9,7 +9,6 @@ Semantics as in ``csrc/merge_attn_states.cuh``.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -125,7 +124,7 @@ def _tile(num_tokens: int, head_dim: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _lse_args(output_lse: Optional[torch.Tensor], like: torch.Tensor):
+def _lse_args(output_lse: torch.Tensor | None, like: torch.Tensor):
     # Without an lse to write, the kernel still needs a pointer argument.
     if output_lse is None:
         return like, 0, 0
@@ -134,7 +133,7 @@ def _lse_args(output_lse: Optional[torch.Tensor], like: torch.Tensor):
 
 def merge_attn_states_triton(
     output: torch.Tensor,
-    output_lse: Optional[torch.Tensor],
+    output_lse: torch.Tensor | None,
     prefix_output: torch.Tensor,
     prefix_lse: torch.Tensor,
     suffix_output: torch.Tensor,
@@ -161,7 +160,7 @@ def merge_attn_states_triton(
 
 def merge_states_triton(
     output: torch.Tensor,
-    output_lse: Optional[torch.Tensor],
+    output_lse: torch.Tensor | None,
     states: torch.Tensor,
     lses: torch.Tensor,
 ) -> None:

@@ -8,8 +8,9 @@ its backends in order of preference. A backend answers ``why_not(*args)`` with
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 Reason = Optional[str]
 
@@ -21,7 +22,7 @@ class Backend:
     why_not: Callable[..., Reason]
     # Reasons that keep "auto" away although an explicit request may run it
     # (e.g. the Triton interpreter on CPU tensors is for testing, not for use).
-    why_not_auto: Optional[Callable[..., Reason]] = field(default=None)
+    why_not_auto: Callable[..., Reason] | None = field(default=None)
 
     def auto_reason(self, *args) -> Reason:
         reason = self.why_not(*args)

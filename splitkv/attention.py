@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-from typing import Optional
 
 import torch
 
@@ -33,7 +32,7 @@ from ._checks import expect_contiguous_last, expect_float_dtype, expect_like, ex
 from ._registry import Backend, BackendRegistry
 from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 
-__all__ = ["attention_with_lse", "explain_attention", "ATTENTION_BACKENDS"]
+__all__ = ["ATTENTION_BACKENDS", "attention_with_lse", "explain_attention"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
@@ -48,7 +47,7 @@ except ImportError:  # torch older than the public varlen API
     _VARLEN_PARAMS = frozenset()
 
 
-def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Optional[str]:
+def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
     """Limits shared by flash-attn 2 and the copy of it bundled with PyTorch."""
     if not q.is_cuda:
         return f"tensors are on {q.device.type}, flash attention needs CUDA tensors"
@@ -66,19 +65,19 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return None
 
 
-def _flash_attn_why_not(q, k, v, causal) -> Optional[str]:
+def _flash_attn_why_not(q, k, v, causal) -> str | None:
     if not _FLASH_ATTN_INSTALLED:
         return "the flash-attn package is not installed (pip install 'splitkv[flash]')"
     return _flash_why_not(q, k, v, causal)
 
 
-def _torch_flash_why_not(q, k, v, causal) -> Optional[str]:
+def _torch_flash_why_not(q, k, v, causal) -> str | None:
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return f"torch {torch.__version__} has no bundled varlen flash attention"
     return _flash_why_not(q, k, v, causal)
 
 
-def _triton_why_not(q, k, v, causal) -> Optional[str]:
+def _triton_why_not(q, k, v, causal) -> str | None:
     if TRITON_IMPORT_ERROR:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
@@ -88,11 +87,11 @@ def _triton_why_not(q, k, v, causal) -> Optional[str]:
     return f"tensors are on {q.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
 
 
-def _triton_why_not_auto(q, k, v, causal) -> Optional[str]:
+def _triton_why_not_auto(q, k, v, causal) -> str | None:
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
 
-def _no_reason(q, k, v, causal) -> Optional[str]:
+def _no_reason(q, k, v, causal) -> str | None:
     return None
 
 
@@ -119,7 +118,7 @@ def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return out, _empty_rows_to_neg_inf(lse)
 
 
-def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float) -> Optional[dict]:
+def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float) -> dict | None:
     """Keyword arguments for this torch's ``varlen_attn``, or None if it cannot express the call."""
     if varlen_attn is None or not {"return_aux", "scale"} <= _VARLEN_PARAMS:
         return None
@@ -225,7 +224,7 @@ def attention_with_lse(
     max_seqlen_k: int,
     *,
     causal: bool = False,
-    softmax_scale: Optional[float] = None,
+    softmax_scale: float | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward that also returns the LSE of every query row.

@@ -22,16 +22,15 @@ plain path itself when the model predicts it faster.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
 
 import torch
 
+from ._checks import expect_like, expect_rank
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_attn_states, merge_states
-from ._checks import expect_like, expect_rank
 from .split_kv import choose_num_splits, triton_can_run
 
-__all__ = ["cascade_attention", "use_cascade", "estimate_cascade", "CascadeEstimate"]
+__all__ = ["CascadeEstimate", "cascade_attention", "estimate_cascade", "use_cascade"]
 
 # Constants of the cost model, measured on the H100 machine of benchmarks/results:
 # copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
@@ -163,12 +162,12 @@ def cascade_attention(
     suffix_v: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     *,
-    softmax_scale: Optional[float] = None,
+    softmax_scale: float | None = None,
     return_lse: bool = False,
-    max_seqlen_q: Optional[int] = None,
-    max_seqlen_k: Optional[int] = None,
-    cascade: Union[bool, str] = "auto",
-) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    cascade: bool | str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of many sequences over one shared prefix KV plus their own suffix KV.
 
     Args:
@@ -208,7 +207,7 @@ def cascade_attention(
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
     prefix_len = prefix_k.shape[0]
-    if prefix_len == 0 and cascade != True:  # noqa: E712 - "auto" or False
+    if prefix_len == 0 and cascade != True:
         # Nothing is shared: plain attention over the suffixes is the whole answer.
         out, lse = attention_with_lse(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                       causal=True, softmax_scale=scale)  # fmt: skip

@@ -24,8 +24,6 @@ Conventions, for every function here:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _cuda
@@ -41,12 +39,12 @@ from ._merge_torch import merge_attn_states_torch, merge_states_torch
 from ._registry import Backend, BackendRegistry
 from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 
-__all__ = ["merge_attn_states", "merge_states", "explain_merge", "MERGE_BACKENDS"]
+__all__ = ["MERGE_BACKENDS", "explain_merge", "merge_attn_states", "merge_states"]
 
 _MAX_ROWS = 2**31 - 1  # the CUDA kernel indexes (token, head) rows with int32
 
 
-def _cuda_why_not(states: torch.Tensor, rows: int) -> Optional[str]:
+def _cuda_why_not(states: torch.Tensor, rows: int) -> str | None:
     if not states.is_cuda:
         return f"tensors are on {states.device.type}, the CUDA kernel needs CUDA tensors"
     if _cuda.env_flag("SPLITKV_DISABLE_CUDA"):
@@ -56,7 +54,7 @@ def _cuda_why_not(states: torch.Tensor, rows: int) -> Optional[str]:
     return _cuda.load_error() or None
 
 
-def _triton_why_not(states: torch.Tensor, rows: int) -> Optional[str]:
+def _triton_why_not(states: torch.Tensor, rows: int) -> str | None:
     if TRITON_IMPORT_ERROR:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if states.is_cuda or (states.device.type == "cpu" and interpreter_enabled()):
@@ -64,11 +62,11 @@ def _triton_why_not(states: torch.Tensor, rows: int) -> Optional[str]:
     return f"tensors are on {states.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
 
 
-def _triton_why_not_auto(states: torch.Tensor, rows: int) -> Optional[str]:
+def _triton_why_not_auto(states: torch.Tensor, rows: int) -> str | None:
     return None if states.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
 
-def _no_reason(states: torch.Tensor, rows: int) -> Optional[str]:
+def _no_reason(states: torch.Tensor, rows: int) -> str | None:
     return None
 
 
@@ -164,11 +162,11 @@ def merge_attn_states(
     suffix_output: torch.Tensor,
     suffix_lse: torch.Tensor,
     *,
-    output: Optional[torch.Tensor] = None,
-    output_lse: Optional[torch.Tensor] = None,
+    output: torch.Tensor | None = None,
+    output_lse: torch.Tensor | None = None,
     return_lse: bool = True,
     backend: str = "auto",
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge two partial attention states of the same queries over disjoint keys.
 
     Args:
@@ -223,12 +221,12 @@ def merge_states(
     outputs: torch.Tensor,
     lses: torch.Tensor,
     *,
-    output: Optional[torch.Tensor] = None,
-    output_lse: Optional[torch.Tensor] = None,
+    output: torch.Tensor | None = None,
+    output_lse: torch.Tensor | None = None,
     return_lse: bool = True,
-    output_dtype: Optional[torch.dtype] = None,
+    output_dtype: torch.dtype | None = None,
     backend: str = "auto",
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Merge ``num_states`` partial attention states in one pass (no chain of pairwise merges).
 
     Args:

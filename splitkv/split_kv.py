@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import torch
 
+from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_states
-from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 
-__all__ = ["split_kv_attention", "choose_num_splits"]
+__all__ = ["choose_num_splits", "split_kv_attention"]
 
 # A split shorter than this spends more on its partial state than it saves.
 _MIN_KEYS_PER_SPLIT = 256
@@ -29,7 +28,7 @@ _MAX_SPLITS = 128
 _ROWS_PER_PROGRAM = 64
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -66,8 +65,8 @@ def split_kv_attention(
     max_seqlen_k: int,
     *,
     causal: bool = False,
-    softmax_scale: Optional[float] = None,
-    num_splits: Optional[int] = None,
+    softmax_scale: float | None = None,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over each sequence's KV cut into ``num_splits`` chunks, merged exactly.
 

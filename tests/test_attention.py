@@ -7,8 +7,8 @@ import torch
 from attention_reference import assert_attention_close, cu_seqlens, random_tokens, reference64
 
 import splitkv
-from splitkv.attention import _FLASH_ATTN_INSTALLED, _unpad_lse
 from splitkv._triton_support import TRITON_IMPORT_ERROR
+from splitkv.attention import _FLASH_ATTN_INSTALLED, _unpad_lse
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"

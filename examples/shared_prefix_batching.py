@@ -1,0 +1,491 @@
+"""Greedy generation for a batch of requests that share a prompt, with and without cascade attention.
+
+A small Llama-architecture decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU
+MLP) with random weights from a fixed seed (nothing is downloaded) generates
+``--new-tokens`` tokens greedily for ``--batch`` requests. Every request is the same
+shared prompt of ``--prefix`` random token ids followed by its own random suffix
+(lengths ``--suffix-min`` .. ``--suffix``; request 0's suffix is empty unless
+``--no-empty``). It generates two ways:
+
+(a) the usual way: each request prefills its whole prompt, prefix included, into its
+    own KV cache, and every step runs plain causal attention
+    (:func:`splitkv.attention_with_lse`) over each request's own cache;
+(b) shared prefix: the prompt is prefilled once (a batch of one), its KV is kept once
+    in a :class:`splitkv.nn.SharedPrefixKVCache`, and the suffix prefill and every
+    decode step run :func:`splitkv.cascade_attention` over that prefix plus each
+    request's suffix cache.
+
+and reports tokens per second, the KV-cache bytes each way holds, and whether the
+generated token ids are identical. RoPE positions are absolute positions in
+``[prefix ; suffix_i]``, so the prefix sits at 0..P-1 for every request and its KV
+is the same for all of them: that is what makes sharing it exact.
+
+Run::
+
+    python examples/shared_prefix_batching.py                       # tiny, CPU, < 1 min
+    python examples/shared_prefix_batching.py --device cuda --dtype bfloat16 --batch 64 --prefix 8192 \\
+        --suffix 256 --new-tokens 64 --layers 4 --hidden 2048 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000
+
+In float32 the two ways give the same tokens (the attention differs only by
+rounding, far below the gaps between logits); in bfloat16 a near-tie between the
+two best logits can flip a token, after which that request's continuation differs.
+
+The model pieces (:class:`LlamaConfig`, :class:`LlamaDecoder`, :func:`build_model`,
+:class:`PerRequestKVCache`, :func:`generate_usual`, :func:`generate_shared`,
+:func:`make_requests`) are importable: the tests use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import splitkv
+from splitkv.nn import CacheMemory, SharedPrefixKVCache
+
+# attend(layer, q [tokens, heads_q, head_dim], k, v [tokens, heads_kv, head_dim]) -> [tokens, heads_q, head_dim]
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# on_attention(phase, layer, attention output) for looking inside the model
+OnAttention = Callable[[str, int, torch.Tensor], None]
+
+
+# --------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 512
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_layers: int = 2
+    heads_q: int = 8
+    heads_kv: int = 2
+    head_dim: int = 32
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean square in float32: bf16 would lose the small components' contribution.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[tokens, head_dim // 2]`` float32 for int64 ``positions [tokens]``."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the two halves of each head of ``x [tokens, heads, head_dim]`` (the Llama layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.q_proj = nn.Linear(c.hidden_size, c.heads_q * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.heads_kv * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.heads_kv * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.heads_q * c.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope, attend: Attend, layer: int) -> torch.Tensor:
+        c, tokens = self.config, x.shape[0]
+        q = apply_rope(self.q_proj(x).view(tokens, c.heads_q, c.head_dim), *rope)
+        k = apply_rope(self.k_proj(x).view(tokens, c.heads_kv, c.head_dim), *rope)
+        v = self.v_proj(x).view(tokens, c.heads_kv, c.head_dim)
+        out = attend(layer, q, k, v)
+        return self.o_proj(out.reshape(tokens, c.heads_q * c.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.attention = Attention(config)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope, attend: Attend, layer: int) -> torch.Tensor:
+        x = x + self.attention(self.input_norm(x), rope, attend, layer)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+class LlamaDecoder(nn.Module):
+    """Llama decoder over packed tokens: the KV cache lives outside, behind ``attend``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_eps)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Attend,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits float32 ``[rows, vocab]`` of the packed tokens ``input_ids [tokens]`` (int64)
+        at ``positions [tokens]``; only at ``logits_rows`` when given (a prefill needs the last
+        token of each sequence, and the LM head is the largest matmul of a small model)."""
+        c = self.config
+        x = self.embed(input_ids)
+        rope = rope_tables(positions, c.head_dim, c.rope_theta)
+        for layer, block in enumerate(self.layers):
+            x = block(x, rope, attend, layer)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()
+
+
+def build_model(config: LlamaConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> LlamaDecoder:
+    """Random weights drawn on the CPU from ``seed`` (the same model on every device), in ``dtype``.
+
+    Linear weights are N(0, 1/fan_in), so that a head's scores have unit spread and
+    attention is neither uniform nor one-hot; embeddings are N(0, 1) (N(0, 1/hidden)
+    when tied, so that the LM head's logits have the same unit spread)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = LlamaDecoder(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            if name == "embed.weight":
+                std = config.hidden_size**-0.5 if config.tie_embeddings else 1.0
+            else:
+                std = param.shape[1] ** -0.5
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# --------------------------------------------------------------------------------------
+# The usual way: one KV cache per request, prefix included
+# --------------------------------------------------------------------------------------
+
+
+def _rows(starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
+    return torch.cat([torch.arange(s, s + n) for s, n in zip(starts, counts)] + [torch.zeros(0, dtype=torch.long)])
+
+
+class PerRequestKVCache:
+    """Each request's whole KV (``[capacity, heads_kv, head_dim]`` per layer, K and V), prefix included."""
+
+    def __init__(self, config: LlamaConfig, num_requests: int, capacity: int, device, dtype):
+        shape = (num_requests * capacity, config.heads_kv, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.capacity, self.device = capacity, device
+        self.lengths = [0] * num_requests
+        self.token_bytes = 2 * config.num_layers * config.heads_kv * config.head_dim * self.k[0].element_size()
+
+    def begin_step(self, new_tokens: Sequence[int]) -> _PerRequestStep:
+        old = self.lengths
+        self.lengths = [a + n for a, n in zip(old, new_tokens)]
+        if max(self.lengths) > self.capacity:
+            raise ValueError(f"a request needs {max(self.lengths)} tokens, the cache holds {self.capacity}")
+        return _PerRequestStep(self, old, list(new_tokens))
+
+    def memory(self) -> CacheMemory:
+        allocated = sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return CacheMemory(allocated, self.token_bytes * sum(self.lengths))
+
+
+class _PerRequestStep:
+    def __init__(self, cache: PerRequestKVCache, old: list[int], new: list[int]):
+        device, cap = cache.device, cache.capacity
+        self.cache = cache
+        self.positions = _rows(old, new).to(device)
+        self.write_rows = _rows([i * cap + a for i, a in enumerate(old)], new).to(device)
+        lengths = cache.lengths
+        # The varlen kernels take each request's KV packed: gather it (a copy, every layer and step).
+        self.read_rows = _rows([i * cap for i in range(len(old))], lengths).to(device)
+        self.cu_q = torch.tensor([0] + new, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        self.cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        self.max_q, self.max_k = max(new), max(lengths)
+        self.last_rows = (self.cu_q[1:] - 1).long()
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        cache.k[layer].index_copy_(0, self.write_rows, k)
+        cache.v[layer].index_copy_(0, self.write_rows, v)
+        keys = cache.k[layer].index_select(0, self.read_rows)
+        values = cache.v[layer].index_select(0, self.read_rows)
+        out, _ = splitkv.attention_with_lse(q, keys, values, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                            causal=True)  # fmt: skip
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Greedy generation both ways
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    tokens: torch.Tensor  # [requests, new_tokens] int64, on the CPU
+    logits: torch.Tensor | None  # [new_tokens, requests, vocab] float32 logits that chose each token (keep_logits)
+    prefill_s: float  # until every request's first token is chosen
+    decode_s: float  # the remaining new_tokens - 1 steps
+    memory: CacheMemory  # KV bytes held at the end
+    uses_cascade: bool
+
+
+def make_requests(config: LlamaConfig, prefix_len: int, suffix_lens: Sequence[int], seed: int = 1):
+    """Random shared prompt ``[prefix_len]`` and suffixes ``[suffix_lens[i]]`` (int64 ids, CPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(config.vocab_size, (prefix_len,), generator=generator)
+    suffixes = [torch.randint(config.vocab_size, (n,), generator=generator) for n in suffix_lens]
+    return prompt, suffixes
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _recording(step_attention: Attend, phase: str, on_attention: OnAttention | None) -> Attend:
+    if on_attention is None:
+        return step_attention
+
+    def attend(layer, q, k, v):
+        out = step_attention(layer, q, k, v)
+        on_attention(phase, layer, out)
+        return out
+
+    return attend
+
+
+def _pick(logits: torch.Tensor, forced: torch.Tensor | None, index: int) -> torch.Tensor:
+    # argmax returns the first of equal maxima: the same rule both ways.
+    return logits.argmax(-1) if forced is None else forced[:, index].to(logits.device)
+
+
+def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention):
+    """Shared decode loop: one token per request per step from ``first`` on."""
+    tokens, kept = [first], [first_logits] if keep_logits else []
+    num_requests = first.shape[0]
+    for t in range(1, new_tokens):
+        step = cache.begin_step([1] * num_requests)
+        logits = model(tokens[-1], step.positions, _recording(step.attention, f"decode{t}", on_attention))
+        tokens.append(_pick(logits, forced, t))
+        if keep_logits:
+            kept.append(logits)
+    return tokens, kept
+
+
+@torch.no_grad()
+def generate_usual(
+    model: LlamaDecoder,
+    prompt: torch.Tensor,
+    suffixes: Sequence[torch.Tensor],
+    new_tokens: int,
+    *,
+    forced: torch.Tensor | None = None,
+    keep_logits: bool = False,
+    on_attention: OnAttention | None = None,
+) -> Generation:
+    """(a) Each request prefills ``[prompt ; suffix_i]`` into its own cache; plain causal attention.
+
+    ``forced [requests, new_tokens]`` feeds those tokens instead of the argmax (to
+    compare logits along the same path); ``on_attention`` sees every attention output.
+    """
+    device, dtype, config = model.embed.weight.device, model.embed.weight.dtype, model.config
+    lengths = [prompt.shape[0] + s.shape[0] for s in suffixes]
+    cache = PerRequestKVCache(config, len(suffixes), max(lengths) + new_tokens, device, dtype)
+    _sync(device)
+    start = time.perf_counter()
+    ids = torch.cat([torch.cat([prompt, s]) for s in suffixes]).to(device)
+    step = cache.begin_step(lengths)
+    logits = model(ids, step.positions, _recording(step.attention, "prefill", on_attention), step.last_rows)
+    first = _pick(logits, forced, 0)
+    _sync(device)
+    prefill_done = time.perf_counter()
+    tokens, kept = _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention)
+    out = torch.stack(tokens, 1).cpu()
+    _sync(device)
+    end = time.perf_counter()
+    return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
+                      end - prefill_done, cache.memory(), False)  # fmt: skip
+
+
+@torch.no_grad()
+def generate_shared(
+    model: LlamaDecoder,
+    prompt: torch.Tensor,
+    suffixes: Sequence[torch.Tensor],
+    new_tokens: int,
+    *,
+    mode: str = "cascade",
+    capacity: int | None = None,
+    forced: torch.Tensor | None = None,
+    keep_logits: bool = False,
+    on_attention: OnAttention | None = None,
+) -> Generation:
+    """(b) The prompt is prefilled once into a :class:`SharedPrefixKVCache`; then the suffixes
+    and every decode step run cascade attention (``mode`` as in the cache; ``"cascade"`` forces it).
+    ``capacity`` (suffix tokens preallocated per request) defaults to what the run needs;
+    a smaller one makes the cache grow. Other arguments as :func:`generate_usual`."""
+    device, dtype, c = model.embed.weight.device, model.embed.weight.dtype, model.config
+    prefix_len = prompt.shape[0]
+    suffix_lens = [s.shape[0] for s in suffixes]
+    cache = SharedPrefixKVCache(c.num_layers, len(suffixes), c.heads_q, c.heads_kv, c.head_dim,
+                                capacity=max(suffix_lens) + new_tokens if capacity is None else capacity,
+                                mode=mode, dtype=dtype, device=device)  # fmt: skip
+    _sync(device)
+    start = time.perf_counter()
+    step = cache.prefill_prefix(prefix_len)
+    last = torch.tensor([prefix_len - 1], device=device)
+    prompt_logits = model(prompt.to(device), step.positions, _recording(step.attention, "prefix", on_attention), last)
+    step = cache.begin_step(suffix_lens)
+    logits = prompt_logits.expand(len(suffixes), -1)
+    if sum(suffix_lens):
+        attend = _recording(step.attention, "prefill", on_attention)
+        suffix_logits = model(torch.cat(suffixes).to(device), step.positions, attend, step.last_rows.clamp(min=0))
+        # A request with no suffix continues the prompt itself: its first token comes from the prompt's logits.
+        logits = torch.where(step.last_rows[:, None] >= 0, suffix_logits, prompt_logits)
+    first = _pick(logits, forced, 0)
+    _sync(device)
+    prefill_done = time.perf_counter()
+    tokens, kept = _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention)
+    out = torch.stack(tokens, 1).cpu()
+    _sync(device)
+    end = time.perf_counter()
+    return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
+                      end - prefill_done, cache.memory(), cache.uses_cascade)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default about 8/3 hidden)")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--tie-embeddings", action="store_true")
+    p.add_argument("--prefix", type=int, default=64, help="shared prompt tokens")
+    p.add_argument("--batch", type=int, default=4, help="requests")
+    p.add_argument("--suffix", type=int, default=16, help="longest suffix")
+    p.add_argument("--suffix-min", type=int, default=None, help="shortest suffix (default half of --suffix)")
+    p.add_argument("--no-empty", action="store_true", help="give request 0 a suffix too (default: empty)")
+    p.add_argument("--new-tokens", type=int, default=8)
+    p.add_argument("--mode", default="cascade", choices=["cascade", "auto", "plain"],
+                   help="shared cache layout: cascade (default), or auto (splitkv.use_cascade decides)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1, help="untimed short runs first (kernel compilation)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs of each way; the fastest is reported")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def main(argv=None) -> None:
+    args = _parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
+    if device.type == "cpu" and args.threads > 0:
+        # The default model's matmuls are too small to gain from threads, and threads that wait at
+        # barriers slow down by orders of magnitude when another process shares the cores.
+        torch.set_num_threads(args.threads)
+    intermediate = args.intermediate or 64 * ((8 * args.hidden // 3 + 63) // 64)
+    config = LlamaConfig(args.vocab, args.hidden, intermediate, args.layers, args.heads, args.kv_heads,
+                         args.head_dim, tie_embeddings=args.tie_embeddings)  # fmt: skip
+    model = build_model(config, args.seed, device, dtype)
+    rng = random.Random(args.seed)
+    low = args.suffix // 2 if args.suffix_min is None else args.suffix_min
+    suffix_lens = [rng.randint(low, args.suffix) for _ in range(args.batch)]
+    if not args.no_empty:
+        suffix_lens[0] = 0
+    prompt, suffixes = make_requests(config, args.prefix, suffix_lens, args.seed + 1)
+
+    for _ in range(args.warmup):
+        generate_usual(model, prompt, suffixes, min(2, args.new_tokens))
+        generate_shared(model, prompt, suffixes, min(2, args.new_tokens), mode=args.mode)
+    # Both ways in turn, best of --repeat: a shared or busy machine slows single runs at random.
+    runs = [(generate_usual(model, prompt, suffixes, args.new_tokens),
+             generate_shared(model, prompt, suffixes, args.new_tokens, mode=args.mode))
+            for _ in range(max(1, args.repeat))]  # fmt: skip
+    usual, shared = (min((r[i] for r in runs), key=lambda g: g.prefill_s + g.decode_s) for i in (0, 1))
+
+    element_size = torch.empty((), dtype=dtype).element_size()
+    verdict = splitkv.use_cascade(args.batch, args.prefix, sum(suffix_lens) + args.batch * args.new_tokens,
+                                  args.batch, config.heads_q, config.heads_kv, config.head_dim, element_size)  # fmt: skip
+    generated = args.batch * args.new_tokens
+    agree = int((usual.tokens == shared.tokens).sum())
+    print(
+        f"model: {config.num_layers} layers, hidden {config.hidden_size}, {config.heads_q} query / "
+        f"{config.heads_kv} KV heads x {config.head_dim}, vocab {config.vocab_size}, {args.dtype} on {device}"
+        + (f", {torch.get_num_threads()} CPU thread(s)" if device.type == "cpu" else "")
+    )
+    print(
+        f"batch: prompt of {args.prefix} tokens shared by {args.batch} requests, suffixes of "
+        f"{min(suffix_lens)}..{max(suffix_lens)} tokens, {args.new_tokens} new tokens each (greedy)"
+    )
+    print(f"{'':26}{'prefill s':>10}{'decode tok/s':>14}{'total tok/s':>13}{'KV allocated':>15}{'KV used':>13}")
+    rows = [("(a) per-request caches", usual), ("(b) shared prefix", shared)]
+    for name, g in rows:
+        decode_rate = args.batch * (args.new_tokens - 1) / g.decode_s if g.decode_s > 0 else float("nan")
+        print(f"{name:26}{g.prefill_s:10.3f}{decode_rate:14.1f}{generated / (g.prefill_s + g.decode_s):13.1f}"
+              f"{_megabytes(g.memory.allocated):>15}{_megabytes(g.memory.used):>13}")  # fmt: skip
+    path = "cascade_attention" if shared.uses_cascade else "attention_with_lse over per-request copies"
+    print(
+        f"(b) attention: {path} (--mode {args.mode}); splitkv.use_cascade at this decode shape: {verdict}"
+        " (its roofline is calibrated on an H100)"
+    )
+    print(f"generated token ids identical: {'yes' if agree == generated else 'no'} "
+          f"({agree}/{generated} agree, {100.0 * agree / generated:.1f}%)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
