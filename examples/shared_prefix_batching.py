@@ -300,8 +300,12 @@ def _pick(logits: torch.Tensor, forced: torch.Tensor | None, index: int) -> torc
     return logits.argmax(-1) if forced is None else forced[:, index].to(logits.device)
 
 
-def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention):
-    """Shared decode loop: one token per request per step from ``first`` on."""
+def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention, start, uses_cascade):
+    """Shared tail of both ways: the decode loop from ``first`` on (one token per request per
+    step), then the timings and the result. ``start`` is when the prefill began."""
+    device = first_logits.device
+    _sync(device)
+    prefill_done = time.perf_counter()
     tokens, kept = [first], [first_logits] if keep_logits else []
     num_requests = first.shape[0]
     for t in range(1, new_tokens):
@@ -310,10 +314,13 @@ def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, 
         tokens.append(_pick(logits, forced, t))
         if keep_logits:
             kept.append(logits)
-    return tokens, kept
+    out = torch.stack(tokens, 1).cpu()
+    _sync(device)
+    end = time.perf_counter()
+    return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
+                      end - prefill_done, cache.memory(), uses_cascade)  # fmt: skip
 
 
-@torch.no_grad()
 def generate_usual(
     model: LlamaDecoder,
     prompt: torch.Tensor,
@@ -338,14 +345,7 @@ def generate_usual(
     step = cache.begin_step(lengths)
     logits = model(ids, step.positions, _recording(step.attention, "prefill", on_attention), step.last_rows)
     first = _pick(logits, forced, 0)
-    _sync(device)
-    prefill_done = time.perf_counter()
-    tokens, kept = _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention)
-    out = torch.stack(tokens, 1).cpu()
-    _sync(device)
-    end = time.perf_counter()
-    return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
-                      end - prefill_done, cache.memory(), False)  # fmt: skip
+    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start, False)
 
 
 @torch.no_grad()
@@ -384,14 +384,8 @@ def generate_shared(
         # A request with no suffix continues the prompt itself: its first token comes from the prompt's logits.
         logits = torch.where(step.last_rows[:, None] >= 0, suffix_logits, prompt_logits)
     first = _pick(logits, forced, 0)
-    _sync(device)
-    prefill_done = time.perf_counter()
-    tokens, kept = _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention)
-    out = torch.stack(tokens, 1).cpu()
-    _sync(device)
-    end = time.perf_counter()
-    return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
-                      end - prefill_done, cache.memory(), cache.uses_cascade)  # fmt: skip
+    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start,
+                   cache.uses_cascade)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
