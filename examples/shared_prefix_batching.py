@@ -208,7 +208,11 @@ def _rows(starts: Sequence[int], counts: Sequence[int]) -> torch.Tensor:
 
 
 class PerRequestKVCache:
-    """Each request's whole KV (``[capacity, heads_kv, head_dim]`` per layer, K and V), prefix included."""
+    """Each request's whole KV (``[capacity, heads_kv, head_dim]`` per layer, K and V), prefix included.
+
+    Request ``i`` owns slots ``i * capacity ..``; attention reads them in place
+    (``cu_seqlens_k`` steps by ``capacity``, ``seqused_k`` says how many are filled), as a
+    serving system's cache does, so this baseline pays no gather into a packed copy."""
 
     def __init__(self, config: LlamaConfig, num_requests: int, capacity: int, device, dtype):
         shape = (num_requests * capacity, config.heads_kv, config.head_dim)
@@ -237,10 +241,9 @@ class _PerRequestStep:
         self.positions = _rows(old, new).to(device)
         self.write_rows = _rows([i * cap + a for i, a in enumerate(old)], new).to(device)
         lengths = cache.lengths
-        # The varlen kernels take each request's KV packed: gather it (a copy, every layer and step).
-        self.read_rows = _rows([i * cap for i in range(len(old))], lengths).to(device)
         self.cu_q = torch.tensor([0] + new, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
-        self.cu_k = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+        self.cu_k = (torch.arange(len(old) + 1, dtype=torch.int32) * cap).to(device)
+        self.seqused_k = torch.tensor(lengths, dtype=torch.int32).to(device)
         self.max_q, self.max_k = max(new), max(lengths)
         self.last_rows = (self.cu_q[1:] - 1).long()
 
@@ -248,10 +251,8 @@ class _PerRequestStep:
         cache = self.cache
         cache.k[layer].index_copy_(0, self.write_rows, k)
         cache.v[layer].index_copy_(0, self.write_rows, v)
-        keys = cache.k[layer].index_select(0, self.read_rows)
-        values = cache.v[layer].index_select(0, self.read_rows)
-        out, _ = splitkv.attention_with_lse(q, keys, values, self.cu_q, self.cu_k, self.max_q, self.max_k,
-                                            causal=True)  # fmt: skip
+        out, _ = splitkv.attention_with_lse(q, cache.k[layer], cache.v[layer], self.cu_q, self.cu_k, self.max_q,
+                                            self.max_k, causal=True, seqused_k=self.seqused_k)  # fmt: skip
         return out
 
 
@@ -283,6 +284,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class AttentionTimer:
+    """CUDA events around every decode-step attention call: the stream time attention
+    takes, launches included, next to the whole decode's time."""
+
+    def __init__(self):
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def wrap(self, attend: Attend) -> Attend:
+        def timed(layer, q, k, v):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = attend(layer, q, k, v)
+            end.record()
+            self.events.append((start, end))
+            return out
+
+        return timed
+
+    def seconds(self) -> float:
+        torch.cuda.synchronize()
+        return sum(start.elapsed_time(end) for start, end in self.events) / 1e3
+
+
 def _recording(step_attention: Attend, phase: str, on_attention: OnAttention | None) -> Attend:
     if on_attention is None:
         return step_attention
@@ -300,9 +324,11 @@ def _pick(logits: torch.Tensor, forced: torch.Tensor | None, index: int) -> torc
     return logits.argmax(-1) if forced is None else forced[:, index].to(logits.device)
 
 
-def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention, start, uses_cascade):
+def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention, start, uses_cascade,
+            timer: AttentionTimer | None = None):  # fmt: skip
     """Shared tail of both ways: the decode loop from ``first`` on (one token per request per
-    step), then the timings and the result. ``start`` is when the prefill began."""
+    step), then the timings and the result. ``start`` is when the prefill began; ``timer``
+    times the decode steps' attention calls."""
     device = first_logits.device
     _sync(device)
     prefill_done = time.perf_counter()
@@ -310,7 +336,8 @@ def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, 
     num_requests = first.shape[0]
     for t in range(1, new_tokens):
         step = cache.begin_step([1] * num_requests)
-        logits = model(tokens[-1], step.positions, _recording(step.attention, f"decode{t}", on_attention))
+        attend = _recording(step.attention, f"decode{t}", on_attention)
+        logits = model(tokens[-1], step.positions, attend if timer is None else timer.wrap(attend))
         tokens.append(_pick(logits, forced, t))
         if keep_logits:
             kept.append(logits)
@@ -330,22 +357,37 @@ def generate_usual(
     forced: torch.Tensor | None = None,
     keep_logits: bool = False,
     on_attention: OnAttention | None = None,
+    timer: AttentionTimer | None = None,
+    prefill_tokens: int = 65536,
 ) -> Generation:
     """(a) Each request prefills ``[prompt ; suffix_i]`` into its own cache; plain causal attention.
 
     ``forced [requests, new_tokens]`` feeds those tokens instead of the argmax (to
-    compare logits along the same path); ``on_attention`` sees every attention output.
+    compare logits along the same path); ``on_attention`` sees every attention output;
+    ``timer`` times the decode steps' attention. The prefill runs a group of requests
+    at a time, about ``prefill_tokens`` tokens per forward, to bound activation memory.
     """
     device, dtype, config = model.embed.weight.device, model.embed.weight.dtype, model.config
     lengths = [prompt.shape[0] + s.shape[0] for s in suffixes]
     cache = PerRequestKVCache(config, len(suffixes), max(lengths) + new_tokens, device, dtype)
+    groups, tokens = [[]], 0
+    for i, n in enumerate(lengths):
+        if groups[-1] and tokens + n > prefill_tokens:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(i)
+        tokens += n
     _sync(device)
     start = time.perf_counter()
-    ids = torch.cat([torch.cat([prompt, s]) for s in suffixes]).to(device)
-    step = cache.begin_step(lengths)
-    logits = model(ids, step.positions, _recording(step.attention, "prefill", on_attention), step.last_rows)
+    group_logits = []
+    for group in groups:
+        step = cache.begin_step([lengths[i] if i in group else 0 for i in range(len(lengths))])
+        ids = torch.cat([torch.cat([prompt, suffixes[i]]) for i in group]).to(device)
+        attend = _recording(step.attention, "prefill", on_attention)
+        group_logits.append(model(ids, step.positions, attend, step.last_rows[group[0] : group[-1] + 1]))
+    logits = torch.cat(group_logits)
     first = _pick(logits, forced, 0)
-    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start, False)
+    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start, False, timer)
 
 
 @torch.no_grad()
@@ -360,6 +402,7 @@ def generate_shared(
     forced: torch.Tensor | None = None,
     keep_logits: bool = False,
     on_attention: OnAttention | None = None,
+    timer: AttentionTimer | None = None,
 ) -> Generation:
     """(b) The prompt is prefilled once into a :class:`SharedPrefixKVCache`; then the suffixes
     and every decode step run cascade attention (``mode`` as in the cache; ``"cascade"`` forces it).
@@ -385,7 +428,7 @@ def generate_shared(
         logits = torch.where(step.last_rows[:, None] >= 0, suffix_logits, prompt_logits)
     first = _pick(logits, forced, 0)
     return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start,
-                   cache.uses_cascade)  # fmt: skip
+                   cache.uses_cascade, timer)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
@@ -417,6 +460,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed short runs first (kernel compilation)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each way; the fastest is reported")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--prefill-tokens", type=int, default=65536, help="(a)'s prefill: tokens per forward, at most")
     return p.parse_args(argv)
 
 
@@ -444,10 +488,10 @@ def main(argv=None) -> None:
     prompt, suffixes = make_requests(config, args.prefix, suffix_lens, args.seed + 1)
 
     for _ in range(args.warmup):
-        generate_usual(model, prompt, suffixes, min(2, args.new_tokens))
+        generate_usual(model, prompt, suffixes, min(2, args.new_tokens), prefill_tokens=args.prefill_tokens)
         generate_shared(model, prompt, suffixes, min(2, args.new_tokens), mode=args.mode)
     # Both ways in turn, best of --repeat: a shared or busy machine slows single runs at random.
-    runs = [(generate_usual(model, prompt, suffixes, args.new_tokens),
+    runs = [(generate_usual(model, prompt, suffixes, args.new_tokens, prefill_tokens=args.prefill_tokens),
              generate_shared(model, prompt, suffixes, args.new_tokens, mode=args.mode))
             for _ in range(max(1, args.repeat))]  # fmt: skip
     usual, shared = (min((r[i] for r in runs), key=lambda g: g.prefill_s + g.decode_s) for i in (0, 1))
@@ -479,6 +523,21 @@ def main(argv=None) -> None:
     )
     print(f"generated token ids identical: {'yes' if agree == generated else 'no'} "
           f"({agree}/{generated} agree, {100.0 * agree / generated:.1f}%)")  # fmt: skip
+    if device.type == "cuda" and args.new_tokens > 1:
+        # One more run of each way, with CUDA events around every decode-step attention call.
+        steps = args.new_tokens - 1
+        for name, generate in (
+            ("(a)", lambda timer: generate_usual(model, prompt, suffixes, args.new_tokens, timer=timer,
+                                                 prefill_tokens=args.prefill_tokens)),
+            ("(b)", lambda timer: generate_shared(model, prompt, suffixes, args.new_tokens, mode=args.mode,
+                                                  timer=timer)),
+        ):  # fmt: skip
+            timer = AttentionTimer()
+            g = generate(timer)
+            attention_s = timer.seconds()
+            print(f"{name} decode step: {g.decode_s * 1e3 / steps:.2f} ms, of which attention "
+                  f"{attention_s * 1e3 / steps:.2f} ms ({100 * attention_s / g.decode_s:.0f}%) and the rest of "
+                  f"the model {(g.decode_s - attention_s) * 1e3 / steps:.2f} ms")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Slow on purpose: it loops over the sequences of a packed batch and materialises 
 score matrix, so it is only meant for tests and debugging.
 """
 
+from __future__ import annotations
+
 import torch
 from einops import repeat
 
@@ -18,6 +20,7 @@ def reference_attention_with_lse(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward with the flash-attn conventions, returning ``(out, lse)``.
 
@@ -31,6 +34,8 @@ def reference_attention_with_lse(
         causal: bottom-right aligned mask: in a sequence of ``Lq`` queries and ``Lk``
             keys, query ``i`` attends key ``j`` iff ``j <= i + Lk - Lq``.
         softmax_scale: multiplier of ``q @ k^T`` before the softmax.
+        seqused_k: optional int32 ``[batch]``: sequence ``i`` uses only its first
+            ``seqused_k[i]`` keys from ``cu_seqlens_k[i]`` on.
 
     Returns:
         ``out`` ``[total_q, heads_q, head_dim]`` in ``q.dtype`` and ``lse``
@@ -50,8 +55,9 @@ def reference_attention_with_lse(
 
     bounds_q = cu_seqlens_q.tolist()
     bounds_k = cu_seqlens_k.tolist()
-    for q_start, q_end, k_start, k_end in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], bounds_k[1:]):
-        len_q, len_k = q_end - q_start, k_end - k_start
+    used_k = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:])]
+    for q_start, q_end, k_start, len_k in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], used_k):
+        len_q, k_end = q_end - q_start, k_start + len_k
         if len_q == 0 or len_k == 0:
             continue
         qs = q[q_start:q_end].to(compute_dtype)

@@ -114,14 +114,22 @@ def _attend_key_range(
 
 
 @triton.jit
-def _attention_fwd_kernel(
+def _attend_rows(
     Q,
     K,
     V,
     Out,
     Lse,
-    cu_seqlens_q,
-    cu_seqlens_k,
+    q_start,
+    q_len,
+    k_start,
+    k_len,
+    kv_head,
+    row_block,
+    split,
+    num_splits,
+    state,
+    group,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -133,10 +141,6 @@ def _attention_fwd_kernel(
     stride_oh,
     stride_ls,
     stride_lh,
-    heads_kv,
-    group,
-    num_row_blocks,
-    num_splits,
     qk_scale,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -146,88 +150,161 @@ def _attention_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    # Row blocks, sequences and KV heads share grid axis 0 (limit 2**31 - 1) because
-    # axes 1 and 2 stop at 65535, which long prefills or large decode batches exceed.
-    # Row blocks of one (sequence, KV head) are adjacent so they reuse K/V in L2, and
-    # run last-to-first so the longest causal blocks start first.
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    row_block = num_row_blocks - 1 - pid % num_row_blocks
-    seq_head = pid // num_row_blocks
-    seq = seq_head // heads_kv
-    kv_head = seq_head % heads_kv
-
-    q_start = tl.load(cu_seqlens_q + seq)
-    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
-    k_start = tl.load(cu_seqlens_k + seq)
-    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
-
+    """One program's work: ``BLOCK_M`` rows of one sequence and KV head against key
+    chunk ``split`` of ``num_splits``, written as partial state ``state``."""
     num_rows = q_len * group
-    if row_block * BLOCK_M >= num_rows:
-        return
+    if row_block * BLOCK_M < num_rows:
+        # Row r of the sequence is query token r // group, query head kv_head * group + r % group.
+        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < num_rows
+        token = rows // group
+        head = kv_head * group + rows % group
+        offs_d = tl.arange(0, HEAD_DIM_PAD)
+        row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    # Row r of the sequence is query token r // group, query head kv_head * group + r % group.
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
-    token = rows // group
-    head = kv_head * group + rows % group
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+        q_rows = (q_start + token).to(tl.int64)
+        q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_d_mask,
+                    other=0.0)  # fmt: skip
 
-    q_ptrs = Q + (q_start + token).to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_d_mask, other=0.0)
+        chunk = (k_len + num_splits - 1) // num_splits
+        chunk_lo = tl.minimum(split * chunk, k_len)
+        chunk_hi = tl.minimum(chunk_lo + chunk, k_len)
+        if CAUSAL:
+            # Bottom-right alignment: token i sees key j iff j <= i + k_len - q_len.
+            shift = k_len - q_len + 1
+            first_token = (row_block * BLOCK_M) // group
+            last_token = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
+            common_hi = tl.minimum(chunk_hi, first_token + shift)
+            block_hi = tl.minimum(chunk_hi, last_token + shift)
+            row_key_end = tl.minimum(chunk_hi, token + shift)
+        else:
+            common_hi = chunk_hi
+            block_hi = chunk_hi
+            row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
+        # Whole key blocks that every row of the block sees skip the per-element mask.
+        unmasked_hi = chunk_lo + tl.maximum(common_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
 
-    chunk = (k_len + num_splits - 1) // num_splits
-    chunk_lo = tl.minimum(split * chunk, k_len)
-    chunk_hi = tl.minimum(chunk_lo + chunk, k_len)
-    if CAUSAL:
-        # Bottom-right alignment: token i sees key j iff j <= i + k_len - q_len.
-        shift = k_len - q_len + 1
-        first_token = (row_block * BLOCK_M) // group
-        last_token = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
-        common_hi = tl.minimum(chunk_hi, first_token + shift)
-        block_hi = tl.minimum(chunk_hi, last_token + shift)
-        row_key_end = tl.minimum(chunk_hi, token + shift)
+        # 64-bit token offsets (a long KV cache times its token stride can pass 2**31);
+        # tl.cast also takes the prefix pass's literal 0.
+        k_base = K + tl.cast(k_start, tl.int64) * stride_kt + kv_head * stride_kh
+        v_base = V + tl.cast(k_start, tl.int64) * stride_vt + kv_head * stride_vh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        acc, l_i, m_i = _attend_key_range(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+            chunk_lo, unmasked_hi, row_key_end, qk_scale,
+            False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+        acc, l_i, m_i = _attend_key_range(
+            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
+            unmasked_hi, block_hi, row_key_end, qk_scale,
+            True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+
+        # Rows that saw no visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing
+        # by 1 instead stores out = 0 and lse = -inf for them.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = (m_i + tl.log2(l_safe)) * _LN2
+
+        state_offset = tl.cast(state, tl.int64)
+        o_ptrs = Out + state_offset * stride_os + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
+        o_ptrs += offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
+        lse_ptrs = Lse + state_offset * stride_ls + head.to(tl.int64) * stride_lh + q_start + token
+        tl.store(lse_ptrs, lse, mask=row_valid)
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    seqused_k,
+    PrefixK,
+    PrefixV,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_pkt,
+    stride_pkh,
+    stride_pvt,
+    stride_pvh,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lh,
+    batch,
+    heads_kv,
+    group,
+    num_row_blocks,
+    num_splits,
+    total_q,
+    prefix_len,
+    prefix_row_blocks,
+    prefix_splits,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_SEQUSED_K: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PREFIX_BLOCK_M: tl.constexpr,
+    PREFIX_BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    # One flat grid axis (limit 2**31 - 1; axes 1 and 2 stop at 65535, which long
+    # prefills and large decode batches exceed). With HAS_PREFIX its first programs are
+    # the cascade's prefix pass: every query of the batch, as one sequence, against the
+    # shared PrefixK/PrefixV, non-causal, writing states [0, prefix_splits); the rest are
+    # the per-sequence pass writing the states after them. One launch serves both passes.
+    # Row blocks that read the same keys are adjacent so they reuse K/V in L2, and run
+    # last-to-first so the longest causal blocks start first.
+    pid = tl.program_id(0)
+    prefix_programs = prefix_row_blocks * heads_kv * prefix_splits
+    if pid < prefix_programs:
+        if HAS_PREFIX:
+            row_block = prefix_row_blocks - 1 - pid % prefix_row_blocks
+            split = (pid // prefix_row_blocks) % prefix_splits
+            kv_head = pid // (prefix_row_blocks * prefix_splits)
+            _attend_rows(
+                Q, PrefixK, PrefixV, Out, Lse, 0, total_q, 0, prefix_len, kv_head, row_block, split, prefix_splits,
+                split, group, stride_qt, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
+                stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
+                False, HEAD_DIM, HEAD_DIM_PAD, PREFIX_BLOCK_M, PREFIX_BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
     else:
-        common_hi = chunk_hi
-        block_hi = chunk_hi
-        row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
-    # Whole key blocks that every row of the block sees skip the per-element mask.
-    unmasked_hi = chunk_lo + tl.maximum(common_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
-
-    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-        chunk_lo, unmasked_hi, row_key_end, qk_scale,
-        False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-    )  # fmt: skip
-    acc, l_i, m_i = _attend_key_range(
-        acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-        unmasked_hi, block_hi, row_key_end, qk_scale,
-        True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-    )  # fmt: skip
-
-    # Rows that saw no visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing
-    # by 1 instead stores out = 0 and lse = -inf for them.
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = (m_i + tl.log2(l_safe)) * _LN2
-
-    split_offset = split.to(tl.int64)
-    o_ptrs = (
-        Out
-        + split_offset * stride_os
-        + (q_start + token).to(tl.int64)[:, None] * stride_ot
-        + head[:, None] * stride_oh
-        + offs_d[None, :]
-    )
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
-    lse_ptrs = Lse + split_offset * stride_ls + head.to(tl.int64) * stride_lh + q_start + token
-    tl.store(lse_ptrs, lse, mask=row_valid)
+        pid -= prefix_programs
+        row_block = num_row_blocks - 1 - pid % num_row_blocks
+        seq_head = (pid // num_row_blocks) % (batch * heads_kv)
+        split = pid // (num_row_blocks * batch * heads_kv)
+        seq = seq_head // heads_kv
+        kv_head = seq_head % heads_kv
+        q_start = tl.load(cu_seqlens_q + seq)
+        k_start = tl.load(cu_seqlens_k + seq)
+        if HAS_SEQUSED_K:
+            k_len = tl.load(seqused_k + seq)
+        else:
+            k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+        _attend_rows(
+            Q, K, V, Out, Lse, q_start, tl.load(cu_seqlens_q + seq + 1) - q_start,
+            k_start, k_len, kv_head, row_block, split, num_splits,
+            prefix_splits + split, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
+            CAUSAL, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
 
 
 def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_per_seq: int, keys_per_split: int):
@@ -271,6 +348,8 @@ def triton_attention_with_lse(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward returning ``(out, lse)``; see ``reference_attention_with_lse``.
 
@@ -286,17 +365,24 @@ def triton_attention_with_lse(
         num_splits: number of contiguous key chunks of ``ceil(Lk / num_splits)`` keys
             each sequence is cut into.
         out, lse: optional result buffers for the (split) states
-            (``[num_splits, total_q, heads_q, head_dim]`` float32 or q's dtype, any leading strides,
-            contiguous last dim; ``[num_splits, heads_q, total_q]`` float32 with
-            contiguous tokens), e.g. slices of one buffer that gathers the states of
-            several passes for a single merge.
+            (``[states, total_q, heads_q, head_dim]`` float32 or q's dtype, any leading strides,
+            contiguous last dim; ``[states, heads_q, total_q]`` float32 with
+            contiguous tokens).
+        prefix: ``(prefix_k, prefix_v, prefix_splits)``, the cascade's shared prefix
+            KV ``[prefix_len, heads_kv, head_dim]`` (strided like k, v). The same launch
+            then also runs every query of the batch against the whole prefix
+            (non-causal, in ``prefix_splits`` key chunks) into states
+            ``0 .. prefix_splits - 1``; the per-sequence states follow them.
+        seqused_k: optional int32 ``[batch]``: sequence ``i`` uses only its first
+            ``seqused_k[i]`` keys from ``cu_seqlens_k[i]`` on (a cache with room to grow).
 
     Returns:
-        With ``num_splits == 1``: ``out [total_q, heads_q, head_dim]`` in q.dtype and
-        ``lse [heads_q, total_q]`` float32 (natural log). Otherwise the per-chunk
-        states ``out [num_splits, total_q, heads_q, head_dim]`` float32 and ``lse
-        [num_splits, heads_q, total_q]`` float32. Rows that see no key (in the whole
-        sequence, or in that chunk) get out 0 and lse ``-inf``.
+        With ``num_splits == 1`` and no prefix: ``out [total_q, heads_q, head_dim]`` in
+        q.dtype and ``lse [heads_q, total_q]`` float32 (natural log). Otherwise all
+        partial states: ``out [states, total_q, heads_q, head_dim]`` float32 and ``lse
+        [states, heads_q, total_q]`` float32, ``states = prefix_splits + num_splits``.
+        Rows that see no key (in the whole sequence, or in that chunk) get out 0 and
+        lse ``-inf``.
     """
     if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
         raise ValueError(f"expected q [tokens, heads, head_dim] and k, v alike, got {q.shape}, {k.shape}, {v.shape}")
@@ -312,43 +398,69 @@ def triton_attention_with_lse(
         raise ValueError("q, k, v need a contiguous last dimension")
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32:
         raise TypeError("cu_seqlens_q and cu_seqlens_k must be int32")
+    batch = cu_seqlens_q.shape[0] - 1
+    if seqused_k is not None and (seqused_k.dtype != torch.int32 or tuple(seqused_k.shape) != (batch,)):
+        raise TypeError("seqused_k must be int32 [batch]")
     if not 1 <= num_splits <= 65535:
         raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
+    prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
+    if prefix is not None:
+        if prefix_k.shape[1:] != k.shape[1:] or prefix_v.shape != prefix_k.shape or prefix_k.dtype != q.dtype:
+            raise ValueError(f"prefix k, v must be [prefix_len, {heads_kv}, {head_dim}] {q.dtype}")
+        if prefix_k.stride(-1) != 1 or prefix_v.stride(-1) != 1 or prefix_v.dtype != q.dtype:
+            raise ValueError("prefix k, v need q's dtype and a contiguous last dimension")
+        if not 1 <= prefix_splits <= 65535:
+            raise ValueError(f"prefix_splits must be in [1, 65535], got {prefix_splits}")
 
-    batch = cu_seqlens_q.shape[0] - 1
+    num_states = prefix_splits + num_splits
     group = heads_q // heads_kv
-    split_mode = num_splits > 1
+    states_mode = num_states > 1
     # Partial states stay fp32: they are rescaled and summed by the merge, and rounding
     # each one to 16 bits first would add error the unsplit kernel does not have.
-    out_dtype = out.dtype if out is not None else (torch.float32 if split_mode else q.dtype)
+    out_dtype = out.dtype if out is not None else (torch.float32 if states_mode else q.dtype)
     if out is None:
-        out = torch.empty((num_splits, total_q, heads_q, head_dim), dtype=out_dtype, device=q.device)
+        out = torch.empty((num_states, total_q, heads_q, head_dim), dtype=out_dtype, device=q.device)
     if lse is None:
-        lse = torch.empty((num_splits, heads_q, total_q), dtype=torch.float32, device=q.device)
-    if out.shape != (num_splits, total_q, heads_q, head_dim) or out_dtype not in (torch.float32, q.dtype):
-        raise ValueError(f"out must be [{num_splits}, {total_q}, {heads_q}, {head_dim}], float32 or q's dtype")
+        lse = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
+    if out.shape != (num_states, total_q, heads_q, head_dim) or out_dtype not in (torch.float32, q.dtype):
+        raise ValueError(f"out must be [{num_states}, {total_q}, {heads_q}, {head_dim}], float32 or q's dtype")
     if out.stride(-1) != 1:
         raise ValueError("out must have a contiguous last dim")
-    if lse.shape != (num_splits, heads_q, total_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
-        raise ValueError(f"lse must be [{num_splits}, {heads_q}, {total_q}] float32 with contiguous tokens")
+    if lse.shape != (num_states, heads_q, total_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
+        raise ValueError(f"lse must be [{num_states}, {heads_q}, {total_q}] float32 with contiguous tokens")
 
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     rows_per_seq = max_seqlen_q * group
-    keys_per_split = triton.cdiv(max_seqlen_k, num_splits)
-    block_m, block_n, num_warps, num_stages = _launch_config(head_dim_pad, q.dtype, rows_per_seq, keys_per_split)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        head_dim_pad, q.dtype, rows_per_seq, triton.cdiv(max_seqlen_k, num_splits)
+    )
     num_row_blocks = triton.cdiv(rows_per_seq, block_m)
-    grid = (num_row_blocks * batch * heads_kv, num_splits)
+    prefix_len = prefix_k.shape[0]
+    prefix_block_m, prefix_block_n, prefix_row_blocks = block_m, block_n, 0
+    if prefix is not None:
+        prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = _launch_config(
+            head_dim_pad, q.dtype, total_q * group, triton.cdiv(prefix_len, prefix_splits)
+        )
+        # One launch has one warp count and pipeline depth: enough warps for the larger
+        # tile, and the shallower pipeline so both tiles fit in shared memory.
+        num_warps, num_stages = max(num_warps, prefix_warps), min(num_stages, prefix_stages)
+        prefix_row_blocks = triton.cdiv(total_q * group, prefix_block_m)
+    programs = prefix_row_blocks * heads_kv * prefix_splits + num_row_blocks * batch * heads_kv * num_splits
 
-    if grid[0] > 0 and total_q > 0:
+    if programs > 0 and total_q > 0:
         # Triton launches on the current CUDA device, which need not be q's.
         with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            _attention_fwd_kernel[grid](
+            _attention_fwd_kernel[(programs,)](
                 q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                cu_seqlens_k if seqused_k is None else seqused_k, prefix_k, prefix_v,
                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1),
                 out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                heads_kv, group, num_row_blocks, num_splits, softmax_scale * _LOG2E,
-                CAUSAL=causal, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-                BLOCK_M=block_m, BLOCK_N=block_n,
+                batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
+                prefix_splits, softmax_scale * _LOG2E,
+                CAUSAL=causal, HAS_SEQUSED_K=seqused_k is not None, HAS_PREFIX=prefix is not None,
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+                BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_M=prefix_block_m, PREFIX_BLOCK_N=prefix_block_n,
                 # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
                 # mantissa) do not give; the setting is ignored for 16-bit inputs.
                 INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -356,6 +468,6 @@ def triton_attention_with_lse(
                 num_warps=num_warps, num_stages=num_stages,
             )  # fmt: skip
 
-    if split_mode:
+    if states_mode:
         return out, lse
     return out[0], lse[0]

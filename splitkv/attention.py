@@ -47,7 +47,7 @@ except ImportError:  # torch older than the public varlen API
     _VARLEN_PARAMS = frozenset()
 
 
-def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Limits shared by flash-attn 2 and the copy of it bundled with PyTorch."""
     if not q.is_cuda:
         return f"tensors are on {q.device.type}, flash attention needs CUDA tensors"
@@ -65,19 +65,21 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
     return None
 
 
-def _flash_attn_why_not(q, k, v, causal) -> str | None:
+def _flash_attn_why_not(q, k, v, causal, seqused_k) -> str | None:
     if not _FLASH_ATTN_INSTALLED:
         return "the flash-attn package is not installed (pip install 'splitkv[flash]')"
-    return _flash_why_not(q, k, v, causal)
+    if seqused_k is not None:
+        return "flash-attn 2's flash_attn_varlen_func takes no seqused_k"
+    return _flash_why_not(q, k, v)
 
 
-def _torch_flash_why_not(q, k, v, causal) -> str | None:
+def _torch_flash_why_not(q, k, v, causal, seqused_k) -> str | None:
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return f"torch {torch.__version__} has no bundled varlen flash attention"
-    return _flash_why_not(q, k, v, causal)
+    return _flash_why_not(q, k, v)
 
 
-def _triton_why_not(q, k, v, causal) -> str | None:
+def _triton_why_not(q, k, v, causal, seqused_k) -> str | None:
     if TRITON_IMPORT_ERROR:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
@@ -87,11 +89,11 @@ def _triton_why_not(q, k, v, causal) -> str | None:
     return f"tensors are on {q.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
 
 
-def _triton_why_not_auto(q, k, v, causal) -> str | None:
+def _triton_why_not_auto(q, k, v, causal, seqused_k) -> str | None:
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
 
-def _no_reason(q, k, v, causal) -> str | None:
+def _no_reason(q, k, v, causal, seqused_k) -> str | None:
     return None
 
 
@@ -106,7 +108,8 @@ def _unpad_lse(lse: torch.Tensor, cu_seqlens_q: torch.Tensor, total_q: int) -> t
     return lse[batch, :, tokens - cu_seqlens_q[batch]].t().contiguous()
 
 
-def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                    seqused_k):  # fmt: skip
     from flash_attn import flash_attn_varlen_func
 
     out, lse, _ = flash_attn_varlen_func(
@@ -118,11 +121,15 @@ def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     return out, _empty_rows_to_neg_inf(lse)
 
 
-def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float) -> dict | None:
+def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float, seqused_k) -> dict | None:
     """Keyword arguments for this torch's ``varlen_attn``, or None if it cannot express the call."""
     if varlen_attn is None or not {"return_aux", "scale"} <= _VARLEN_PARAMS:
         return None
     kwargs = {"return_aux": AuxRequest(lse=True), "scale": softmax_scale}
+    if seqused_k is not None:
+        if "seqused_k" not in _VARLEN_PARAMS:
+            return None
+        kwargs["seqused_k"] = seqused_k
     if heads_q != heads_kv:
         if "enable_gqa" not in _VARLEN_PARAMS:
             return None
@@ -137,23 +144,25 @@ def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale
     return kwargs
 
 
-def _run_torch_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
-    kwargs = _varlen_attn_kwargs(q.shape[1], k.shape[1], causal, softmax_scale)
+def _run_torch_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                     seqused_k):  # fmt: skip
+    kwargs = _varlen_attn_kwargs(q.shape[1], k.shape[1], causal, softmax_scale, seqused_k)
     if kwargs is not None:
         out, lse = varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
     else:
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal, False, scale=softmax_scale
-        )
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal, False,
+            scale=softmax_scale, seqused_k=seqused_k,
+        )  # fmt: skip
     return out, _empty_rows_to_neg_inf(lse)
 
 
-def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                seqused_k):  # fmt: skip
     from ._attention_triton import triton_attention_with_lse
 
-    return triton_attention_with_lse(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale
-    )
+    return triton_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale, seqused_k=seqused_k)  # fmt: skip
 
 
 #: The partial-attention backends in order of preference.
@@ -168,7 +177,8 @@ ATTENTION_BACKENDS = BackendRegistry(
 )
 
 
-def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max_seqlen: int, max_name: str):
+def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max_seqlen: int, max_name: str,
+                    check_max: bool = True):  # fmt: skip
     expect_tensor(name, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must be [batch + 1] (1 dim, at least one entry), got shape {tuple(cu_seqlens.shape)}")
@@ -183,11 +193,30 @@ def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max
         lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         if bounds[0] != 0 or bounds[-1] != total or any(n < 0 for n in lengths):
             raise ValueError(f"{name} must rise from 0 to {total} (the packed token count), got {bounds}")
-        if lengths and max(lengths) > max_seqlen:
+        if check_max and lengths and max(lengths) > max_seqlen:
             raise ValueError(f"{max_name} = {max_seqlen} is below the longest sequence ({max(lengths)})")
 
 
-def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale) -> float:
+def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> None:
+    expect_tensor("seqused_k", seqused_k)
+    batch = cu_seqlens_k.shape[0] - 1
+    if tuple(seqused_k.shape) != (batch,):
+        raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
+    if seqused_k.dtype != torch.int32:
+        raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
+    if seqused_k.device != cu_seqlens_k.device:
+        raise ValueError(f"seqused_k must be on {cu_seqlens_k.device} like cu_seqlens_k, got {seqused_k.device}")
+    if seqused_k.device.type == "cpu":
+        used = seqused_k.tolist()
+        room = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
+        if any(not 0 <= u <= r for u, r in zip(used, room)):
+            raise ValueError(f"seqused_k must lie in [0, cu_seqlens_k[i + 1] - cu_seqlens_k[i]] = {room}, got {used}")
+        if used and max(used) > max_seqlen_k:
+            raise ValueError(f"max_seqlen_k = {max_seqlen_k} is below the longest used sequence ({max(used)})")
+
+
+def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                           seqused_k=None) -> float:  # fmt: skip
     """Validates the varlen attention arguments; returns the softmax scale to use."""
     expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
     expect_float_dtype("q", q)
@@ -201,12 +230,15 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     expect_like("k", k, k.shape, q.dtype, q.device, "[total_k, heads_kv, head_dim]", contiguous_last=True)
     expect_like("v", v, k.shape, q.dtype, q.device, "[total_k, heads_kv, head_dim] like k", contiguous_last=True)
     _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, "max_seqlen_q")
-    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, total_k, max_seqlen_k, "max_seqlen_k")
+    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, total_k, max_seqlen_k, "max_seqlen_k",
+                    check_max=seqused_k is None)  # fmt: skip
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(
             f"cu_seqlens_k must have one entry per cu_seqlens_q entry ({cu_seqlens_q.shape[0]}), "
             f"got {cu_seqlens_k.shape[0]}"
         )
+    if seqused_k is not None:
+        _expect_seqused_k(seqused_k, cu_seqlens_k, max_seqlen_k)
     if softmax_scale is None:
         return head_dim**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
@@ -225,6 +257,7 @@ def attention_with_lse(
     *,
     causal: bool = False,
     softmax_scale: float | None = None,
+    seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward that also returns the LSE of every query row.
@@ -235,9 +268,16 @@ def attention_with_lse(
         k, v: ``[total_k, heads_kv, head_dim]``, q's dtype and device;
             ``heads_q % heads_kv == 0``.
         cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` cumulative lengths, on q's device.
-        max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence
+            (with ``seqused_k``: the longest used key count).
         causal: bottom-right aligned causal mask (see the module docstring).
         softmax_scale: multiplier of ``q @ k^T``; default ``head_dim ** -0.5``.
+        seqused_k: optional int32 ``[batch]`` on q's device: sequence ``i`` uses only
+            the first ``seqused_k[i]`` keys of its ``cu_seqlens_k`` segment, as
+            flash-attn's argument of that name. A KV cache with room to grow (each
+            request owns ``capacity`` slots, ``cu_seqlens_k = arange(batch + 1) *
+            capacity``) is then read in place, with no gather into a packed copy.
+            Causal alignment is to the used keys. Not taken by the flash-attn 2 package.
         backend: ``"auto"`` (first that can run: ``flash_attn``, ``torch``, then
             Triton on CUDA tensors, else ``reference``), or one of those names. See
             :func:`explain_attention`.
@@ -252,9 +292,10 @@ def attention_with_lse(
         >>> out2, lse2 = splitkv.attention_with_lse(q, k2, v2, cu_q, cu_k2, max_q, max_k2)
         >>> merged, merged_lse = splitkv.merge_attn_states(out, lse, out2, lse2)
     """
-    scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal)
-    return impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                   seqused_k)  # fmt: skip
+    impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k)
+    return impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
 
 
 def explain_attention(
@@ -267,8 +308,9 @@ def explain_attention(
     max_seqlen_k: int,
     *,
     causal: bool = False,
+    seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> str:
     """Which backend :func:`attention_with_lse` would take for these inputs, and why not the others."""
-    check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None)
-    return ATTENTION_BACKENDS.explain(backend, q, k, v, causal)
+    check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
+    return ATTENTION_BACKENDS.explain(backend, q, k, v, causal, seqused_k)

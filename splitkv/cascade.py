@@ -21,6 +21,7 @@ plain path itself when the model predicts it faster.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,16 @@ import torch
 from ._checks import expect_like, expect_rank
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_attn_states, merge_states
-from .split_kv import choose_num_splits, triton_can_run
+from .split_kv import (
+    _MAX_SPLITS,
+    _MIN_KEYS_PER_SPLIT,
+    _ROWS_PER_PROGRAM,
+    _multiprocessors,
+    choose_num_splits,
+    triton_can_run,
+)
 
-__all__ = ["CascadeEstimate", "cascade_attention", "estimate_cascade", "use_cascade"]
+__all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_cascade", "use_cascade"]
 
 # Constants of the cost model, measured on the H100 machine of benchmarks/results:
 # copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
@@ -73,8 +81,9 @@ def estimate_cascade(
     # two per pass) for the merge.
     partial = 2 * 4 * total_query_len * heads_q * (head_dim + 1) * 4
     cascade_bytes = (prefix_len + total_suffix_len) * kv_token + partial + out_bytes
-    cascade_gpu = max(cascade_bytes / _BYTES_PER_US, flops_us) + 3 * _KERNEL_US
-    cascade_us = max(cascade_gpu, 2 * _TRITON_HOST_US + 4 * _TORCH_OP_HOST_US)
+    cascade_gpu = max(cascade_bytes / _BYTES_PER_US, flops_us) + 2 * _KERNEL_US
+    # One Triton launch runs both passes; then two allocations and the merge.
+    cascade_us = max(cascade_gpu, _TRITON_HOST_US + 3 * _TORCH_OP_HOST_US)
     plain_bytes = (num_sequences * prefix_len + total_suffix_len) * kv_token + out_bytes
     plain_us = max(max(plain_bytes / _BYTES_PER_US, flops_us) + _KERNEL_US, 2 * _TORCH_OP_HOST_US)
     built = (num_sequences * prefix_len + total_suffix_len) * kv_token
@@ -237,45 +246,65 @@ def _single_sequence_bounds(total: int, like: torch.Tensor) -> torch.Tensor:
     return torch.arange(2, device=like.device, dtype=torch.int32) * total
 
 
+def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: int, total_q: int, max_seqlen_q: int,
+                   max_seqlen_k: int, prefix_len: int, device: torch.device) -> tuple[int, int]:  # fmt: skip
+    """``(prefix_splits, suffix_splits)``: key chunks of the shared prefix and of each suffix.
+
+    The suffix count is split-KV's (:func:`~splitkv.split_kv.choose_num_splits`). The
+    prefix pass runs in the same launch, so its programs share the GPU with the
+    suffix programs: the prefix gets enough chunks that both passes together fill
+    about two waves, and otherwise chunks about as long as a suffix program's keys
+    (so no prefix program is left running alone at the end), but only as many as
+    keep the float32 partial states they write (and the merge reads) within twice
+    the prefix KV's bytes; large batches would otherwise spend more on states than
+    the prefix costs.
+    """
+    group = heads_q // heads_kv
+    suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, device)
+    if device.type != "cuda" or prefix_len <= _MIN_KEYS_PER_SPLIT:
+        return 1, suffix_splits
+    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
+    prefix_tiles = heads_kv * math.ceil(total_q * group / _ROWS_PER_PROGRAM)
+    fill = math.ceil(max(0, 2 * sms - suffix_programs) / prefix_tiles)
+    balance = math.ceil(prefix_len / max(_MIN_KEYS_PER_SPLIT, math.ceil(max_seqlen_k / suffix_splits)))
+    # Per chunk: one [total_q, heads_q, head_dim + 1] float32 state written and read
+    # back; the prefix KV is 2 x prefix_len x heads_kv x head_dim 16-bit elements.
+    state_cap = (2 * prefix_len * heads_kv * head_dim * 2 * 2) // (total_q * heads_q * (head_dim + 1) * 4 * 2)
+    wanted = max(fill, min(balance, state_cap))
+    return max(1, min(wanted, _MAX_SPLITS, prefix_len // _MIN_KEYS_PER_SPLIT)), suffix_splits
+
+
 def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
-                   max_seqlen_q, max_seqlen_k, scale, return_lse):  # fmt: skip
+                   max_seqlen_q, max_seqlen_k, scale, return_lse, prefix_splits=None):  # fmt: skip
     """The split cascade as named stages, run in order by ``cascade_attention`` (and timed
-    one by one by the benchmark): both passes in the Triton kernel, writing float32
-    partial states side by side into one buffer, then a single N-way merge into q's dtype.
-    The last stage returns ``(out, lse or None)``."""
+    one by one by the benchmark): ``"passes"``, one Triton launch that runs the prefix
+    pass and the suffix pass together, writing float32 partial states side by side into
+    one buffer, then ``"merge"``, a single N-way merge into q's dtype, which returns
+    ``(out, lse or None)``. ``prefix_splits`` overrides :func:`cascade_splits`' count
+    (the benchmark's sweep)."""
     from ._attention_triton import triton_attention_with_lse
 
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
-    group = heads_q // heads_kv
     num_sequences = cu_seqlens_q.shape[0] - 1
-    prefix_len = prefix_k.shape[0]
-    # All queries form one "sequence" against the prefix: its rows are every query token
-    # times the group's query heads, so each prefix tile serves the whole batch.
-    prefix_splits = choose_num_splits(1, heads_kv, total_q * group, prefix_len, q.device) if prefix_len else 0
-    suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, q.device)
+    chosen, suffix_splits = cascade_splits(num_sequences, heads_q, heads_kv, head_dim, total_q, max_seqlen_q,
+                                           max_seqlen_k, prefix_k.shape[0], q.device)  # fmt: skip
+    prefix_splits = prefix_splits or chosen
     num_states = prefix_splits + suffix_splits
     states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32)
     lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
-    bounds_q, bounds_prefix = _single_sequence_bounds(total_q, q), _single_sequence_bounds(prefix_len, q)
 
-    def prefix_pass():
-        triton_attention_with_lse(
-            q, prefix_k, prefix_v, bounds_q, bounds_prefix, total_q, prefix_len, False, scale,
-            num_splits=prefix_splits, out=states[:prefix_splits], lse=lses[:prefix_splits],
-        )  # fmt: skip
-
-    def suffix_pass():
+    def passes():
         triton_attention_with_lse(
             q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
-            num_splits=suffix_splits, out=states[prefix_splits:], lse=lses[prefix_splits:],
+            num_splits=suffix_splits, out=states, lse=lses, prefix=(prefix_k, prefix_v, prefix_splits),
         )  # fmt: skip
 
     def merge():
         return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)
 
-    stages = [("prefix", prefix_pass)] if prefix_splits else []
-    return stages + [("suffix", suffix_pass), ("merge", merge)]
+    return [("passes", passes), ("merge", merge)]
 
 
 def _cascade_split(*args):
@@ -299,4 +328,3 @@ def _cascade_two_passes(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v,
                                                 softmax_scale=scale)  # fmt: skip
     return merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, return_lse=return_lse,
                              output=prefix_out, output_lse=prefix_lse if return_lse else None)  # fmt: skip
-

@@ -59,6 +59,50 @@ def test_matches_reference(backend, dtype, heads_q, heads_kv, head_dim, causal, 
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("backend", [b for b in backends() if getattr(b, "values", [b])[0] != "flash_attn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_seqused_k_reads_a_cache_in_place(backend, dtype, causal, generator):
+    """Each sequence owns ``capacity`` cache slots and uses the first seqused_k[i]; the
+    unused slots hold NaN, so reading one would show. Equal to attention over the
+    packed used keys."""
+    if backend == "torch" and dtype == torch.float32:
+        pytest.skip("flash attention takes float16/bfloat16 only")
+    capacity, heads_q, heads_kv, head_dim = 40, 8, 2, 64
+    lens_q, used = [1, 3, 0, 5, 2], [17, 40, 6, 5, 0]
+    cache_k = torch.full((len(used) * capacity, heads_kv, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    cache_v = cache_k.clone()
+    packed_k = random_tokens(sum(used), heads_kv, head_dim, dtype, DEVICE, generator)
+    packed_v = random_tokens(sum(used), heads_kv, head_dim, dtype, DEVICE, generator)
+    rows = torch.cat([torch.arange(i * capacity, i * capacity + n) for i, n in enumerate(used)]).to(DEVICE)
+    cache_k[rows], cache_v[rows] = packed_k, packed_v
+    q = random_tokens(sum(lens_q), heads_q, head_dim, dtype, DEVICE, generator)
+    cu_q = cu_seqlens(lens_q, DEVICE)
+    cu_cache = cu_seqlens([capacity] * len(used), DEVICE)
+    seqused_k = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+    out, lse = splitkv.attention_with_lse(q, cache_k, cache_v, cu_q, cu_cache, max(lens_q), max(used), causal=causal,
+                                          seqused_k=seqused_k, backend=backend)  # fmt: skip
+    ref_out, ref_lse = reference64(q, packed_k, packed_v, cu_q, cu_seqlens(used, DEVICE), max(lens_q), max(used),
+                                   causal, head_dim**-0.5)  # fmt: skip
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_seqused_k_checks():
+    q, kv = torch.randn(2, 2, 16), torch.randn(8, 2, 16)
+    cu_q, cu_k = cu_seqlens([1, 1], "cpu"), cu_seqlens([4, 4], "cpu")
+    with pytest.raises(ValueError, match="seqused_k must lie in"):
+        splitkv.attention_with_lse(q, kv, kv, cu_q, cu_k, 1, 5, seqused_k=torch.tensor([5, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seqlen_k = 2 is below the longest used sequence"):
+        splitkv.attention_with_lse(q, kv, kv, cu_q, cu_k, 1, 2, seqused_k=torch.tensor([3, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="seqused_k must have dtype torch.int32"):
+        splitkv.attention_with_lse(q, kv, kv, cu_q, cu_k, 1, 4, seqused_k=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match="seqused_k must be \\[batch\\] = \\[2\\]"):
+        splitkv.attention_with_lse(q, kv, kv, cu_q, cu_k, 1, 4, seqused_k=torch.tensor([3], dtype=torch.int32))
+    # A max_seqlen_k below the segment length is fine when seqused_k says fewer keys are used.
+    out, _ = splitkv.attention_with_lse(q, kv, kv, cu_q, cu_k, 1, 3, seqused_k=torch.tensor([3, 1], dtype=torch.int32))
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_custom_scale_and_strided_inputs(backend, generator):
     dtype = torch.float16

@@ -87,6 +87,48 @@ def test_cascade_without_triton_uses_two_passes(dtype, rng, monkeypatch):
     torch.testing.assert_close(out.double(), ref_out, atol=1.6e-2, rtol=1.6e-2)
 
 
+@pytest.mark.skipif(not cascade_module.triton_can_run(torch.empty(1, 1, 64, device=DEVICE)),
+                    reason="the one-launch cascade needs the Triton kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prefix_len, prefix_splits", [(70, 1), (70, 3), (70, 8), (5, 7)])
+def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits, rng):
+    """Both passes in one launch, the prefix cut into chunks (some empty when there are
+    more chunks than keys), merged N-way: still full attention over [prefix ; suffix_i]."""
+    batch = _shared_prefix_batch(rng, 5, prefix_len, 30, False, 8, 2, 64, dtype)
+    q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
+    stages = cascade_module.cascade_stages(
+        q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens(lens_k, DEVICE),
+        max(lens_q), max(lens_k), q.shape[-1] ** -0.5, True, prefix_splits=prefix_splits,
+    )  # fmt: skip
+    assert [name for name, _ in stages] == ["passes", "merge"]
+    stages[0][1]()
+    out, lse = stages[1][1]()
+    ref_out, ref_lse = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+def test_cascade_split_counts(monkeypatch):
+    """On a 132-multiprocessor GPU: decode batches get prefix chunks that fill the GPU
+    alongside the suffix programs, and never more partial-state bytes than twice the prefix KV."""
+    from splitkv import split_kv
+
+    for module in (cascade_module, split_kv):
+        monkeypatch.setattr(module, "_multiprocessors", lambda index: 132)
+    gpu = torch.device("cuda", 0)
+    heads_q, heads_kv, head_dim = 32, 8, 128
+    for batch, prefix_len, suffix_len in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024), (1, 32768, 1),
+                                          (256, 4096, 1), (4, 600, 10)]:  # fmt: skip
+        prefix_splits, suffix_splits = cascade_module.cascade_splits(
+            batch, heads_q, heads_kv, head_dim, batch, 1, suffix_len, prefix_len, gpu
+        )
+        assert 1 <= prefix_splits <= min(128, max(1, prefix_len // 256)) and suffix_splits >= 1
+        state_bytes = prefix_splits * batch * heads_q * (head_dim + 1) * 4 * 2
+        assert prefix_splits == 1 or state_bytes <= 2 * 2 * prefix_len * heads_kv * head_dim * 2 or batch * 8 < 264
+    assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 512, 8192, gpu) == (16, 1)
+    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 32768, gpu)[0] == 128
+    assert cascade_module.cascade_splits(3, heads_q, heads_kv, head_dim, 3, 1, 100, 8192, torch.device("cpu")) == (1, 1)
+
+
 def test_cascade_rejects_queries_before_the_prefix_end():
     q = torch.randn(3, 2, 64)
     kv = torch.randn(1, 2, 64)

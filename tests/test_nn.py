@@ -87,6 +87,15 @@ def test_attention_outputs_match_layer_by_layer(model):
     assert set(seen["shared"]) == {(p, layer) for p in ["prefix", "prefill"] + phases for layer in range(2)}
 
 
+def test_usual_prefill_in_groups_gives_the_same_tokens(model):
+    """The usual way prefills a group of requests per forward when a budget is set: same result."""
+    prompt, suffixes = demo.make_requests(TINY, 10, [4, 0, 7, 2], seed=3)
+    whole = demo.generate_usual(model, prompt, suffixes, 4, keep_logits=True)
+    grouped = demo.generate_usual(model, prompt, suffixes, 4, keep_logits=True, prefill_tokens=15)
+    assert torch.equal(whole.tokens, grouped.tokens)
+    torch.testing.assert_close(whole.logits, grouped.logits)
+
+
 def test_cache_grows_past_its_capacity(model):
     prompt, suffixes = demo.make_requests(TINY, 8, [3, 0, 5], seed=5)
     usual = demo.generate_usual(model, prompt, suffixes, 5)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 import splitkv
-from splitkv.cascade import cascade_stages
+from splitkv.cascade import cascade_splits, cascade_stages
 
-from .common import environment, markdown_table, median_ms, text_table, write_outputs
+from .common import environment, graph_replay_us, markdown_table, median_ms, text_table, write_outputs
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 HEADLINE = [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]  # (sequences, prefix, suffix)
@@ -66,12 +66,37 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     for name, stage in cascade_stages(*cascade_args, 1, suffix_len, scale, False):
         row[f"{name}_ms"] = median_ms(stage)
     row["speedup"] = row["full_ms"] / row["cascade_ms"]
+    # Replayed from a CUDA graph, as a serving loop runs its decode step, launch costs
+    # vanish and what is left is GPU time (inputs partly hot in L2 across replays).
+    row["full_graph_us"] = graph_replay_us(lambda: splitkv.attention_with_lse(*full_args, causal=True))
+    row["cascade_graph_us"] = graph_replay_us(lambda: splitkv.cascade_attention(*cascade_args, **lengths))
+    row["graph_speedup"] = row["full_graph_us"] / row["cascade_graph_us"]
 
     got = splitkv.cascade_attention(*cascade_args, **lengths)
     want, _ = splitkv.attention_with_lse(*full_args, causal=True)
     row["max_diff"] = (got.float() - want.float()).abs().max().item()
     del full_k, full_v
     return row
+
+
+def sweep_prefix_splits(num_sequences: int, prefix_len: int, suffix_len: int) -> list[dict]:
+    """GPU time of the two cascade stages for prefix split counts around the chosen one."""
+    dtype, device = torch.bfloat16, "cuda"
+    q = torch.randn(num_sequences, HEADS_Q, HEAD_DIM, device=device, dtype=dtype)
+    prefix_k, prefix_v = (torch.randn(prefix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
+    suffix_k, suffix_v = (torch.randn(num_sequences * suffix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype)
+                          for _ in range(2))  # fmt: skip
+    cu_q = torch.arange(num_sequences + 1, device=device, dtype=torch.int32)
+    args = (q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_q * suffix_len, 1, suffix_len, HEAD_DIM**-0.5, False)
+    chosen, suffix_splits = cascade_splits(num_sequences, HEADS_Q, HEADS_KV, HEAD_DIM, num_sequences, 1, suffix_len,
+                                           prefix_len, q.device)  # fmt: skip
+    rows = []
+    for splits in sorted({max(1, chosen // 4), max(1, chosen // 2), chosen, 2 * chosen, 4 * chosen}):
+        times = {name: median_ms(stage) * 1e3 for name, stage in cascade_stages(*args, prefix_splits=splits)}
+        rows.append({"sequences": num_sequences, "prefix": prefix_len, "suffix": suffix_len, "prefix_splits": splits,
+                     "chosen": splits == chosen, "suffix_splits": suffix_splits,
+                     **{f"{name}_us": us for name, us in times.items()}})  # fmt: skip
+    return rows
 
 
 def plot(rows: list[dict], env: dict, path: Path) -> None:
@@ -108,6 +133,13 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("the cascade benchmark needs a CUDA device")
     env = environment()
+    sweep = [r for case in HEADLINE for r in sweep_prefix_splits(*case)]
+    sweep_header = ["sequences", "prefix", "suffix", "prefix splits", "suffix splits", "passes", "merge", "sum"]
+    sweep_table = [[r["sequences"], r["prefix"], r["suffix"],
+                    f"{r['prefix_splits']}{' (chosen)' if r['chosen'] else ''}", r["suffix_splits"],
+                    f"{r['passes_us']:.1f}us", f"{r['merge_us']:.1f}us", f"{r['passes_us'] + r['merge_us']:.1f}us"]
+                   for r in sweep]  # fmt: skip
+    print(text_table(sweep_header, sweep_table) + "\n")
     cases = HEADLINE + [c for c in grid(args.quick) if c not in HEADLINE]
     rows = []
     for case in cases:
@@ -115,27 +147,33 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
 
     header = ["sequences", "prefix", "suffix", "full (" + rows[0].get("full_backend", "?") + ")", "cascade",
-              "speedup", "prefix pass", "suffix pass", "merge", "forced cascade", "KV full GB", "KV cascade GB",
-              "max diff"]  # fmt: skip
+              "speedup", "passes", "merge", "forced cascade", "full graph", "cascade graph", "graph speedup",
+              "KV full GB", "KV cascade GB", "max diff"]  # fmt: skip
     table = []
     for r in rows:
         if "skipped" in r:
-            table.append([r["sequences"], r["prefix"], r["suffix"], "-", "-", r["skipped"], "-", "-", "-", "-",
-                          f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", "-"])  # fmt: skip
+            table.append([r["sequences"], r["prefix"], r["suffix"], "-", "-", r["skipped"]] + ["-"] * 6
+                         + [f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", "-"])  # fmt: skip
             continue
         table.append([r["sequences"], r["prefix"], r["suffix"], f"{r['full_ms'] * 1e3:.1f}us",
-                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x",
-                      f"{r['prefix_ms'] * 1e3:.1f}us" if "prefix_ms" in r else "-",
-                      f"{r['suffix_ms'] * 1e3:.1f}us", f"{r['merge_ms'] * 1e3:.1f}us",
-                      f"{r['forced_cascade_ms'] * 1e3:.1f}us", f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}",
-                      f"{r['max_diff']:.3g}"])  # fmt: skip
+                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x", f"{r['passes_ms'] * 1e3:.1f}us",
+                      f"{r['merge_ms'] * 1e3:.1f}us", f"{r['forced_cascade_ms'] * 1e3:.1f}us",
+                      f"{r['full_graph_us']:.1f}us", f"{r['cascade_graph_us']:.1f}us", f"{r['graph_speedup']:.2f}x",
+                      f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", f"{r['max_diff']:.3g}"])  # fmt: skip
     preface = (
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}. "
         "Decode: one query token per sequence, bf16, 32 query heads, 8 KV heads, head_dim 128. Medians with L2 "
         "flushed. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
-        "cascade = cascade_attention (auto path); stages timed one by one.\n\n"
+        "cascade = cascade_attention (auto path); passes = the one Triton launch of the prefix and suffix passes, "
+        "merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "
+        "(no launch cost; inputs partly hot in L2).\n\n"
     )
-    write_outputs(args.out, "cascade", {"env": env, "rows": rows}, preface + markdown_table(header, table))
+    sweep_md = (
+        "\n\nPrefix split counts around the chosen one (cascade_splits), GPU time of each stage alone, "
+        "headline cases:\n\n" + markdown_table(sweep_header, sweep_table)
+    )
+    write_outputs(args.out, "cascade", {"env": env, "rows": rows, "prefix_split_sweep": sweep},
+                  preface + markdown_table(header, table) + sweep_md)  # fmt: skip
     plot(rows, env, args.out / "cascade.png")
     print(text_table(header, table))
     print(f"\nwrote {args.out}/cascade.json, cascade.md, cascade.png")
