@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine: build the CUDA ops, run the whole test suite,
-# then the benchmarks named as arguments (default: merge). Logs go under $OUT.
+# One call on a lent GPU machine: build the CUDA ops, then run the steps named as
+# arguments, in order, each logged under $OUT (default: tests, then bench merge):
+#   tests                 the whole test suite (extra pytest options in $PYTEST_ARGS)
+#   "bench NAME [ARGS]"   python -m splitkv.bench NAME --out $OUT/results ARGS
+#   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
+# The exit status is non-zero if any step failed; later steps run regardless.
 set -uo pipefail
 OUT=${OUT:-/tmp/splitkv-device}
 mkdir -p "$OUT/results"
@@ -8,11 +12,24 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  env | grep -E '^(NCCL|TORCH_SYMM|NVSHMEM)' || true
 } > "$OUT/env.txt" 2>&1
 python -m splitkv build 2>&1 | tee "$OUT/build.log" || status=1
-python -m pytest -q -ra --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -40
-[ "${PIPESTATUS[0]}" = 0 ] || status=1
-for bench in "${@:-merge}"; do
-  python -m splitkv.bench "$bench" --out "$OUT/results" 2>&1 | tee "$OUT/bench_$bench.log" || status=1
+[ $# -gt 0 ] || set -- tests "bench merge"
+step=0
+for spec in "$@"; do
+  step=$((step + 1))
+  read -r kind name args <<< "$spec"
+  log="$OUT/${step}_${kind}.log"
+  echo "=== $spec" | tee "$log"
+  start=$SECONDS
+  case "$kind" in
+    tests) python -m pytest -q -ra --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
+    bench) python -m splitkv.bench "$name" --out "$OUT/results" $args 2>&1 | tee -a "$log" ;;
+    example) python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
+    *) echo "unknown step: $spec" | tee -a "$log"; false ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }
+  echo "=== $spec: $((SECONDS - start)) s" | tee -a "$log"
 done
 exit $status

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ._checks import expect_rank, expect_tensor
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_states
+from .split_kv import split_kv_attention, splits_pay_off
 
 __all__ = [
     "COMBINES",
@@ -255,6 +256,11 @@ def _shard_state(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, grou
     """This rank's partial state: its queries against its KV shard, masked as in the whole sequence."""
 
     def run(q_part, cu_q_part, max_q_part, causal_part):
+        # A decode-shaped shard (few query rows, long KV) would leave most of the GPU
+        # idle in one unsplit pass: split it over the multiprocessors first.
+        if backend == "auto" and splits_pay_off(q_part, k, cu_q_part, max_q_part, max_k):
+            return split_kv_attention(q_part, k, v, cu_q_part, cu_k, max_q_part, max_k, causal=causal_part,
+                                      softmax_scale=scale)  # fmt: skip
         return attention_with_lse(q_part, k, v, cu_q_part, cu_k, max_q_part, max_k, causal=causal_part,
                                   softmax_scale=scale, backend=backend)  # fmt: skip
 
@@ -355,6 +361,10 @@ def context_parallel_attention(
             :func:`choose_combine` and docs/distributed.md). Both give the same
             result up to rounding.
         backend: passed to :func:`splitkv.attention_with_lse` for the local state.
+            With ``"auto"``, a decode-shaped shard (few query rows, long KV, on a
+            GPU: :func:`splitkv.split_kv.splits_pay_off`) runs
+            :func:`splitkv.split_kv_attention` instead, so one rank's long shard is
+            spread over all of its GPU's multiprocessors.
 
     Returns:
         ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q]

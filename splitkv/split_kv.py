@@ -19,7 +19,7 @@ from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_states
 
-__all__ = ["choose_num_splits", "split_kv_attention"]
+__all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 
 # A split shorter than this spends more on its partial state than it saves.
 _MIN_KEYS_PER_SPLIT = 256
@@ -53,6 +53,20 @@ def triton_can_run(q: torch.Tensor) -> bool:
     if TRITON_IMPORT_ERROR or q.shape[-1] > 256:
         return False
     return q.is_cuda or (q.device.type == "cpu" and interpreter_enabled())
+
+
+def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int) -> bool:  # fmt: skip
+    """Whether :func:`split_kv_attention` would cut this batch's KV (more than one split on a GPU).
+
+    True for decode-like shapes (few query rows per KV head, long KV), where an
+    unsplit kernel leaves most multiprocessors idle; False for prefill-like ones,
+    where the flash backends of :func:`splitkv.attention_with_lse` are faster.
+    """
+    if not q.is_cuda or not triton_can_run(q):
+        return False
+    group = q.shape[1] // k.shape[1]
+    return choose_num_splits(cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device) > 1
 
 
 def split_kv_attention(

@@ -119,7 +119,7 @@ def _check_prefill(rank, world, device, lengths, *, layout, causal, seed, uneven
         assert_attention_close(out.cpu(), lse.cpu(), ref_out_s, ref_lse_s, dtype)
 
 
-def _run_checks(rank, world, device, full=True):
+def _run_checks(rank, world, device):
     both = ("all_gather", "all_reduce")
     # Decode: one query per sequence, an empty KV sequence (output 0, LSE -inf).
     decode_q, decode_k = [1] * 6, [37, 1, 20, 0, 64, 9]
@@ -130,8 +130,6 @@ def _run_checks(rank, world, device, full=True):
     _check_queries(rank, world, device, end_q, end_k, causal=True, combines=both, seed=2)
     # Zig-zag causal prefill (3 tokens over 2R chunks: some chunks empty; an empty sequence).
     _check_prefill(rank, world, device, [16, 11, 3, 0], layout="zigzag", causal=True, seed=5)
-    if not full:
-        return
     _check_queries(rank, world, device, decode_q, decode_k, causal=False, combines=both, seed=3, scale=0.3)
     if world > 1:
         # A rank without a single key (the last one, then a middle one).
@@ -153,6 +151,8 @@ def _run_checks(rank, world, device, full=True):
     # Even shards of long sequences: on all but the last rank every query sees the
     # whole shard (one non-causal call), on the last one the mask is plain causal.
     _check_queries(rank, world, device, [2, 3, 1], [40, 50, 7], causal=True, combines=("auto",), seed=12, even=True)
+    # Shards long enough that, on a GPU, each rank splits its KV over the multiprocessors.
+    _check_queries(rank, world, device, [1, 3], [3000, 700], causal=True, combines=("auto",), seed=13, even=True)
     _check_prefill(rank, world, device, [13, 1, 8], layout="zigzag", causal=False, seed=8)
     _check_prefill(rank, world, device, [17, 9, 4], layout="contiguous", causal=True, seed=9, uneven=True)
     _check_prefill(rank, world, device, [10, 7], layout="contiguous", causal=True, seed=10)
@@ -166,7 +166,7 @@ def _worker(rank, world, init_method, backend):
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))  # fmt: skip
     try:
-        _run_checks(rank, world, device, full=backend == "gloo")
+        _run_checks(rank, world, device)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -194,10 +194,12 @@ def test_gloo_world_of_one(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL across processes needs at least 2 CUDA devices")
+@pytest.mark.parametrize("world", [2, 4, 8])
 @pytest.mark.skipif(sys.platform != "linux", reason="NCCL runs on Linux")
-def test_nccl_two_gpus(tmp_path):
-    _spawn(2, tmp_path, backend="nccl")
+def test_nccl(world, tmp_path):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"NCCL over {world} processes needs {world} CUDA devices, {torch.cuda.device_count()} visible")
+    _spawn(world, tmp_path, backend="nccl")
 
 
 @pytest.mark.gpu
@@ -205,7 +207,7 @@ def test_nccl_two_gpus(tmp_path):
 def test_nccl_world_of_one(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        _run_checks(0, 1, torch.device("cuda"), full=False)
+        _run_checks(0, 1, torch.device("cuda"))
     finally:
         dist.destroy_process_group()
 

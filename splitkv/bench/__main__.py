@@ -2,9 +2,9 @@
 
 import sys
 
-from . import cascade, merge
+from . import cascade, distributed, merge
 
-BENCHMARKS = {"merge": merge.main, "cascade": cascade.main}
+BENCHMARKS = {"merge": merge.main, "cascade": cascade.main, "distributed": distributed.main}
 
 
 def main() -> None:
