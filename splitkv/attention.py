@@ -294,6 +294,16 @@ def attention_with_lse(
     """
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                    seqused_k)  # fmt: skip
+    return run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                 seqused_k, backend)  # fmt: skip
+
+
+def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                          seqused_k=None, backend="auto"):  # fmt: skip
+    """:func:`attention_with_lse` for arguments that :func:`check_attention_inputs` already
+    passed (``scale`` is its result): callers that checked a superset of them skip
+    the second pass of Python checks, which costs more host time than a decode
+    step's kernel on small shapes."""
     impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k)
     return impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
 
