@@ -59,6 +59,21 @@ def test_matches_reference(backend, dtype, heads_q, heads_kv, head_dim, causal, 
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("lens_q,lens_k", [([0, 0], [5, 3]), ([2, 1], [0, 0]), ([0], [0])])
+def test_no_query_or_no_key_at_all(backend, lens_q, lens_k, generator):
+    """A batch without a single query (a context-parallel rank holding none) or without a
+    single key: empty / zero outputs and LSE -inf, no kernel launched (flash refuses a
+    zero-sized grid)."""
+    dtype = torch.bfloat16
+    q = random_tokens(sum(lens_q), 8, 64, dtype, DEVICE, generator)
+    k = random_tokens(sum(lens_k), 2, 64, dtype, DEVICE, generator)
+    args = (q, k, k.clone(), cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE), max(lens_q), max(lens_k))
+    out, lse = splitkv.attention_with_lse(*args, causal=True, backend=backend)
+    assert out.shape == q.shape and lse.shape == (8, q.shape[0]) and lse.dtype == torch.float32
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
 @pytest.mark.parametrize("backend", [b for b in backends() if getattr(b, "values", [b])[0] != "flash_attn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])

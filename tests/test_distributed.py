@@ -8,7 +8,9 @@ result with single-process attention over the whole KV in float64.
 """
 
 import datetime
+import os
 import sys
+import traceback
 
 import pytest
 import torch
@@ -168,8 +170,14 @@ def _worker(rank, world, init_method, backend):
     try:
         _run_checks(rank, world, device)
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # A rank that fails alone would leave the others waiting in their next
+        # collective until NCCL's timeout; report it and end this process now
+        # (mp.spawn then stops the others and fails the test).
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
 
 
 def _spawn(world, tmp_path, backend="gloo"):
