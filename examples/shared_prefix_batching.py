@@ -348,6 +348,7 @@ def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, 
                       end - prefill_done, cache.memory(), uses_cascade)  # fmt: skip
 
 
+@torch.no_grad()
 def generate_usual(
     model: LlamaDecoder,
     prompt: torch.Tensor,
