@@ -306,9 +306,10 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     step's kernel on small shapes."""
     impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k)
     if q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        # No query or no key anywhere: the answer needs no kernel, and flash kernels
-        # refuse a zero-sized grid (seen with PyTorch's on the H100: a rank of a
-        # context-parallel prefill that holds no queries).
+        # No query or no key anywhere: the answer needs no kernel. On the H100 a
+        # context-parallel prefill rank holding no queries stalled its group inside
+        # this call before this early return existed (the flash launch on an empty
+        # grid is the likely cause; its own error was never seen).
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse

@@ -63,16 +63,22 @@ def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
     True for decode-like shapes (few query rows per KV head, long KV), where an
     unsplit kernel leaves most multiprocessors idle; False for prefill-like ones,
     where the flash backends of :func:`splitkv.attention_with_lse` are faster, and
-    for one query per sequence when a flash backend runs: flash attention 2 splits
-    that case itself (measured on the H100 over 1M keys: 1.47 ms unsplit flash
-    against 1.62 ms split Triton; with 8 queries, 29 ms against 1.7 ms).
+    for one query per sequence when a flash backend runs: there PyTorch's flash
+    attention was measured at the copy bandwidth without our splits (on the H100
+    over 1M keys: 1.47 ms unsplit flash against 1.62 ms split Triton; with 8
+    queries, 29 ms against 1.7 ms).
     """
     if not q.is_cuda or not triton_can_run(q):
         return False
     if max_seqlen_q <= 1 and ATTENTION_BACKENDS.select("auto", q, k, k, False, None).name in _FLASH_BACKENDS:
         return False
+    return _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
+
+
+def _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int) -> int:
+    """:func:`choose_num_splits` for a varlen batch: query rows per KV head are query tokens x GQA group."""
     group = q.shape[1] // k.shape[1]
-    return choose_num_splits(cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device) > 1
+    return choose_num_splits(cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device)
 
 
 def split_kv_attention(
@@ -119,10 +125,7 @@ def split_kv_attention(
     from ._attention_triton import triton_attention_with_lse
 
     if num_splits is None:
-        group = q.shape[1] // k.shape[1]
-        num_splits = choose_num_splits(
-            cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device
-        )
+        num_splits = _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     states, lses = triton_attention_with_lse(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits=num_splits
     )

@@ -58,9 +58,10 @@ def _timed(fn, iterations: int, device: torch.device) -> tuple[float, object]:
     return statistics.median(samples), result
 
 
-def _slowest(us: float, device: torch.device) -> float:
+def _across_ranks(us: float, device: torch.device, op=dist.ReduceOp.MAX) -> float:
+    """The slowest (``MAX``) or fastest (``MIN``) rank's time."""
     t = torch.tensor([us], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return float(t.item())
 
 
@@ -78,11 +79,11 @@ def _decode(world, rank, device, dtype, tokens, queries, iterations):
         args = (q, k_shard, v_shard, cu_q, cu_k, num_q, end - start)
         local_us, _ = _timed(lambda args=args: cp._shard_state(*args, True, HEAD_DIM**-0.5, "auto", None, world, rank),
                              iterations, device)  # fmt: skip
-        row = {"world": world, "kv_tokens": tokens, "queries": num_q, "local_us": _slowest(local_us, device)}
+        row = {"world": world, "kv_tokens": tokens, "queries": num_q, "local_us": _across_ranks(local_us, device)}
         for combine in ("all_gather", "all_reduce"):
             us, (out, _) = _timed(lambda args=args, combine=combine: cp.context_parallel_attention(
                 *args, causal=True, combine=combine), iterations, device)  # fmt: skip
-            row[f"{combine}_us"] = _slowest(us, device)
+            row[f"{combine}_us"] = _across_ranks(us, device)
             counted = cp.combine_bytes(world, num_q, HEADS_Q, HEAD_DIM, q.element_size())[combine]
             # Causal queries past the first also all-gather the shard lengths (int64 per sequence).
             row[f"{combine}_bytes"] = counted + (8 * (world - 1) if num_q > 1 and world > 1 else 0)
@@ -119,12 +120,10 @@ def _prefill(world, rank, device, dtype, tokens, iterations):
             return cp.context_parallel_prefill(q_s, k_s, v_s, cu_s, max_s, layout=layout)
 
         us, (out_s, _) = _timed(call, iterations, device)
-        fastest = torch.tensor([us], dtype=torch.float64, device=device)
-        dist.all_reduce(fastest, op=dist.ReduceOp.MIN)
         # Every rank receives the other ranks' K and V (padded to the longest shard).
         kv_bytes = (world - 1) * 2 * k_s.shape[0] * HEADS_KV * HEAD_DIM * k.element_size()
-        row = {"world": world, "tokens": tokens, "layout": layout, "us": _slowest(us, device),
-               "fastest_rank_us": float(fastest.item()), "kv_bytes": kv_bytes}  # fmt: skip
+        row = {"world": world, "tokens": tokens, "layout": layout, "us": _across_ranks(us, device),
+               "fastest_rank_us": _across_ranks(us, device, dist.ReduceOp.MIN), "kv_bytes": kv_bytes}  # fmt: skip
         # Rank 0's queries against single-GPU causal attention over the whole sequence.
         want, _ = splitkv.attention_with_lse(q, k, v, cu, cu, tokens, tokens, causal=True)
         want_s, _ = cp.shard_sequences(want, cu, rank, world, layout=layout)
