@@ -223,6 +223,8 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
   using V = detail::Vec<TIn, ELEMS>;
   using VOut = detail::Vec<TOut, ELEMS>;
   constexpr int kElems = ELEMS;
+  // Loads of state vectors issued before the lse pass (see below).
+  constexpr int kEarly = 8;
 
   const int local_row = threadIdx.x / layout.threads_per_row;
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
@@ -234,6 +236,21 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
   float merged_lse = 0.f;
   if (active) {
     const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
+    const TIn* state_row = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
+                           head * p.states_stride_head;
+    TOut* output_row =
+        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    // lane < vectors per row, so every thread owns at least this first vector.
+    // Its first kEarly states do not depend on the lse: their loads go out before
+    // the lse pass, so the data and lse round trips to memory overlap instead of
+    // running back to back (8 states of 4096 x 32 x 128 bf16: 119 us before).
+    const int64_t first = static_cast<int64_t>(lane) * kElems;
+    const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
+    V early[kEarly];
+#pragma unroll
+    for (int u = 0; u < kEarly; ++u)
+      if (u < p.num_states) early[u] = detail::load_streaming<TIn, ELEMS>(state_row + u * p.states_stride_state + first);
+
     // One pass over the lse values for the running max of the non-empty states
     // and the sum of exp(lse - max). A decode merge has few rows and many
     // states, so this loop is bound by load latency: eight loads go out at once.
@@ -262,49 +279,67 @@ __global__ void __launch_bounds__(detail::kMaxThreadsPerBlock)
     merged_lse = all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
     const float inv_total = all_empty ? 0.f : __fdividef(1.f, total);
 
-    const TIn* state_row = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
-                           head * p.states_stride_head;
-    TOut* output_row =
-        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-
-    for (int64_t d = static_cast<int64_t>(lane) * kElems; d < p.head_dim;
-         d += static_cast<int64_t>(layout.threads_per_row) * kElems) {
-      float acc[kElems];
+    // Adds w_s * O_s over states [begin, num_states) at column d. An empty state
+    // contributes nothing, not 0 * (whatever its output holds).
+    auto accumulate = [&](float (&acc)[kElems], int64_t begin, int64_t d) {
+      // Four states per step keep four independent loads in flight per thread.
+      constexpr int kUnroll = 4;
+      int64_t s = begin;
+      for (; s + kUnroll <= p.num_states; s += kUnroll) {
+        V v[kUnroll];
+        float w[kUnroll];
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
-      if (!all_empty) {
-        // Four states per step keep four independent loads in flight per thread.
-        constexpr int kUnroll = 4;
-        int64_t s = 0;
-        for (; s + kUnroll <= p.num_states; s += kUnroll) {
-          V v[kUnroll];
-          float w[kUnroll];
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            v[u] = detail::load_streaming<TIn, ELEMS>(state_row + (s + u) * p.states_stride_state + d);
-            const float lse = __ldg(row_lse + (s + u) * p.lses_stride_state);
-            w[u] = detail::is_empty_state(lse) ? -1.f : expf(lse - m) * inv_total;
-          }
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) {
-            if (w[u] < 0.f) continue;  // empty state: its output is never used
-#pragma unroll
-            for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v[u].elems[i]) * w[u];
-          }
+        for (int u = 0; u < kUnroll; ++u) {
+          v[u] = detail::load_streaming<TIn, ELEMS>(state_row + (s + u) * p.states_stride_state + d);
+          const float lse = __ldg(row_lse + (s + u) * p.lses_stride_state);
+          w[u] = detail::is_empty_state(lse) ? -1.f : expf(lse - m) * inv_total;
         }
-        for (; s < p.num_states; ++s) {
-          const float lse = __ldg(row_lse + s * p.lses_stride_state);
-          if (detail::is_empty_state(lse)) continue;
-          const V v = detail::load_streaming<TIn, ELEMS>(state_row + s * p.states_stride_state + d);
-          const float w = expf(lse - m) * inv_total;
 #pragma unroll
-          for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v.elems[i]) * w;
+        for (int u = 0; u < kUnroll; ++u) {
+          if (w[u] < 0.f) continue;
+#pragma unroll
+          for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v[u].elems[i]) * w[u];
         }
       }
+      for (; s < p.num_states; ++s) {
+        const float lse = __ldg(row_lse + s * p.lses_stride_state);
+        if (detail::is_empty_state(lse)) continue;
+        const V v = detail::load_streaming<TIn, ELEMS>(state_row + s * p.states_stride_state + d);
+        const float w = expf(lse - m) * inv_total;
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v.elems[i]) * w;
+      }
+    };
+    auto store = [&](const float (&acc)[kElems], int64_t d) {
       VOut out;
 #pragma unroll
       for (int i = 0; i < kElems; ++i) out.elems[i] = detail::Convert<TOut>::from_float(acc[i]);
       detail::store_streaming<TOut, ELEMS>(output_row + d, out);
+    };
+
+    float acc[kElems];
+#pragma unroll
+    for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
+    if (!all_empty) {
+#pragma unroll
+      for (int u = 0; u < kEarly; ++u) {
+        if (u >= p.num_states) break;
+        // An L1 hit: the lse pass just read it.
+        const float lse = __ldg(row_lse + u * p.lses_stride_state);
+        if (detail::is_empty_state(lse)) continue;
+        const float w = expf(lse - m) * inv_total;
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(early[u].elems[i]) * w;
+      }
+      accumulate(acc, kEarly, first);
+    }
+    store(acc, first);
+    // Only head dims wider than a whole block of vectors get here.
+    for (int64_t d = first + step; d < p.head_dim; d += step) {
+#pragma unroll
+      for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
+      if (!all_empty) accumulate(acc, 0, d);
+      store(acc, d);
     }
   }
 
