@@ -16,6 +16,7 @@ query heads that share it.
 """
 
 import contextlib
+import functools
 import math
 import os
 
@@ -307,6 +308,7 @@ def _attention_fwd_kernel(
         )  # fmt: skip
 
 
+@functools.cache
 def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_per_seq: int, keys_per_split: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep of bf16 prefill on an H100
     (triton 3.6, 4 x 4096 tokens, 32 heads)."""
@@ -413,7 +415,6 @@ def triton_attention_with_lse(
             raise ValueError(f"prefix_splits must be in [1, 65535], got {prefix_splits}")
 
     num_states = prefix_splits + num_splits
-    group = heads_q // heads_kv
     states_mode = num_states > 1
     # Partial states stay fp32: they are rescaled and summed by the merge, and rounding
     # each one to 16 bits first would add error the unsplit kernel does not have.
@@ -429,6 +430,24 @@ def triton_attention_with_lse(
     if lse.shape != (num_states, heads_q, total_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
         raise ValueError(f"lse must be [{num_states}, {heads_q}, {total_q}] float32 with contiguous tokens")
 
+    launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                     num_splits, out, lse, prefix, seqused_k)  # fmt: skip
+    if states_mode:
+        return out, lse
+    return out[0], lse[0]
+
+
+def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                     num_splits, out, lse, prefix, seqused_k):  # fmt: skip
+    """The launch of :func:`triton_attention_with_lse` for arguments it (or a caller that
+    checked a superset of them, as cascade attention does) has validated, with ``out``
+    and ``lse`` given. Decode steps are host-bound on small shapes, so this does no
+    more Python than the launch needs."""
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[1]
+    batch = cu_seqlens_q.shape[0] - 1
+    group = heads_q // heads_kv
+    prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     rows_per_seq = max_seqlen_q * group
     block_m, block_n, num_warps, num_stages = _launch_config(
@@ -446,28 +465,27 @@ def triton_attention_with_lse(
         num_warps, num_stages = max(num_warps, prefix_warps), min(num_stages, prefix_stages)
         prefix_row_blocks = triton.cdiv(total_q * group, prefix_block_m)
     programs = prefix_row_blocks * heads_kv * prefix_splits + num_row_blocks * batch * heads_kv * num_splits
-
-    if programs > 0 and total_q > 0:
-        # Triton launches on the current CUDA device, which need not be q's.
-        with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-            _attention_fwd_kernel[(programs,)](
-                q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                cu_seqlens_k if seqused_k is None else seqused_k, prefix_k, prefix_v,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                prefix_k.stride(0), prefix_k.stride(1), prefix_v.stride(0), prefix_v.stride(1),
-                out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-                batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
-                prefix_splits, softmax_scale * _LOG2E,
-                CAUSAL=causal, HAS_SEQUSED_K=seqused_k is not None, HAS_PREFIX=prefix is not None,
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-                BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_M=prefix_block_m, PREFIX_BLOCK_N=prefix_block_n,
-                # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
-                # mantissa) do not give; the setting is ignored for 16-bit inputs.
-                INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
-                num_warps=num_warps, num_stages=num_stages,
-            )  # fmt: skip
-
-    if states_mode:
-        return out, lse
-    return out[0], lse[0]
+    if programs == 0 or total_q == 0:
+        return
+    q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
+    pk_stride, pv_stride, out_stride, lse_stride = prefix_k.stride(), prefix_v.stride(), out.stride(), lse.stride()
+    # Triton launches on the current CUDA device, which need not be q's.
+    switch_device = q.is_cuda and q.device.index != torch.cuda.current_device()
+    with torch.cuda.device(q.device) if switch_device else contextlib.nullcontext():
+        _attention_fwd_kernel[(programs,)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+            cu_seqlens_k if seqused_k is None else seqused_k, prefix_k, prefix_v,
+            q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
+            pk_stride[0], pk_stride[1], pv_stride[0], pv_stride[1],
+            out_stride[0], out_stride[1], out_stride[2], lse_stride[0], lse_stride[1],
+            batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
+            prefix_splits, softmax_scale * _LOG2E,
+            CAUSAL=causal, HAS_SEQUSED_K=seqused_k is not None, HAS_PREFIX=prefix is not None,
+            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_M=prefix_block_m, PREFIX_BLOCK_N=prefix_block_n,
+            # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
+            # mantissa) do not give; the setting is ignored for 16-bit inputs.
+            INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip

@@ -290,7 +290,7 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     one buffer, then ``"merge"``, a single N-way merge into q's dtype, which returns
     ``(out, lse or None)``. ``prefix_splits`` overrides :func:`cascade_splits`' count
     (the benchmark's sweep)."""
-    from ._attention_triton import triton_attention_with_lse
+    from ._attention_triton import launch_attention
 
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
@@ -303,10 +303,9 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
 
     def passes():
-        triton_attention_with_lse(
-            q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
-            num_splits=suffix_splits, out=states, lse=lses, prefix=(prefix_k, prefix_v, prefix_splits),
-        )  # fmt: skip
+        # cascade_attention checked every input, and states / lses are made to measure above.
+        launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
+                         suffix_splits, states, lses, (prefix_k, prefix_v, prefix_splits), None)  # fmt: skip
 
     def merge():
         return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)

@@ -62,8 +62,9 @@ def graph_replay_us(fn: Callable[[], object], calls_per_graph: int = 20, replays
 
 
 def host_overhead_us(fn: Callable[[], object], calls: int = 2000, repeats: int = 7) -> float:
-    """Host time per call in µs for back-to-back calls on a shape too small for the
-    GPU to be the bottleneck (median over repeats)."""
+    """Time per call in µs of ``calls`` back-to-back calls with no sync between them
+    (median over repeats): the larger of the host time and the GPU time of a call, so
+    the host overhead on a shape too small for the GPU to be the bottleneck."""
     for _ in range(100):
         fn()
     torch.cuda.synchronize()
