@@ -437,6 +437,12 @@ def triton_attention_with_lse(
     return out[0], lse[0]
 
 
+def _cdiv(a: int, b: int) -> int:
+    # Not triton.cdiv: in triton 3.6 that is a constexpr function whose call wrapper
+    # showed up in cProfile as a visible share of this launch path's host time.
+    return -(-a // b)
+
+
 def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                      num_splits, out, lse, prefix, seqused_k):  # fmt: skip
     """The launch of :func:`triton_attention_with_lse` for arguments it (or a caller that
@@ -448,22 +454,22 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     batch = cu_seqlens_q.shape[0] - 1
     group = heads_q // heads_kv
     prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
     rows_per_seq = max_seqlen_q * group
     block_m, block_n, num_warps, num_stages = _launch_config(
-        head_dim_pad, q.dtype, rows_per_seq, triton.cdiv(max_seqlen_k, num_splits)
+        head_dim_pad, q.dtype, rows_per_seq, _cdiv(max_seqlen_k, num_splits)
     )
-    num_row_blocks = triton.cdiv(rows_per_seq, block_m)
+    num_row_blocks = _cdiv(rows_per_seq, block_m)
     prefix_len = prefix_k.shape[0]
     prefix_block_m, prefix_block_n, prefix_row_blocks = block_m, block_n, 0
     if prefix is not None:
         prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = _launch_config(
-            head_dim_pad, q.dtype, total_q * group, triton.cdiv(prefix_len, prefix_splits)
+            head_dim_pad, q.dtype, total_q * group, _cdiv(prefix_len, prefix_splits)
         )
         # One launch has one warp count and pipeline depth: enough warps for the larger
         # tile, and the shallower pipeline so both tiles fit in shared memory.
         num_warps, num_stages = max(num_warps, prefix_warps), min(num_stages, prefix_stages)
-        prefix_row_blocks = triton.cdiv(total_q * group, prefix_block_m)
+        prefix_row_blocks = _cdiv(total_q * group, prefix_block_m)
     programs = prefix_row_blocks * heads_kv * prefix_splits + num_row_blocks * batch * heads_kv * num_splits
     if programs == 0 or total_q == 0:
         return

@@ -81,8 +81,8 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     row["graph_speedup"] = row["full_graph_us"] / row["cascade_graph_us"]
     # Back to back, as an eager serving loop issues calls: per call, the larger of the
     # host time and the GPU time (do_bench above hides host time behind its L2 flush).
-    row["full_b2b_us"] = host_overhead_us(lambda: splitkv.attention_with_lse(*full_args, causal=True), 100, 5)
-    row["cascade_b2b_us"] = host_overhead_us(lambda: splitkv.cascade_attention(*cascade_args, **lengths), 100, 5)
+    row["full_b2b_us"] = host_overhead_us(lambda: splitkv.attention_with_lse(*full_args, causal=True), 50, 3)
+    row["cascade_b2b_us"] = host_overhead_us(lambda: splitkv.cascade_attention(*cascade_args, **lengths), 50, 3)
     row["b2b_speedup"] = row["full_b2b_us"] / row["cascade_b2b_us"]
 
     got = splitkv.cascade_attention(*cascade_args, **lengths)
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         "flushed. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
         "cascade = cascade_attention (auto path); passes = the one Triton launch of the prefix and suffix passes, "
         "merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "
-        "(no launch cost; inputs partly hot in L2); b2b = per call when 100 calls are issued back to back "
+        "(no launch cost; inputs partly hot in L2); b2b = per call when 50 calls are issued back to back "
         "without a sync, as an eager loop runs them: the larger of host and GPU time (do_bench's L2 flush "
         "before each call hides up to ~85 us of host time; this does not).\n\n"
     )

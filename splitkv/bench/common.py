@@ -73,8 +73,9 @@ def host_overhead_us(fn: Callable[[], object], calls: int = 2000, repeats: int =
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
-        samples.append((time.perf_counter() - t0) * 1e6 / calls)
+        # Waiting for the GPU inside the timing makes a GPU-bound call count its GPU time.
         torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e6 / calls)
     return statistics.median(samples)
 
 
