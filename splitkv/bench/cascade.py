@@ -118,22 +118,25 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for suffix in sorted({r["suffix"] for r in rows}):
-        for prefix in sorted({r["prefix"] for r in rows}):
-            picked = sorted((r for r in rows if r["suffix"] == suffix and r["prefix"] == prefix and "speedup" in r),
-                            key=lambda r: r["sequences"])  # fmt: skip
-            if picked:
-                ax.plot([r["sequences"] for r in picked], [r["speedup"] for r in picked], "o-",
-                        label=f"prefix {prefix}, suffix {suffix}")  # fmt: skip
-    ax.axhline(1.0, color="gray", linestyle="--")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequences sharing the prefix (one query token each)")
-    ax.set_ylabel("speedup of cascade over full attention")
-    ax.set_title(f"cascade decode, bf16, 32 q / 8 kv heads, d=128: {env['device']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    panels = [("speedup", "eager (L2 flushed)"), ("graph_speedup", "CUDA-graph replay")]
+    for ax, (key, title) in zip(axes, panels):
+        for suffix in sorted({r["suffix"] for r in rows}):
+            for prefix in sorted({r["prefix"] for r in rows}):
+                picked = sorted((r for r in rows if r["suffix"] == suffix and r["prefix"] == prefix and key in r),
+                                key=lambda r: r["sequences"])  # fmt: skip
+                if picked:
+                    ax.plot([r["sequences"] for r in picked], [r[key] for r in picked], "o-",
+                            label=f"prefix {prefix}, suffix {suffix}")  # fmt: skip
+        ax.axhline(1.0, color="gray", linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequences sharing the prefix (one query token each)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("speedup of cascade over full attention")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"cascade decode, bf16, 32 q / 8 kv heads, d=128: {env['device']}, {env['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
