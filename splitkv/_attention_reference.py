@@ -6,6 +6,8 @@ score matrix, so it is only meant for tests and debugging.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from einops import repeat
 
@@ -55,7 +57,7 @@ def reference_attention_with_lse(
 
     bounds_q = cu_seqlens_q.tolist()
     bounds_k = cu_seqlens_k.tolist()
-    used_k = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in zip(bounds_k[:-1], bounds_k[1:])]
+    used_k = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in itertools.pairwise(bounds_k)]
     for q_start, q_end, k_start, len_k in zip(bounds_q[:-1], bounds_q[1:], bounds_k[:-1], used_k):
         len_q, k_end = q_end - q_start, k_start + len_k
         if len_q == 0 or len_k == 0:

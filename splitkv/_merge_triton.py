@@ -60,8 +60,9 @@ def _merge_attn_states_kernel(
              merged.to(output_ptr.dtype.element_ty), mask=tile_mask)
     if WRITE_LSE:
         merged_lse = tl.where(both_empty, float("-inf"), m + tl.log(tl.where(both_empty, 1.0, total)))
-        # tl.maximum may drop a NaN operand; a NaN lse must stay visible.
-        merged_lse = tl.where((prefix_lse != prefix_lse) | (suffix_lse != suffix_lse), float("nan"), merged_lse)
+        # tl.maximum may drop a NaN operand; a NaN lse must stay visible (x != x is the NaN test).
+        any_nan = (prefix_lse != prefix_lse) | (suffix_lse != suffix_lse)  # noqa: PLR0124
+        merged_lse = tl.where(any_nan, float("nan"), merged_lse)
         tl.store(output_lse_ptr + head * output_lse_stride_head + tokens * output_lse_stride_token,
                  merged_lse, mask=token_mask)
 
@@ -91,7 +92,7 @@ def _merge_states_kernel(
         lse = tl.load(lses_ptr + s * lses_stride_state + lse_offsets, mask=token_mask, other=float("-inf"))
         empty = (lse == float("inf")) | (lse == float("-inf"))
         m = tl.where(empty, m, tl.maximum(m, lse))
-        any_nan = any_nan | (lse != lse)
+        any_nan = any_nan | (lse != lse)  # noqa: PLR0124 (x != x is the NaN test)
     all_empty = (m == float("-inf")) & (any_nan == 0)
     m = tl.where(all_empty, 0.0, m)
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Optional
 
-Reason = Optional[str]
+Reason = str | None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 
 import torch
 
@@ -190,7 +191,7 @@ def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
     if cu_seqlens.device.type == "cpu":
         bounds = cu_seqlens.tolist()
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        lengths = [b - a for a, b in itertools.pairwise(bounds)]
         if bounds[0] != 0 or bounds[-1] != total or any(n < 0 for n in lengths):
             raise ValueError(f"{name} must rise from 0 to {total} (the packed token count), got {bounds}")
         if check_max and lengths and max(lengths) > max_seqlen:

@@ -5,11 +5,11 @@ import torch
 from splitkv._attention_reference import reference_attention_with_lse
 
 TOLERANCES = {
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 1.6e-2, "rtol": 1.6e-2},
 }
-LSE_TOLERANCE = dict(atol=1e-3, rtol=1e-4)
+LSE_TOLERANCE = {"atol": 1e-3, "rtol": 1e-4}
 
 
 def cu_seqlens(lengths, device):

@@ -42,8 +42,8 @@ def random_states(num_states, tokens, heads, head_dim, dtype, device, generator,
 
 
 TOLERANCES = {
-    torch.float32: dict(atol=2e-5, rtol=2e-5),
-    torch.float16: dict(atol=1e-3, rtol=2e-3),
-    torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 1e-3, "rtol": 2e-3},
+    torch.bfloat16: {"atol": 8e-3, "rtol": 8e-3},
 }
-LSE_TOLERANCE = dict(atol=1e-4, rtol=1e-5)
+LSE_TOLERANCE = {"atol": 1e-4, "rtol": 1e-5}

@@ -174,8 +174,8 @@ def test_old_flash_attn_padded_lse_layout():
 def _good(dtype=torch.float16):
     q = torch.randn(4, 4, 64, dtype=dtype)
     k = torch.randn(6, 2, 64, dtype=dtype)
-    return dict(q=q, k=k, v=k.clone(), cu_seqlens_q=cu_seqlens([1, 3], "cpu"), cu_seqlens_k=cu_seqlens([2, 4], "cpu"),
-                max_seqlen_q=3, max_seqlen_k=4)  # fmt: skip
+    return {"q": q, "k": k, "v": k.clone(), "cu_seqlens_q": cu_seqlens([1, 3], "cpu"),
+            "cu_seqlens_k": cu_seqlens([2, 4], "cpu"), "max_seqlen_q": 3, "max_seqlen_k": 4}  # fmt: skip
 
 
 BAD = [

@@ -1,5 +1,6 @@
 """cascade_attention and split_kv_attention end to end: both must equal full attention."""
 
+import itertools
 import random
 import zlib
 
@@ -39,8 +40,8 @@ def _shared_prefix_batch(rng, num_sequences, prefix_len, max_suffix, decode, hea
 def _full_attention_reference(q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k, scale):
     """Float64 causal attention over each sequence's materialised [prefix ; suffix_i]."""
     starts = [0] + list(torch.tensor(lens_k).cumsum(0).tolist())
-    full_k = torch.cat([torch.cat([prefix_k, suffix_k[a:b]]) for a, b in zip(starts[:-1], starts[1:])])
-    full_v = torch.cat([torch.cat([prefix_v, suffix_v[a:b]]) for a, b in zip(starts[:-1], starts[1:])])
+    full_k = torch.cat([torch.cat([prefix_k, suffix_k[a:b]]) for a, b in itertools.pairwise(starts)])
+    full_v = torch.cat([torch.cat([prefix_v, suffix_v[a:b]]) for a, b in itertools.pairwise(starts)])
     lens_full = [prefix_k.shape[0] + lk for lk in lens_k]
     return reference64(q, full_k, full_v, cu_seqlens(lens_q, q.device), cu_seqlens(lens_full, q.device),
                        max(lens_q), max(lens_full), True, scale)  # fmt: skip
@@ -159,7 +160,7 @@ def test_cost_model():
 @pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
 @pytest.mark.parametrize("causal", [False, True])
 def test_split_kv_equals_full_attention(dtype, num_splits, causal, rng):
-    py, gen = rng
+    _py, gen = rng
     lengths = [(1, 90), (0, 7), (12, 12), (4, 0), (9, 4), (2, 61)]
     if HAS_CUDA:
         lengths += [(1, 32768), (1, 5000), (128, 3000)]

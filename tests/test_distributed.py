@@ -170,7 +170,7 @@ def _worker(rank, world, init_method, backend):
     try:
         _run_checks(rank, world, device)
         dist.barrier()
-    except BaseException:
+    except BaseException:  # noqa: BLE001 (any failure, exits included, must end the rank)
         # A rank that fails alone would leave the others waiting in their next
         # collective until NCCL's timeout; report it and end this process now
         # (mp.spawn then stops the others and fails the test).

@@ -255,12 +255,12 @@ def test_build_failure_falls_back_or_raises(monkeypatch):
 
 def _good(tokens=5, heads=3, head_dim=64, dtype=torch.float16):
     g = _generator(10)
-    return dict(
-        prefix_output=torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
-        prefix_lse=torch.randn(heads, tokens, generator=g),
-        suffix_output=torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
-        suffix_lse=torch.randn(heads, tokens, generator=g),
-    )
+    return {
+        "prefix_output": torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
+        "prefix_lse": torch.randn(heads, tokens, generator=g),
+        "suffix_output": torch.randn(tokens, heads, head_dim, generator=g).to(dtype),
+        "suffix_lse": torch.randn(heads, tokens, generator=g),
+    }
 
 
 BAD_INPUTS = [
