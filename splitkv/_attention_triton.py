@@ -309,9 +309,11 @@ def _attention_fwd_kernel(
 
 
 @functools.cache
-def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_per_seq: int, keys_per_split: int):
+def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_pow2: int, keys_pow2: int):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), from a sweep of bf16 prefill on an H100
-    (triton 3.6, 4 x 4096 tokens, 32 heads)."""
+    (triton 3.6, 4 x 4096 tokens, 32 heads). ``rows_pow2`` / ``keys_pow2``: query rows
+    per sequence and keys per split, rounded up to powers of two, so that the cache
+    holds a few dozen entries however the sequence lengths vary from call to call."""
     if _INTERPRET:
         # Every program is simulated with numpy; small tiles keep CPU tests quick
         # while still running several key blocks per program.
@@ -329,10 +331,10 @@ def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_per_seq: int, key
             block_m, num_stages = 64, 1
     # tl.dot needs every dimension >= 16; beyond that, shrink tiles that would mostly
     # be padding (decode has group rows per sequence, short sequences few keys).
-    block_m = min(block_m, max(16, triton.next_power_of_2(rows_per_seq)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(keys_per_split)))
+    block_m = min(block_m, max(16, rows_pow2))
+    block_n = min(block_n, max(16, keys_pow2))
     # Keeps the fp32 accumulator around 64 registers per thread; 4 warps on a
-    # 128 x 256 tile ran 5x slower in the sweep.
+    # 128 x 256 tile ran several times slower in the sweep.
     num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
     return block_m, block_n, num_warps, num_stages
 
@@ -437,10 +439,14 @@ def triton_attention_with_lse(
     return out[0], lse[0]
 
 
+# Not triton.cdiv / triton.next_power_of_2: in triton 3.6 those are constexpr functions
+# whose call wrapper showed up in cProfile as a visible share of the launch's host time.
 def _cdiv(a: int, b: int) -> int:
-    # Not triton.cdiv: in triton 3.6 that is a constexpr function whose call wrapper
-    # showed up in cProfile as a visible share of this launch path's host time.
     return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
@@ -454,17 +460,17 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     batch = cu_seqlens_q.shape[0] - 1
     group = heads_q // heads_kv
     prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
-    head_dim_pad = max(16, 1 << (head_dim - 1).bit_length())
+    head_dim_pad = max(16, _next_power_of_2(head_dim))
     rows_per_seq = max_seqlen_q * group
     block_m, block_n, num_warps, num_stages = _launch_config(
-        head_dim_pad, q.dtype, rows_per_seq, _cdiv(max_seqlen_k, num_splits)
+        head_dim_pad, q.dtype, _next_power_of_2(rows_per_seq), _next_power_of_2(_cdiv(max_seqlen_k, num_splits))
     )
     num_row_blocks = _cdiv(rows_per_seq, block_m)
     prefix_len = prefix_k.shape[0]
     prefix_block_m, prefix_block_n, prefix_row_blocks = block_m, block_n, 0
     if prefix is not None:
         prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = _launch_config(
-            head_dim_pad, q.dtype, total_q * group, _cdiv(prefix_len, prefix_splits)
+            head_dim_pad, q.dtype, _next_power_of_2(total_q * group), _next_power_of_2(_cdiv(prefix_len, prefix_splits))
         )
         # One launch has one warp count and pipeline depth: enough warps for the larger
         # tile, and the shallower pipeline so both tiles fit in shared memory.

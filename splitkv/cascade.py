@@ -260,10 +260,8 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     a suffix program streams fewer), and only as many as keep the float32 partial
     states they write (and the merge reads) within half the prefix KV's bytes.
     Every chunk is one more state for the merge to read and one more float32 state
-    for the passes to write: on the H100 the headline decode cases ran fastest with
-    a quarter of the chunks an earlier rule took (chunks as long as a suffix
-    program's keys, states up to twice the prefix bytes), 15-25% faster overall
-    (benchmarks/NOTES.md).
+    for the passes to write; on the H100 this rule's count was the fastest of a
+    sweep around it in the headline decode cases (benchmarks/NOTES.md).
     """
     group = heads_q // heads_kv
     suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, device)
