@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._triton_launch import CompiledLauncher
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
@@ -88,8 +90,8 @@ def _attend_key_range(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     # 64-bit token offset: a long KV cache times its token stride can pass 2**31.
-    k_ptrs = k_base + key_lo.to(tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + key_lo.to(tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
+    k_ptrs = k_base + tl.cast(key_lo, tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = v_base + tl.cast(key_lo, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
         k = _load_kv_tile(k_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
@@ -143,6 +145,13 @@ def _attend_rows(
     stride_ls,
     stride_lh,
     qk_scale,
+    PrefixK,
+    PrefixV,
+    stride_pkt,
+    stride_pkh,
+    stride_pvt,
+    stride_pvh,
+    prefix_len,
     CAUSAL: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
@@ -150,9 +159,12 @@ def _attend_rows(
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    INLINE_PREFIX: tl.constexpr,
 ):
     """One program's work: ``BLOCK_M`` rows of one sequence and KV head against key
-    chunk ``split`` of ``num_splits``, written as partial state ``state``."""
+    chunk ``split`` of ``num_splits``, written as partial state ``state``. With
+    INLINE_PREFIX, the programs of chunk 0 first walk the whole shared prefix
+    ``PrefixK/PrefixV [prefix_len]``, which every row sees."""
     num_rows = q_len * group
     if row_block * BLOCK_M < num_rows:
         # Row r of the sequence is query token r // group, query head kv_head * group + r % group.
@@ -192,6 +204,22 @@ def _attend_rows(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        # Two ifs: the constexpr one removes the prefix walk at compile time.
+        if INLINE_PREFIX:  # noqa: SIM102
+            if split == 0:
+                pk_base = PrefixK + kv_head * stride_pkh
+                pv_base = PrefixV + kv_head * stride_pvh
+                prefix_blocks_end = prefix_len // BLOCK_N * BLOCK_N
+                acc, l_i, m_i = _attend_key_range(
+                    acc, l_i, m_i, q, pk_base, pv_base, stride_pkt, stride_pvt,
+                    0, prefix_blocks_end, row_key_end, qk_scale,
+                    False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                )  # fmt: skip
+                acc, l_i, m_i = _attend_key_range(
+                    acc, l_i, m_i, q, pk_base, pv_base, stride_pkt, stride_pvt,
+                    prefix_blocks_end, prefix_len, tl.zeros([BLOCK_M], dtype=tl.int32) + prefix_len, qk_scale,
+                    True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                )  # fmt: skip
         acc, l_i, m_i = _attend_key_range(
             acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
             chunk_lo, unmasked_hi, row_key_end, qk_scale,
@@ -257,6 +285,7 @@ def _attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_SEQUSED_K: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
+    INLINE_PREFIX: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -271,6 +300,8 @@ def _attention_fwd_kernel(
     # the cascade's prefix pass: every query of the batch, as one sequence, against the
     # shared PrefixK/PrefixV, non-causal, writing states [0, prefix_splits); the rest are
     # the per-sequence pass writing the states after them. One launch serves both passes.
+    # With INLINE_PREFIX (prefix_splits = 0) there are no prefix programs: each
+    # sequence's first-chunk programs walk the prefix before their own keys.
     # Row blocks that read the same keys are adjacent so they reuse K/V in L2, and run
     # last-to-first so the longest causal blocks start first.
     pid = tl.program_id(0)
@@ -284,7 +315,8 @@ def _attention_fwd_kernel(
                 Q, PrefixK, PrefixV, Out, Lse, 0, total_q, 0, prefix_len, kv_head, row_block, split, prefix_splits,
                 split, group, stride_qt, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
                 stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
-                False, HEAD_DIM, HEAD_DIM_PAD, PREFIX_BLOCK_M, PREFIX_BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                PrefixK, PrefixV, stride_pkt, stride_pkh, stride_pvt, stride_pvh, prefix_len,
+                False, HEAD_DIM, HEAD_DIM_PAD, PREFIX_BLOCK_M, PREFIX_BLOCK_N, INPUT_PRECISION, UPCAST_DOT, False,
             )  # fmt: skip
     else:
         pid -= prefix_programs
@@ -304,8 +336,12 @@ def _attention_fwd_kernel(
             k_start, k_len, kv_head, row_block, split, num_splits,
             prefix_splits + split, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
             stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
-            CAUSAL, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            PrefixK, PrefixV, stride_pkt, stride_pkh, stride_pvt, stride_pvh, prefix_len,
+            CAUSAL, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT, INLINE_PREFIX,
         )  # fmt: skip
+
+
+_launch_attention_kernel = CompiledLauncher(_attention_fwd_kernel)
 
 
 @functools.cache
@@ -376,7 +412,10 @@ def triton_attention_with_lse(
             KV ``[prefix_len, heads_kv, head_dim]`` (strided like k, v). The same launch
             then also runs every query of the batch against the whole prefix
             (non-causal, in ``prefix_splits`` key chunks) into states
-            ``0 .. prefix_splits - 1``; the per-sequence states follow them.
+            ``0 .. prefix_splits - 1``; the per-sequence states follow them. With
+            ``prefix_splits == 0`` the programs of each sequence's first key chunk
+            walk the whole prefix before their keys instead (one state fewer per
+            chunk: with ``num_splits == 1`` the final output, and no merge).
         seqused_k: optional int32 ``[batch]``: sequence ``i`` uses only its first
             ``seqused_k[i]`` keys from ``cu_seqlens_k[i]`` on (a cache with room to grow).
 
@@ -413,8 +452,8 @@ def triton_attention_with_lse(
             raise ValueError(f"prefix k, v must be [prefix_len, {heads_kv}, {head_dim}] {q.dtype}")
         if prefix_k.stride(-1) != 1 or prefix_v.stride(-1) != 1 or prefix_v.dtype != q.dtype:
             raise ValueError("prefix k, v need q's dtype and a contiguous last dimension")
-        if not 1 <= prefix_splits <= 65535:
-            raise ValueError(f"prefix_splits must be in [1, 65535], got {prefix_splits}")
+        if not 0 <= prefix_splits <= 65535:
+            raise ValueError(f"prefix_splits must be in [0, 65535], got {prefix_splits}")
 
     num_states = prefix_splits + num_splits
     states_mode = num_states > 1
@@ -460,15 +499,17 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     batch = cu_seqlens_q.shape[0] - 1
     group = heads_q // heads_kv
     prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
+    prefix_len = prefix_k.shape[0] if prefix is not None else 0
+    inline_prefix = prefix is not None and prefix_splits == 0
     head_dim_pad = max(16, _next_power_of_2(head_dim))
     rows_per_seq = max_seqlen_q * group
+    keys_per_program = _cdiv(max_seqlen_k, num_splits) + (prefix_len if inline_prefix else 0)
     block_m, block_n, num_warps, num_stages = _launch_config(
-        head_dim_pad, q.dtype, _next_power_of_2(rows_per_seq), _next_power_of_2(_cdiv(max_seqlen_k, num_splits))
+        head_dim_pad, q.dtype, _next_power_of_2(rows_per_seq), _next_power_of_2(keys_per_program)
     )
     num_row_blocks = _cdiv(rows_per_seq, block_m)
-    prefix_len = prefix_k.shape[0]
     prefix_block_m, prefix_block_n, prefix_row_blocks = block_m, block_n, 0
-    if prefix is not None:
+    if prefix_splits:
         prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = _launch_config(
             head_dim_pad, q.dtype, _next_power_of_2(total_q * group), _next_power_of_2(_cdiv(prefix_len, prefix_splits))
         )
@@ -481,23 +522,24 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         return
     q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
     pk_stride, pv_stride, out_stride, lse_stride = prefix_k.stride(), prefix_v.stride(), out.stride(), lse.stride()
+    args = (
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k if seqused_k is None else seqused_k,
+        prefix_k, prefix_v,
+        q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
+        pk_stride[0], pk_stride[1], pv_stride[0], pv_stride[1],
+        out_stride[0], out_stride[1], out_stride[2], lse_stride[0], lse_stride[1],
+        batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
+        prefix_splits, softmax_scale * _LOG2E,
+    )  # fmt: skip
+    constexprs = (
+        causal, seqused_k is not None, prefix_splits > 0, inline_prefix, head_dim, head_dim_pad,
+        block_m, block_n, prefix_block_m, prefix_block_n,
+        # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
+        # mantissa) do not give; the setting is ignored for 16-bit inputs.
+        "ieee" if q.dtype == torch.float32 else "tf32",
+        _INTERPRET and q.dtype == torch.bfloat16,
+    )  # fmt: skip
     # Triton launches on the current CUDA device, which need not be q's.
     switch_device = q.is_cuda and q.device.index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if switch_device else contextlib.nullcontext():
-        _attention_fwd_kernel[(programs,)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-            cu_seqlens_k if seqused_k is None else seqused_k, prefix_k, prefix_v,
-            q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
-            pk_stride[0], pk_stride[1], pv_stride[0], pv_stride[1],
-            out_stride[0], out_stride[1], out_stride[2], lse_stride[0], lse_stride[1],
-            batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
-            prefix_splits, softmax_scale * _LOG2E,
-            CAUSAL=causal, HAS_SEQUSED_K=seqused_k is not None, HAS_PREFIX=prefix is not None,
-            HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-            BLOCK_M=block_m, BLOCK_N=block_n, PREFIX_BLOCK_M=prefix_block_m, PREFIX_BLOCK_N=prefix_block_n,
-            # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
-            # mantissa) do not give; the setting is ignored for 16-bit inputs.
-            INPUT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
-            num_warps=num_warps, num_stages=num_stages,
-        )  # fmt: skip
+        _launch_attention_kernel((programs,), args, constexprs, num_warps, num_stages)

@@ -52,6 +52,18 @@ _TRITON_HOST_US = 40.0
 _TORCH_OP_HOST_US = 8.0
 # A prefix chunk holds at least this many times a suffix program's keys (cascade_splits).
 _PREFIX_CHUNK_FACTOR = 4
+# The single-launch cascade (no prefix chunks, no merge) is taken for an eager call
+# when its estimated GPU time fits in its host time (a Triton launch and two
+# allocations): it then costs that host time, below the split cascade's (two more
+# torch ops). Its GPU time, fitted to a sweep on the H100 (benchmarks/NOTES.md): each
+# program streams its prefix + suffix KV at up to _INLINE_PROGRAM_BYTES_PER_US, and a
+# multiprocessor's programs share _INLINE_SM_BYTES_PER_US (from L2: every sequence
+# reads the same prefix) after a fixed _INLINE_PROGRAM_US each.
+_INLINE_HOST_US = _TRITON_HOST_US + 2 * _TORCH_OP_HOST_US
+_INLINE_START_US = 5.0
+_INLINE_PROGRAM_US = 3.0
+_INLINE_PROGRAM_BYTES_PER_US = 3.3e4
+_INLINE_SM_BYTES_PER_US = 5.1e4
 
 
 @dataclass(frozen=True)
@@ -252,7 +264,13 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
                    max_seqlen_k: int, prefix_len: int, device: torch.device) -> tuple[int, int]:  # fmt: skip
     """``(prefix_splits, suffix_splits)``: key chunks of the shared prefix and of each suffix.
 
-    The suffix count is split-KV's (:func:`~splitkv.split_kv.choose_num_splits`). The
+    ``(0, 1)`` is the single-launch cascade: when the suffixes need no split and the
+    prefix is short enough that each sequence's programs can walk it themselves
+    within the launch's host time (the shapes where an eager call is host-bound),
+    they do, and write the final output; no partial states, no merge. Not while a
+    CUDA graph is being captured: a replay has no host time to save.
+
+    Otherwise the suffix count is split-KV's (:func:`~splitkv.split_kv.choose_num_splits`). The
     prefix pass runs in the same launch, so its programs share the GPU with the
     suffix programs: the prefix gets enough chunks that both passes together fill
     about two waves; beyond that, chunks of at least four times a suffix program's
@@ -265,10 +283,17 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     """
     group = heads_q // heads_kv
     suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, device)
-    if device.type != "cuda" or prefix_len <= _MIN_KEYS_PER_SPLIT:
+    if device.type != "cuda":
         return 1, suffix_splits
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
+    # A graph replay has no host time to save, and on the GPU alone the split launch was
+    # faster in 46 of the sweep's 50 cases (up to 12% slower in the other 4, prefix 128).
+    inline_us = _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, sms)
+    if suffix_splits == 1 and inline_us <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing():
+        return 0, 1
+    if prefix_len <= _MIN_KEYS_PER_SPLIT:
+        return 1, suffix_splits
     prefix_tiles = heads_kv * math.ceil(total_q * group / _ROWS_PER_PROGRAM)
     fill = math.ceil(max(0, 2 * sms - suffix_programs) / prefix_tiles)
     suffix_chunk = max(_MIN_KEYS_PER_SPLIT, math.ceil(max_seqlen_k / suffix_splits))
@@ -280,14 +305,23 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     return max(1, min(wanted, _MAX_SPLITS, prefix_len // _MIN_KEYS_PER_SPLIT)), suffix_splits
 
 
+def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, sms: int) -> float:
+    """Estimated GPU time of the single-launch cascade (16-bit KV; see _INLINE_* above)."""
+    program_bytes = keys_per_program * 2 * head_dim * 2
+    alone = program_bytes / _INLINE_PROGRAM_BYTES_PER_US
+    shared = programs / sms * (_INLINE_PROGRAM_US + program_bytes / _INLINE_SM_BYTES_PER_US)
+    return _INLINE_START_US + max(alone, shared)
+
+
 def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k, scale, return_lse, prefix_splits=None):  # fmt: skip
     """The split cascade as named stages, run in order by ``cascade_attention`` (and timed
     one by one by the benchmark): ``"passes"``, one Triton launch that runs the prefix
     pass and the suffix pass together, writing float32 partial states side by side into
-    one buffer, then ``"merge"``, a single N-way merge into q's dtype, which returns
-    ``(out, lse or None)``. ``prefix_splits`` overrides :func:`cascade_splits`' count
-    (the benchmark's sweep)."""
+    one buffer, then ``"merge"``, a single N-way merge into q's dtype; the last stage
+    returns ``(out, lse or None)``. The single-launch cascade (``prefix_splits == 0``
+    and one suffix chunk) has the one stage ``"passes"``. ``prefix_splits`` overrides
+    :func:`cascade_splits`' count (the benchmark's sweep and the tests)."""
     from ._attention_triton import launch_attention
 
     total_q, heads_q, head_dim = q.shape
@@ -295,15 +329,27 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     num_sequences = cu_seqlens_q.shape[0] - 1
     chosen, suffix_splits = cascade_splits(num_sequences, heads_q, heads_kv, head_dim, total_q, max_seqlen_q,
                                            max_seqlen_k, prefix_k.shape[0], q.device)  # fmt: skip
-    prefix_splits = prefix_splits or chosen
+    prefix_splits = chosen if prefix_splits is None else prefix_splits
+    prefix = (prefix_k, prefix_v, prefix_splits)
     num_states = prefix_splits + suffix_splits
+    if num_states == 1:
+        # The single-launch cascade writes the output and LSE in place of the one state.
+        out = q.new_empty((1, total_q, heads_q, head_dim))
+        lse = q.new_empty((1, heads_q, total_q), dtype=torch.float32)
+
+        def single_pass():
+            launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True,
+                             scale, 1, out, lse, prefix, None)  # fmt: skip
+            return out[0], lse[0] if return_lse else None
+
+        return [("passes", single_pass)]
     states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32)
     lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
 
     def passes():
         # cascade_attention checked every input, and states / lses are made to measure above.
         launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
-                         suffix_splits, states, lses, (prefix_k, prefix_v, prefix_splits), None)  # fmt: skip
+                         suffix_splits, states, lses, prefix, None)  # fmt: skip
 
     def merge():
         return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)

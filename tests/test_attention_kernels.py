@@ -293,3 +293,65 @@ def test_triton_strided_inputs(num_splits):
     torch.testing.assert_close(lse, dense_lse, atol=0, rtol=0)
     if num_splits == 1:
         _assert_matches(out, lse, *_reference64(*inputs, causal, 0.1), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_inline_prefix(num_splits):
+    """prefix_splits = 0: the first key chunk's programs walk the shared prefix before
+    their own keys; merged, the states equal those of the prefix run in its own chunks."""
+    gen = torch.Generator().manual_seed(23 + num_splits)
+    dtype, scale = torch.float32, 0.2
+    q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(1, 5), (3, 3), (2, 40), (1, 0)], 4, 2, 32, dtype, gen)
+    prefix_k, prefix_v = (torch.randn((37, 2, 32), generator=gen).to(DEVICE, dtype) for _ in range(2))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", _nan_filled_empty)
+        inline = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
+                                           prefix=(prefix_k, prefix_v, 0))  # fmt: skip
+        chunked = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
+                                            prefix=(prefix_k, prefix_v, 2))  # fmt: skip
+    assert inline[0].shape[0] == (num_splits if num_splits > 1 else q.shape[0])
+    inline_out, inline_lse = _merge_splits(inline[0].double(), inline[1].double()) if num_splits > 1 else inline
+    _assert_matches(inline_out, inline_lse, *_merge_splits(chunked[0].double(), chunked[1].double()), dtype)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the compiled-kernel launch runs only on CUDA; the interpreter has none")
+def test_compiled_launcher_picks_tritons_kernel():
+    """Every launch through the launcher's cache runs the kernel triton itself would pick
+    for those arguments: alignment, strides divisible by 16 or not, values of 1, splits
+    and prefix states, each twice so that the second launch takes the cached kernel."""
+    from splitkv import _attention_triton
+
+    launcher = _attention_triton._launch_attention_kernel
+    if not launcher.enabled:
+        pytest.skip(f"triton {_attention_triton.triton.__version__} launches through JITFunction.run here")
+    launches = []
+
+    def recording(*launch):
+        launches.append(launch)
+        launcher(*launch)
+
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.bfloat16
+    aligned = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen)
+    strided = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen, strided=True)
+    odd_head = _make_inputs([(3, 90)], 6, 1, 40, dtype, gen)
+    # Copies that start one element into their buffer: not 16-byte aligned.
+    misaligned = [t.new_empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned[:3]]
+    misaligned = (*misaligned, *aligned[3:])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
+        for inputs in (aligned, strided, odd_head, misaligned):
+            for num_splits in (1, 3):
+                results = [_run_triton(*inputs, True, 0.125, num_splits) for _ in range(2)]
+                for first, second in zip(*results):
+                    torch.testing.assert_close(second, first, atol=0, rtol=0)
+                if num_splits == 1:
+                    _assert_matches(*results[1], *_reference64(*inputs, True, 0.125), dtype)
+    assert misaligned[0].data_ptr() % 16 != 0 and len(launches) == 16
+    for grid, args, constexprs, num_warps, num_stages in launches:
+        cached = launcher.compiled[launcher.key(args, constexprs, num_warps, num_stages)]
+        picked = _attention_triton._attention_fwd_kernel.run(
+            *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
+        )
+        assert cached is picked

@@ -91,19 +91,22 @@ def test_cascade_without_triton_uses_two_passes(dtype, rng, monkeypatch):
 @pytest.mark.skipif(not cascade_module.triton_can_run(torch.empty(1, 1, 64, device=DEVICE)),
                     reason="the one-launch cascade needs the Triton kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prefix_len, prefix_splits", [(70, 1), (70, 3), (70, 8), (5, 7)])
+@pytest.mark.parametrize("prefix_len, prefix_splits", [(70, 0), (5, 0), (70, 1), (70, 3), (70, 8), (5, 7)])
 def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits, rng):
     """Both passes in one launch, the prefix cut into chunks (some empty when there are
-    more chunks than keys), merged N-way: still full attention over [prefix ; suffix_i]."""
+    more chunks than keys), merged N-way; or, with 0 prefix chunks, each sequence's
+    programs walking the prefix themselves, with no merge: still full attention over
+    [prefix ; suffix_i]."""
     batch = _shared_prefix_batch(rng, 5, prefix_len, 30, False, 8, 2, 64, dtype)
     q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
     stages = cascade_module.cascade_stages(
         q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens(lens_k, DEVICE),
         max(lens_q), max(lens_k), q.shape[-1] ** -0.5, True, prefix_splits=prefix_splits,
     )  # fmt: skip
-    assert [name for name, _ in stages] == ["passes", "merge"]
-    stages[0][1]()
-    out, lse = stages[1][1]()
+    assert [name for name, _ in stages] == ["passes", "merge"][: 1 if prefix_splits == 0 else 2]
+    for _, stage in stages:
+        result = stage()
+    out, lse = result
     ref_out, ref_lse = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
@@ -111,11 +114,14 @@ def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits,
 def test_cascade_split_counts(monkeypatch):
     """On a 132-multiprocessor GPU: decode batches get prefix chunks that fill the GPU
     alongside the suffix programs, and otherwise never more partial-state bytes than
-    half the prefix KV; the headline cases get the counts measured fastest on the H100."""
+    half the prefix KV; the headline cases get the counts measured fastest on the H100;
+    short prefixes run as the single-launch cascade, except under graph capture."""
     from splitkv import split_kv
 
     for module in (cascade_module, split_kv):
         monkeypatch.setattr(module, "_multiprocessors", lambda index: 132)
+    capturing = False
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     gpu = torch.device("cuda", 0)
     heads_q, heads_kv, head_dim = 32, 8, 128
     for batch, prefix_len, suffix_len in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024), (1, 32768, 1),
@@ -123,7 +129,8 @@ def test_cascade_split_counts(monkeypatch):
         prefix_splits, suffix_splits = cascade_module.cascade_splits(
             batch, heads_q, heads_kv, head_dim, batch, 1, suffix_len, prefix_len, gpu
         )
-        assert 1 <= prefix_splits <= min(128, max(1, prefix_len // 256)) and suffix_splits >= 1
+        assert 0 <= prefix_splits <= min(128, max(1, prefix_len // 256)) and suffix_splits >= 1
+        assert prefix_splits > 0 or suffix_splits == 1
         state_bytes = prefix_splits * batch * heads_q * (head_dim + 1) * 4 * 2
         assert prefix_splits == 1 or state_bytes <= 2 * prefix_len * heads_kv * head_dim * 2 // 2 or batch * 8 < 264
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 512, 8192, gpu) == (4, 1)
@@ -132,6 +139,44 @@ def test_cascade_split_counts(monkeypatch):
     # One sequence: the prefix chunks fill two waves of the GPU (8 KV heads x 32 chunks + 8 suffix programs).
     assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 32768, gpu) == (32, 1)
     assert cascade_module.cascade_splits(3, heads_q, heads_kv, head_dim, 3, 1, 100, 8192, torch.device("cpu")) == (1, 1)
+    # Host-bound shapes: one launch, no merge; 64 x (2048 + 1) keys are too many for it.
+    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (0, 1)
+    assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu) == (0, 1)
+    assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 1, 2048, gpu) == (1, 1)
+    capturing = True
+    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (2, 1)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
+def test_cascade_in_cuda_graph(rng):
+    """A shape that runs eagerly as the single-launch cascade is captured as the split
+    one (whose kernel is first compiled during the capture) and, replayed on new
+    queries, still equals full attention."""
+    batch = _shared_prefix_batch(rng, 4, 300, 20, True, 8, 2, 64, torch.bfloat16)
+    q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
+    cu_q, cu_k = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
+    lengths = {"max_seqlen_q": max(lens_q), "max_seqlen_k": max(lens_k)}
+    splits = cascade_module.cascade_splits(4, 8, 2, 64, q.shape[0], max(lens_q), max(lens_k), 300, q.device)
+    assert splits == (0, 1)
+
+    def call():
+        return splitkv.cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k, return_lse=True,
+                                         **lengths)  # fmt: skip
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_out, captured_lse = call()
+    q.copy_(random_tokens(q.shape[0], 8, 64, q.dtype, DEVICE, rng[1]))
+    captured_out.fill_(float("nan"))
+    graph.replay()
+    ref_out, ref_lse = _full_attention_reference(q, *batch[1:], 64**-0.5)
+    assert_attention_close(captured_out, captured_lse, ref_out, ref_lse, torch.bfloat16)
+    assert_attention_close(*call(), ref_out, ref_lse, torch.bfloat16)
 
 
 def test_cascade_rejects_queries_before_the_prefix_end():

@@ -71,6 +71,8 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     lengths = {"max_seqlen_q": 1, "max_seqlen_k": suffix_len}
     row["cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths))
     row["forced_cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths, cascade=True))
+    row["prefix_splits"], _ = cascade_splits(num_sequences, HEADS_Q, HEADS_KV, HEAD_DIM, num_sequences, 1, suffix_len,
+                                             prefix_len, q.device)  # fmt: skip
     for name, stage in cascade_stages(*cascade_args, 1, suffix_len, scale, False):
         row[f"{name}_ms"] = median_ms(stage)
     row["speedup"] = row["full_ms"] / row["cascade_ms"]
@@ -110,6 +112,10 @@ def sweep_prefix_splits(num_sequences: int, prefix_len: int, suffix_len: int) ->
                      "chosen": splits == chosen, "suffix_splits": suffix_splits,
                      **{f"{name}_us": us for name, us in times.items()}})  # fmt: skip
     return rows
+
+
+def _us_or_dash(us: float | None) -> str:
+    return "-" if us is None else f"{us:.1f}us"
 
 
 def plot(rows: list[dict], env: dict, path: Path) -> None:
@@ -153,7 +159,8 @@ def main(argv=None) -> None:
     sweep_header = ["sequences", "prefix", "suffix", "prefix splits", "suffix splits", "passes", "merge", "sum"]
     sweep_table = [[r["sequences"], r["prefix"], r["suffix"],
                     f"{r['prefix_splits']}{' (chosen)' if r['chosen'] else ''}", r["suffix_splits"],
-                    f"{r['passes_us']:.1f}us", f"{r['merge_us']:.1f}us", f"{r['passes_us'] + r['merge_us']:.1f}us"]
+                    f"{r['passes_us']:.1f}us", _us_or_dash(r.get("merge_us")),
+                    f"{r['passes_us'] + r.get('merge_us', 0.0):.1f}us"]
                    for r in sweep]  # fmt: skip
     print(text_table(sweep_header, sweep_table) + "\n")
     cases = HEADLINE + [c for c in grid(args.quick) if c not in HEADLINE]
@@ -163,17 +170,18 @@ def main(argv=None) -> None:
         torch.cuda.empty_cache()
 
     header = ["sequences", "prefix", "suffix", "full (" + rows[0].get("full_backend", "?") + ")", "cascade",
-              "speedup", "passes", "merge", "forced cascade", "full graph", "cascade graph", "graph speedup",
+              "speedup", "prefix splits", "passes", "merge", "forced cascade", "full graph", "cascade graph", "graph speedup",
               "full b2b", "cascade b2b", "b2b speedup", "KV full GB", "KV cascade GB", "max diff"]  # fmt: skip
     table = []
     for r in rows:
         if "skipped" in r:
-            table.append([r["sequences"], r["prefix"], r["suffix"], "-", "-", r["skipped"]] + ["-"] * 9
+            table.append([r["sequences"], r["prefix"], r["suffix"], "-", "-", r["skipped"]] + ["-"] * 10
                          + [f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", "-"])  # fmt: skip
             continue
         table.append([r["sequences"], r["prefix"], r["suffix"], f"{r['full_ms'] * 1e3:.1f}us",
-                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x", f"{r['passes_ms'] * 1e3:.1f}us",
-                      f"{r['merge_ms'] * 1e3:.1f}us", f"{r['forced_cascade_ms'] * 1e3:.1f}us",
+                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x", r["prefix_splits"],
+                      f"{r['passes_ms'] * 1e3:.1f}us", _us_or_dash(r.get("merge_ms", 0.0) * 1e3 or None),
+                      f"{r['forced_cascade_ms'] * 1e3:.1f}us",
                       f"{r['full_graph_us']:.1f}us", f"{r['cascade_graph_us']:.1f}us", f"{r['graph_speedup']:.2f}x",
                       f"{r['full_b2b_us']:.1f}us", f"{r['cascade_b2b_us']:.1f}us", f"{r['b2b_speedup']:.2f}x",
                       f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", f"{r['max_diff']:.3g}"])  # fmt: skip
@@ -181,8 +189,9 @@ def main(argv=None) -> None:
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}. "
         "Decode: one query token per sequence, bf16, 32 query heads, 8 KV heads, head_dim 128. Medians with L2 "
         "flushed. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
-        "cascade = cascade_attention (auto path); passes = the one Triton launch of the prefix and suffix passes, "
-        "merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "
+        "cascade = cascade_attention (auto path); prefix splits = the chosen prefix chunk count (0: the "
+        "single-launch cascade, in which each sequence's programs walk the prefix themselves and no merge runs); "
+        "passes = the one Triton launch of the prefix and suffix passes, merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "
         "(no launch cost; inputs partly hot in L2); b2b = per call when 50 calls are issued back to back "
         "without a sync, as an eager loop runs them: the larger of host and GPU time (do_bench's L2 flush "
         "before each call hides up to ~85 us of host time; this does not).\n\n"
