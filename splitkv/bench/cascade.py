@@ -20,6 +20,7 @@ from .common import (
     environment,
     graph_replay_us,
     host_overhead_us,
+    interleaved,
     markdown_table,
     median_ms,
     text_table,
@@ -65,26 +66,39 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     cu_full = cu_q * (prefix_len + suffix_len)
     full_args = (q, full_k, full_v, cu_q, cu_full, 1, prefix_len + suffix_len)
     row["full_backend"] = splitkv.explain_attention(*full_args, causal=True).splitlines()[0].split("-> ")[1]
-    row["full_ms"] = median_ms(lambda: splitkv.attention_with_lse(*full_args, causal=True))
-
     cascade_args = (q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k)
     lengths = {"max_seqlen_q": 1, "max_seqlen_k": suffix_len}
-    row["cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths))
-    row["forced_cascade_ms"] = median_ms(lambda: splitkv.cascade_attention(*cascade_args, **lengths, cascade=True))
-    row["prefix_splits"], _ = cascade_splits(num_sequences, HEADS_Q, HEADS_KV, HEAD_DIM, num_sequences, 1, suffix_len,
-                                             prefix_len, q.device)  # fmt: skip
+
+    def full():
+        return splitkv.attention_with_lse(*full_args, causal=True)
+
+    def cascade():
+        return splitkv.cascade_attention(*cascade_args, **lengths)
+
+    def forced_cascade():
+        return splitkv.cascade_attention(*cascade_args, **lengths, cascade=True)
+
+    # Eager calls of a few tens of µs are host-bound: full and cascade take turns.
+    eager = interleaved(lambda fn: median_ms(fn, rep_ms=40), {"full": full, "cascade": cascade,
+                                                               "forced_cascade": forced_cascade})  # fmt: skip
+    row.update({f"{name}_ms": ms for name, ms in eager.items()})
+    # Cascade with no prefix is plain attention (no prefix split count).
+    row["prefix_splits"] = None
+    if prefix_len:
+        row["prefix_splits"], _ = cascade_splits(num_sequences, HEADS_Q, HEADS_KV, HEAD_DIM, num_sequences, 1,
+                                                 suffix_len, prefix_len, q.device)  # fmt: skip
     for name, stage in cascade_stages(*cascade_args, 1, suffix_len, scale, False):
         row[f"{name}_ms"] = median_ms(stage)
     row["speedup"] = row["full_ms"] / row["cascade_ms"]
     # Replayed from a CUDA graph, as a serving loop runs its decode step, launch costs
     # vanish and what is left is GPU time (inputs partly hot in L2 across replays).
-    row["full_graph_us"] = graph_replay_us(lambda: splitkv.attention_with_lse(*full_args, causal=True))
-    row["cascade_graph_us"] = graph_replay_us(lambda: splitkv.cascade_attention(*cascade_args, **lengths))
+    row["full_graph_us"] = graph_replay_us(full)
+    row["cascade_graph_us"] = graph_replay_us(cascade)
     row["graph_speedup"] = row["full_graph_us"] / row["cascade_graph_us"]
     # Back to back, as an eager serving loop issues calls: per call, the larger of the
     # host time and the GPU time (do_bench above hides host time behind its L2 flush).
-    row["full_b2b_us"] = host_overhead_us(lambda: splitkv.attention_with_lse(*full_args, causal=True), 50, 3)
-    row["cascade_b2b_us"] = host_overhead_us(lambda: splitkv.cascade_attention(*cascade_args, **lengths), 50, 3)
+    b2b = interleaved(lambda fn: host_overhead_us(fn, 50, 1), {"full": full, "cascade": cascade})
+    row["full_b2b_us"], row["cascade_b2b_us"] = b2b["full"], b2b["cascade"]
     row["b2b_speedup"] = row["full_b2b_us"] / row["cascade_b2b_us"]
 
     got = splitkv.cascade_attention(*cascade_args, **lengths)
@@ -179,7 +193,7 @@ def main(argv=None) -> None:
                          + [f"{r['full_kv_GB']:.2f}", f"{r['cascade_kv_GB']:.2f}", "-"])  # fmt: skip
             continue
         table.append([r["sequences"], r["prefix"], r["suffix"], f"{r['full_ms'] * 1e3:.1f}us",
-                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x", r["prefix_splits"],
+                      f"{r['cascade_ms'] * 1e3:.1f}us", f"{r['speedup']:.2f}x", "-" if r["prefix_splits"] is None else r["prefix_splits"],
                       f"{r['passes_ms'] * 1e3:.1f}us", _us_or_dash(r.get("merge_ms", 0.0) * 1e3 or None),
                       f"{r['forced_cascade_ms'] * 1e3:.1f}us",
                       f"{r['full_graph_us']:.1f}us", f"{r['cascade_graph_us']:.1f}us", f"{r['graph_speedup']:.2f}x",
@@ -188,7 +202,8 @@ def main(argv=None) -> None:
     preface = (
         f"Device: {env['device']}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; {env['date']}. "
         "Decode: one query token per sequence, bf16, 32 query heads, 8 KV heads, head_dim 128. Medians with L2 "
-        "flushed. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
+        "flushed; full, cascade and forced cascade (and, for b2b, full and cascade) take turns in 5 rounds, so "
+        "that the host's speed, which drifted over minutes on the lent machine, weighs on them alike. full = attention_with_lse over per-sequence [prefix ; suffix_i] KV (built outside the timing); "
         "cascade = cascade_attention (auto path); prefix splits = the chosen prefix chunk count (0: the "
         "single-launch cascade, in which each sequence's programs walk the prefix themselves and no merge runs); "
         "passes = the one Triton launch of the prefix and suffix passes, merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "

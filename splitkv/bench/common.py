@@ -28,11 +28,24 @@ def environment() -> dict:
     }
 
 
-def median_ms(fn: Callable[[], object]) -> float:
-    """Median device time of ``fn`` in ms, L2 flushed before every run (CUDA events)."""
+def median_ms(fn: Callable[[], object], rep_ms: int = 200) -> float:
+    """Median device time of ``fn`` in ms over about ``rep_ms`` of runs, L2 flushed before
+    every run (CUDA events)."""
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def interleaved(measure: Callable[[Callable[[], object]], float], fns: dict[str, Callable[[], object]],
+                rounds: int = 5) -> dict[str, float]:  # fmt: skip
+    """Median over ``rounds`` of ``measure(fn)`` for each of ``fns``, which take turns in
+    every round: the host speed of the lent machines drifted by up to 2x over minutes,
+    and taking turns makes the drift weigh on every function alike."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(measure(fn))
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def graph_replay_us(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 50) -> float:
