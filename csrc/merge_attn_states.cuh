@@ -64,9 +64,9 @@ struct MergeNParams {
 namespace detail {
 
 // Threads per block of each kernel, by its parameter type. The N-way kernel runs
-// 128: on the H100 as fast as 256 for 8 states of 4096 x 32 x 128 bf16 (112.1
-// against 112.4-112.7 us) and 5-8% faster with few states or few rows (2 states:
-// 43.0 against 45.3 us; 129 states of one token x 32 heads: 35 against 38 us).
+// 128: on the H100 as fast as 256 for 8 states of 4096 x 32 x 128 bf16 and
+// faster with few states or few rows (2 states; 129 states of one token x 32
+// heads). The sweep's figures are in benchmarks/NOTES.md's git history.
 template <typename Params>
 constexpr int kThreadsPerBlock = 256;
 template <>
@@ -229,12 +229,12 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
 // of four states' lse values and data vectors are loaded together (none waits
 // for another), the running max m moves to the group's largest lse, the
 // accumulator and the running sum of exp(lse - m) are rescaled to it, and the
-// group is added. Measured on the H100 for 8 states of 4096 x 32 x 128 bf16
-// (L2 flushed): the earlier kernel, which walked all lse values for the max
-// before it loaded any data (two round trips to memory), 116.6 us; this one
-// 112.5 us (2.73 TB/s). At most 64 registers (the launch bound: 1024 threads per
-// multiprocessor) matter as much as the single round trip: the same code at 70
-// registers, 768 threads per multiprocessor, took 123 us.
+// group is added. On the H100 for 8 states of 4096 x 32 x 128 bf16 (L2 flushed)
+// this was faster than the earlier kernel, which walked all lse values for the
+// max before it loaded any data (two round trips to memory). At most 64
+// registers (the launch bound: 1024 threads per multiprocessor) matter as much
+// as the single round trip: the same code at 70 registers, 768 threads per
+// multiprocessor, was slower than both.
 template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_kernel(const MergeNParams p, const detail::RowLayout layout) {

@@ -43,8 +43,8 @@ __all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_c
 # Constants of the cost model, measured on the H100 machine of benchmarks/results:
 # copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
 # a kernel's fixed cost on the GPU timeline, and host time per call: a Triton launch
-# (about 40 µs there) and a torch op (about 8 µs). A call costs the larger of its GPU
-# time and its host time, since the two overlap.
+# (28-43 µs there through splitkv's launcher) and a torch op (about 8 µs). A call
+# costs the larger of its GPU time and its host time, since the two overlap.
 _BYTES_PER_US = 2.9e6
 _FLOPS_PER_US = 3.0e8
 _KERNEL_US = 3.0
