@@ -13,6 +13,8 @@ and the launch options) and launches it through ``CompiledKernel``'s runner, the
 call ``JITFunction.run`` itself ends in. The first launch of each key goes through
 ``JITFunction.run``, which compiles or finds the kernel. tests/test_attention_kernels.py
 checks on the GPU that the kernel found by the key is the one triton itself picks.
+The key holds no triton options set at run time (``knobs``, e.g. debug): a change of
+them after a specialisation's first launch is not seen by that specialisation.
 """
 
 from __future__ import annotations

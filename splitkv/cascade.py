@@ -261,7 +261,8 @@ def _single_sequence_bounds(total: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: int, total_q: int, max_seqlen_q: int,
-                   max_seqlen_k: int, prefix_len: int, device: torch.device) -> tuple[int, int]:  # fmt: skip
+                   max_seqlen_k: int, prefix_len: int, device: torch.device,
+                   element_size: int = 2) -> tuple[int, int]:  # fmt: skip
     """``(prefix_splits, suffix_splits)``: key chunks of the shared prefix and of each suffix.
 
     ``(0, 1)`` is the single-launch cascade: when the suffixes need no split and the
@@ -279,7 +280,8 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     states they write (and the merge reads) within half the prefix KV's bytes.
     Every chunk is one more state for the merge to read and one more float32 state
     for the passes to write; on the H100 this rule's count was the fastest of a
-    sweep around it in the headline decode cases (benchmarks/NOTES.md).
+    sweep around it, or within 1% of it, in the headline decode cases
+    (benchmarks/NOTES.md). ``element_size``: bytes per K/V element.
     """
     group = heads_q // heads_kv
     suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, device)
@@ -289,7 +291,7 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
     # A graph replay has no host time to save, and on the GPU alone the split launch was
     # faster in 46 of the sweep's 50 cases (up to 12% slower in the other 4, prefix 128).
-    inline_us = _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, sms)
+    inline_us = _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
     if suffix_splits == 1 and inline_us <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing():
         return 0, 1
     if prefix_len <= _MIN_KEYS_PER_SPLIT:
@@ -299,15 +301,16 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     suffix_chunk = max(_MIN_KEYS_PER_SPLIT, math.ceil(max_seqlen_k / suffix_splits))
     balance = math.ceil(prefix_len / (_PREFIX_CHUNK_FACTOR * suffix_chunk))
     # Per chunk: one [total_q, heads_q, head_dim + 1] float32 state written and read
-    # back; the prefix KV is 2 x prefix_len x heads_kv x head_dim 16-bit elements.
-    state_cap = (prefix_len * heads_kv * head_dim * 2 * 2 // 2) // (total_q * heads_q * (head_dim + 1) * 4 * 2)
+    # back; the prefix KV is 2 x prefix_len x heads_kv x head_dim elements.
+    prefix_kv_bytes = 2 * prefix_len * heads_kv * head_dim * element_size
+    state_cap = (prefix_kv_bytes // 2) // (total_q * heads_q * (head_dim + 1) * 4 * 2)
     wanted = max(fill, min(balance, state_cap))
     return max(1, min(wanted, _MAX_SPLITS, prefix_len // _MIN_KEYS_PER_SPLIT)), suffix_splits
 
 
-def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, sms: int) -> float:
-    """Estimated GPU time of the single-launch cascade (16-bit KV; see _INLINE_* above)."""
-    program_bytes = keys_per_program * 2 * head_dim * 2
+def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, element_size: int, sms: int) -> float:
+    """Estimated GPU time of the single-launch cascade (see _INLINE_* above)."""
+    program_bytes = keys_per_program * 2 * head_dim * element_size
     alone = program_bytes / _INLINE_PROGRAM_BYTES_PER_US
     shared = programs / sms * (_INLINE_PROGRAM_US + program_bytes / _INLINE_SM_BYTES_PER_US)
     return _INLINE_START_US + max(alone, shared)
@@ -328,7 +331,7 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     heads_kv = suffix_k.shape[1]
     num_sequences = cu_seqlens_q.shape[0] - 1
     chosen, suffix_splits = cascade_splits(num_sequences, heads_q, heads_kv, head_dim, total_q, max_seqlen_q,
-                                           max_seqlen_k, prefix_k.shape[0], q.device)  # fmt: skip
+                                           max_seqlen_k, prefix_k.shape[0], q.device, q.element_size())  # fmt: skip
     prefix_splits = chosen if prefix_splits is None else prefix_splits
     prefix = (prefix_k, prefix_v, prefix_splits)
     num_states = prefix_splits + suffix_splits

@@ -143,6 +143,8 @@ def test_cascade_split_counts(monkeypatch):
     assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (0, 1)
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu) == (0, 1)
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 1, 2048, gpu) == (1, 1)
+    # float32 KV has twice the bytes to walk: the same 64 x (512 + 256) keys stay split.
+    assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu, 4) == (1, 1)
     capturing = True
     assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (2, 1)
 
