@@ -18,15 +18,15 @@ query heads that share it.
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_launch import CompiledLauncher
+from ._triton_support import interpreter_enabled
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
 _MAX_HEAD_DIM = 256

@@ -8,11 +8,11 @@ Semantics as in ``csrc/merge_attn_states.cuh``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._triton_support import interpreter_enabled
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _tile(num_tokens: int, head_dim: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D): about 4K elements per tile on a GPU; the interpreter pays per
     program, not per element, so it gets fewer, larger tiles."""
     block_d = triton.next_power_of_2(max(head_dim, 1))
-    target = 16384 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
+    target = 16384 if interpreter_enabled() else 4096
     block_t = max(1, min(triton.next_power_of_2(max(num_tokens, 1)), target // block_d))
     return block_t, block_d
 

@@ -19,10 +19,10 @@ them after a specialisation's first launch is not seen by that specialisation.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
+
+from ._triton_support import interpreter_enabled
 
 # The runner's arguments (all kernel arguments, constexprs included, in order) and
 # the specialisation rules above are those of triton 3.6 to 3.9 (3.6 ran on the
@@ -53,7 +53,7 @@ class CompiledLauncher:
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.compiled: dict[tuple, object] = {}
-        self.enabled = _RUNNER_TESTED and os.environ.get("TRITON_INTERPRET") != "1"
+        self.enabled = _RUNNER_TESTED and not interpreter_enabled()
 
     def key(self, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> tuple:
         return (torch.cuda.current_device(), constexprs, num_warps, num_stages, _specialisation(args))

@@ -291,8 +291,9 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
     # A graph replay has no host time to save, and on the GPU alone the split launch was
     # faster in 46 of the sweep's 50 cases (up to 12% slower in the other 4, prefix 128).
-    inline_us = _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
-    if suffix_splits == 1 and inline_us <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing():
+    if (suffix_splits == 1
+            and _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
+            <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
         return 0, 1
     if prefix_len <= _MIN_KEYS_PER_SPLIT:
         return 1, suffix_splits
@@ -335,29 +336,21 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     prefix_splits = chosen if prefix_splits is None else prefix_splits
     prefix = (prefix_k, prefix_v, prefix_splits)
     num_states = prefix_splits + suffix_splits
-    if num_states == 1:
-        # The single-launch cascade writes the output and LSE in place of the one state.
-        out = q.new_empty((1, total_q, heads_q, head_dim))
-        lse = q.new_empty((1, heads_q, total_q), dtype=torch.float32)
-
-        def single_pass():
-            launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True,
-                             scale, 1, out, lse, prefix, None)  # fmt: skip
-            return out[0], lse[0] if return_lse else None
-
-        return [("passes", single_pass)]
-    states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32)
+    # A single state (the single-launch cascade) is the output itself, in q's dtype.
+    states_dtype = torch.float32 if num_states > 1 else q.dtype
+    states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=states_dtype)
     lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
 
     def passes():
         # cascade_attention checked every input, and states / lses are made to measure above.
         launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
                          suffix_splits, states, lses, prefix, None)  # fmt: skip
+        return (states[0], lses[0] if return_lse else None) if num_states == 1 else None
 
     def merge():
         return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)
 
-    return [("passes", passes), ("merge", merge)]
+    return [("passes", passes)] if num_states == 1 else [("passes", passes), ("merge", merge)]
 
 
 def _cascade_split(*args):
