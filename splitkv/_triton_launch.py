@@ -2,9 +2,8 @@
 
 On every launch, triton's ``JITFunction.run`` binds the arguments, works out how it
 specialises on them and hashes that into its cache key. For the attention kernel
-(35 runtime arguments, 12 constexprs) the cascade's launch took 35-47 µs of host
-time that way on the H100 machine (triton 3.6) and 28-43 µs through this launcher:
-more than the GPU time of a small decode step either way.
+(35 runtime arguments, 12 constexprs) that is a visible share of the launch's host
+time, which is itself more than the GPU time of a small decode step.
 
 :class:`CompiledLauncher` keeps triton's own compiled kernel under a cheaper key
 that holds the same information (each tensor's dtype and 16-byte alignment, each

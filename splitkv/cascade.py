@@ -43,7 +43,7 @@ __all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_c
 # Constants of the cost model, measured on the H100 machine of benchmarks/results:
 # copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
 # a kernel's fixed cost on the GPU timeline, and host time per call: a Triton launch
-# (28-43 µs there through splitkv's launcher) and a torch op (about 8 µs). A call
+# through splitkv's launcher and a torch op. A call
 # costs the larger of its GPU time and its host time, since the two overlap.
 _BYTES_PER_US = 2.9e6
 _FLOPS_PER_US = 3.0e8
@@ -290,7 +290,7 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
     # A graph replay has no host time to save, and on the GPU alone the split launch was
-    # faster in 46 of the sweep's 50 cases (up to 12% slower in the other 4, prefix 128).
+    # the faster in most shapes of the sweep the model was fitted to (benchmarks/NOTES.md).
     if (suffix_splits == 1
             and _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
             <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
