@@ -540,6 +540,7 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         _INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
     # Triton launches on the current CUDA device, which need not be q's.
-    switch_device = q.is_cuda and q.device.index != torch.cuda.current_device()
+    device_index = q.device.index
+    switch_device = q.is_cuda and device_index != torch.cuda.current_device()
     with torch.cuda.device(q.device) if switch_device else contextlib.nullcontext():
-        _launch_attention_kernel((programs,), args, constexprs, num_warps, num_stages)
+        _launch_attention_kernel((programs,), args, constexprs, num_warps, num_stages, device_index)

@@ -44,24 +44,26 @@ def _specialisation(args: tuple) -> tuple:
 
 
 class CompiledLauncher:
-    """``launcher(grid, args, constexprs, num_warps, num_stages)`` runs ``kernel[grid](*args,
-    *constexprs, num_warps=..., num_stages=...)``, skipping ``JITFunction.run`` after the
-    first launch of each specialisation. Arguments are positional, in the kernel's order,
-    runtime ones first; the current CUDA device must be the tensors' device."""
+    """``launcher(grid, args, constexprs, num_warps, num_stages, device_index)`` runs
+    ``kernel[grid](*args, *constexprs, num_warps=..., num_stages=...)``, skipping
+    ``JITFunction.run`` after the first launch of each specialisation. Arguments are
+    positional, in the kernel's order, runtime ones first; ``device_index`` is the
+    tensors' CUDA device, which must be the current one (the caller knows it already)."""
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
         self.compiled: dict[tuple, object] = {}
         self.enabled = _RUNNER_TESTED and not interpreter_enabled()
 
-    def key(self, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> tuple:
-        return (torch.cuda.current_device(), constexprs, num_warps, num_stages, _specialisation(args))
+    def key(self, args: tuple, constexprs: tuple, num_warps: int, num_stages: int, device_index: int) -> tuple:
+        return (device_index, constexprs, num_warps, num_stages, _specialisation(args))
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: tuple, num_warps: int, num_stages: int) -> None:
+    def __call__(self, grid: tuple, args: tuple, constexprs: tuple, num_warps: int, num_stages: int,
+                 device_index: int) -> None:  # fmt: skip
         if not self.enabled:
             self.kernel[grid](*args, *constexprs, num_warps=num_warps, num_stages=num_stages)
             return
-        key = self.key(args, constexprs, num_warps, num_stages)
+        key = self.key(args, constexprs, num_warps, num_stages, device_index)
         compiled = self.compiled.get(key)
         if compiled is None:
             self.compiled[key] = self.kernel[grid](*args, *constexprs, num_warps=num_warps, num_stages=num_stages)

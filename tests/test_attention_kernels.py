@@ -349,8 +349,9 @@ def test_compiled_launcher_picks_tritons_kernel():
                 if num_splits == 1:
                     _assert_matches(*results[1], *_reference64(*inputs, True, 0.125), dtype)
     assert misaligned[0].data_ptr() % 16 != 0 and len(launches) == 16
-    for grid, args, constexprs, num_warps, num_stages in launches:
-        cached = launcher.compiled[launcher.key(args, constexprs, num_warps, num_stages)]
+    for grid, args, constexprs, num_warps, num_stages, device_index in launches:
+        assert device_index == torch.cuda.current_device()
+        cached = launcher.compiled[launcher.key(args, constexprs, num_warps, num_stages, device_index)]
         picked = _attention_triton._attention_fwd_kernel.run(
             *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
         )
