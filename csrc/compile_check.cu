@@ -1,6 +1,7 @@
-// Compiles every kernel instantiation without torch: CI builds this with nvcc
-// (compile only) so a kernel that does not compile fails there, on a machine
-// with no GPU.
+// Compiles every kernel instantiation and the compiled-kernel launch without
+// torch: CI builds this with nvcc (compile only) so code that does not compile
+// fails there, on a machine with no GPU.
+#include "compiled_launch.h"
 #include "merge_attn_states.cuh"
 
 template cudaError_t splitkv::merge_attn_states<float>(const splitkv::MergeParams&, cudaStream_t);
@@ -11,3 +12,15 @@ template cudaError_t splitkv::merge_states<__half, __half>(const splitkv::MergeN
 template cudaError_t splitkv::merge_states<__nv_bfloat16, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
 template cudaError_t splitkv::merge_states<float, __half>(const splitkv::MergeNParams&, cudaStream_t);
 template cudaError_t splitkv::merge_states<float, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
+
+// The launch path, with every parameter kind.
+CUresult launch_check(CUfunction function, CUstream stream) {
+  splitkv::LaunchParams params;
+  params.add(static_cast<void*>(nullptr));
+  params.add(int32_t{1});
+  params.add(int64_t{2});
+  params.add(1.0f);
+  const unsigned grid[3] = {1, 1, 1};
+  const int trailing = splitkv::trailing_pointer_params(function, "pilfx", 5);
+  return trailing < 0 ? CUDA_ERROR_INVALID_VALUE : splitkv::launch_compiled(function, grid, 128, 0, stream, params);
+}

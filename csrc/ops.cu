@@ -1,6 +1,7 @@
 // The torch binding: registers the merge kernels as custom ops
-// (torch.ops.splitkv.*, for torch.compile and CUDA graphs) and exposes the
-// eager fast path of merge_attn_states as a Python function. Validation with
+// (torch.ops.splitkv.*, for torch.compile and CUDA graphs), exposes the eager
+// fast paths of the merges as Python functions, and launches kernels that triton
+// compiled (splitkv/_triton_launch.py) without triton's Python runner. Validation with
 // user-facing messages happens in Python (splitkv/merge.py); the checks here
 // only keep the ops from touching memory they do not own.
 #include <c10/cuda/CUDAGuard.h>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <optional>
 
+#include "compiled_launch.h"
 #include "merge_attn_states.cuh"
 
 namespace {
@@ -239,6 +241,59 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
+// Python side of compiled_launch.h. `entry` is (function handle, threads per
+// block, dynamic shared bytes, kinds, trailing pointers) as
+// splitkv/_triton_launch.py builds it once per compiled kernel (after
+// triton_trailing_params accepted it); `args` are the kernel's runtime arguments
+// in order, one per kind, on CUDA device `device_index`, whose current stream the
+// launch goes to. A wrong argument type raises TypeError before launching.
+void launch_triton(py::tuple entry, c10::DeviceIndex device_index, py::tuple grid, py::tuple args) {
+  const auto function = reinterpret_cast<CUfunction>(entry[0].cast<uintptr_t>());
+  const unsigned threads = entry[1].cast<unsigned>(), shared = entry[2].cast<unsigned>();
+  const std::string kinds = entry[3].cast<std::string>();
+  const int trailing = entry[4].cast<int>();
+  if (kinds.size() != args.size() || grid.size() < 1 || grid.size() > 3)
+    throw py::value_error("launch_triton: one kind per argument and a grid of 1 to 3 dimensions expected");
+  unsigned grid_dims[3] = {1, 1, 1};
+  for (size_t i = 0; i < grid.size(); ++i) grid_dims[i] = grid[i].cast<unsigned>();
+  splitkv::LaunchParams params;
+  for (size_t i = 0; i < kinds.size(); ++i) {
+    PyObject* arg = args[i].ptr();
+    switch (kinds[i]) {
+      case splitkv::kPointer:
+        if (!THPVariable_Check(arg)) throw py::type_error("launch_triton: argument " + std::to_string(i) + " must be a tensor");
+        params.add(THPVariable_Unpack(arg).data_ptr());
+        break;
+      case splitkv::kInt32:
+      case splitkv::kInt64: {
+        if (!PyLong_Check(arg)) throw py::type_error("launch_triton: argument " + std::to_string(i) + " must be an int");
+        const long long value = PyLong_AsLongLong(arg);
+        if (kinds[i] == splitkv::kInt32) {
+          params.add(static_cast<int32_t>(value));
+        } else {
+          params.add(static_cast<int64_t>(value));
+        }
+        break;
+      }
+      case splitkv::kFloat32:
+        if (!PyFloat_Check(arg)) throw py::type_error("launch_triton: argument " + std::to_string(i) + " must be a float");
+        params.add(static_cast<float>(PyFloat_AS_DOUBLE(arg)));
+        break;
+      default: break;  // a constant of the compiled kernel: not passed
+    }
+  }
+  for (int i = 0; i < trailing; ++i) params.add(static_cast<void*>(nullptr));
+  // The kernel was loaded into this device's primary context, which the guard makes current.
+  const c10::cuda::CUDAGuard guard(device_index);
+  const CUresult result = splitkv::launch_compiled(function, grid_dims, threads, shared,
+                                                   c10::cuda::getCurrentCUDAStream(device_index).stream(), params);
+  if (result != CUDA_SUCCESS) throw std::runtime_error("launch_triton: cuLaunchKernel failed with CUresult " + std::to_string(result));
+}
+
+int triton_trailing_params(uintptr_t function, const std::string& kinds) {
+  return splitkv::trailing_pointer_params(reinterpret_cast<CUfunction>(function), kinds.data(), kinds.size());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(splitkv, m) {
@@ -258,4 +313,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Eager fast path of splitkv.merge_attn_states; returns None for what it does not run");
   m.def("merge_states", &merge_states_eager,
         "Eager fast path of splitkv.merge_states; returns None for what it does not run");
+  m.def("launch_triton", &launch_triton, "Launches a kernel compiled by triton (splitkv/_triton_launch.py)");
+  m.def("triton_trailing_params", &triton_trailing_params,
+        "Pointer parameters a compiled kernel takes after its arguments, or -1 if they do not match the kinds");
 }

@@ -15,7 +15,6 @@ query head of that KV head's group) pair, so every K/V tile is loaded once for a
 query heads that share it.
 """
 
-import contextlib
 import functools
 import math
 
@@ -539,8 +538,4 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         "ieee" if q.dtype == torch.float32 else "tf32",
         _INTERPRET and q.dtype == torch.bfloat16,
     )  # fmt: skip
-    # Triton launches on the current CUDA device, which need not be q's.
-    device_index = q.device.index
-    switch_device = q.is_cuda and device_index != torch.cuda.current_device()
-    with torch.cuda.device(q.device) if switch_device else contextlib.nullcontext():
-        _launch_attention_kernel((programs,), args, constexprs, num_warps, num_stages, device_index)
+    _launch_attention_kernel((programs,), args, constexprs, num_warps, num_stages, q.device.index)

@@ -1,14 +1,18 @@
 """The CUDA merge kernels: compiled just in time on first GPU use and cached across processes.
 
 ``torch.utils.cpp_extension`` builds ``csrc/ops.cu`` (the torch binding around
-the header ``csrc/merge_attn_states.cuh``) with ninja into the torch extensions
-cache (``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The
+the headers ``csrc/merge_attn_states.cuh`` and ``csrc/compiled_launch.h``, the
+launch of triton's compiled kernels from C++: splitkv/_triton_launch.py) with
+ninja into the torch extensions cache (``$TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``). The
 library name carries a hash of the sources, so an edited kernel is rebuilt and a
 built one is loaded in milliseconds. ``python -m splitkv build`` builds ahead of
 time.
 
 Environment:
-    SPLITKV_DISABLE_CUDA=1   never use the CUDA kernels (auto picks Triton).
+    SPLITKV_DISABLE_CUDA=1   never use the CUDA kernels (auto picks Triton), and
+                             so never build them: Triton kernels then launch
+                             through triton's own runner.
     SPLITKV_REQUIRE_CUDA=1   a failed build raises instead of warning once and
                              falling back to Triton.
 """
@@ -24,13 +28,13 @@ from pathlib import Path
 import torch
 
 _SOURCES = ("ops.cu",)
-_HEADERS = ("merge_attn_states.cuh",)
+_HEADERS = ("merge_attn_states.cuh", "compiled_launch.h")
 _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 
 # None: not tried yet; "": loaded; otherwise why it could not be loaded.
 _load_error: str | None = None
 _fakes_registered = False
-#: The compiled module once loaded: its merge_attn_states is the eager fast path.
+#: The compiled module once loaded: the merges' eager fast paths and launch_triton.
 eager_ops = None
 
 

@@ -356,3 +356,85 @@ def test_compiled_launcher_picks_tritons_kernel():
             *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
         )
         assert cached is picked
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the C++ launch of compiled kernels runs only on CUDA")
+def test_launch_from_cpp_matches_tritons_runner():
+    """Once the CUDA extension is loaded, cached kernels launch from C++ (launch_triton):
+    for aligned, strided, odd-head-size and misaligned inputs, with splits and with a
+    shared prefix, every kernel takes that path and writes the very bits that triton's
+    runner writes; a description that does not match a kernel's parameters is refused."""
+    from splitkv import _attention_triton, _cuda
+
+    if _cuda.load_error():
+        pytest.skip(f"the CUDA extension is not loaded: {_cuda.load_error()}")
+    launcher = _attention_triton._launch_attention_kernel
+    if not launcher.enabled:
+        pytest.skip(f"triton {_attention_triton.triton.__version__} launches through JITFunction.run here")
+    keys = []
+
+    def recording(*launch):
+        keys.append(launcher.key(*launch[1:]))
+        launcher(*launch)
+
+    gen = torch.Generator().manual_seed(12)
+    dtype = torch.bfloat16
+    aligned = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen)
+    strided = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen, strided=True)
+    odd_head = _make_inputs([(3, 90)], 6, 1, 40, dtype, gen)
+    misaligned = [t.new_empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned[:3]]
+    misaligned = (*misaligned, *aligned[3:])
+    prefix_k, prefix_v = (_randn((200, 2, 64), dtype, gen, False) for _ in range(2))
+
+    def run_all():
+        results = []
+        for inputs in (aligned, strided, odd_head, misaligned):
+            for num_splits in (1, 3):
+                results += _run_triton(*inputs, True, 0.125, num_splits)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch, "empty", _nan_filled_empty)
+            results += triton_attention_with_lse(*aligned, True, 0.125, num_splits=2, prefix=(prefix_k, prefix_v, 3))
+        return results
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
+        patch.setattr(launcher, "direct", {})
+        patch.setattr(_cuda, "eager_ops", None)
+        run_all()  # compiles where needed
+        by_runner = run_all()
+        patch.undo()
+        patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
+        patch.setattr(launcher, "direct", {})
+        run_all()  # decides, once per kernel, to launch from C++
+        keys.clear()
+        from_cpp = run_all()
+        assert len(keys) == 9 and all(launcher.direct[key] is not None for key in keys)
+        for got, want in zip(from_cpp, by_runner):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        function, _, _, kinds, trailing = launcher.direct[keys[0]]
+    assert _cuda.eager_ops.triton_trailing_params(function, kinds) == trailing
+    assert _cuda.eager_ops.triton_trailing_params(function, kinds[:-1]) == -1
+    wrong = kinds.replace("i", "l", 1)
+    assert _cuda.eager_ops.triton_trailing_params(function, wrong) == -1
+
+
+@pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launch_on_a_device_other_than_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: the launch (through triton's runner the
+    first times, from C++ once the extension is loaded) runs on cuda:1 and gives
+    the results it gives there when cuda:1 is current."""
+    from splitkv import _cuda
+
+    gen = torch.Generator().manual_seed(13)
+    inputs = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, torch.bfloat16, gen)
+    on_one = [t.to("cuda:1") if isinstance(t, torch.Tensor) else t for t in inputs]
+    _cuda.load_error()
+    with torch.cuda.device(1):
+        want = [_run_triton(*on_one, True, 0.125, num_splits) for num_splits in (1, 3)]
+    with torch.cuda.device(0):
+        for _ in range(3):  # compile or find, decide, launch from C++
+            got = [_run_triton(*on_one, True, 0.125, num_splits) for num_splits in (1, 3)]
+            for got_pair, want_pair in zip(got, want):
+                for g, w in zip(got_pair, want_pair):
+                    assert g.device == torch.device("cuda:1")
+                    torch.testing.assert_close(g, w, atol=0, rtol=0)
