@@ -22,9 +22,11 @@ would cost a device sync per call, so there they are trusted, as flash-attn does
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import inspect
 import itertools
+import math
 
 import torch
 
@@ -38,6 +40,7 @@ __all__ = ["ATTENTION_BACKENDS", "attention_with_lse", "explain_attention"]
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 _TRITON_MAX_HEAD_DIM = 256
+_TORCH_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
 try:
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
@@ -46,6 +49,12 @@ try:
 except ImportError:  # torch older than the public varlen API
     varlen_attn = None
     _VARLEN_PARAMS = frozenset()
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    # Cached: torch's query costs microseconds, a visible share of a decode step's host time.
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -61,7 +70,7 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | N
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
             return f"flash attention needs 16-byte aligned rows; {name} starts or strides off that"
-    if torch.cuda.get_device_capability(q.device) < (8, 0):
+    if _capability(q.device.index) < (8, 0):
         return "flash attention needs compute capability 8.0 or newer"
     return None
 
@@ -75,7 +84,7 @@ def _flash_attn_why_not(q, k, v, causal, seqused_k) -> str | None:
 
 
 def _torch_flash_why_not(q, k, v, causal, seqused_k) -> str | None:
-    if not hasattr(torch.ops.aten, "_flash_attention_forward"):
+    if not _TORCH_HAS_FLASH:
         return f"torch {torch.__version__} has no bundled varlen flash attention"
     return _flash_why_not(q, k, v)
 
@@ -99,7 +108,9 @@ def _no_reason(q, k, v, causal, seqused_k) -> str | None:
 
 
 def _empty_rows_to_neg_inf(lse: torch.Tensor) -> torch.Tensor:
-    return lse.masked_fill_(lse == float("inf"), float("-inf"))
+    # One elementwise kernel (a NaN stays NaN): the fix-up is a visible share of a
+    # decode step's host time.
+    return lse.nan_to_num_(nan=math.nan, posinf=-math.inf, neginf=-math.inf)
 
 
 def _unpad_lse(lse: torch.Tensor, cu_seqlens_q: torch.Tensor, total_q: int) -> torch.Tensor:
@@ -119,7 +130,7 @@ def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     )  # fmt: skip
     if lse.dim() == 3:
         lse = _unpad_lse(lse, cu_seqlens_q, q.shape[0])
-    return out, _empty_rows_to_neg_inf(lse)
+    return out, lse
 
 
 def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float, seqused_k) -> dict | None:
@@ -155,7 +166,7 @@ def _run_torch_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal, False,
             scale=softmax_scale, seqused_k=seqused_k,
         )  # fmt: skip
-    return out, _empty_rows_to_neg_inf(lse)
+    return out, lse
 
 
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
@@ -165,6 +176,9 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
     return triton_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                      softmax_scale, seqused_k=seqused_k)  # fmt: skip
 
+
+# Backends whose kernels give a row that saw no key LSE +inf (flash-attn's convention).
+_POS_INF_EMPTY_ROWS = frozenset(("flash_attn", "torch"))
 
 #: The partial-attention backends in order of preference.
 ATTENTION_BACKENDS = BackendRegistry(
@@ -189,7 +203,7 @@ def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max
         raise ValueError(f"{name} must be on {device} like q, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if cu_seqlens.device.type == "cpu":
+    if cu_seqlens.is_cpu:
         bounds = cu_seqlens.tolist()
         lengths = [b - a for a, b in itertools.pairwise(bounds)]
         if bounds[0] != 0 or bounds[-1] != total or any(n < 0 for n in lengths):
@@ -207,7 +221,7 @@ def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) 
         raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
     if seqused_k.device != cu_seqlens_k.device:
         raise ValueError(f"seqused_k must be on {cu_seqlens_k.device} like cu_seqlens_k, got {seqused_k.device}")
-    if seqused_k.device.type == "cpu":
+    if seqused_k.is_cpu:
         used = seqused_k.tolist()
         room = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
         if any(not 0 <= u <= r for u, r in zip(used, room)):
@@ -228,10 +242,11 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         raise ValueError(f"k must have q's head_dim {q.shape[2]}, got shape {tuple(k.shape)}")
     if heads_kv == 0 or q.shape[1] % heads_kv != 0:
         raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's heads ({heads_kv})")
-    expect_like("k", k, k.shape, q.dtype, q.device, "[total_k, heads_kv, head_dim]", contiguous_last=True)
-    expect_like("v", v, k.shape, q.dtype, q.device, "[total_k, heads_kv, head_dim] like k", contiguous_last=True)
-    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, "max_seqlen_q")
-    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, total_k, max_seqlen_k, "max_seqlen_k",
+    dtype, device = q.dtype, q.device
+    expect_like("k", k, k.shape, dtype, device, "[total_k, heads_kv, head_dim]", contiguous_last=True)
+    expect_like("v", v, k.shape, dtype, device, "[total_k, heads_kv, head_dim] like k", contiguous_last=True)
+    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, device, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, device, total_k, max_seqlen_k, "max_seqlen_k",
                     check_max=seqused_k is None)  # fmt: skip
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(
@@ -300,11 +315,13 @@ def attention_with_lse(
 
 
 def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                          seqused_k=None, backend="auto"):  # fmt: skip
+                          seqused_k=None, backend="auto", normalise_lse=True):  # fmt: skip
     """:func:`attention_with_lse` for arguments that :func:`check_attention_inputs` already
     passed (``scale`` is its result): callers that checked a superset of them skip
     the second pass of Python checks, which costs more host time than a decode
-    step's kernel on small shapes."""
+    step's kernel on small shapes. ``normalise_lse=False`` leaves a flash kernel's
+    ``+inf`` LSE of rows that saw no key (one kernel launch fewer), for callers that
+    drop the LSE."""
     impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k)
     if q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         # No query or no key anywhere: the answer needs no kernel. On the H100 a
@@ -314,7 +331,10 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
-    return impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
+    out, lse = impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
+    if normalise_lse and impl.name in _POS_INF_EMPTY_ROWS:
+        lse = _empty_rows_to_neg_inf(lse)
+    return out, lse
 
 
 def explain_attention(

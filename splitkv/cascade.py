@@ -21,8 +21,9 @@ plain path itself when the model predicts it faster.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -66,8 +67,7 @@ _INLINE_PROGRAM_BYTES_PER_US = 3.3e4
 _INLINE_SM_BYTES_PER_US = 5.1e4
 
 
-@dataclass(frozen=True)
-class CascadeEstimate:
+class CascadeEstimate(NamedTuple):
     """Predicted times (µs) of the ways to compute one shared-prefix batch."""
 
     cascade_us: float  # shared prefix pass + suffix pass + N-way merge
@@ -139,12 +139,13 @@ def _check_cascade_inputs(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_
                           max_seqlen_q, max_seqlen_k, softmax_scale) -> float:  # fmt: skip
     scale = check_attention_inputs(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    softmax_scale)  # fmt: skip
-    expect_rank("prefix_k", prefix_k, 3, "[prefix_len, heads_kv, head_dim]")
     layout = "[prefix_len, heads_kv, head_dim]"
-    shape = (prefix_k.shape[0],) + tuple(suffix_k.shape[1:])
-    expect_like("prefix_k", prefix_k, shape, q.dtype, q.device, layout, contiguous_last=True)
-    expect_like("prefix_v", prefix_v, shape, q.dtype, q.device, layout, contiguous_last=True)
-    if cu_seqlens_q.device.type == "cpu":
+    expect_rank("prefix_k", prefix_k, 3, layout)
+    shape = (prefix_k.shape[0], *suffix_k.shape[1:])
+    dtype, device = q.dtype, q.device
+    expect_like("prefix_k", prefix_k, shape, dtype, device, layout, contiguous_last=True)
+    expect_like("prefix_v", prefix_v, shape, dtype, device, layout, contiguous_last=True)
+    if cu_seqlens_q.is_cpu:
         # A query before the last prefix token would see only part of the prefix.
         lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
         lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
@@ -226,15 +227,15 @@ def cascade_attention(
         max_seqlen_k = _max_len(cu_seqlens_k)
     scale = _check_cascade_inputs(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k, softmax_scale)  # fmt: skip
-    num_sequences = cu_seqlens_q.shape[0] - 1
-    total_q, heads_q, head_dim = q.shape
-    heads_kv = suffix_k.shape[1]
     prefix_len = prefix_k.shape[0]
     if prefix_len == 0 and cascade != True:
         # Nothing is shared: plain attention over the suffixes is the whole answer.
         out, lse = run_checked_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, True, scale)  # fmt: skip
+                                         max_seqlen_k, True, scale, normalise_lse=return_lse)  # fmt: skip
         return (out, lse) if return_lse else out
+    num_sequences = cu_seqlens_q.shape[0] - 1
+    total_q, heads_q, head_dim = q.shape
+    heads_kv = suffix_k.shape[1]
     if cascade == "auto":
         # The inputs come as prefix + suffixes, so the plain way must build [prefix ; suffix_i] first.
         estimate = estimate_cascade(num_sequences, prefix_len, suffix_k.shape[0], total_q, heads_q, heads_kv,
@@ -245,7 +246,7 @@ def cascade_attention(
         full_k, cu_full = _materialise(prefix_k, suffix_k, cu_seqlens_k)
         full_v, _ = _materialise(prefix_v, suffix_v, cu_seqlens_k)
         out, lse = run_checked_attention(q, full_k, full_v, cu_seqlens_q, cu_full, max_seqlen_q,
-                                         max_seqlen_k + prefix_len, True, scale)  # fmt: skip
+                                         max_seqlen_k + prefix_len, True, scale, normalise_lse=return_lse)  # fmt: skip
     elif triton_can_run(q):
         out, lse = _cascade_split(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
                                   max_seqlen_q, max_seqlen_k, scale, return_lse)  # fmt: skip
@@ -317,6 +318,14 @@ def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, e
     return _INLINE_START_US + max(alone, shared)
 
 
+@functools.cache
+def _launch_attention():
+    # Imported on first use: triton is optional for the rest of splitkv.
+    from ._attention_triton import launch_attention
+
+    return launch_attention
+
+
 def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
                    max_seqlen_q, max_seqlen_k, scale, return_lse, prefix_splits=None):  # fmt: skip
     """The split cascade as named stages, run in order by ``cascade_attention`` (and timed
@@ -326,8 +335,7 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     returns ``(out, lse or None)``. The single-launch cascade (``prefix_splits == 0``
     and one suffix chunk) has the one stage ``"passes"``. ``prefix_splits`` overrides
     :func:`cascade_splits`' count (the benchmark's sweep and the tests)."""
-    from ._attention_triton import launch_attention
-
+    launch_attention = _launch_attention()
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
     num_sequences = cu_seqlens_q.shape[0] - 1

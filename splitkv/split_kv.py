@@ -41,7 +41,7 @@ def choose_num_splits(
 
     ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV head).
     """
-    if device.type != "cuda" or max_seqlen_k <= _MIN_KEYS_PER_SPLIT:
+    if max_seqlen_k <= _MIN_KEYS_PER_SPLIT or device.type != "cuda":
         return 1
     sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / _ROWS_PER_PROGRAM))
