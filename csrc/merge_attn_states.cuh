@@ -23,6 +23,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -130,8 +131,9 @@ __device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, ELEMS>& v) 
 __device__ __forceinline__ bool is_empty_state(float lse) { return isinf(lse); }
 
 struct RowLayout {
-  int threads_per_row;  // threads that share one (token, head) row
+  int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
+  int slices = 1;  // thread groups that split one row's states (merge_states_sliced_kernel)
 };
 
 }  // namespace detail
@@ -221,28 +223,110 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
   }
 }
 
-// N-way merge over states stacked on a leading axis, in one pass over the data.
-// The states may be float32 partials (as split-KV kernels keep them) merged
-// into a float16/bfloat16 output: TIn and TOut differ then.
+namespace detail {
+
+// States folded per step of the N-way merge (see RunningMerge).
+constexpr int kMergeGroup = 4;
+
+// One thread's running merge of its vector over some of a row's states, for the
+// N-way kernels below. The states may be float32 partials (as split-KV kernels
+// keep them) merged into a float16/bfloat16 output: TIn and TOut differ then.
 //
-// Each thread folds the states into its vector with an online softmax: a group
-// of four states' lse values and data vectors are loaded together (none waits
-// for another), the running max m moves to the group's largest lse, the
-// accumulator and the running sum of exp(lse - m) are rescaled to it, and the
-// group is added. On the H100 for 8 states of 4096 x 32 x 128 bf16 (L2 flushed)
-// this was faster than the earlier kernel, which walked all lse values for the
-// max before it loaded any data (two round trips to memory). At most 64
-// registers (the launch bound: 1024 threads per multiprocessor) matter as much
-// as the single round trip: the same code at 70 registers, 768 threads per
-// multiprocessor, was slower than both.
+// An online softmax over groups of kMergeGroup states: the group's lse values
+// and data vectors are loaded together (none waits for another), the running
+// max m moves to the group's largest lse, the accumulator and the running sum
+// of exp(lse - m) are rescaled to it, and the group is added. On the H100 for 8
+// states of 4096 x 32 x 128 bf16 (L2 flushed) this was faster than an earlier
+// kernel, which walked all lse values for the max before it loaded any data (two
+// round trips to memory). At most 64 registers (the launch bound: 1024 threads
+// per multiprocessor) matter as much as the single round trip: the same code at
+// 70 registers, 768 threads per multiprocessor, was slower than both.
+template <typename TIn, int ELEMS>
+struct RunningMerge {
+  float acc[ELEMS];
+  float m = -INFINITY;  // largest non-empty lse folded so far
+  float total = 0.f;    // sum of exp(lse - m) over the states folded so far
+  bool any_nan = false;
+
+  __device__ __forceinline__ RunningMerge() {
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) acc[i] = 0.f;
+  }
+
+  // Folds in states s0 .. s0 + kMergeGroup - 1 (those below num_states) of the
+  // row whose lse values start at row_lse, at this thread's vector state_vec.
+  __device__ __forceinline__ void add_group(const MergeNParams& p, const float* row_lse, const TIn* state_vec,
+                                            int64_t s0) {
+    float lse[kMergeGroup];
+    Vec<TIn, ELEMS> v[kMergeGroup];
+#pragma unroll
+    for (int u = 0; u < kMergeGroup; ++u) {
+      const bool present = s0 + u < p.num_states;
+      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
+      if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
+    }
+    // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
+    // still reaches the sums below (as NaN weights) and the merged lse.
+    float group_max = m;
+#pragma unroll
+    for (int u = 0; u < kMergeGroup; ++u) {
+      any_nan |= isnan(lse[u]);
+      if (!is_empty_state(lse[u])) group_max = fmaxf(group_max, lse[u]);
+    }
+    if (group_max == -INFINITY) return;  // every state so far is empty
+    rescale_to(group_max);
+#pragma unroll
+    for (int u = 0; u < kMergeGroup; ++u) {
+      // An empty state contributes nothing, not 0 * (whatever its output holds).
+      if (is_empty_state(lse[u])) continue;
+      const float w = expf(lse[u] - m);
+      total += w;
+#pragma unroll
+      for (int i = 0; i < ELEMS; ++i) acc[i] += Convert<TIn>::to_float(v[u].elems[i]) * w;
+    }
+  }
+
+  // Folds in another thread's running merge of other states of the same vector.
+  __device__ __forceinline__ void add(float other_m, float other_total, const float* other_acc, bool other_nan) {
+    any_nan |= other_nan;
+    if (other_m == -INFINITY) return;  // it folded only empty states
+    if (other_m > m) rescale_to(other_m);
+    const float w = expf(other_m - m);
+    total += other_total * w;
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) acc[i] += other_acc[i] * w;
+  }
+
+  // Stores the merged vector at out_vec and returns the merged lse: 0 and -inf
+  // when every state is empty, NaN for both when any lse is NaN.
+  template <typename TOut>
+  __device__ __forceinline__ float finish(TOut* out_vec) const {
+    const bool all_empty = (m == -INFINITY) && !any_nan;
+    const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
+    Vec<TOut, ELEMS> out;
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<TOut>::from_float(acc[i] * inv_total);
+    store_streaming<TOut, ELEMS>(out_vec, out);
+    return all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
+  }
+
+ private:
+  __device__ __forceinline__ void rescale_to(float new_m) {
+    const float rescale = expf(m - new_m);  // 0 while m is still -inf
+    total *= rescale;
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) acc[i] *= rescale;
+    m = new_m;
+  }
+};
+
+}  // namespace detail
+
+// N-way merge over states stacked on a leading axis, in one pass over the data:
+// the threads of a row fold all its states, one group after another.
 template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_kernel(const MergeNParams p, const detail::RowLayout layout) {
-  using V = detail::Vec<TIn, ELEMS>;
-  using VOut = detail::Vec<TOut, ELEMS>;
-  constexpr int kElems = ELEMS;
-  constexpr int kGroup = 4;
-
   const int local_row = threadIdx.x / layout.threads_per_row;
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
   const int row = blockIdx.x * layout.rows_per_block + local_row;
@@ -258,53 +342,11 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     TOut* output_row =
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
     // Only head dims wider than a whole block of vectors take a second turn.
-    for (int64_t d = static_cast<int64_t>(lane) * kElems; d < p.head_dim;
-         d += static_cast<int64_t>(layout.threads_per_row) * kElems) {
-      float acc[kElems];
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) acc[i] = 0.f;
-      float m = -INFINITY, total = 0.f;
-      bool any_nan = false;
-      for (int64_t s0 = 0; s0 < p.num_states; s0 += kGroup) {
-        float lse[kGroup];
-        V v[kGroup];
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) {
-          const bool present = s0 + u < p.num_states;
-          lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
-          if (present) v[u] = detail::load_streaming<TIn, ELEMS>(state_row + (s0 + u) * p.states_stride_state + d);
-        }
-        // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
-        // still reaches the sums below (as NaN weights) and the merged lse.
-        float group_max = m;
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) {
-          any_nan |= isnan(lse[u]);
-          if (!detail::is_empty_state(lse[u])) group_max = fmaxf(group_max, lse[u]);
-        }
-        if (group_max == -INFINITY) continue;  // every state so far is empty
-        const float rescale = expf(m - group_max);  // 0 while m is still -inf
-        total *= rescale;
-#pragma unroll
-        for (int i = 0; i < kElems; ++i) acc[i] *= rescale;
-        m = group_max;
-#pragma unroll
-        for (int u = 0; u < kGroup; ++u) {
-          // An empty state contributes nothing, not 0 * (whatever its output holds).
-          if (detail::is_empty_state(lse[u])) continue;
-          const float w = expf(lse[u] - m);
-          total += w;
-#pragma unroll
-          for (int i = 0; i < kElems; ++i) acc[i] += detail::Convert<TIn>::to_float(v[u].elems[i]) * w;
-        }
-      }
-      const bool all_empty = (m == -INFINITY) && !any_nan;
-      merged_lse = all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
-      const float inv_total = all_empty ? 0.f : __fdividef(1.f, total);
-      VOut out;
-#pragma unroll
-      for (int i = 0; i < kElems; ++i) out.elems[i] = detail::Convert<TOut>::from_float(acc[i] * inv_total);
-      detail::store_streaming<TOut, ELEMS>(output_row + d, out);
+    for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim;
+         d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
+      detail::RunningMerge<TIn, ELEMS> merge;
+      for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
+      merged_lse = merge.finish(output_row + d);
     }
   }
 
@@ -314,6 +356,66 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     if (active && lane == 0) {
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
     }
+  }
+}
+
+// The N-way merge for few rows and many states (decode: one token per sequence,
+// one state per KV chunk), where the rows alone are too few to keep the GPU's
+// memory busy and each row's groups of states would be loaded one round trip
+// after another: `layout.slices` thread groups share each row, each folds every
+// slices-th group of its states, and the first adds up their running merges
+// through shared memory. Each lane owns exactly one vector (the launch takes
+// this kernel only when a row's vectors fit one thread group).
+template <typename TIn, typename TOut, int ELEMS>
+__global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
+    merge_states_sliced_kernel(const MergeNParams p, const detail::RowLayout layout) {
+  constexpr int kThreads = detail::kThreadsPerBlock<MergeNParams>;
+  __shared__ float shared_acc[ELEMS][kThreads];
+  __shared__ float shared_m[kThreads];
+  __shared__ float shared_total[kThreads];
+  __shared__ bool shared_nan[kThreads];
+
+  const int threads_per_row = layout.threads_per_row * layout.slices;
+  const int local_row = threadIdx.x / threads_per_row;
+  const int within_row = threadIdx.x - local_row * threads_per_row;
+  const int slice = within_row / layout.threads_per_row;
+  const int lane = within_row - slice * layout.threads_per_row;
+  const int row = blockIdx.x * layout.rows_per_block + local_row;
+  const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
+  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
+  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  const int64_t d = static_cast<int64_t>(lane) * ELEMS;
+
+  detail::RunningMerge<TIn, ELEMS> merge;
+  if (active) {
+    const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
+    const TIn* state_vec = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
+                           head * p.states_stride_head + d;
+    for (int64_t s0 = static_cast<int64_t>(slice) * detail::kMergeGroup; s0 < p.num_states;
+         s0 += static_cast<int64_t>(layout.slices) * detail::kMergeGroup)
+      merge.add_group(p, row_lse, state_vec, s0);
+  }
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) shared_acc[i][threadIdx.x] = merge.acc[i];
+  shared_m[threadIdx.x] = merge.m;
+  shared_total[threadIdx.x] = merge.total;
+  shared_nan[threadIdx.x] = merge.any_nan;
+  // Every state and input lse of the block has been read before any output is
+  // written, so outputs may alias inputs (in-place merges).
+  __syncthreads();
+  if (active && slice == 0) {
+    for (int j = 1; j < layout.slices; ++j) {
+      const int other = threadIdx.x + j * layout.threads_per_row;
+      float other_acc[ELEMS];
+#pragma unroll
+      for (int i = 0; i < ELEMS; ++i) other_acc[i] = shared_acc[i][other];
+      merge.add(shared_m[other], shared_total[other], other_acc, shared_nan[other]);
+    }
+    TOut* output_row =
+        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    const float merged_lse = merge.finish(output_row + d);
+    if (lane == 0 && p.output_lse != nullptr)
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
   }
 }
 
@@ -357,20 +459,62 @@ inline cudaError_t launch_rows(Kernel kernel, const Params& p, cudaStream_t stre
   return cudaGetLastError();
 }
 
+// Multiprocessors of the current device, asked once per device.
+inline int multiprocessor_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> counts[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 0;
+  int count = counts[device].load(std::memory_order_relaxed);
+  if (count == 0 && cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess)
+    counts[device].store(count, std::memory_order_relaxed);
+  return count;
+}
+
+// Thread groups per row for the N-way merge: doubled while a row's vectors still
+// fit one block, every group gets a whole group of states, and the blocks are
+// fewer than two per multiprocessor (too few rows to keep the memory busy).
+inline int merge_slices(const RowLayout& layout, int64_t rows, int64_t num_states, int threads_per_block,
+                        int multiprocessors) {
+  const auto blocks = [&](int slices) {
+    const int64_t rows_per_block = threads_per_block / (layout.threads_per_row * slices);
+    return (rows + rows_per_block - 1) / rows_per_block;
+  };
+  int slices = 1;
+  while (2 * slices * layout.threads_per_row <= threads_per_block && 2 * slices * kMergeGroup <= num_states &&
+         blocks(slices) < 2 * static_cast<int64_t>(multiprocessors))
+    slices *= 2;
+  return slices;
+}
+
+template <typename TIn, typename TOut, int ELEMS>
+inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t stream) {
+  constexpr int kThreads = kThreadsPerBlock<MergeNParams>;
+  RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
+  const int64_t rows = p.num_tokens * p.num_heads;
+  layout.slices = merge_slices(layout, rows, p.num_states, kThreads, multiprocessor_count());
+  if (layout.slices == 1) return launch_rows<ELEMS>(merge_states_kernel<TIn, TOut, ELEMS>, p, stream);
+  layout.rows_per_block = kThreads / (layout.threads_per_row * layout.slices);
+  const int64_t blocks = (rows + layout.rows_per_block - 1) / layout.rows_per_block;
+  const int threads = layout.threads_per_row * layout.slices * layout.rows_per_block;
+  merge_states_sliced_kernel<TIn, TOut, ELEMS><<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(p, layout);
+  return cudaGetLastError();
+}
+
 template <int N>
 using Elems = std::integral_constant<int, N>;
 
-// Dispatch by vector width: `kernel_for(Elems<N>{})` names the kernel
+// Dispatch by vector width: `launch(Elems<N>{})` launches the kernel
 // instantiation that moves N elements of TIn per access.
-template <typename TIn, typename Params, typename KernelFor>
-inline cudaError_t launch_with_vector_elems(int elems, const Params& p, cudaStream_t stream, KernelFor kernel_for) {
+template <typename TIn, typename Launch>
+inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
   switch (elems) {
     case 8:
-      if constexpr (sizeof(TIn) <= 2) return launch_rows<8>(kernel_for(Elems<8>{}), p, stream);
+      if constexpr (sizeof(TIn) <= 2) return launch(Elems<8>{});
       break;
-    case 4: return launch_rows<4>(kernel_for(Elems<4>{}), p, stream);
-    case 2: return launch_rows<2>(kernel_for(Elems<2>{}), p, stream);
-    case 1: return launch_rows<1>(kernel_for(Elems<1>{}), p, stream);
+    case 4: return launch(Elems<4>{});
+    case 2: return launch(Elems<2>{});
+    case 1: return launch(Elems<1>{});
     default: break;
   }
   return cudaErrorInvalidValue;
@@ -387,8 +531,8 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.prefix_stride_token,
                              p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
   const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
-  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), p, stream, [](auto e) {
-    return merge_attn_states_kernel<T, decltype(e)::value>;
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
+    return detail::launch_rows<decltype(e)::value>(merge_attn_states_kernel<T, decltype(e)::value>, p, stream);
   });
 }
 
@@ -401,8 +545,9 @@ cudaError_t merge_states(const MergeNParams& p, cudaStream_t stream) {
   const int64_t out_strides[] = {p.output_stride_token, p.output_stride_head};
   const uint64_t in_bits = detail::alignment_bits(in_ptrs, 1, in_strides, 3, p.head_dim, sizeof(TIn));
   const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
-  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), p, stream,
-                                               [](auto e) { return merge_states_kernel<TIn, TOut, decltype(e)::value>; });
+  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
+    return detail::launch_merge_states<TIn, TOut, decltype(e)::value>(p, stream);
+  });
 }
 
 }  // namespace splitkv

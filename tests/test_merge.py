@@ -84,10 +84,14 @@ def test_two_states_match_reference(backend, dtype, tokens, heads, head_dim, gen
 
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_states", [1, 2, 3, 8, 13])
+@pytest.mark.parametrize("num_states", [1, 2, 3, 8, 13, 33])
 # head_dim 2056 is wider than one block of threads moves at once (256 x 8 half elements): the
-# CUDA kernel then loops over the row.
-@pytest.mark.parametrize("tokens,heads,head_dim", [(0, 2, 64), (7, 3, 72), (613, 8, 128), (37, 5, 512), (3, 1, 2056)])
+# CUDA kernel then loops over the row. Few rows with 8 or more states (a decode step's one
+# token of 32 heads among them) take the CUDA kernel that splits each row's states over
+# several thread groups.
+@pytest.mark.parametrize(
+    "tokens,heads,head_dim", [(0, 2, 64), (1, 32, 128), (7, 3, 72), (613, 8, 128), (37, 5, 512), (3, 1, 2056)]
+)
 def test_n_states_match_reference(backend, dtype, num_states, tokens, heads, head_dim, generator):
     states, lses = random_states(num_states, tokens, heads, head_dim, dtype, DEVICE, generator)
     output = torch.full((tokens, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
@@ -146,6 +150,21 @@ def test_nan_lse_is_not_hidden(backend):
 
 
 @pytest.mark.parametrize("backend", backends())
+def test_nan_lse_among_many_states(backend):
+    """A NaN lse in any of 33 states (wherever it falls in the CUDA kernel's split of a
+    row's states) makes that row's output and lse NaN; a row without one stays finite."""
+    num_states, heads = 33, 5
+    states, lses = random_states(num_states, 1, heads, 128, torch.float32, DEVICE, _generator(6), inf_fraction=0)
+    for head, state in enumerate([0, 5, 17, 32]):
+        lses[state, head, 0] = float("nan")
+    out, lse = splitkv.merge_states(states, lses, backend=backend)
+    out, lse = out.cpu(), lse.cpu()
+    for head in range(4):
+        assert out[0, head].isnan().all() and lse[head, 0].isnan(), head
+    assert not out[0, 4].isnan().any() and not lse[4, 0].isnan()
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_strided_views(backend, dtype):
     """Outputs as slices of wider buffers, LSE as transposed [tokens, heads] storage,
@@ -193,8 +212,9 @@ def test_in_place(backend, dtype, into):
 
 
 @pytest.mark.parametrize("backend", backends())
-def test_in_place_n_states(backend):
-    states, lses = random_states(5, 613, 8, 128, torch.float16, DEVICE, _generator(5))
+@pytest.mark.parametrize("num_states,tokens", [(5, 613), (33, 1)])
+def test_in_place_n_states(backend, num_states, tokens):
+    states, lses = random_states(num_states, tokens, 8, 128, torch.float16, DEVICE, _generator(5))
     work, work_lses = states.clone(), lses.clone()
     splitkv.merge_states(work, work_lses, output=work[0], output_lse=work_lses[0], backend=backend)
     _check_against_reference(work[0], work_lses[0], states, lses, torch.float16)
