@@ -215,7 +215,7 @@ def main(argv=None) -> None:
         "passes = the one Triton launch of the prefix and suffix passes, merge = the N-way merge, each timed alone; graph = per call when 20 calls replay from one CUDA graph "
         f"(no launch cost; inputs partly hot in L2); b2b = per call when {_B2B_CALLS} calls are issued back to back "
         "without a sync, as an eager loop runs them: the larger of host and GPU time (do_bench's L2 flush "
-        "before each call hides up to ~85 us of host time; this does not).\n\n"
+        "before each call hides host time up to the flush's own GPU time; this does not).\n\n"
     )
     sweep_md = (
         "\n\nPrefix split counts around the chosen one (cascade_splits), GPU time of each stage alone, "
