@@ -315,6 +315,16 @@ def test_triton_inline_prefix(num_splits):
     _assert_matches(inline_out, inline_lse, *_merge_splits(chunked[0].double(), chunked[1].double()), dtype)
 
 
+def _launch_cases(gen):
+    """bf16 inputs that triton specialises differently: aligned, strided, an odd head
+    size, and copies that start one element into their buffer (not 16-byte aligned)."""
+    aligned = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, torch.bfloat16, gen)
+    strided = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, torch.bfloat16, gen, strided=True)
+    odd_head = _make_inputs([(3, 90)], 6, 1, 40, torch.bfloat16, gen)
+    misaligned = [t.new_empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned[:3]]
+    return aligned, strided, odd_head, (*misaligned, *aligned[3:])
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="the compiled-kernel launch runs only on CUDA; the interpreter has none")
 def test_compiled_launcher_picks_tritons_kernel():
     """Every launch through the launcher's cache runs the kernel triton itself would pick
@@ -331,14 +341,8 @@ def test_compiled_launcher_picks_tritons_kernel():
         launches.append(launch)
         launcher(*launch)
 
-    gen = torch.Generator().manual_seed(11)
-    dtype = torch.bfloat16
-    aligned = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen)
-    strided = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen, strided=True)
-    odd_head = _make_inputs([(3, 90)], 6, 1, 40, dtype, gen)
-    # Copies that start one element into their buffer: not 16-byte aligned.
-    misaligned = [t.new_empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned[:3]]
-    misaligned = (*misaligned, *aligned[3:])
+    aligned, strided, odd_head, misaligned = _launch_cases(torch.Generator().manual_seed(11))
+    dtype = aligned[0].dtype
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
         for inputs in (aligned, strided, odd_head, misaligned):
@@ -378,13 +382,8 @@ def test_launch_from_cpp_matches_tritons_runner():
         launcher(*launch)
 
     gen = torch.Generator().manual_seed(12)
-    dtype = torch.bfloat16
-    aligned = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen)
-    strided = _make_inputs([(1, 300), (4, 70)], 8, 2, 64, dtype, gen, strided=True)
-    odd_head = _make_inputs([(3, 90)], 6, 1, 40, dtype, gen)
-    misaligned = [t.new_empty(t.numel() + 1)[1:].view(t.shape).copy_(t) for t in aligned[:3]]
-    misaligned = (*misaligned, *aligned[3:])
-    prefix_k, prefix_v = (_randn((200, 2, 64), dtype, gen, False) for _ in range(2))
+    aligned, strided, odd_head, misaligned = _launch_cases(gen)
+    prefix_k, prefix_v = (_randn((200, 2, 64), aligned[0].dtype, gen, False) for _ in range(2))
 
     def run_all():
         results = []
