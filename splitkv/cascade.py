@@ -41,11 +41,12 @@ from .split_kv import (
 
 __all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_cascade", "use_cascade"]
 
-# Constants of the cost model, measured on the H100 machine of benchmarks/results:
-# copy bandwidth (read + write), the attention kernels' achieved tensor-core rate,
-# a kernel's fixed cost on the GPU timeline, and host time per call: a Triton launch
-# through splitkv's launcher and a torch op. A call
-# costs the larger of its GPU time and its host time, since the two overlap.
+# Constants of the cost model, fitted on an H100 by earlier sessions: copy bandwidth
+# (read + write), the attention kernels' achieved tensor-core rate, a kernel's fixed
+# cost on the GPU timeline, and host time per call: a Triton launch and a torch op. A
+# call costs the larger of its GPU time and its host time, since the two overlap. The
+# Triton launch's host time predates its launch from C++ (splitkv/_triton_launch.py),
+# which shortened it, and has not been refitted since (benchmarks/NOTES.md).
 _BYTES_PER_US = 2.9e6
 _FLOPS_PER_US = 3.0e8
 _KERNEL_US = 3.0
