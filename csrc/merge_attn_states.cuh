@@ -441,20 +441,25 @@ inline int vector_elems(uint64_t in_bits, uint64_t out_bits) {
   return elems;
 }
 
-inline RowLayout row_layout(int64_t head_dim, int elems, int max_threads) {
+// `slices` thread groups share each row (merge_states_sliced_kernel); a row's
+// vectors spread over at most one block.
+inline RowLayout row_layout(int64_t head_dim, int elems, int max_threads, int slices = 1) {
   const int64_t vecs_per_row = (head_dim + elems - 1) / elems;
   RowLayout layout;
   layout.threads_per_row = static_cast<int>(vecs_per_row < max_threads ? vecs_per_row : max_threads);
-  layout.rows_per_block = max_threads / layout.threads_per_row;
+  layout.slices = slices;
+  layout.rows_per_block = max_threads / (layout.threads_per_row * slices);
   return layout;
 }
 
-template <int ELEMS, typename Params, typename Kernel>
-inline cudaError_t launch_rows(Kernel kernel, const Params& p, cudaStream_t stream) {
-  const RowLayout layout = row_layout(p.head_dim, ELEMS, kThreadsPerBlock<Params>);
-  const int64_t rows = p.num_tokens * p.num_heads;
-  const int64_t blocks = (rows + layout.rows_per_block - 1) / layout.rows_per_block;
-  const int threads = layout.threads_per_row * layout.rows_per_block;
+inline int64_t row_blocks(const RowLayout& layout, int64_t rows) {
+  return (rows + layout.rows_per_block - 1) / layout.rows_per_block;
+}
+
+template <typename Params, typename Kernel>
+inline cudaError_t launch_rows(Kernel kernel, const Params& p, const RowLayout& layout, cudaStream_t stream) {
+  const int64_t blocks = row_blocks(layout, p.num_tokens * p.num_heads);
+  const int threads = layout.threads_per_row * layout.slices * layout.rows_per_block;
   kernel<<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(p, layout);
   return cudaGetLastError();
 }
@@ -471,34 +476,22 @@ inline int multiprocessor_count() {
   return count;
 }
 
-// Thread groups per row for the N-way merge: doubled while a row's vectors still
+// The N-way merge doubles the thread groups per row while a row's vectors still
 // fit one block, every group gets a whole group of states, and the blocks are
 // fewer than two per multiprocessor (too few rows to keep the memory busy).
-inline int merge_slices(const RowLayout& layout, int64_t rows, int64_t num_states, int threads_per_block,
-                        int multiprocessors) {
-  const auto blocks = [&](int slices) {
-    const int64_t rows_per_block = threads_per_block / (layout.threads_per_row * slices);
-    return (rows + rows_per_block - 1) / rows_per_block;
-  };
-  int slices = 1;
-  while (2 * slices * layout.threads_per_row <= threads_per_block && 2 * slices * kMergeGroup <= num_states &&
-         blocks(slices) < 2 * static_cast<int64_t>(multiprocessors))
-    slices *= 2;
-  return slices;
-}
-
 template <typename TIn, typename TOut, int ELEMS>
 inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t stream) {
   constexpr int kThreads = kThreadsPerBlock<MergeNParams>;
-  RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
   const int64_t rows = p.num_tokens * p.num_heads;
-  layout.slices = merge_slices(layout, rows, p.num_states, kThreads, multiprocessor_count());
-  if (layout.slices == 1) return launch_rows<ELEMS>(merge_states_kernel<TIn, TOut, ELEMS>, p, stream);
-  layout.rows_per_block = kThreads / (layout.threads_per_row * layout.slices);
-  const int64_t blocks = (rows + layout.rows_per_block - 1) / layout.rows_per_block;
-  const int threads = layout.threads_per_row * layout.slices * layout.rows_per_block;
-  merge_states_sliced_kernel<TIn, TOut, ELEMS><<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(p, layout);
-  return cudaGetLastError();
+  const int64_t few_blocks = 2 * static_cast<int64_t>(multiprocessor_count());
+  RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
+  while (2 * layout.slices * kMergeGroup <= p.num_states && row_blocks(layout, rows) < few_blocks) {
+    const RowLayout wider = row_layout(p.head_dim, ELEMS, kThreads, 2 * layout.slices);
+    if (wider.rows_per_block == 0) break;
+    layout = wider;
+  }
+  if (layout.slices == 1) return launch_rows(merge_states_kernel<TIn, TOut, ELEMS>, p, layout, stream);
+  return launch_rows(merge_states_sliced_kernel<TIn, TOut, ELEMS>, p, layout, stream);
 }
 
 template <int N>
@@ -532,7 +525,9 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
                              p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
   const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
   return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
-    return detail::launch_rows<decltype(e)::value>(merge_attn_states_kernel<T, decltype(e)::value>, p, stream);
+    constexpr int kElems = decltype(e)::value;
+    const detail::RowLayout layout = detail::row_layout(p.head_dim, kElems, detail::kThreadsPerBlock<MergeParams>);
+    return detail::launch_rows(merge_attn_states_kernel<T, kElems>, p, layout, stream);
   });
 }
 
