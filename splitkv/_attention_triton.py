@@ -29,6 +29,7 @@ _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
 _MAX_HEAD_DIM = 256
+_MIN_BLOCK_M = 16
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -116,6 +117,19 @@ def _attend_key_range(
 
 
 @triton.jit
+def _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                BLOCK_M: tl.constexpr):  # fmt: skip
+    """Rows ``row_block`` of a sequence's ``num_rows`` for one KV head: row r is query token
+    r // group and query head kv_head * group + r % group. Returns (row_valid, token,
+    head, offs_d, row_d_mask)."""
+    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return row_valid, rows // group, kv_head * group + rows % group, offs_d, row_d_mask
+
+
+@triton.jit
 def _attend_rows(
     Q,
     K,
@@ -166,13 +180,8 @@ def _attend_rows(
     ``PrefixK/PrefixV [prefix_len]``, which every row sees."""
     num_rows = q_len * group
     if row_block * BLOCK_M < num_rows:
-        # Row r of the sequence is query token r // group, query head kv_head * group + r % group.
-        rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = rows < num_rows
-        token = rows // group
-        head = kv_head * group + rows % group
-        offs_d = tl.arange(0, HEAD_DIM_PAD)
-        row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+        row_valid, token, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
+                                                                 HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
 
         q_rows = (q_start + token).to(tl.int64)
         q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_d_mask,
@@ -245,6 +254,92 @@ def _attend_rows(
 
 
 @triton.jit
+def _load_state(lse_ptrs, o_ptrs, state, num_states, stride_ls, stride_os, row_valid, row_d_mask):
+    # A state past the last reads the last one again, as empty (lse -inf): weight 0.
+    # (A scalar in the load mask is refused by the triton 3.9 interpreter.) .cg reads
+    # from L2, where the other programs' stores are, never from a stale L1 line.
+    read = tl.minimum(state, num_states - 1)
+    lse = tl.load(lse_ptrs + read * stride_ls, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+    out = tl.load(o_ptrs + read * stride_os, mask=row_d_mask, other=0.0, cache_modifier=".cg")
+    return tl.where(state < num_states, lse, float("-inf")), out
+
+
+@triton.jit
+def _merge_tile_when_last(
+    Out,
+    Lse,
+    Final,
+    FinalLse,
+    Counters,
+    tile,
+    num_states,
+    row_block,
+    kv_head,
+    total_q,
+    group,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lh,
+    stride_ft,
+    stride_fh,
+    stride_flh,
+    WRITE_FINAL_LSE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """The fused merge of a one-sequence cascade. Every program of a (KV head, row
+    block) tile, prefix and suffix alike, counts itself on the tile's counter once its
+    state is stored; the last to arrive merges the tile's ``num_states`` states into
+    ``Final`` (and ``FinalLse``) and sets the counter back to 0 for the next launch."""
+    # The barrier puts every thread's state stores before the atomic, whose release
+    # (issued by one thread of the program) makes them visible to the program that
+    # arrives last; its acquire makes the others' stores visible to it.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == num_states - 1:
+        tl.store(Counters + tile, 0)
+        row_valid, token, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, total_q * group, group,
+                                                                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
+        o_ptrs = Out + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        lse_ptrs = Lse + head.to(tl.int64) * stride_lh + token
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        # Four states per step, their loads issued together: one program merges the
+        # whole tile, and one state after another would wait on L2 once per state.
+        for first in range(0, num_states, 4):
+            lse_0, out_0 = _load_state(lse_ptrs, o_ptrs, first, num_states, stride_ls, stride_os, row_valid, row_d_mask)
+            lse_1, out_1 = _load_state(lse_ptrs, o_ptrs, first + 1, num_states, stride_ls, stride_os, row_valid,
+                                       row_d_mask)  # fmt: skip
+            lse_2, out_2 = _load_state(lse_ptrs, o_ptrs, first + 2, num_states, stride_ls, stride_os, row_valid,
+                                       row_d_mask)  # fmt: skip
+            lse_3, out_3 = _load_state(lse_ptrs, o_ptrs, first + 3, num_states, stride_ls, stride_os, row_valid,
+                                       row_d_mask)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.maximum(tl.maximum(lse_0, lse_1), tl.maximum(lse_2, lse_3)))
+            # An empty state (lse -inf) weighs 0; shifting by 0 while every state so far
+            # is empty avoids exp(-inf - -inf) = NaN. A NaN lse makes its row NaN.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_shift)
+            w_0 = tl.exp(lse_0 - m_shift)
+            w_1 = tl.exp(lse_1 - m_shift)
+            w_2 = tl.exp(lse_2 - m_shift)
+            w_3 = tl.exp(lse_3 - m_shift)
+            acc = acc * alpha[:, None] + w_0[:, None] * out_0 + w_1[:, None] * out_1
+            acc += w_2[:, None] * out_2 + w_3[:, None] * out_3
+            l_i = l_i * alpha + (w_0 + w_1) + (w_2 + w_3)
+            m_i = m_new
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        f_ptrs = Final + token.to(tl.int64)[:, None] * stride_ft + head[:, None] * stride_fh + offs_d[None, :]
+        tl.store(f_ptrs, (acc / l_safe[:, None]).to(Final.dtype.element_ty), mask=row_d_mask)
+        if WRITE_FINAL_LSE:
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
+            tl.store(FinalLse + head.to(tl.int64) * stride_flh + token, lse, mask=row_valid)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,
     K,
@@ -256,6 +351,9 @@ def _attention_fwd_kernel(
     seqused_k,
     PrefixK,
     PrefixV,
+    Final,
+    FinalLse,
+    Counters,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -271,6 +369,9 @@ def _attention_fwd_kernel(
     stride_oh,
     stride_ls,
     stride_lh,
+    stride_ft,
+    stride_fh,
+    stride_flh,
     batch,
     heads_kv,
     group,
@@ -285,6 +386,8 @@ def _attention_fwd_kernel(
     HAS_SEQUSED_K: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     INLINE_PREFIX: tl.constexpr,
+    FUSED_MERGE: tl.constexpr,
+    WRITE_FINAL_LSE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -306,10 +409,10 @@ def _attention_fwd_kernel(
     pid = tl.program_id(0)
     prefix_programs = prefix_row_blocks * heads_kv * prefix_splits
     if pid < prefix_programs:
+        row_block = prefix_row_blocks - 1 - pid % prefix_row_blocks
+        kv_head = pid // (prefix_row_blocks * prefix_splits)
         if HAS_PREFIX:
-            row_block = prefix_row_blocks - 1 - pid % prefix_row_blocks
             split = (pid // prefix_row_blocks) % prefix_splits
-            kv_head = pid // (prefix_row_blocks * prefix_splits)
             _attend_rows(
                 Q, PrefixK, PrefixV, Out, Lse, 0, total_q, 0, prefix_len, kv_head, row_block, split, prefix_splits,
                 split, group, stride_qt, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
@@ -337,6 +440,14 @@ def _attention_fwd_kernel(
             stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
             PrefixK, PrefixV, stride_pkt, stride_pkh, stride_pvt, stride_pvh, prefix_len,
             CAUSAL, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT, INLINE_PREFIX,
+        )  # fmt: skip
+    if FUSED_MERGE:
+        # One sequence, and the prefix pass tiled as the suffix pass (launch_attention
+        # makes it so): a (KV head, row block) tile names the same rows in both.
+        _merge_tile_when_last(
+            Out, Lse, Final, FinalLse, Counters, kv_head * num_row_blocks + row_block, prefix_splits + num_splits,
+            row_block, kv_head, total_q, group, stride_os, stride_ot, stride_oh, stride_ls, stride_lh,
+            stride_ft, stride_fh, stride_flh, WRITE_FINAL_LSE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
         )  # fmt: skip
 
 
@@ -366,7 +477,7 @@ def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_pow2: int, keys_p
             block_m, num_stages = 64, 1
     # tl.dot needs every dimension >= 16; beyond that, shrink tiles that would mostly
     # be padding (decode has group rows per sequence, short sequences few keys).
-    block_m = min(block_m, max(16, rows_pow2))
+    block_m = min(block_m, max(_MIN_BLOCK_M, rows_pow2))
     block_n = min(block_n, max(16, keys_pow2))
     # Keeps the fp32 accumulator around 64 registers per thread; 4 warps on a
     # 128 x 256 tile ran several times slower in the sweep.
@@ -477,6 +588,12 @@ def triton_attention_with_lse(
     return out[0], lse[0]
 
 
+def fused_merge_counters(heads_q: int, heads_kv: int, max_seqlen_q: int) -> int:
+    """Counters enough for a fused-merge launch (``launch_attention(..., merge_into=...)``):
+    one per KV head and row block of the smallest tile."""
+    return heads_kv * _cdiv(max_seqlen_q * (heads_q // heads_kv), _MIN_BLOCK_M)
+
+
 # Not triton.cdiv / triton.next_power_of_2: in triton 3.6 those are constexpr functions
 # whose call wrapper showed up in cProfile as a visible share of the launch's host time.
 def _cdiv(a: int, b: int) -> int:
@@ -488,11 +605,19 @@ def _next_power_of_2(n: int) -> int:
 
 
 def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                     num_splits, out, lse, prefix, seqused_k):  # fmt: skip
+                     num_splits, out, lse, prefix, seqused_k, merge_into=None):  # fmt: skip
     """The launch of :func:`triton_attention_with_lse` for arguments it (or a caller that
     checked a superset of them, as cascade attention does) has validated, with ``out``
     and ``lse`` given. Decode steps are host-bound on small shapes, so this does no
-    more Python than the launch needs."""
+    more Python than the launch needs.
+
+    ``merge_into = (final, final_lse, counters)`` fuses the merge of the states into the
+    launch, for one sequence (``batch == 1``) with a prefix in chunks
+    (``prefix_splits >= 1``): ``final [total_q, heads_q, head_dim]`` in q's dtype and,
+    unless None, ``final_lse [heads_q, total_q]`` float32 with contiguous tokens get the
+    merged result; ``counters`` is int32, zero, of at least :func:`fused_merge_counters`
+    entries, and zero again when the launch ends. Two launches may share ``counters``
+    only if they run one after the other (one CUDA stream)."""
     total_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
@@ -516,22 +641,31 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         # tile, and the shallower pipeline so both tiles fit in shared memory.
         num_warps, num_stages = max(num_warps, prefix_warps), min(num_stages, prefix_stages)
         prefix_row_blocks = _cdiv(total_q * group, prefix_block_m)
+        if merge_into is not None:
+            # The fused merge needs the prefix pass tiled as the suffix pass: the same
+            # rows per program and row blocks (those past the queries have no rows).
+            prefix_block_m, prefix_row_blocks = block_m, num_row_blocks
     programs = prefix_row_blocks * heads_kv * prefix_splits + num_row_blocks * batch * heads_kv * num_splits
     if programs == 0 or total_q == 0:
         return
     q_stride, k_stride, v_stride = q.stride(), k.stride(), v.stride()
     pk_stride, pv_stride, out_stride, lse_stride = prefix_k.stride(), prefix_v.stride(), out.stride(), lse.stride()
+    # Without a fused merge its pointers are placeholders the kernel never reads.
+    final, final_lse, counters = merge_into if merge_into is not None else (out, None, cu_seqlens_q)
+    final_stride = final.stride()
     args = (
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k if seqused_k is None else seqused_k,
-        prefix_k, prefix_v,
+        prefix_k, prefix_v, final, lse if final_lse is None else final_lse, counters,
         q_stride[0], q_stride[1], k_stride[0], k_stride[1], v_stride[0], v_stride[1],
         pk_stride[0], pk_stride[1], pv_stride[0], pv_stride[1],
         out_stride[0], out_stride[1], out_stride[2], lse_stride[0], lse_stride[1],
+        final_stride[-3], final_stride[-2], 0 if final_lse is None else final_lse.stride(0),
         batch, heads_kv, group, num_row_blocks, num_splits, total_q, prefix_len, prefix_row_blocks,
         prefix_splits, softmax_scale * _LOG2E,
     )  # fmt: skip
     constexprs = (
-        causal, seqused_k is not None, prefix_splits > 0, inline_prefix, head_dim, head_dim_pad,
+        causal, seqused_k is not None, prefix_splits > 0, inline_prefix, merge_into is not None,
+        final_lse is not None, head_dim, head_dim_pad,
         block_m, block_n, prefix_block_m, prefix_block_n,
         # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit
         # mantissa) do not give; the setting is ignored for 16-bit inputs.

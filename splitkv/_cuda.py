@@ -34,7 +34,7 @@ _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # None: not tried yet; "": loaded; otherwise why it could not be loaded.
 _load_error: str | None = None
 _fakes_registered = False
-#: The compiled module once loaded: the merges' eager fast paths and launch_triton.
+#: The compiled module once loaded: the merges' eager fast paths and TritonLaunchCache.
 eager_ops = None
 
 

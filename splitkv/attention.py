@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from . import _cuda
 from ._attention_reference import reference_attention_with_lse
 from ._checks import expect_contiguous_last, expect_float_dtype, expect_like, expect_rank, expect_tensor
 from ._registry import Backend, BackendRegistry
@@ -231,8 +232,23 @@ def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) 
 
 
 def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                           seqused_k=None) -> float:  # fmt: skip
-    """Validates the varlen attention arguments; returns the softmax scale to use."""
+                           seqused_k=None, prefix_k=None, prefix_v=None) -> float:  # fmt: skip
+    """Validates the varlen attention arguments (and, when given, cascade's shared prefix
+    KV ``prefix_k``, ``prefix_v [prefix_len, heads_kv, head_dim]``); returns the softmax
+    scale to use. Once the CUDA extension is loaded, one C++ call (``attention_inputs_ok``
+    in csrc/ops.cu) runs the same checks on CUDA inputs for a fraction of their Python
+    host time; where it is not sure, these checks run and name the argument."""
+    eager = _cuda.eager_ops
+    if (eager is None or seqused_k is not None
+            or not eager.attention_inputs_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                             softmax_scale, prefix_k, prefix_v)):  # fmt: skip
+        _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqused_k,
+                         prefix_k, prefix_v)  # fmt: skip
+    return q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqused_k,
+                     prefix_k, prefix_v) -> None:  # fmt: skip
     expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
     expect_float_dtype("q", q)
     expect_contiguous_last("q", q)
@@ -255,11 +271,14 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         )
     if seqused_k is not None:
         _expect_seqused_k(seqused_k, cu_seqlens_k, max_seqlen_k)
-    if softmax_scale is None:
-        return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
-    return float(softmax_scale)
+    if prefix_k is not None or prefix_v is not None:
+        layout = "[prefix_len, heads_kv, head_dim]"
+        expect_rank("prefix_k", prefix_k, 3, layout)
+        shape = (prefix_k.shape[0], heads_kv, head_dim)
+        expect_like("prefix_k", prefix_k, shape, dtype, device, layout, contiguous_last=True)
+        expect_like("prefix_v", prefix_v, shape, dtype, device, layout, contiguous_last=True)
 
 
 def attention_with_lse(

@@ -10,7 +10,9 @@ attention computes:
    and the prefix split over the multiprocessors (float32 partial states);
 2. the suffix pass: each sequence's queries against its own suffix KV, causal
    (bottom-right), also split when the suffixes are long;
-3. one N-way merge of all those partial states into the output.
+3. one N-way merge of all those partial states into the output (for one
+   sequence, done inside the launch of the two passes by the last program of each
+   tile to finish).
 
 The result equals full causal attention over ``[prefix ; suffix_i]``, while the
 prefix KV is read once instead of once per sequence, and stored once.
@@ -27,7 +29,6 @@ from typing import NamedTuple
 
 import torch
 
-from ._checks import expect_like, expect_rank
 from .attention import check_attention_inputs, run_checked_attention
 from .merge import merge_attn_states, merge_states
 from .split_kv import (
@@ -139,13 +140,7 @@ def use_cascade(
 def _check_cascade_inputs(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
                           max_seqlen_q, max_seqlen_k, softmax_scale) -> float:  # fmt: skip
     scale = check_attention_inputs(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   softmax_scale)  # fmt: skip
-    layout = "[prefix_len, heads_kv, head_dim]"
-    expect_rank("prefix_k", prefix_k, 3, layout)
-    shape = (prefix_k.shape[0], *suffix_k.shape[1:])
-    dtype, device = q.dtype, q.device
-    expect_like("prefix_k", prefix_k, shape, dtype, device, layout, contiguous_last=True)
-    expect_like("prefix_v", prefix_v, shape, dtype, device, layout, contiguous_last=True)
+                                   softmax_scale, prefix_k=prefix_k, prefix_v=prefix_v)  # fmt: skip
     if cu_seqlens_q.is_cpu:
         # A query before the last prefix token would see only part of the prefix.
         lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
@@ -320,11 +315,29 @@ def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, e
 
 
 @functools.cache
-def _launch_attention():
+def _triton_attention():
     # Imported on first use: triton is optional for the rest of splitkv.
-    from ._attention_triton import launch_attention
+    from . import _attention_triton
 
-    return launch_attention
+    return _attention_triton
+
+
+# Zeroed int32 arrival counters of the fused merge, one buffer per (device, CUDA
+# stream): a fused launch leaves them zero, and launches on one stream run one
+# after another, while launches on two streams could overlap.
+_MERGE_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _merge_counters(device: torch.device, needed: int) -> torch.Tensor:
+    if device.type == "cuda":
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:
+        key = (device.type, 0)
+    counters = _MERGE_COUNTERS.get(key)
+    if counters is None or counters.shape[0] < needed:
+        counters = torch.zeros(max(needed, 1024), dtype=torch.int32, device=device)
+        _MERGE_COUNTERS[key] = counters
+    return counters
 
 
 def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k,
@@ -333,10 +346,13 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     one by one by the benchmark): ``"passes"``, one Triton launch that runs the prefix
     pass and the suffix pass together, writing float32 partial states side by side into
     one buffer, then ``"merge"``, a single N-way merge into q's dtype; the last stage
-    returns ``(out, lse or None)``. The single-launch cascade (``prefix_splits == 0``
-    and one suffix chunk) has the one stage ``"passes"``. ``prefix_splits`` overrides
+    returns ``(out, lse or None)``. Two cases have the one stage ``"passes"``: the
+    single-launch cascade (``prefix_splits == 0`` and one suffix chunk), which writes
+    the output itself, and one sequence outside CUDA graph capture, whose launch also
+    merges (the last program of each tile to finish merges its states, see
+    ``launch_attention``), saving the merge's launch. ``prefix_splits`` overrides
     :func:`cascade_splits`' count (the benchmark's sweep and the tests)."""
-    launch_attention = _launch_attention()
+    kernels = _triton_attention()
     total_q, heads_q, head_dim = q.shape
     heads_kv = suffix_k.shape[1]
     num_sequences = cu_seqlens_q.shape[0] - 1
@@ -349,17 +365,27 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     states_dtype = torch.float32 if num_states > 1 else q.dtype
     states = q.new_empty((num_states, total_q, heads_q, head_dim), dtype=states_dtype)
     lses = q.new_empty((num_states, heads_q, total_q), dtype=torch.float32)
+    # A graph would keep this stream's counters for its replays, which may overlap other launches.
+    fused = (num_states > 1 and num_sequences == 1
+             and not (q.is_cuda and torch.cuda.is_current_stream_capturing()))  # fmt: skip
+    merge_into = None
+    if fused:
+        counters = _merge_counters(q.device, kernels.fused_merge_counters(heads_q, heads_kv, max_seqlen_q))
+        final_lse = q.new_empty((heads_q, total_q), dtype=torch.float32) if return_lse else None
+        merge_into = (q.new_empty((total_q, heads_q, head_dim)), final_lse, counters)
 
     def passes():
         # cascade_attention checked every input, and states / lses are made to measure above.
-        launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True, scale,
-                         suffix_splits, states, lses, prefix, None)  # fmt: skip
+        kernels.launch_attention(q, suffix_k, suffix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, True,
+                                 scale, suffix_splits, states, lses, prefix, None, merge_into)  # fmt: skip
+        if fused:
+            return merge_into[0], merge_into[1]
         return (states[0], lses[0] if return_lse else None) if num_states == 1 else None
 
     def merge():
         return merge_states(states, lses, output_dtype=q.dtype, return_lse=return_lse)
 
-    return [("passes", passes)] if num_states == 1 else [("passes", passes), ("merge", merge)]
+    return [("passes", passes)] if num_states == 1 or fused else [("passes", passes), ("merge", merge)]
 
 
 def _cascade_split(*args):

@@ -204,6 +204,78 @@ def test_bad_input_names_the_argument(name, corrupt, exc, message):
         splitkv.attention_with_lse(**args)
 
 
+def _good_cuda():
+    return {name: value.cuda() if isinstance(value, torch.Tensor) else value for name, value in _good().items()}
+
+
+def _cuda_checks():
+    from splitkv import _cuda
+
+    if _cuda.load_error():
+        pytest.skip(f"the CUDA extension is not loaded: {_cuda.load_error()}")
+    return _cuda.eager_ops.attention_inputs_ok
+
+
+def _fast_check(check, args, softmax_scale=None, prefix_k=None, prefix_v=None):
+    return check(args["q"], args["k"], args["v"], args["cu_seqlens_q"], args["cu_seqlens_k"], args["max_seqlen_q"],
+                 args["max_seqlen_k"], softmax_scale, prefix_k, prefix_v)  # fmt: skip
+
+
+# CUDA inputs that only the values of CPU cu_seqlens could show wrong are trusted; the rest is checked.
+BAD_CUDA = [
+    ("q", lambda a: a["q"][0], ValueError, "q must be \\[total_q, heads_q, head_dim\\]"),
+    ("q", lambda a: a["q"].to(torch.int8), TypeError, "q must be float32, float16 or bfloat16"),
+    ("q", lambda a: a["q"].transpose(1, 2).contiguous().transpose(1, 2), ValueError, "q must have a contiguous last"),
+    ("k", lambda a: a["k"].float(), TypeError, "k must have dtype torch.float16"),
+    ("k", lambda a: a["k"][:, :, :32], ValueError, "k must have q's head_dim 64"),
+    ("k", lambda a: a["k"][:, :0], ValueError, "must be a multiple of k's heads \\(0\\)"),
+    ("k", lambda a: torch.randn(6, 3, 64, dtype=torch.float16, device="cuda"), ValueError, "a multiple of k's heads"),
+    ("k", lambda a: a["k"].cpu(), ValueError, "k must be on cuda:0 like the other inputs"),
+    ("v", lambda a: a["v"][:5], ValueError, "v must be \\[total_k, heads_kv, head_dim\\] like k"),
+    ("v", lambda a: a["v"].transpose(1, 2).contiguous().transpose(1, 2), ValueError, "v must have a contiguous last"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].long(), TypeError, "cu_seqlens_q must have dtype torch.int32"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"][None], ValueError, "cu_seqlens_q must be \\[batch \\+ 1\\]"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:0], ValueError, "cu_seqlens_q must be \\[batch \\+ 1\\]"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].cpu(), ValueError, "cu_seqlens_q must be on cuda:0 like q"),
+    ("cu_seqlens_k", lambda a: cu_seqlens([2, 2, 2], "cuda"), ValueError, "cu_seqlens_k must have one entry per"),
+    ("max_seqlen_q", lambda a: -1, TypeError, "max_seqlen_q must be a non-negative int"),
+    ("max_seqlen_q", lambda a: True, TypeError, "max_seqlen_q must be a non-negative int"),
+    ("max_seqlen_k", lambda a: 4.0, TypeError, "max_seqlen_k must be a non-negative int"),
+]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the C++ argument checks take CUDA inputs")
+@pytest.mark.parametrize("name,corrupt,exc,message", BAD_CUDA)
+def test_bad_cuda_input_is_refused_by_the_cpp_checks(name, corrupt, exc, message):
+    """The one-call C++ checks pass good CUDA inputs and refuse each bad one, which the
+    Python checks then name."""
+    check = _cuda_checks()
+    args = _good_cuda()
+    assert _fast_check(check, args) and _fast_check(check, args, softmax_scale=0.1)
+    args[name] = corrupt(args)
+    assert not _fast_check(check, args)
+    with pytest.raises(exc, match=message):
+        splitkv.attention_with_lse(**args)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the C++ argument checks take CUDA inputs")
+def test_bad_cuda_scale_and_prefix_are_refused_by_the_cpp_checks():
+    check = _cuda_checks()
+    args = _good_cuda()
+    prefix = torch.randn(5, 2, 64, dtype=torch.float16, device="cuda")
+    assert _fast_check(check, args, prefix_k=prefix, prefix_v=prefix.clone())
+    for scale in ("0.1", True):
+        assert not _fast_check(check, args, softmax_scale=scale)
+    bad_prefixes = [(prefix[:, :1], prefix), (prefix, prefix[:4]), (prefix, prefix.float()), (prefix.cpu(), prefix),
+                    (prefix[0], prefix), (prefix, None), (None, prefix),
+                    (prefix, prefix.transpose(0, 2).contiguous().transpose(0, 2))]  # fmt: skip
+    for prefix_k, prefix_v in bad_prefixes:
+        assert not _fast_check(check, args, prefix_k=prefix_k, prefix_v=prefix_v)
+        with pytest.raises((ValueError, TypeError), match="prefix_[kv] must"):
+            splitkv.cascade_attention(args["q"], args["cu_seqlens_q"], prefix_k, prefix_v, args["k"], args["v"],
+                                      args["cu_seqlens_k"], max_seqlen_q=3, max_seqlen_k=4)  # fmt: skip
+
+
 def test_bad_scale_and_backend():
     with pytest.raises(TypeError, match="softmax_scale must be a float or None"):
         splitkv.attention_with_lse(**_good(), softmax_scale="0.1")

@@ -315,6 +315,69 @@ def test_triton_inline_prefix(num_splits):
     _assert_matches(inline_out, inline_lse, *_merge_splits(chunked[0].double(), chunked[1].double()), dtype)
 
 
+@pytest.mark.parametrize(
+    "q_len,k_len,prefix_len,prefix_splits,num_splits",
+    [(1, 33, 70, 3, 1), (1, 0, 40, 2, 1), (3, 40, 37, 2, 3), (5, 2, 19, 1, 2), (4, 0, 0, 1, 1), (1, 50, 33, 0, 3)],
+)
+def test_fused_merge_equals_the_merged_states(q_len, k_len, prefix_len, prefix_splits, num_splits):
+    """One sequence: the launch that also merges (the last program of each tile to finish
+    merges its states) writes the exact merge of the states it leaves, every element
+    (outputs poisoned with NaN), and leaves its counters zero for the next launch; the
+    second and third launches give the first's bits."""
+    from splitkv._attention_triton import fused_merge_counters, launch_attention
+
+    gen = torch.Generator().manual_seed(31 + q_len + prefix_splits)
+    dtype, scale, heads_q, heads_kv, head_dim = torch.float16, 0.2, 8, 2, 40
+    q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(q_len, k_len)], heads_q, heads_kv, head_dim, dtype, gen)
+    prefix_k, prefix_v = (_randn((prefix_len, heads_kv, head_dim), dtype, gen, True) for _ in range(2))
+    num_states = prefix_splits + num_splits
+    counters = torch.zeros(fused_merge_counters(heads_q, heads_kv, max_q) + 5, dtype=torch.int32, device=DEVICE)
+    results = []
+    for _ in range(3):
+        states = torch.full((num_states, q_len, heads_q, head_dim), float("nan"), device=DEVICE)
+        lses = torch.full((num_states, heads_q, q_len), float("nan"), device=DEVICE)
+        final = torch.full((q_len, heads_q, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+        final_lse = torch.full((heads_q, q_len), float("nan"), device=DEVICE)
+        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits, states, lses,
+                         (prefix_k, prefix_v, prefix_splits), None, (final, final_lse, counters))  # fmt: skip
+        results.append((final, final_lse))
+        assert (counters == 0).all()
+    want_out, want_lse = _merge_splits(states.double(), lses.double())
+    _assert_matches(final.float(), final_lse, want_out, want_lse, dtype)
+    for other in results[:-1]:
+        for got, want in zip(other, results[-1]):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=False)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="many programs racing to merge need a GPU")
+def test_fused_merge_under_contention():
+    """Many split programs per tile finish close together on the GPU: 200 launches of
+    one decode step over a long prefix, each writing the same bits, with the counters
+    zero after each; and a launch without the LSE writes the same output."""
+    from splitkv._attention_triton import fused_merge_counters, launch_attention
+
+    gen = torch.Generator().manual_seed(37)
+    q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(2, 300)], 32, 8, 128, torch.bfloat16, gen)
+    prefix_k, prefix_v = (_randn((8192, 8, 128), torch.bfloat16, gen, False) for _ in range(2))
+    states = torch.empty((64 + 4, 2, 32, 128), device=DEVICE)
+    lses = torch.empty((64 + 4, 32, 2), device=DEVICE)
+    counters = torch.zeros(fused_merge_counters(32, 8, max_q), dtype=torch.int32, device=DEVICE)
+    outputs = []
+    for launch in range(200):
+        final = torch.full((2, 32, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        final_lse = torch.full((32, 2), float("nan"), device=DEVICE) if launch else None
+        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.08, 4, states, lses, (prefix_k, prefix_v, 64),
+                         None, (final, final_lse, counters))  # fmt: skip
+        outputs.append((final, final_lse))
+    assert (counters == 0).all()
+    want_out, want_lse = _merge_splits(states.double(), lses.double())
+    _assert_matches(outputs[-1][0].float(), outputs[-1][1], want_out, want_lse, torch.bfloat16)
+    for final, final_lse in outputs:
+        torch.testing.assert_close(final, outputs[-1][0], atol=0, rtol=0)
+        if final_lse is not None:
+            torch.testing.assert_close(final_lse, outputs[-1][1], atol=0, rtol=0)
+
+
 def _launch_cases(gen):
     """bf16 inputs that triton specialises differently: aligned, strided, an odd head
     size, and copies that start one element into their buffer (not 16-byte aligned)."""
@@ -325,16 +388,26 @@ def _launch_cases(gen):
     return aligned, strided, odd_head, (*misaligned, *aligned[3:])
 
 
-@pytest.mark.skipif(not ON_CUDA, reason="the compiled-kernel launch runs only on CUDA; the interpreter has none")
-def test_compiled_launcher_picks_tritons_kernel():
-    """Every launch through the launcher's cache runs the kernel triton itself would pick
-    for those arguments: alignment, strides divisible by 16 or not, values of 1, splits
-    and prefix states, each twice so that the second launch takes the cached kernel."""
-    from splitkv import _attention_triton
+def _cpp_launcher():
+    """The attention kernel's launcher, skipping the test where it keeps triton's own launch."""
+    from splitkv import _attention_triton, _cuda
 
+    if _cuda.env_flag("SPLITKV_DISABLE_CUDA") or _cuda.load_error():
+        pytest.skip(f"the CUDA extension is not loaded: {_cuda.load_error() or 'SPLITKV_DISABLE_CUDA is set'}")
     launcher = _attention_triton._launch_attention_kernel
     if not launcher.enabled:
         pytest.skip(f"triton {_attention_triton.triton.__version__} launches through JITFunction.run here")
+    return launcher
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the C++ launch of compiled kernels runs only on CUDA")
+def test_compiled_launcher_picks_tritons_kernel():
+    """Every launch from C++ runs the kernel triton itself would pick for those arguments:
+    alignment, strides divisible by 16 or not, values of 1, splits and prefix states,
+    each twice so that the second launch takes the cached kernel."""
+    from splitkv import _attention_triton
+
+    launcher = _cpp_launcher()
     launches = []
 
     def recording(*launch):
@@ -355,35 +428,35 @@ def test_compiled_launcher_picks_tritons_kernel():
     assert misaligned[0].data_ptr() % 16 != 0 and len(launches) == 16
     for grid, args, constexprs, num_warps, num_stages, device_index in launches:
         assert device_index == torch.cuda.current_device()
-        cached = launcher.compiled[launcher.key(args, constexprs, num_warps, num_stages, device_index)]
+        config = launcher.configs[(constexprs, num_warps, num_stages)]
         picked = _attention_triton._attention_fwd_kernel.run(
             *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
         )
-        assert cached is picked
+        assert launcher.cache.function(config, device_index, args) == picked.function != 0
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="the C++ launch of compiled kernels runs only on CUDA")
-def test_launch_from_cpp_matches_tritons_runner():
-    """Once the CUDA extension is loaded, cached kernels launch from C++ (launch_triton):
-    for aligned, strided, odd-head-size and misaligned inputs, with splits and with a
-    shared prefix, every kernel takes that path and writes the very bits that triton's
-    runner writes; a description that does not match a kernel's parameters is refused."""
+def test_launch_from_cpp_matches_tritons_launch():
+    """For aligned, strided, odd-head-size and misaligned inputs, with splits and with a
+    shared prefix, every kernel launches from C++ after its first launch and writes the
+    very bits that triton's own launch writes; kinds that do not match a kernel's
+    parameters are refused."""
     from splitkv import _attention_triton, _cuda
+    from splitkv._triton_launch import _direct_entry
 
-    if _cuda.load_error():
-        pytest.skip(f"the CUDA extension is not loaded: {_cuda.load_error()}")
-    launcher = _attention_triton._launch_attention_kernel
-    if not launcher.enabled:
-        pytest.skip(f"triton {_attention_triton.triton.__version__} launches through JITFunction.run here")
-    keys = []
-
-    def recording(*launch):
-        keys.append(launcher.key(*launch[1:]))
-        launcher(*launch)
-
+    launcher = _cpp_launcher()
     gen = torch.Generator().manual_seed(12)
     aligned, strided, odd_head, misaligned = _launch_cases(gen)
     prefix_k, prefix_v = (_randn((200, 2, 64), aligned[0].dtype, gen, False) for _ in range(2))
+    from_cpp, last_launch = [], [None]
+
+    def counting(*launch):
+        last_launch[0] = launch
+        _, args, constexprs, num_warps, num_stages, device_index = launch
+        config = launcher.configs.get((constexprs, num_warps, num_stages))
+        known = config is not None and launcher.cache.function(config, device_index, args) != 0
+        from_cpp.append(known)
+        launcher(*launch)
 
     def run_all():
         results = []
@@ -396,27 +469,26 @@ def test_launch_from_cpp_matches_tritons_runner():
         return results
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
-        patch.setattr(launcher, "direct", {})
-        patch.setattr(_cuda, "eager_ops", None)
-        run_all()  # compiles where needed
-        by_runner = run_all()
-        patch.undo()
-        patch.setattr(_attention_triton, "_launch_attention_kernel", recording)
-        patch.setattr(launcher, "direct", {})
-        run_all()  # decides, once per kernel, to launch from C++
-        keys.clear()
-        from_cpp = run_all()
-        assert len(keys) == 9 and all(launcher.direct[key] is not None for key in keys)
-        for got, want in zip(from_cpp, by_runner):
-            torch.testing.assert_close(got, want, atol=0, rtol=0)
-        function, _, _, kinds, trailing = launcher.direct[keys[0]]
+        patch.setattr(launcher, "enabled", False)
+        patch.setattr(launcher, "cache", None)
+        by_triton = run_all()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_attention_triton, "_launch_attention_kernel", counting)
+        patch.setattr(launcher, "cache", _cuda.eager_ops.TritonLaunchCache())
+        run_all()  # triton launches each specialisation once, then the cache holds it
+        from_cpp.clear()
+        got = run_all()
+        assert len(from_cpp) == 9 and all(from_cpp) and len(launcher.cache) == 9
+    for g, want in zip(got, by_triton):
+        torch.testing.assert_close(g, want, atol=0, rtol=0)
+    grid, args, constexprs, num_warps, num_stages, _ = last_launch[0]
+    compiled = _attention_triton._attention_fwd_kernel.run(
+        *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
+    )
+    function, _, _, kinds, trailing = _direct_entry(compiled, len(args))
     assert _cuda.eager_ops.triton_trailing_params(function, kinds) == trailing
     assert _cuda.eager_ops.triton_trailing_params(function, kinds[:-1]) == -1
-    wrong = kinds.replace("i", "l", 1)
-    assert _cuda.eager_ops.triton_trailing_params(function, wrong) == -1
-
-
+    assert _cuda.eager_ops.triton_trailing_params(function, kinds.replace("i", "l", 1)) == -1
 @pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launch_on_a_device_other_than_the_current_one():
     """Tensors on cuda:1 while cuda:0 is current: the launch (through triton's runner the
@@ -431,7 +503,7 @@ def test_launch_on_a_device_other_than_the_current_one():
     with torch.cuda.device(1):
         want = [_run_triton(*on_one, True, 0.125, num_splits) for num_splits in (1, 3)]
     with torch.cuda.device(0):
-        for _ in range(3):  # compile or find, decide, launch from C++
+        for _ in range(3):  # triton launches the first time, C++ after
             got = [_run_triton(*on_one, True, 0.125, num_splits) for num_splits in (1, 3)]
             for got_pair, want_pair in zip(got, want):
                 for g, w in zip(got_pair, want_pair):
