@@ -266,7 +266,10 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     prefix is short enough that each sequence's programs can walk it themselves
     within the launch's host time (the shapes where an eager call is host-bound),
     they do, and write the final output; no partial states, no merge. Not while a
-    CUDA graph is being captured: a replay has no host time to save.
+    CUDA graph is being captured: a replay has no host time to save. Not for one
+    sequence either: its split launch merges its own states (:func:`cascade_stages`),
+    so the single launch would save it an allocation, and its few programs (one per
+    KV head) walk the prefix slower than the split ones.
 
     Otherwise the suffix count is split-KV's (:func:`~splitkv.split_kv.choose_num_splits`). The
     prefix pass runs in the same launch, so its programs share the GPU with the
@@ -288,7 +291,7 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
     # A graph replay has no host time to save, and on the GPU alone the split launch was
     # the faster in most shapes of the sweep the model was fitted to (benchmarks/NOTES.md).
-    if (suffix_splits == 1
+    if (suffix_splits == 1 and num_sequences > 1
             and _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
             <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
         return 0, 1

@@ -55,6 +55,8 @@ CASES = [  # (sequences, prefix_len, max suffix, decode, heads_q, heads_kv, head
     (6, 40, 20, False, 8, 1, 64),
 ]
 GPU_CASES = [
+    (1, 5000, 300, True, 32, 8, 128),
+    (1, 3000, 500, False, 16, 2, 128),
     (64, 2048, 300, True, 32, 8, 128),
     (16, 4096, 1024, True, 32, 4, 128),
     (8, 1000, 700, False, 16, 2, 256),
@@ -111,6 +113,27 @@ def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits,
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.skipif(not cascade_module.triton_can_run(torch.empty(1, 1, 64, device=DEVICE)),
+                    reason="the one-launch cascade needs the Triton kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("decode, prefix_splits", [(True, 1), (True, 3), (False, 2), (False, 8)])
+def test_one_sequence_cascade_merges_in_its_launch(dtype, decode, prefix_splits, rng):
+    """One sequence: the launch of the two passes also merges the states (one stage),
+    twice in a row on the same counters, and equals full attention over [prefix ; suffix]."""
+    batch = _shared_prefix_batch(rng, 1, 70, 30, decode, 8, 2, 64, dtype)
+    q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
+    ref_out, ref_lse = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
+    for _ in range(2):
+        stages = cascade_module.cascade_stages(
+            q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens(lens_k, DEVICE),
+            max(lens_q), max(lens_k), q.shape[-1] ** -0.5, True, prefix_splits=prefix_splits,
+        )  # fmt: skip
+        assert [name for name, _ in stages] == ["passes"]
+        out, lse = stages[0][1]()
+        assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+    assert all((counters == 0).all() for counters in cascade_module._MERGE_COUNTERS.values())
+
+
 def test_cascade_split_counts(monkeypatch):
     """On a 132-multiprocessor GPU: decode batches get prefix chunks that fill the GPU
     alongside the suffix programs, and otherwise never more partial-state bytes than
@@ -140,26 +163,29 @@ def test_cascade_split_counts(monkeypatch):
     assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 32768, gpu) == (32, 1)
     assert cascade_module.cascade_splits(3, heads_q, heads_kv, head_dim, 3, 1, 100, 8192, torch.device("cpu")) == (1, 1)
     # Host-bound shapes: one launch, no merge; 64 x (2048 + 1) keys are too many for it.
-    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (0, 1)
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu) == (0, 1)
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 1, 2048, gpu) == (1, 1)
+    # One sequence merges inside its split launch anyway: its prefix is split.
+    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (2, 1)
     # float32 KV has twice the bytes to walk: the same 64 x (512 + 256) keys stay split.
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu, 4) == (1, 1)
     capturing = True
-    assert cascade_module.cascade_splits(1, heads_q, heads_kv, head_dim, 1, 1, 1, 512, gpu) == (2, 1)
+    assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu) == (1, 1)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
-def test_cascade_in_cuda_graph(rng):
-    """A shape that runs eagerly as the single-launch cascade is captured as the split
-    one (whose kernel is first compiled during the capture) and, replayed on new
+@pytest.mark.parametrize("sequences", [4, 1])
+def test_cascade_in_cuda_graph(sequences, rng):
+    """A shape that runs eagerly as the single-launch cascade (4 sequences), or as a launch
+    that merges its own states (one sequence), is captured as the split cascade with its
+    merge (whose kernels are first compiled during the capture) and, replayed on new
     queries, still equals full attention."""
-    batch = _shared_prefix_batch(rng, 4, 300, 20, True, 8, 2, 64, torch.bfloat16)
+    batch = _shared_prefix_batch(rng, sequences, 300, 20, True, 8, 2, 64, torch.bfloat16)
     q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
     cu_q, cu_k = cu_seqlens(lens_q, DEVICE), cu_seqlens(lens_k, DEVICE)
     lengths = {"max_seqlen_q": max(lens_q), "max_seqlen_k": max(lens_k)}
-    splits = cascade_module.cascade_splits(4, 8, 2, 64, q.shape[0], max(lens_q), max(lens_k), 300, q.device)
-    assert splits == (0, 1)
+    splits = cascade_module.cascade_splits(sequences, 8, 2, 64, q.shape[0], max(lens_q), max(lens_k), 300, q.device)
+    assert splits == ((0, 1) if sequences > 1 else (1, 1))
 
     def call():
         return splitkv.cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k, return_lse=True,
