@@ -12,7 +12,7 @@ time.
 Environment:
     SPLITKV_DISABLE_CUDA=1   never use the CUDA kernels (auto picks Triton), and
                              so never build them: Triton kernels then launch
-                             through triton's own runner.
+                             through triton's own launch path.
     SPLITKV_REQUIRE_CUDA=1   a failed build raises instead of warning once and
                              falling back to Triton.
 """

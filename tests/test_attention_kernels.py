@@ -491,9 +491,9 @@ def test_launch_from_cpp_matches_tritons_launch():
     assert _cuda.eager_ops.triton_trailing_params(function, kinds.replace("i", "l", 1)) == -1
 @pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launch_on_a_device_other_than_the_current_one():
-    """Tensors on cuda:1 while cuda:0 is current: the launch (through triton's runner the
-    first times, from C++ once the extension is loaded) runs on cuda:1 and gives
-    the results it gives there when cuda:1 is current."""
+    """Tensors on cuda:1 while cuda:0 is current: the launch (through triton's own launch
+    the first time, from C++ after) runs on cuda:1 and gives the results it gives
+    there when cuda:1 is current."""
     from splitkv import _cuda
 
     gen = torch.Generator().manual_seed(13)
