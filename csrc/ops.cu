@@ -1,9 +1,11 @@
 // The torch binding: registers the merge kernels as custom ops
 // (torch.ops.splitkv.*, for torch.compile and CUDA graphs), exposes the eager
-// fast paths of the merges as Python functions, and launches kernels that triton
-// compiled (splitkv/_triton_launch.py) without triton's Python runner. Validation with
-// user-facing messages happens in Python (splitkv/merge.py); the checks here
-// only keep the ops from touching memory they do not own.
+// fast paths of the merges as Python functions, launches kernels that triton
+// compiled (splitkv/_triton_launch.py) without triton's Python runner, and runs
+// the attention argument checks in one call. Validation with user-facing
+// messages happens in Python (splitkv/merge.py, splitkv/attention.py); the checks
+// here only say whether those would pass, or keep the ops from touching memory
+// they do not own.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Dtype.h>
@@ -300,11 +302,9 @@ class TritonLaunchCache {
   // specialisation, -1 if the known kernel needs triton's runner.
   int launch(int64_t config, c10::DeviceIndex device_index, py::tuple grid, py::tuple args) {
     Args values;
-    std::string key;
-    if (!specialise(config, device_index, args, values, key)) return 0;
-    const auto found = entries_.find(key);
-    if (found == entries_.end()) return 0;
-    const Entry& entry = found->second;
+    const Entry* found = find(config, device_index, args, values);
+    if (found == nullptr) return 0;
+    const Entry& entry = *found;
     if (entry.function == nullptr) return -1;
     unsigned grid_dims[3] = {1, 1, 1};
     const size_t grid_size = grid.size();
@@ -331,10 +331,11 @@ class TritonLaunchCache {
   }
 
   // Keeps the kernel that triton launched for these arguments: `entry` is
-  // (function handle, threads per block, dynamic shared bytes, kinds, trailing
-  // pointers) as splitkv/_triton_launch.py builds it after triton_trailing_params
-  // accepted it, or None for a kernel that needs triton's runner. Kinds that do not
-  // fit the arguments' specialisation also leave the kernel to triton.
+  // (function handle, threads per block, dynamic shared bytes, kinds) as
+  // splitkv/_triton_launch.py builds it, or None for a kernel that needs triton's
+  // runner. The kernel is launched from C++ only if the kinds fit the arguments'
+  // specialisation and the driver confirms that the kernel's parameters are those
+  // kinds, byte for byte, plus triton's trailing pointers; else triton keeps it.
   void add(int64_t config, c10::DeviceIndex device_index, py::tuple args, py::object entry) {
     Args values;
     std::string key;
@@ -342,24 +343,26 @@ class TritonLaunchCache {
     Entry kept;
     if (!entry.is_none()) {
       const auto fields = entry.cast<py::tuple>();
-      kept.kinds = fields[3].cast<std::string>();
-      if (fits(kept.kinds, values, args.size())) {
-        kept.function = reinterpret_cast<CUfunction>(fields[0].cast<uintptr_t>());
+      const auto function = reinterpret_cast<CUfunction>(fields[0].cast<uintptr_t>());
+      const std::string kinds = fields[3].cast<std::string>();
+      const int trailing =
+          fits(kinds, values, args.size()) ? splitkv::trailing_pointer_params(function, kinds.data(), kinds.size()) : -1;
+      if (trailing >= 0) {
+        kept.function = function;
         kept.threads = fields[1].cast<unsigned>();
         kept.shared = fields[2].cast<unsigned>();
-        kept.trailing = fields[4].cast<int>();
+        kept.kinds = kinds;
+        kept.trailing = trailing;
       }
     }
     entries_[key] = std::move(kept);
   }
 
-  // The function handle launched for these arguments, 0 if none (for the tests).
+  // The function handle launched from C++ for these arguments, 0 if none (for the tests).
   uintptr_t function(int64_t config, c10::DeviceIndex device_index, py::tuple args) {
     Args values;
-    std::string key;
-    if (!specialise(config, device_index, args, values, key)) return 0;
-    const auto found = entries_.find(key);
-    return found == entries_.end() ? 0 : reinterpret_cast<uintptr_t>(found->second.function);
+    const Entry* found = find(config, device_index, args, values);
+    return found == nullptr ? 0 : reinterpret_cast<uintptr_t>(found->function);
   }
 
   size_t size() const { return entries_.size(); }
@@ -383,6 +386,15 @@ class TritonLaunchCache {
     int64_t integer[splitkv::kMaxLaunchParams];
     double real[splitkv::kMaxLaunchParams];
   };
+
+  // The entry kept for this specialisation of `args` (whose values it reads into
+  // `values`), or null.
+  const Entry* find(int64_t config, c10::DeviceIndex device_index, const py::tuple& args, Args& values) const {
+    std::string key;
+    if (!specialise(config, device_index, args, values, key)) return nullptr;
+    const auto found = entries_.find(key);
+    return found == entries_.end() ? nullptr : &found->second;
+  }
 
   // Fills `values` and `key`; false for arguments the key does not describe
   // (other types, ints beyond 64 bits, too many), which triton then launches.
@@ -445,10 +457,6 @@ class TritonLaunchCache {
   std::unordered_map<std::string, Entry> entries_;
 };
 
-int triton_trailing_params(uintptr_t function, const std::string& kinds) {
-  return splitkv::trailing_pointer_params(reinterpret_cast<CUfunction>(function), kinds.data(), kinds.size());
-}
-
 }  // namespace
 
 TORCH_LIBRARY(splitkv, m) {
@@ -477,6 +485,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("add", &TritonLaunchCache::add)
       .def("function", &TritonLaunchCache::function)
       .def("__len__", &TritonLaunchCache::size);
-  m.def("triton_trailing_params", &triton_trailing_params,
-        "Pointer parameters a compiled kernel takes after its arguments, or -1 if they do not match the kinds");
 }

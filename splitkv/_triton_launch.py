@@ -49,8 +49,10 @@ def _hook_set(hook) -> bool:
 
 
 def _direct_entry(compiled, num_args: int) -> tuple | None:
-    """``TritonLaunchCache.add``'s description of a compiled kernel (see the module
-    docstring), or None when the kernel needs triton's runner."""
+    """``TritonLaunchCache.add``'s description of a compiled kernel, ``(function,
+    threads per block, dynamic shared bytes, kinds)`` (see the module docstring; the
+    cache checks the kinds against the arguments and the kernel's parameters), or
+    None when the kernel needs triton's runner."""
     metadata, knobs = compiled.metadata, triton.knobs.runtime
     if (getattr(metadata, "global_scratch_size", 0) or getattr(metadata, "profile_scratch_size", 0)
             or getattr(metadata, "num_ctas", 1) != 1 or getattr(metadata, "launch_cooperative_grid", False)
@@ -59,14 +61,10 @@ def _direct_entry(compiled, num_args: int) -> tuple | None:
             or not compiled.function):  # fmt: skip
         return None
     types = list(compiled.src.signature.values())[:num_args]
+    # An unknown type ("?") is a kind the cache refuses.
     kinds = "".join("p" if t.startswith("*") else _KINDS.get(t, "?") for t in types)
-    if len(kinds) != num_args or "?" in kinds:
-        return None
-    trailing = _cuda.eager_ops.triton_trailing_params(compiled.function, kinds)
-    if trailing < 0:
-        return None
     threads = metadata.num_warps * getattr(metadata, "warp_size", 32)
-    return (compiled.function, threads, metadata.shared, kinds, trailing)
+    return (compiled.function, threads, metadata.shared, kinds)
 
 
 class CompiledLauncher:

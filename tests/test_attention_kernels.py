@@ -485,10 +485,20 @@ def test_launch_from_cpp_matches_tritons_launch():
     compiled = _attention_triton._attention_fwd_kernel.run(
         *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
     )
-    function, _, _, kinds, trailing = _direct_entry(compiled, len(args))
-    assert _cuda.eager_ops.triton_trailing_params(function, kinds) == trailing
-    assert _cuda.eager_ops.triton_trailing_params(function, kinds[:-1]) == -1
-    assert _cuda.eager_ops.triton_trailing_params(function, kinds.replace("i", "l", 1)) == -1
+    function, threads, shared, kinds = _direct_entry(compiled, len(args))
+    device_index = torch.cuda.current_device()
+    cache = _cuda.eager_ops.TritonLaunchCache()
+    cache.add(0, device_index, args, (function, threads, shared, kinds))
+    assert cache.function(0, device_index, args) == function != 0
+    # One kind too few, a 64-bit int where the kernel takes 32 bits (only the driver's
+    # parameter sizes tell), a pointer where it takes an int, an unknown kind.
+    first_int = kinds.index("i")
+    for wrong in (kinds[:-1], kinds.replace("i", "l", 1),
+                  kinds[:first_int] + "p" + kinds[first_int + 1:], kinds.replace("i", "?", 1)):  # fmt: skip
+        cache.add(0, device_index, args, (function, threads, shared, wrong))
+        assert cache.function(0, device_index, args) == 0
+
+
 @pytest.mark.skipif(not ON_CUDA or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_launch_on_a_device_other_than_the_current_one():
     """Tensors on cuda:1 while cuda:0 is current: the launch (through triton's own launch
