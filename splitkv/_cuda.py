@@ -89,7 +89,6 @@ def _register_fakes() -> None:
     _fakes_registered = True
 
 
-@torch._dynamo.assume_constant_result
 def load_error() -> str:
     """``""`` when the CUDA ops are loaded, else why not. Builds them on the first call."""
     global _load_error
@@ -106,3 +105,11 @@ def load_error() -> str:
                     raise RuntimeError(f"splitkv: SPLITKV_REQUIRE_CUDA=1 and {_load_error}") from exc
                 warnings.warn(f"splitkv: {_load_error}; falling back to Triton", RuntimeWarning, stacklevel=3)
     return _load_error
+
+
+# torch.compile treats the result as a constant: it calls load_error() once in Python
+# while tracing (a first call may build the extension, which no graph can hold) and
+# keeps the answer. This is all torch.compiler.assume_constant_result does (it sets
+# this one attribute), but the decorator imports torch._dynamo, about 2 s, at
+# ``import splitkv``; tests/test_import.py checks the decorator still sets exactly this.
+load_error._dynamo_marked_constant = True

@@ -43,13 +43,15 @@ _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 _TRITON_MAX_HEAD_DIM = 256
 _TORCH_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
-try:
-    from torch.nn.attention.varlen import AuxRequest, varlen_attn
-
-    _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters)
-except ImportError:  # torch older than the public varlen API
-    varlen_attn = None
-    _VARLEN_PARAMS = frozenset()
+@functools.cache
+def _varlen_api():
+    """``(varlen_attn, AuxRequest, its parameter names)``, or ``(None, None, frozenset())`` on a torch
+    older than the public varlen API. Imported on first use: the module imports torch._dynamo (2 s)."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+    except ImportError:
+        return None, None, frozenset()
+    return varlen_attn, AuxRequest, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 @functools.cache
@@ -136,6 +138,7 @@ def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float, seqused_k) -> dict | None:
     """Keyword arguments for this torch's ``varlen_attn``, or None if it cannot express the call."""
+    varlen_attn, AuxRequest, _VARLEN_PARAMS = _varlen_api()
     if varlen_attn is None or not {"return_aux", "scale"} <= _VARLEN_PARAMS:
         return None
     kwargs = {"return_aux": AuxRequest(lse=True), "scale": softmax_scale}
@@ -161,7 +164,7 @@ def _run_torch_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      seqused_k):  # fmt: skip
     kwargs = _varlen_attn_kwargs(q.shape[1], k.shape[1], causal, softmax_scale, seqused_k)
     if kwargs is not None:
-        out, lse = varlen_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
+        out, lse = _varlen_api()[0](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
     else:
         out, lse, *_ = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, causal, False,

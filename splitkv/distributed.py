@@ -39,7 +39,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ._checks import expect_rank, expect_tensor
+from ._checks import expect_bool, expect_count, expect_rank, expect_scale, expect_tensor
 from .attention import attention_with_lse, check_attention_inputs
 from .merge import merge_states
 from .split_kv import split_kv_attention, splits_pay_off
@@ -88,17 +88,23 @@ def _expect_choice(name: str, value, choices: Sequence[str]) -> str:
     return value
 
 
-def _expect_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return value
+def _expect_rank_of(rank, world_size) -> tuple[int, int]:
+    """``(rank, world_size)`` as ints, ``0 <= rank < world_size``."""
+    world_size = expect_count("world_size", world_size, 1)
+    rank = expect_count("rank", rank, 0)
+    if rank >= world_size:
+        raise ValueError(f"rank must be an int in [0, {world_size}), got {rank}")
+    return rank, world_size
 
 
-def _expect_int(name: str, value, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high})"
-        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
-    return value
+def _expect_forward_only(name: str, **tensors) -> None:
+    """The collectives move raw bytes, so no gradient could flow back through them: a
+    tensor that requires one is refused instead of being silently detached."""
+    if torch.is_grad_enabled():
+        wants = [arg for arg, t in tensors.items() if isinstance(t, torch.Tensor) and t.requires_grad]
+        if wants:
+            raise ValueError(f"{name} is not differentiable, but {', '.join(wants)} requires grad: call it under "
+                             "torch.no_grad() or pass detached tensors")  # fmt: skip
 
 
 def _resolve_group(group) -> tuple[int, int]:
@@ -185,9 +191,21 @@ def combine_bytes(world_size: int, tokens: int, heads: int, head_dim: int, eleme
     * ``"all_reduce"``: gather the LSEs (``(R-1) * T*H*4``), then a float32 sum
       all-reduce of the rescaled outputs (``2 * (R-1)/R * T*H*D*4``).
 
-    Example::
+    Args:
+        world_size: ranks in the group (``R``); 1 or fewer moves nothing.
+        tokens: query tokens ``T`` (the rows of ``q``, the same on every rank).
+        heads: query heads ``H``.
+        head_dim: ``D``.
+        element_size: bytes per element of the attention output ``e``.
 
-        >>> combine_bytes(8, 64, 32, 128, 2)
+    Returns:
+        ``{"all_gather": bytes, "all_reduce": bytes}``, ints.
+
+    Not differentiable: integer arithmetic on sizes, no tensors. Needs no process group.
+
+    Example:
+        >>> import torch, splitkv
+        >>> splitkv.distributed.combine_bytes(8, 64, 32, 128, 2)
         {'all_gather': 3727360, 'all_reduce': 1892352}
     """
     r, rows = world_size, tokens * heads
@@ -208,6 +226,21 @@ def choose_combine(world_size: int, element_size: int) -> str:
     bf16/fp16 outputs and from 3 ranks on for fp32. On a tie (R = 4 for bf16, 2 for
     fp32) and below, the all-gather is one collective instead of two (lower latency)
     and it wins.
+
+    Args:
+        world_size: ranks in the group (``R``).
+        element_size: bytes per element of the attention output (``q.element_size()``).
+
+    Returns:
+        ``"all_gather"`` or ``"all_reduce"``: what ``combine="auto"`` of
+        :func:`context_parallel_attention` picks.
+
+    Not differentiable: a choice from two ints. Needs no process group.
+
+    Example:
+        >>> import torch, splitkv
+        >>> splitkv.distributed.choose_combine(4, 2), splitkv.distributed.choose_combine(8, 2)
+        ('all_gather', 'all_reduce')
     """
     return "all_reduce" if world_size * element_size > 8 else "all_gather"
 
@@ -390,16 +423,37 @@ def context_parallel_attention(
         2 (R-1)/R * T*H*D*4`` (float32 sum; ring). For bf16 the all-gather moves
         fewer bytes up to 3 ranks, ties at 4 and loses from 5 on.
 
-    Example::
+    Not differentiable: the states travel as raw bytes, so no gradient could flow
+    back through the collectives; a ``q``, ``k_shard`` or ``v_shard`` that requires
+    grad (with grad mode on) is refused with a ValueError rather than silently
+    detached. Backend limits are those of :func:`splitkv.attention_with_lse`'s
+    backends (the flash backends take fp16/bf16 and head_dim <= 256, the Triton
+    kernel head_dim <= 256; ``splitkv.explain_attention`` says which runs). Needs an
+    initialized ``torch.distributed`` process group (NCCL for CUDA tensors, gloo
+    for CPU tensors) that every rank enters with its own shard.
 
-        >>> # 2 ranks, decode: 64 sequences, 1 query each; rank r holds its part of every KV cache
-        >>> out, lse = context_parallel_attention(q, k_shard, v_shard, cu_q, cu_k_shard, 1, max_k_shard)
-        >>> # out [64, heads_q, head_dim] and lse [heads_q, 64] are identical on both ranks
+    Example:
+        >>> import tempfile, torch, torch.distributed as dist, splitkv
+        >>> # A world of one over gloo; under torchrun each of R ranks passes its own KV shard.
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/rendezvous",
+        ...                         rank=0, world_size=1)
+        >>> q = torch.randn(2, 4, 16)                   # decode: 2 sequences, 1 query each, 4 heads
+        >>> k, v = torch.randn(2, 10, 2, 16).unbind(0)  # this rank's keys: 6 of sequence 0, 4 of sequence 1
+        >>> cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
+        >>> cu_k = torch.tensor([0, 6, 10], dtype=torch.int32)
+        >>> out, lse = splitkv.context_parallel_attention(q, k, v, cu_q, cu_k, 1, 6)
+        >>> out.shape, lse.shape                        # identical on every rank
+        (torch.Size([2, 4, 16]), torch.Size([4, 2]))
+        >>> want, want_lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 1, 6)
+        >>> torch.allclose(out, want, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)
+        True
+        >>> dist.destroy_process_group()
     """
     names = {"k": "k_shard", "v": "v_shard", "cu_seqlens_k": "cu_seqlens_k_shard", "max_seqlen_k": "max_seqlen_k_shard"}
     scale = _renamed_check(names, q, k_shard, v_shard, cu_seqlens_q, cu_seqlens_k_shard, max_seqlen_q,
-                           max_seqlen_k_shard, softmax_scale)  # fmt: skip
-    _expect_bool("causal", causal)
+                           max_seqlen_k_shard, expect_scale("softmax_scale", softmax_scale))  # fmt: skip
+    expect_bool("causal", causal)
+    _expect_forward_only("context_parallel_attention", q=q, k_shard=k_shard, v_shard=v_shard)
     _expect_choice("combine", combine, COMBINES)
     world, rank = _resolve_group(group)
 
@@ -455,20 +509,32 @@ def shard_indices(cu_seqlens: torch.Tensor, rank: int, world_size: int, *, layou
       load-balanced layout);
     * ``"contiguous"``: ``n = R`` chunks; rank ``r`` holds chunk ``r``.
 
+    Args:
+        cu_seqlens: int32 or int64 ``[batch + 1]`` cumulative lengths of the whole
+            batch (rising from 0), on any device.
+        rank: which shard, ``0 <= rank < world_size``.
+        world_size: how many shards (``R >= 1``).
+        layout: ``"zigzag"`` or ``"contiguous"``.
+
     Returns:
         ``index``: int64 ``[total_shard]`` positions in the packed batch of the
         tokens of this rank's shard, sequence by sequence (on ``cu_seqlens``'s
         device); ``cu_seqlens_shard``: int32 ``[batch + 1]`` of the shard.
         Reads ``cu_seqlens`` on the host (a device sync for a CUDA tensor).
 
-    Example::
+    Not differentiable: it returns integer indices. Needs no process group.
 
-        >>> shard_indices(torch.tensor([0, 8], dtype=torch.int32), 0, 2)[0]
-        tensor([0, 1, 6, 7])
+    Example:
+        >>> import torch, splitkv
+        >>> cu = torch.tensor([0, 8, 12], dtype=torch.int32)  # sequences of 8 and 4 tokens
+        >>> index, cu_shard = splitkv.distributed.shard_indices(cu, 0, 2)
+        >>> index, cu_shard
+        (tensor([ 0,  1,  6,  7,  8, 11]), tensor([0, 4, 6], dtype=torch.int32))
+        >>> splitkv.distributed.shard_indices(cu, 0, 2, layout="contiguous")[0]
+        tensor([0, 1, 2, 3, 8, 9])
     """
     bounds = _expect_cu_seqlens("cu_seqlens", cu_seqlens)
-    _expect_int("world_size", world_size, 1)
-    _expect_int("rank", rank, 0, world_size)
+    rank, world_size = _expect_rank_of(rank, world_size)
     _expect_choice("layout", layout, LAYOUTS)
     parts, lengths = [], [0]
     for start, end in itertools.pairwise(bounds):
@@ -482,7 +548,8 @@ def shard_indices(cu_seqlens: torch.Tensor, rank: int, world_size: int, *, layou
 
 def _expect_tokens(name: str, x, dim: int, total: int) -> int:
     expect_tensor(name, x)
-    if not -x.dim() <= dim < x.dim():
+    dim = expect_count("dim", dim, -x.dim())
+    if dim >= x.dim():
         raise ValueError(f"dim = {dim} is out of range for {name} of {x.dim()} dims")
     dim %= x.dim()
     if x.shape[dim] != total:
@@ -499,13 +566,25 @@ def shard_sequences(x: torch.Tensor, cu_seqlens: torch.Tensor, rank: int, world_
         x: any tensor with the packed tokens along ``dim`` (``[tokens, heads,
             head_dim]`` q/k/v with ``dim=0``; an LSE ``[heads, tokens]`` with ``dim=1``).
         cu_seqlens: ``[batch + 1]`` int32/int64 cumulative lengths of the whole batch.
-        rank, world_size: which of how many shards.
+        rank, world_size: which of how many shards (``0 <= rank < world_size``).
         layout: ``"zigzag"`` or ``"contiguous"``, see :func:`shard_indices`.
+        dim: the dimension of ``x`` that holds the tokens (negative counts from the end).
 
-    Example::
+    Returns:
+        ``(x_shard, cu_seqlens_shard)``: ``x``'s tokens of this rank along ``dim``
+        (a copy, in :func:`shard_indices` order), and int32 ``[batch + 1]`` lengths
+        of the shard, the ``cu_seqlens_shard`` of :func:`context_parallel_prefill`.
 
-        >>> q_shard, cu_shard = shard_sequences(q, cu, rank, world)   # and k, v alike
-        >>> out_shard, lse_shard = context_parallel_prefill(q_shard, k_shard, v_shard, cu_shard, max_len)
+    Differentiable with respect to ``x`` (an ``index_select``). Needs no process
+    group: every rank can cut its own shard from the whole batch.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cu = torch.tensor([0, 8, 12], dtype=torch.int32)
+        >>> x = torch.arange(12).view(12, 1)                  # [tokens, 1]
+        >>> x_shard, cu_shard = splitkv.shard_sequences(x, cu, 1, 2)
+        >>> x_shard.flatten(), cu_shard
+        (tensor([ 2,  3,  4,  5,  9, 10]), tensor([0, 4, 6], dtype=torch.int32))
     """
     bounds = _expect_cu_seqlens("cu_seqlens", cu_seqlens)
     dim = _expect_tokens("x", x, dim, bounds[-1])
@@ -523,10 +602,24 @@ def unshard_sequences(shards: Sequence[torch.Tensor], cu_seqlens: torch.Tensor, 
         cu_seqlens: ``[batch + 1]`` cumulative lengths of the whole batch.
         layout, dim: as in :func:`shard_sequences`.
 
-    Example::
+    Returns:
+        The whole packed batch, ``cu_seqlens[-1]`` tokens along ``dim``, other
+        dimensions, dtype and device those of ``shards[0]``.
 
-        >>> out = unshard_sequences([out_rank0, out_rank1], cu)
-        >>> lse = unshard_sequences([lse_rank0, lse_rank1], cu, dim=1)
+    Differentiable with respect to the shards (an ``index_copy_`` of their
+    concatenation). Needs no process group.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cu = torch.tensor([0, 8, 12], dtype=torch.int32)
+        >>> x = torch.randn(12, 2, 4)                         # [tokens, heads, head_dim]
+        >>> shards = [splitkv.shard_sequences(x, cu, rank, 2)[0] for rank in range(2)]
+        >>> torch.equal(splitkv.unshard_sequences(shards, cu), x)
+        True
+        >>> lse = torch.randn(2, 12)                          # [heads, tokens]: tokens on dim 1
+        >>> parts = [splitkv.shard_sequences(lse, cu, rank, 2, dim=1)[0] for rank in range(2)]
+        >>> torch.equal(splitkv.unshard_sequences(parts, cu, dim=1), lse)
+        True
     """
     if isinstance(shards, torch.Tensor) or not isinstance(shards, (list, tuple)) or not shards:
         raise TypeError("shards must be a non-empty list or tuple of tensors, one per rank")
@@ -605,13 +698,30 @@ def context_parallel_prefill(
     short next to the attention (long prefills are compute-bound: ``O(L^2)``
     flops over ``O(L)`` bytes), wasteful when memory is tight.
 
-    Example::
+    Not differentiable: the KV travels through the collectives as raw bytes; a
+    ``q_shard``, ``k_shard`` or ``v_shard`` that requires grad (with grad mode on)
+    is refused with a ValueError rather than silently detached. Backend limits are
+    those of :func:`splitkv.attention_with_lse` (see :func:`context_parallel_attention`).
+    Needs an initialized ``torch.distributed`` process group that every rank enters
+    with its own shard.
 
-        >>> q_s, cu_s = shard_sequences(q, cu, rank, world)
-        >>> k_s, _ = shard_sequences(k, cu, rank, world)
-        >>> v_s, _ = shard_sequences(v, cu, rank, world)
+    Example:
+        >>> import tempfile, torch, torch.distributed as dist, splitkv
+        >>> # A world of one over gloo; under torchrun rank r of R passes rank=r, world_size=R.
+        >>> dist.init_process_group("gloo", init_method=f"file://{tempfile.mkdtemp()}/rendezvous",
+        ...                         rank=0, world_size=1)
+        >>> q, k, v = torch.randn(3, 12, 2, 16).unbind(0)  # 2 sequences of 5 and 7 tokens, 2 heads
+        >>> cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+        >>> q_s, cu_s = splitkv.shard_sequences(q, cu, dist.get_rank(), dist.get_world_size())
+        >>> k_s, _ = splitkv.shard_sequences(k, cu, dist.get_rank(), dist.get_world_size())
+        >>> v_s, _ = splitkv.shard_sequences(v, cu, dist.get_rank(), dist.get_world_size())
         >>> max_s = int((cu_s[1:] - cu_s[:-1]).max())
-        >>> out_s, lse_s = context_parallel_prefill(q_s, k_s, v_s, cu_s, max_s)
+        >>> out_s, lse_s = splitkv.context_parallel_prefill(q_s, k_s, v_s, cu_s, max_s)
+        >>> out = splitkv.unshard_sequences([out_s], cu)  # gather every rank's out_s first
+        >>> want, _ = splitkv.attention_with_lse(q, k, v, cu, cu, 7, 7, causal=True)
+        >>> torch.allclose(out, want, atol=1e-5)
+        True
+        >>> dist.destroy_process_group()
     """
     names = {"q": "q_shard", "k": "k_shard", "v": "v_shard", "cu_seqlens_q": "cu_seqlens_shard",
              "cu_seqlens_k": "cu_seqlens_shard", "max_seqlen_q": "max_seqlen_shard",
@@ -622,9 +732,10 @@ def context_parallel_prefill(
         raise ValueError(f"k_shard must hold the same tokens as q_shard ({q_shard.shape[0]}), got "
                          f"{k_shard.shape[0]}")  # fmt: skip
     scale = _renamed_check(names, q_shard, k_shard, v_shard, cu_seqlens_shard, cu_seqlens_shard, max_seqlen_shard,
-                           max_seqlen_shard, softmax_scale)  # fmt: skip
+                           max_seqlen_shard, expect_scale("softmax_scale", softmax_scale))  # fmt: skip
     _expect_choice("layout", layout, LAYOUTS)
-    _expect_bool("causal", causal)
+    expect_bool("causal", causal)
+    _expect_forward_only("context_parallel_prefill", q_shard=q_shard, k_shard=k_shard, v_shard=v_shard)
     world, rank = _resolve_group(group)
 
     shard_lengths = _gather_lengths(cu_seqlens_shard, group, world)  # [R][B], the same on every rank

@@ -3,7 +3,7 @@ against full varlen attention over each sequence's materialised ``[prefix ; suff
 (the layout of a system without prefix sharing), with the time of each cascade stage and
 the KV memory each layout needs.
 
-    python -m splitkv.bench cascade [--out benchmarks/results] [--quick]
+    python -m splitkv.bench cascade [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import splitkv
 from splitkv.cascade import cascade_splits, cascade_stages
 
 from .common import (
+    add_out_argument,
     environment,
     graph_replay_us,
     host_overhead_us,
@@ -168,7 +169,7 @@ def plot(rows: list[dict], env: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench cascade", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_out_argument(parser, "cascade")
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -4,6 +4,7 @@ JSON / markdown / PNG outputs."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -98,6 +99,19 @@ def copy_bandwidth_tbs(num_bytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src))
     return 2 * num_bytes / (ms * 1e-3) / 1e12
+
+
+#: Where results go without ``--out``: a fresh folder per run under the working directory,
+#: so a run from a checkout never overwrites the committed ``benchmarks/results/``.
+DEFAULT_OUT_ROOT = Path("splitkv-bench-results")
+
+
+def add_out_argument(parser: argparse.ArgumentParser, stem: str) -> None:
+    """``--out DIR``: where the JSON / markdown / PNG go; default a fresh folder named by the time."""
+    fresh = DEFAULT_OUT_ROOT / f"{stem}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    parser.add_argument("--out", type=Path, default=fresh, metavar="DIR",
+                        help=f"folder for the JSON, markdown and PNG (default: a fresh {DEFAULT_OUT_ROOT}/{stem}-"
+                        "<date-time>/; pass --out benchmarks/results to update the committed results)")  # fmt: skip
 
 
 def write_outputs(out_dir: Path, stem: str, payload: dict, markdown: str) -> None:

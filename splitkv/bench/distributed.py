@@ -10,7 +10,7 @@ queries), and strong-scaling efficiency ``T_1 / (R * T_R)`` against the one-GPU 
 of the same code. Rank 0 also checks its result against single-GPU attention over
 the whole KV.
 
-    python -m splitkv.bench distributed [--out benchmarks/results] [--world-sizes 1 2 4]
+    python -m splitkv.bench distributed [--out DIR] [--world-sizes 1 2 4]
     python -m splitkv.bench distributed --cpu   # gloo on CPU, tiny sizes: a smoke run of this script
 """
 
@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 import splitkv
 from splitkv import distributed as cp
 
-from .common import environment, markdown_table, text_table, write_outputs
+from .common import add_out_argument, environment, markdown_table, text_table, write_outputs
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 
@@ -214,7 +214,7 @@ def _tables(decode: list[dict], prefill: list[dict]) -> tuple[list, list, list, 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench distributed", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    add_out_argument(parser, "distributed")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=None, help="default: 1, 2, 4, ... GPUs present")
     parser.add_argument("--kv-tokens", type=int, default=1 << 20, help="decode: tokens of the one sharded KV")
     parser.add_argument("--queries", type=int, nargs="+", default=[1, 8, 64], help="decode: query tokens (causal)")

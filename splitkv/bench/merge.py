@@ -1,7 +1,7 @@
 """Merge benchmark: the seed table (torch / Triton / CUDA), achieved bandwidth against the
 measured copy ceiling, CUDA-graph replay, host overhead per call, and the N-way merge.
 
-    python -m splitkv.bench merge [--out benchmarks/results] [--quick]
+    python -m splitkv.bench merge [--out DIR] [--quick]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import splitkv
 
 from .common import (
+    add_out_argument,
     copy_bandwidth_tbs,
     environment,
     graph_replay_us,
@@ -155,7 +156,7 @@ def plot(rows: list[dict], copy_tbs: float, env: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench merge", description=__doc__)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where JSON/markdown/PNG go")
+    add_out_argument(parser, "merge")
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
