@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: build the CUDA ops, then run the steps named as
 # arguments, in order, each logged under $OUT (default: tests, then bench merge):
-#   tests                 the whole test suite (extra pytest options in $PYTEST_ARGS)
+#   tests                 the whole test suite, slow grids included (-m ""; extra pytest
+#                         options in $PYTEST_ARGS, e.g. "-n 8" or "-m slow" or test paths)
 #   "bench NAME [ARGS]"   python -m splitkv.bench NAME --out $OUT/results ARGS
 #   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
 # The exit status is non-zero if any step failed; later steps run regardless.
@@ -24,7 +25,7 @@ for spec in "$@"; do
   echo "=== $spec" | tee "$log"
   start=$SECONDS
   case "$kind" in
-    tests) python -m pytest -q -ra --durations=15 -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
+    tests) python -m pytest -q -ra --durations=15 -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
     bench) python -m splitkv.bench "$name" --out "$OUT/results" $args 2>&1 | tee -a "$log" ;;
     example) python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;

@@ -7,7 +7,13 @@ import json
 from splitkv.bench import distributed
 
 
-def test_distributed_bench_smoke(tmp_path):
+def test_distributed_bench_smoke(tmp_path, monkeypatch):
+    # The ranks are fresh processes that inherit this environment. conftest's
+    # TRITON_INTERPRET=1 would run their Triton kernels in the interpreter (about
+    # 16 s a call for the one-process baseline); the script is under test here, not
+    # the kernels (tests/test_attention_kernels.py runs those), so the ranks take the
+    # backends a CPU machine picks without it.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     distributed.main(["--cpu", "--world-sizes", "1", "2", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "distributed.json").read_text())
     assert {r["world"] for r in result["decode"]} == {1, 2}

@@ -7,6 +7,7 @@ import zlib
 import pytest
 import torch
 from attention_reference import assert_attention_close, cu_seqlens, random_tokens, reference64
+from grids import grid, rotate
 
 import splitkv
 from splitkv import cascade as cascade_module
@@ -64,9 +65,20 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CASES + (GPU_CASES if HAS_CUDA else []), ids=str)
-@pytest.mark.parametrize("cascade", ["auto", True, False])
+_ALL_CASES = CASES + (GPU_CASES if HAS_CUDA else [])
+CASCADE_CHOICES = ["auto", True, False]
+
+
+def _every_dtype_once(index_of) -> callable:
+    """A ``grid`` default: each combination of the other axes at one dtype (rotating)."""
+    return lambda *values: values[-1] is rotate(index_of(*values[:-1]), DTYPES)
+
+
+@pytest.mark.parametrize(
+    "cascade,case,dtype",
+    grid(CASCADE_CHOICES, [pytest.param(c, id=str(c)) for c in _ALL_CASES], DTYPES,
+         default=_every_dtype_once(lambda cascade, case: CASCADE_CHOICES.index(cascade) + _ALL_CASES.index(case))),
+)  # fmt: skip
 def test_cascade_equals_full_attention(dtype, case, cascade, rng):
     batch = _shared_prefix_batch(rng, *case, dtype)
     q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
@@ -90,10 +102,15 @@ def test_cascade_without_triton_uses_two_passes(dtype, rng, monkeypatch):
     torch.testing.assert_close(out.double(), ref_out, atol=1.6e-2, rtol=1.6e-2)
 
 
+PREFIX_SPLIT_CASES = [(70, 0), (5, 0), (70, 1), (70, 3), (70, 8), (5, 7)]
+
+
 @pytest.mark.skipif(not cascade_module.triton_can_run(torch.empty(1, 1, 64, device=DEVICE)),
                     reason="the one-launch cascade needs the Triton kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("prefix_len, prefix_splits", [(70, 0), (5, 0), (70, 1), (70, 3), (70, 8), (5, 7)])
+@pytest.mark.parametrize(
+    "prefix_len,prefix_splits,dtype",
+    grid(PREFIX_SPLIT_CASES, DTYPES, default=_every_dtype_once(lambda *case: PREFIX_SPLIT_CASES.index(case))),
+)
 def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits, rng):
     """Both passes in one launch, the prefix cut into chunks (some empty when there are
     more chunks than keys), merged N-way; or, with 0 prefix chunks, each sequence's
@@ -113,10 +130,15 @@ def test_one_launch_cascade_with_prefix_splits(dtype, prefix_len, prefix_splits,
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+ONE_SEQUENCE_CASES = [(True, 1), (True, 3), (False, 2), (False, 8)]
+
+
 @pytest.mark.skipif(not cascade_module.triton_can_run(torch.empty(1, 1, 64, device=DEVICE)),
                     reason="the one-launch cascade needs the Triton kernel (CUDA, or TRITON_INTERPRET=1 on CPU)")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("decode, prefix_splits", [(True, 1), (True, 3), (False, 2), (False, 8)])
+@pytest.mark.parametrize(
+    "decode,prefix_splits,dtype",
+    grid(ONE_SEQUENCE_CASES, DTYPES, default=_every_dtype_once(lambda *case: ONE_SEQUENCE_CASES.index(case))),
+)
 def test_one_sequence_cascade_merges_in_its_launch(dtype, decode, prefix_splits, rng):
     """One sequence: the launch of the two passes also merges the states (one stage),
     twice in a row on the same counters, and equals full attention over [prefix ; suffix]."""
@@ -229,9 +251,14 @@ def test_cost_model():
     assert not splitkv.use_cascade(4, 1024, 4 * 4096, 4 * 4096, heads_q=32, heads_kv=8, head_dim=128)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_splits", [None, 1, 3, 8])
-@pytest.mark.parametrize("causal", [False, True])
+SPLIT_COUNTS = [None, 1, 3, 8]
+
+
+@pytest.mark.parametrize(
+    "causal,num_splits,dtype",
+    grid([False, True], SPLIT_COUNTS, DTYPES,
+         default=_every_dtype_once(lambda causal, splits: int(causal) + SPLIT_COUNTS.index(splits))),
+)  # fmt: skip
 def test_split_kv_equals_full_attention(dtype, num_splits, causal, rng):
     _py, gen = rng
     lengths = [(1, 90), (0, 7), (12, 12), (4, 0), (9, 4), (2, 61)]

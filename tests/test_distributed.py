@@ -320,3 +320,56 @@ def test_group_argument(tmp_path):
             cp.context_parallel_prefill(q, k, v, cu, 4, group="world")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), 0.0, -0.1])
+def test_bad_softmax_scale_is_refused(scale):
+    with pytest.raises(ValueError, match="softmax_scale must be a finite positive float"):
+        cp.context_parallel_attention(*_args(), softmax_scale=scale)
+    q, k, v, cu, _ = _batch([4], [4], torch.float32, "cpu", 0)
+    with pytest.raises(ValueError, match="softmax_scale must be a finite positive float"):
+        cp.context_parallel_prefill(q, k, v, cu, 4, softmax_scale=scale)
+
+
+def test_flags_counts_and_gradients_are_checked():
+    q, k, v, cu, _ = _batch([4], [4], torch.float32, "cpu", 0)
+    # A flag given as a string is not taken as truthy.
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        cp.context_parallel_attention(*_args(), causal="False")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        cp.context_parallel_prefill(q, k, v, cu, 4, causal="False")
+    with pytest.raises(TypeError, match="softmax_scale must be a positive float or None"):
+        cp.context_parallel_attention(*_args(), softmax_scale="0.3")
+    # Counts are ints: a float or a string is a TypeError naming the argument.
+    with pytest.raises(TypeError, match="rank must be an int"):
+        cp.shard_indices(cu, 1.0, 2)
+    with pytest.raises(TypeError, match="world_size must be an int"):
+        cp.shard_sequences(q, cu, 0, "2")
+    with pytest.raises(TypeError, match="dim must be an int"):
+        cp.shard_sequences(q, cu, 0, 2, dim="0")
+    with pytest.raises(ValueError, match="dim = 3 is out of range for x of 3 dims"):
+        cp.shard_sequences(q, cu, 0, 2, dim=3)
+    with pytest.raises(ValueError, match="dim must be an int >= -3"):
+        cp.shard_sequences(q, cu, 0, 2, dim=-4)
+    # No gradient flows through the collectives: refused, not silently detached.
+    args = _args()
+    args[0] = args[0].requires_grad_()
+    with pytest.raises(ValueError, match="context_parallel_attention is not differentiable, but q requires grad"):
+        cp.context_parallel_attention(*args)
+    with pytest.raises(ValueError, match="context_parallel_prefill is not differentiable, but v_shard requires grad"):
+        cp.context_parallel_prefill(q, k, v.requires_grad_(), cu, 4)
+
+
+def test_numpy_scale_and_no_grad_are_accepted(tmp_path):
+    import numpy as np
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        args = _args()
+        args[0].requires_grad_()
+        with torch.no_grad():
+            out, lse = cp.context_parallel_attention(*args, softmax_scale=np.float32(0.3))
+        ref_out, ref_lse = reference64(*_cpu(*args[:5]), args[5], args[6], False, 0.3)
+        assert_attention_close(out, lse, ref_out, ref_lse, torch.float32)
+    finally:
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@ import zlib
 
 import pytest
 import torch
+from grids import grid, rotate
 from merge_reference import LSE_TOLERANCE, TOLERANCES, random_states, reference_merge
 
 import splitkv
@@ -59,15 +60,27 @@ def _check_against_reference(out, lse, states, lses, dtype):
         torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOLERANCE)
 
 
-def _shape_cases():
-    cases = [pytest.param(*s, id="x".join(map(str, s))) for s in SHAPES]
-    cases += [pytest.param(*s, id="x".join(map(str, s))) for s in LARGE_SHAPES]
-    return cases
+# Grids in the default run: cases up to _CHEAP_ELEMENTS (all states together) at every
+# dtype, larger ones at one dtype (rotating); the Triton interpreter takes seconds on CPU
+# past _INTERPRETER_ELEMENTS, so those cases, like the large shapes, run under -m slow.
+_CHEAP_ELEMENTS = 50_000
+_INTERPRETER_ELEMENTS = 500_000
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("tokens,heads,head_dim", _shape_cases())
+def _in_default_run(elements: int, index: int, dtype, backend) -> bool:
+    if elements > _CHEAP_ELEMENTS and dtype is not rotate(index, DTYPES):
+        return False
+    return backend != "triton" or elements <= _INTERPRETER_ELEMENTS
+
+
+def _two_states_default(tokens, heads, head_dim, dtype, backend) -> bool:
+    shape = (tokens, heads, head_dim)
+    return shape in SHAPES and _in_default_run(2 * tokens * heads * head_dim, SHAPES.index(shape), dtype, backend)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim,dtype,backend",
+                         grid([pytest.param(*s, id="x".join(map(str, s))) for s in SHAPES + LARGE_SHAPES], DTYPES,
+                              backends(), default=_two_states_default))  # fmt: skip
 def test_two_states_match_reference(backend, dtype, tokens, heads, head_dim, generator):
     if (tokens, heads, head_dim) in LARGE_SHAPES and backend == "triton" and not HAS_CUDA:
         pytest.skip("large shape: too slow for the Triton interpreter on CPU (runs on GPU)")
@@ -82,16 +95,21 @@ def test_two_states_match_reference(backend, dtype, tokens, heads, head_dim, gen
     _check_against_reference(out, lse, states, lses, dtype)
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_states", [1, 2, 3, 8, 13, 33])
 # head_dim 2056 is wider than one block of threads moves at once (256 x 8 half elements): the
 # CUDA kernel then loops over the row. Few rows with 8 or more states (a decode step's one
 # token of 32 heads among them) take the CUDA kernel that splits each row's states over
 # several thread groups.
-@pytest.mark.parametrize(
-    "tokens,heads,head_dim", [(0, 2, 64), (1, 32, 128), (7, 3, 72), (613, 8, 128), (37, 5, 512), (3, 1, 2056)]
-)
+N_STATE_SHAPES = [(0, 2, 64), (1, 32, 128), (7, 3, 72), (613, 8, 128), (37, 5, 512), (3, 1, 2056)]
+NUM_STATES = [1, 2, 3, 8, 13, 33]
+
+
+def _n_states_default(tokens, heads, head_dim, num_states, dtype, backend) -> bool:
+    index = N_STATE_SHAPES.index((tokens, heads, head_dim)) + NUM_STATES.index(num_states)
+    return _in_default_run(num_states * tokens * heads * head_dim, index, dtype, backend)
+
+
+@pytest.mark.parametrize("tokens,heads,head_dim,num_states,dtype,backend",
+                         grid(N_STATE_SHAPES, NUM_STATES, DTYPES, backends(), default=_n_states_default))  # fmt: skip
 def test_n_states_match_reference(backend, dtype, num_states, tokens, heads, head_dim, generator):
     states, lses = random_states(num_states, tokens, heads, head_dim, dtype, DEVICE, generator)
     output = torch.full((tokens, heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
