@@ -5,6 +5,7 @@ import zlib
 import pytest
 import torch
 from attention_reference import assert_attention_close, cu_seqlens, random_tokens, reference64
+from grids import grid, rotate
 
 import splitkv
 from splitkv._triton_support import TRITON_IMPORT_ERROR
@@ -35,11 +36,20 @@ LENGTHS = [(1, 33), (0, 4), (37, 37), (5, 0), (20, 9), (3, 50)]
 GPU_LENGTHS = [(1, 4097), (300, 300), (700, 260), (64, 2000)]
 
 
-@pytest.mark.parametrize("backend", backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("heads_q,heads_kv", [(4, 4), (8, 2), (8, 1)])
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("causal", [False, True])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+HEADS = [(4, 4), (8, 2), (8, 1)]
+HEAD_DIMS = [64, 128, 256]
+
+
+def _matches_reference_default(causal, head_dim, heads_q, heads_kv, dtype, backend) -> bool:
+    """The default run: the reference backend on the whole grid (cheap), the kernels on
+    every (causal, head_dim, heads) case at one dtype (rotating); the rest under -m slow."""
+    index = int(causal) + HEAD_DIMS.index(head_dim) + HEADS.index((heads_q, heads_kv))
+    return backend == "reference" or dtype is rotate(index, DTYPES)
+
+
+@pytest.mark.parametrize("causal,head_dim,heads_q,heads_kv,dtype,backend",
+                         grid([False, True], HEAD_DIMS, HEADS, DTYPES, backends(), default=_matches_reference_default))  # fmt: skip
 def test_matches_reference(backend, dtype, heads_q, heads_kv, head_dim, causal, generator):
     if backend in ("torch", "flash_attn") and dtype == torch.float32:
         pytest.skip("flash attention takes float16/bfloat16 only")

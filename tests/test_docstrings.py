@@ -174,3 +174,42 @@ def test_docstring(name):
     assert not problems, f"{name}: " + "; ".join(problems)
     failures = _run_examples(name, obj)
     assert not failures, f"{name}: its docstring examples fail on CPU:\n{failures}"
+
+
+def test_the_checks_can_fail():
+    # A docstring that breaks every rule, and an example whose output is wrong.
+    def undocumented(x):
+        """Adds one.
+
+        Example::
+
+            >>> undocumented(1)
+        """
+        return x + 1
+
+    def wrong_example(x: int) -> int:
+        """Adds one.
+
+        Args:
+            x: a number.
+
+        Returns:
+            ``x + 1``.
+
+        Not differentiable.
+
+        Example:
+            >>> import torch, splitkv
+            >>> 1 + 1
+            3
+        """
+        return x + 1
+
+    problems = _contract_problems(undocumented)
+    assert problems == ["no Args: section", "no Returns: section, but it returns a value",
+                        'no sentence saying whether it is differentiable (the word "differentiable")',
+                        "no Example: section", "the example does not import torch itself (it must run as written)",
+                        "the example does not import splitkv itself (it must run as written)"]  # fmt: skip
+    assert _contract_problems(wrong_example) == []
+    report = _run_examples("wrong_example", wrong_example)
+    assert "wrong_example" in report and "Expected:\n    3\nGot:\n    2" in report
