@@ -43,6 +43,7 @@ _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 _TRITON_MAX_HEAD_DIM = 256
 _TORCH_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
+
 @functools.cache
 def _varlen_api():
     """``(varlen_attn, AuxRequest, its parameter names)``, or ``(None, None, frozenset())`` on a torch
@@ -138,7 +139,7 @@ def _run_flash_attn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 
 def _varlen_attn_kwargs(heads_q: int, heads_kv: int, causal: bool, softmax_scale: float, seqused_k) -> dict | None:
     """Keyword arguments for this torch's ``varlen_attn``, or None if it cannot express the call."""
-    varlen_attn, AuxRequest, _VARLEN_PARAMS = _varlen_api()
+    varlen_attn, AuxRequest, _VARLEN_PARAMS = _varlen_api()  # noqa: N806 (the names they had at module level)
     if varlen_attn is None or not {"return_aux", "scale"} <= _VARLEN_PARAMS:
         return None
     kwargs = {"return_aux": AuxRequest(lse=True), "scale": softmax_scale}
