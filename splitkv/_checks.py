@@ -72,7 +72,9 @@ def expect_bool(name: str, value) -> bool:
     NumPy bools are accepted (they come out of config arrays); ints are not, so a
     count passed in a flag's place is caught.
     """
-    if isinstance(value, (bool, np.bool_)):
+    if value is True or value is False:  # the common case first: these run on every call
+        return value
+    if isinstance(value, np.bool_):
         return bool(value)
     raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
@@ -86,8 +88,9 @@ def expect_scale(name: str, value) -> float | None:
     """
     if value is None:
         return None
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a positive float or None, got {type(value).__name__} {value!r}")
+    if type(value) is not float:  # the common case skips the slower ABC check
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a positive float or None, got {type(value).__name__} {value!r}")
     scale = float(value)
     if not math.isfinite(scale) or scale <= 0.0:
         raise ValueError(f"{name} must be a finite positive float, got {value!r}")
@@ -100,8 +103,9 @@ def expect_count(name: str, value, minimum: int = 0) -> int:
     Python and NumPy integers are accepted; bools, floats (even ``2.0``) and strings
     are a TypeError; a value below ``minimum`` is a ValueError.
     """
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if type(value) is not int:  # the common case skips the slower ABC check
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     count = int(value)
     if count < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {count}")

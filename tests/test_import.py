@@ -3,6 +3,7 @@
 and ``_cuda.load_error`` is still a constant to torch.compile."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ _HEAVY = ("torch._dynamo", "torch._inductor", "triton", "flash_attn", "torch.nn.
 def test_import_pulls_in_no_compile_machinery():
     code = f"import json, sys, splitkv; print(json.dumps([m for m in {_HEAVY!r} if m in sys.modules]))"
     # A fresh interpreter without TRITON_INTERPRET: the import a user's program does.
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
