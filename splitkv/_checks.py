@@ -3,6 +3,10 @@ ValueError or TypeError that names the argument, before any kernel is launched."
 
 from __future__ import annotations
 
+import math
+import numbers
+
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -60,3 +64,45 @@ def expect_writable(name: str, t: torch.Tensor | None) -> None:
     """An output must give every element its own memory (no expanded, stride-0 dims)."""
     if t is not None and any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
         raise ValueError(f"{name} must not be an expanded view (stride 0), got strides {t.stride()}")
+
+
+def expect_bool(name: str, value) -> bool:
+    """A flag is a real bool: a string such as ``'False'`` is refused, not taken as truthy.
+
+    NumPy bools are accepted (they come out of config arrays); ints are not, so a
+    count passed in a flag's place is caught.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def expect_scale(name: str, value) -> float | None:
+    """None (the caller's default) or a finite positive real, returned as a Python float.
+
+    Python ints and floats and NumPy integer and floating scalars are accepted
+    (``numbers.Real``); bools, strings, tensors and complex numbers are a TypeError;
+    NaN, infinities, zero and negative values are a ValueError.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive float or None, got {type(value).__name__} {value!r}")
+    scale = float(value)
+    if not math.isfinite(scale) or scale <= 0.0:
+        raise ValueError(f"{name} must be a finite positive float, got {value!r}")
+    return scale
+
+
+def expect_count(name: str, value, minimum: int = 0) -> int:
+    """An integer count ``>= minimum``, returned as a Python int.
+
+    Python and NumPy integers are accepted; bools, floats (even ``2.0``) and strings
+    are a TypeError; a value below ``minimum`` is a ValueError.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    count = int(value)
+    if count < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {count}")
+    return count
