@@ -212,7 +212,10 @@ class PerRequestKVCache:
 
     Request ``i`` owns slots ``i * capacity ..``; attention reads them in place
     (``cu_seqlens_k`` steps by ``capacity``, ``seqused_k`` says how many are filled), as a
-    serving system's cache does, so this baseline pays no gather into a packed copy."""
+    serving system's cache does, so this baseline pays no gather into a packed copy.
+    Decode steps (one token per request) reuse one step whose tensors are refreshed in
+    place and whose ``max_k`` is the capacity: static shapes, for torch.compile and
+    CUDA graphs, as :class:`splitkv.nn.SharedPrefixKVCache` does."""
 
     def __init__(self, config: LlamaConfig, num_requests: int, capacity: int, device, dtype):
         shape = (num_requests * capacity, config.heads_kv, config.head_dim)
@@ -221,13 +224,20 @@ class PerRequestKVCache:
         self.capacity, self.device = capacity, device
         self.lengths = [0] * num_requests
         self.token_bytes = 2 * config.num_layers * config.heads_kv * config.head_dim * self.k[0].element_size()
+        self._decode_step: _PerRequestStep | None = None
 
     def begin_step(self, new_tokens: Sequence[int]) -> _PerRequestStep:
         old = self.lengths
         self.lengths = [a + n for a, n in zip(old, new_tokens)]
         if max(self.lengths) > self.capacity:
             raise ValueError(f"a request needs {max(self.lengths)} tokens, the cache holds {self.capacity}")
-        return _PerRequestStep(self, old, list(new_tokens))
+        if any(n != 1 for n in new_tokens):
+            return _PerRequestStep(self, old, list(new_tokens))
+        if self._decode_step is None:
+            self._decode_step = _PerRequestStep(self, old, list(new_tokens), max_k=self.capacity)
+        else:
+            self._decode_step.refresh(old)
+        return self._decode_step
 
     def memory(self) -> CacheMemory:
         allocated = sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -235,7 +245,7 @@ class PerRequestKVCache:
 
 
 class _PerRequestStep:
-    def __init__(self, cache: PerRequestKVCache, old: list[int], new: list[int]):
+    def __init__(self, cache: PerRequestKVCache, old: list[int], new: list[int], max_k: int | None = None):
         device, cap = cache.device, cache.capacity
         self.cache = cache
         self.positions = _rows(old, new).to(device)
@@ -244,8 +254,16 @@ class _PerRequestStep:
         self.cu_q = torch.tensor([0] + new, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
         self.cu_k = (torch.arange(len(old) + 1, dtype=torch.int32) * cap).to(device)
         self.seqused_k = torch.tensor(lengths, dtype=torch.int32).to(device)
-        self.max_q, self.max_k = max(new), max(lengths)
+        self.max_q, self.max_k = max(new), max(lengths) if max_k is None else max_k
         self.last_rows = (self.cu_q[1:] - 1).long()
+
+    def refresh(self, old: list[int]) -> None:
+        """A decode step's tensors for the next token of every request, in place."""
+        cap = self.cache.capacity
+        old_t = torch.tensor(old)
+        self.positions.copy_(old_t)
+        self.write_rows.copy_(torch.arange(len(old)) * cap + old_t)
+        self.seqused_k.copy_(old_t + 1)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cache = self.cache
@@ -266,9 +284,47 @@ class Generation:
     tokens: torch.Tensor  # [requests, new_tokens] int64, on the CPU
     logits: torch.Tensor | None  # [new_tokens, requests, vocab] float32 logits that chose each token (keep_logits)
     prefill_s: float  # until every request's first token is chosen
-    decode_s: float  # the remaining new_tokens - 1 steps
+    decode_s: float  # the timed decode steps (all but the first with --compile / --cuda-graph)
     memory: CacheMemory  # KV bytes held at the end
     uses_cascade: bool
+    decode_steps: int = 0  # how many steps decode_s covers
+    setup_s: float = 0.0  # the first decode step with its compilation / graph capture (not in decode_s)
+    attention_s: float | None = None  # stream time of the decode attention calls, with a timer
+
+
+class DecodeRunner:
+    """Runs decode steps ``model(ids, step.positions, step.attention)``: eagerly, compiled
+    by ``torch.compile(fullgraph=True)``, captured once in a CUDA graph and replayed, or
+    compiled and captured. A decode step of either cache is one static-shape object
+    refreshed in place, so the compiled function and the graph serve every step."""
+
+    def __init__(self, model: LlamaDecoder, compile: bool = False, cuda_graph: bool = False):
+        self.model, self.cuda_graph = model, cuda_graph
+        self.fn = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.graph = None
+        self.uses_setup = compile or cuda_graph
+
+    def _step(self, step, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, step.positions, step.attention)
+
+    def __call__(self, step, ids: torch.Tensor) -> torch.Tensor:
+        if not self.cuda_graph:
+            return self.fn(step, ids)
+        if self.graph is None:
+            self.step, self.ids = step, ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles kernels, outside the capture
+                self.fn(step, self.ids)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self.fn(step, self.ids)
+        if step is not self.step:
+            raise RuntimeError("the decode step changed (the cache grew?): the captured graph no longer applies")
+        self.ids.copy_(ids)
+        self.graph.replay()  # re-running a step rewrites the same KV rows: harmless
+        return self.logits.clone()
 
 
 def make_requests(config: LlamaConfig, prefix_len: int, suffix_lens: Sequence[int], seed: int = 1):
@@ -325,27 +381,39 @@ def _pick(logits: torch.Tensor, forced: torch.Tensor | None, index: int) -> torc
 
 
 def _decode(model, cache, first, first_logits, new_tokens, forced, keep_logits, on_attention, start, uses_cascade,
-            timer: AttentionTimer | None = None):  # fmt: skip
+            timer: AttentionTimer | None = None, runner: DecodeRunner | None = None):  # fmt: skip
     """Shared tail of both ways: the decode loop from ``first`` on (one token per request per
     step), then the timings and the result. ``start`` is when the prefill began; ``timer``
-    times the decode steps' attention calls."""
+    times the decode steps' attention calls (eager steps only); ``runner`` runs the steps
+    (default: eagerly). With a compiling or capturing runner the first decode step (its
+    compilation, its capture) is timed apart as ``setup_s``."""
     device = first_logits.device
     _sync(device)
     prefill_done = time.perf_counter()
+    decode_start, setup_s = prefill_done, 0.0
     tokens, kept = [first], [first_logits] if keep_logits else []
     num_requests = first.shape[0]
     for t in range(1, new_tokens):
         step = cache.begin_step([1] * num_requests)
-        attend = _recording(step.attention, f"decode{t}", on_attention)
-        logits = model(tokens[-1], step.positions, attend if timer is None else timer.wrap(attend))
+        if runner is None:
+            attend = _recording(step.attention, f"decode{t}", on_attention)
+            logits = model(tokens[-1], step.positions, attend if timer is None else timer.wrap(attend))
+        else:
+            logits = runner(step, tokens[-1])
         tokens.append(_pick(logits, forced, t))
         if keep_logits:
             kept.append(logits)
+        if t == 1 and runner is not None and runner.uses_setup:
+            _sync(device)
+            decode_start = time.perf_counter()
+            setup_s = decode_start - prefill_done
     out = torch.stack(tokens, 1).cpu()
     _sync(device)
     end = time.perf_counter()
+    steps = max(0, new_tokens - 1 - (1 if decode_start != prefill_done else 0))
     return Generation(out, torch.stack(kept).cpu() if keep_logits else None, prefill_done - start,
-                      end - prefill_done, cache.memory(), uses_cascade)  # fmt: skip
+                      end - decode_start, cache.memory(), uses_cascade, steps, setup_s,
+                      timer.seconds() if timer is not None and timer.events else None)  # fmt: skip
 
 
 @torch.no_grad()
@@ -360,12 +428,14 @@ def generate_usual(
     on_attention: OnAttention | None = None,
     timer: AttentionTimer | None = None,
     prefill_tokens: int = 65536,
+    runner: DecodeRunner | None = None,
 ) -> Generation:
     """(a) Each request prefills ``[prompt ; suffix_i]`` into its own cache; plain causal attention.
 
     ``forced [requests, new_tokens]`` feeds those tokens instead of the argmax (to
     compare logits along the same path); ``on_attention`` sees every attention output;
-    ``timer`` times the decode steps' attention. The prefill runs a group of requests
+    ``timer`` times the decode steps' attention; ``runner`` runs the decode steps
+    (compiled / graph-replayed, :class:`DecodeRunner`). The prefill runs a group of requests
     at a time, about ``prefill_tokens`` tokens per forward, to bound activation memory.
     """
     device, dtype, config = model.embed.weight.device, model.embed.weight.dtype, model.config
@@ -388,7 +458,8 @@ def generate_usual(
         group_logits.append(model(ids, step.positions, attend, step.last_rows[group[0] : group[-1] + 1]))
     logits = torch.cat(group_logits)
     first = _pick(logits, forced, 0)
-    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start, False, timer)
+    return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start, False, timer,
+                   runner)  # fmt: skip
 
 
 @torch.no_grad()
@@ -404,6 +475,7 @@ def generate_shared(
     keep_logits: bool = False,
     on_attention: OnAttention | None = None,
     timer: AttentionTimer | None = None,
+    runner: DecodeRunner | None = None,
 ) -> Generation:
     """(b) The prompt is prefilled once into a :class:`SharedPrefixKVCache`; then the suffixes
     and every decode step run cascade attention (``mode`` as in the cache; ``"cascade"`` forces it).
@@ -429,7 +501,7 @@ def generate_shared(
         logits = torch.where(step.last_rows[:, None] >= 0, suffix_logits, prompt_logits)
     first = _pick(logits, forced, 0)
     return _decode(model, cache, first, logits, new_tokens, forced, keep_logits, on_attention, start,
-                   cache.uses_cascade, timer)  # fmt: skip
+                   cache.uses_cascade, timer, runner)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------
