@@ -277,7 +277,7 @@ def test_bad_cuda_scale_and_prefix_are_refused_by_the_cpp_checks():
 
 
 def test_bad_scale_and_backend():
-    with pytest.raises(TypeError, match="softmax_scale must be a float or None"):
+    with pytest.raises(TypeError, match="softmax_scale must be a positive float or None"):
         splitkv.attention_with_lse(**_good(), softmax_scale="0.1")
     with pytest.raises(ValueError, match="backend must be one of"):
         splitkv.attention_with_lse(**_good(), backend="xformers")

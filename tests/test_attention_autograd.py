@@ -189,3 +189,27 @@ def test_context_parallel_gradients_equal_single_process(combine):
         torch.testing.assert_close(dq.double(), ref_leaves[0].grad, atol=1e-4, rtol=1e-4, msg=f"dq rank {rank}")
         torch.testing.assert_close(dk.double(), ref_leaves[1].grad[rows], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(dv.double(), ref_leaves[2].grad[rows], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- issue 16's GQA decode bug (GPU)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention runs on a CUDA GPU")
+def test_gqa_decode_batch_with_queryless_sequences_runs_on_auto():
+    # 8 sequences, 6 queries (two sequences hold none), max_seqlen_q == 1, GQA 8:2, head_dim 256:
+    # torch's flash attention fails on this shape ("shape '[8, 2, 8, 256]' is invalid ...").
+    lens_q, lens_k = [1, 1, 0, 1, 1, 0, 1, 1], [37, 5, 12, 64, 1, 9, 200, 3]
+    q, k, v, cu_q, cu_k = _inputs(lens_q, lens_k, heads_q=8, heads_kv=2, head_dim=256, seed=7)
+    q, k, v = (t.to("cuda", torch.bfloat16) for t in (q, k, v))
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    report = splitkv.explain_attention(q, k, v, cu_q, cu_k, 1, 200, causal=True)
+    assert "one query per sequence" in report
+    out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 1, 200, causal=True)
+    ref_out, ref_lse = dense_attention64(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), True, 256**-0.5)
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=1e-3, rtol=1e-3)
+    # One query per sequence still takes flash attention.
+    full_q = q.new_ones((8, 8, 256))
+    one_each = torch.arange(9, dtype=torch.int32, device="cuda")
+    assert "-> torch" in splitkv.explain_attention(full_q, k, v, one_each, cu_k, 1, 200) or "-> flash_attn" in \
+        splitkv.explain_attention(full_q, k, v, one_each, cu_k, 1, 200)
