@@ -132,13 +132,45 @@ def use_cascade(
     wins when several sequences share a prefix that is long next to those partial
     states, as in decoding; it does not with one sequence, with a prefix of a few
     tokens, or in a long prefill, where the attention arithmetic (the same either
-    way) dominates.
+    way) dominates. The cost model (:func:`estimate_cascade`) is a roofline
+    calibrated on an H100: on a CPU, or where host time dominates, its answer is
+    only indicative. Not differentiable (it returns a bool).
 
-    Example::
+    What the answer means depends on the caller: :func:`cascade_attention` with
+    ``cascade="auto"`` makes its own choice (counting the copy the plain path needs
+    first); :class:`splitkv.nn.SharedPrefixKVCache` with ``mode="auto"`` follows this
+    function once, for its decode shape; with ``mode="cascade"`` it cascades regardless.
 
+    Args:
+        num_sequences: sequences sharing the prefix (an int >= 0).
+        prefix_len: tokens of the shared prefix.
+        total_suffix_len: suffix tokens of all sequences together.
+        total_query_len: query tokens of all sequences together (``num_sequences``
+            for one decode step).
+        heads_q: query heads (>= 1).
+        heads_kv: KV heads (>= 1; GQA when fewer than ``heads_q``).
+        head_dim: dimension of a head (>= 1).
+        element_size: bytes per K/V element (2 for float16/bfloat16, 4 for float32).
+
+    Returns:
+        ``True`` if cascade attention is predicted at least as fast as plain
+        attention over per-sequence KV that already exists.
+
+    Example:
+        >>> import torch, splitkv
         >>> splitkv.use_cascade(64, 8192, 64 * 512, 64, heads_q=32, heads_kv=8, head_dim=128)
         True
+        >>> splitkv.use_cascade(1, 8192, 512, 1, heads_q=32, heads_kv=8, head_dim=128)
+        False
     """
+    num_sequences, prefix_len, total_suffix_len, total_query_len = (
+        expect_count(name, value) for name, value in (("num_sequences", num_sequences), ("prefix_len", prefix_len),
+                                                      ("total_suffix_len", total_suffix_len),
+                                                      ("total_query_len", total_query_len)))  # fmt: skip
+    heads_q, heads_kv, head_dim, element_size = (
+        expect_count(name, value, minimum=1) for name, value in (("heads_q", heads_q), ("heads_kv", heads_kv),
+                                                                 ("head_dim", head_dim),
+                                                                 ("element_size", element_size)))  # fmt: skip
     estimate = estimate_cascade(num_sequences, prefix_len, total_suffix_len, total_query_len, heads_q, heads_kv,
                                 head_dim, element_size)  # fmt: skip
     return estimate.cascade_us <= estimate.plain_us

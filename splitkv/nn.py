@@ -100,7 +100,7 @@ class SharedPrefixKVCache:
       gather below, which in the plain layout copies every sequence's whole KV.
 
     Storage: each layer's K and V live in one preallocated
-    ``[num_sequences, rows, heads_kv, head_dim]`` tensor each, ``rows`` = ``capacity``
+    ``[num_sequences * rows, heads_kv, head_dim]`` tensor each, ``rows`` = ``capacity``
     suffix tokens (plus the prefix copy in the plain layout); ``capacity`` grows by
     doubling when a step needs more. A step writes its new rows in place (one
     ``index_copy_`` per tensor) and the kernels read the storage in place: sequence
@@ -166,7 +166,10 @@ class SharedPrefixKVCache:
         self.suffix_lengths = [0] * num_sequences
         self._prefix_k: list[torch.Tensor | None] = [None] * num_layers
         self._prefix_v: list[torch.Tensor | None] = [None] * num_layers
-        self._k: list[torch.Tensor] = []  # per layer [num_sequences, rows, heads_kv, head_dim]
+        # Per layer [num_sequences * rows, heads_kv, head_dim]: flat, so that a step's index_copy_
+        # mutates the tensor itself, never a view of it (under torch.compile a view's mutation
+        # became a copy of the whole cache per layer per step).
+        self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
         self._rows = 0  # rows per sequence in _k / _v: capacity, plus the prefix copy in the plain layout
         self._step_id = 0
@@ -188,9 +191,13 @@ class SharedPrefixKVCache:
         else:
             self.uses_cascade = self.mode == "cascade"
         self._rows = self.capacity if self.uses_cascade else prefix_len + self.capacity
-        shape = (self.num_sequences, self._rows, self.heads_kv, self.head_dim)
+        shape = (self.num_sequences * self._rows, self.heads_kv, self.head_dim)
         self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+    def _per_sequence(self, store: torch.Tensor) -> torch.Tensor:
+        """A view of a layer's flat storage as ``[num_sequences, rows, heads_kv, head_dim]``."""
+        return store.view(self.num_sequences, -1, *store.shape[1:])
 
     @property
     def _base(self) -> int:
@@ -203,8 +210,8 @@ class SharedPrefixKVCache:
         new_rows = max(rows, 2 * self._rows)
         for store in (self._k, self._v):
             for layer, old in enumerate(store):
-                grown = old.new_empty((self.num_sequences, new_rows) + tuple(old.shape[2:]))
-                grown[:, : self._rows] = old
+                grown = old.new_empty((self.num_sequences * new_rows,) + tuple(old.shape[1:]))
+                grown.view(self.num_sequences, new_rows, *old.shape[1:])[:, : self._rows] = self._per_sequence(old)
                 store[layer] = grown
         self.capacity += new_rows - self._rows
         self._rows = new_rows
@@ -311,12 +318,12 @@ class SharedPrefixKVCache:
         """The layer's prefix ``(k, v)``, each ``[prefix_len, heads_kv, head_dim]`` (a view, or a copy's view)."""
         if self.uses_cascade:
             return self._prefix_k[layer], self._prefix_v[layer]
-        return self._k[layer][0, : self.prefix_len], self._v[layer][0, : self.prefix_len]
+        return self._k[layer][: self.prefix_len], self._v[layer][: self.prefix_len]
 
     def suffix_kv(self, layer: int, sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one sequence's suffix ``(k, v)``, each ``[suffix_len, heads_kv, head_dim]``."""
         rows = slice(self._base, self._base + self.suffix_lengths[sequence])
-        return self._k[layer][sequence, rows], self._v[layer][sequence, rows]
+        return self._per_sequence(self._k[layer])[sequence, rows], self._per_sequence(self._v[layer])[sequence, rows]
 
 
 class CacheStep:
@@ -395,11 +402,10 @@ class CacheStep:
                 cache._prefix_k[layer] = k.clone(memory_format=contiguous)
                 cache._prefix_v[layer] = v.clone(memory_format=contiguous)
             else:
-                cache._k[layer][:, : cache.prefix_len] = k
-                cache._v[layer][:, : cache.prefix_len] = v
+                cache._per_sequence(cache._k[layer])[:, : cache.prefix_len] = k
+                cache._per_sequence(cache._v[layer])[:, : cache.prefix_len] = v
             return self._plain(q, k, v, self.cu_seqlens_k, None)
-        flat_shape = (-1, cache.heads_kv, cache.head_dim)
-        store_k, store_v = cache._k[layer].view(flat_shape), cache._v[layer].view(flat_shape)
+        store_k, store_v = cache._k[layer], cache._v[layer]
         store_k.index_copy_(0, self._write_rows, k)
         store_v.index_copy_(0, self._write_rows, v)
         if not cache.uses_cascade:
