@@ -44,8 +44,20 @@ _MODES = ("auto", "cascade", "plain")
 
 @dataclass(frozen=True)
 class CacheMemory:
-    """Bytes of KV a cache holds: ``allocated`` (its tensors, spare capacity included)
-    and ``used`` (the tokens written so far), over all layers, K and V."""
+    """Bytes of KV a cache holds, over all layers, K and V (what :meth:`SharedPrefixKVCache.memory` returns).
+
+    Not differentiable (two ints).
+
+    Args:
+        allocated: bytes of its tensors, spare capacity included.
+        used: bytes of the tokens written so far.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, mode="cascade", dtype=torch.float32)
+        >>> cache.memory()
+        CacheMemory(allocated=0, used=0)
+    """
 
     allocated: int
     used: int
@@ -118,16 +130,26 @@ class SharedPrefixKVCache:
         device: where the cache lives (q, k, v must be there too).
         softmax_scale: default ``head_dim ** -0.5``.
 
-    Example::
+    Not differentiable: the cache is for inference (``attention`` detaches what it
+    stores). Backends: as :func:`splitkv.cascade_attention` (cascade layout) and
+    :func:`splitkv.attention_with_lse` (plain layout; the flash backends need
+    CUDA float16/bfloat16 and ``head_dim <= 256``).
 
-        >>> cache = SharedPrefixKVCache(num_layers, len(requests), heads_q, heads_kv, head_dim,
-        ...                             capacity=max_suffix + max_new_tokens, dtype=torch.bfloat16, device="cuda")
-        >>> step = cache.prefill_prefix(len(prompt_ids))
-        >>> logits = model(prompt_ids, step.positions, step.attention)  # layers call step.attention(layer, q, k, v)
-        >>> step = cache.begin_step([len(s) for s in suffix_ids])
-        >>> logits = model(torch.cat(suffix_ids), step.positions, step.attention)
-        >>> step = cache.begin_step([1] * len(requests))  # one decode step
-        >>> logits = model(next_ids, step.positions, step.attention)
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, mode="cascade",
+        ...                                        dtype=torch.float32)
+        >>> def qkv(tokens):  # what a layer would compute for its new tokens
+        ...     return torch.randn(tokens, 4, 8), torch.randn(tokens, 2, 8), torch.randn(tokens, 2, 8)
+        >>> step = cache.prefill_prefix(5)  # the shared prompt, 5 tokens
+        >>> _ = step.attention(0, *qkv(5))
+        >>> step = cache.begin_step([2, 3])  # the suffixes of the 2 requests
+        >>> _ = step.attention(0, *qkv(5))
+        >>> step = cache.begin_step([1, 1])  # one decode step
+        >>> step.attention(0, *qkv(2)).shape
+        torch.Size([2, 4, 8])
+        >>> cache.suffix_lengths
+        [3, 4]
     """
 
     def __init__(
@@ -329,7 +351,19 @@ class SharedPrefixKVCache:
 class CacheStep:
     """One forward pass's use of a :class:`SharedPrefixKVCache`, planned for all layers.
 
-    Made by :meth:`SharedPrefixKVCache.prefill_prefix` / :meth:`~SharedPrefixKVCache.begin_step`.
+    Made by :meth:`SharedPrefixKVCache.prefill_prefix` / :meth:`~SharedPrefixKVCache.begin_step`,
+    not by hand. Not differentiable (see :meth:`attention`).
+
+    Args:
+        cache, step_id, is_prefix, new_tokens, positions, cu_seqlens_q, max_seqlen_q,
+            write_rows, cu_seqlens_k, seqused_k, max_seqlen_k: the plan the cache made.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, dtype=torch.float32)
+        >>> step = cache.begin_step([1, 2])
+        >>> step.positions.tolist(), step.last_rows.tolist()
+        ([0, 0, 1], [0, 2])
 
     Attributes:
         new_tokens: new tokens per sequence (host ints); ``[prefix_len]`` for the prefix step.
