@@ -293,6 +293,21 @@ class Generation:
     decode_step: object = None  # the cache's decode step (static, reused by every step), for gpu_phase_ms
 
 
+def capture(fn):
+    """``(graph, result)``: ``fn()`` run once on a side stream (the warm-up that compiles
+    kernels, outside the capture), then captured in a CUDA graph; ``result`` is what the
+    captured call returned, refreshed by each ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 class DecodeRunner:
     """Runs decode steps ``model(ids, step.positions, step.attention)``: eagerly, compiled
     by ``torch.compile(fullgraph=True)``, captured once in a CUDA graph and replayed, or
@@ -313,14 +328,7 @@ class DecodeRunner:
             return self.fn(step, ids)
         if self.graph is None:
             self.step, self.ids = step, ids.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles kernels, outside the capture
-                self.fn(step, self.ids)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self.fn(step, self.ids)
+            self.graph, self.logits = capture(lambda: self.fn(step, self.ids))
         if step is not self.step:
             raise RuntimeError("the decode step changed (the cache grew?): the captured graph no longer applies")
         self.ids.copy_(ids)
@@ -605,14 +613,7 @@ def _use_cascade_report(mode: str, verdict: bool, uses_cascade: bool) -> str:
 
 def _graph_ms(fn, replays: int = 20) -> float:
     """GPU time of ``fn`` captured in a CUDA graph, per replay (host time hidden)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

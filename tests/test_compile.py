@@ -89,6 +89,19 @@ def test_compiled_attention_backward_matches_eager():
         torch.testing.assert_close(t.grad, e)
 
 
+def _layer_stack(weights, heads_q, heads_kv, head_dim):
+    """A toy model: per layer, q/k/v from one matmul, the cache step's attention, a residual."""
+
+    def layer_stack(step, x):
+        for layer, w in enumerate(weights):
+            qkv = (x @ w).view(x.shape[0], heads_q + 2 * heads_kv, head_dim)
+            q, k, v = qkv.split([heads_q, heads_kv, heads_kv], dim=1)
+            x = x + step.attention(layer, q.contiguous(), k.contiguous(), v.contiguous()).flatten(1)
+        return x
+
+    return layer_stack
+
+
 @pytest.mark.parametrize("mode", ["cascade", "plain"])
 def test_decode_steps_compile_once_for_every_length(mode, monkeypatch):
     # The cascade's two-pass path (the CPU's without the interpreter): 40 Triton launches in
@@ -101,12 +114,7 @@ def test_decode_steps_compile_once_for_every_length(mode, monkeypatch):
     weights = [torch.randn(heads_q * head_dim, (heads_q + 2 * heads_kv) * head_dim, generator=generator) * 0.1
                for _ in range(layers)]  # fmt: skip
 
-    def layer_stack(step, x):
-        for layer, w in enumerate(weights):
-            qkv = (x @ w).view(x.shape[0], heads_q + 2 * heads_kv, head_dim)
-            q, k, v = qkv.split([heads_q, heads_kv, heads_kv], dim=1)
-            x = x + step.attention(layer, q.contiguous(), k.contiguous(), v.contiguous()).flatten(1)
-        return x
+    layer_stack = _layer_stack(weights, heads_q, heads_kv, head_dim)
 
     step = cache.prefill_prefix(5)
     layer_stack(step, torch.randn(5, heads_q * head_dim, generator=generator))
@@ -201,12 +209,7 @@ def test_cuda_graph_replays_a_multi_layer_decode_step(mode):
 
     weights = [randn(heads_q * head_dim, (heads_q + 2 * heads_kv) * head_dim) * 0.05 for _ in range(layers)]
 
-    def layer_stack(step, x):
-        for layer, w in enumerate(weights):
-            qkv = (x @ w).view(x.shape[0], heads_q + 2 * heads_kv, head_dim)
-            q, k, v = qkv.split([heads_q, heads_kv, heads_kv], dim=1)
-            x = x + step.attention(layer, q.contiguous(), k.contiguous(), v.contiguous()).flatten(1)
-        return x
+    layer_stack = _layer_stack(weights, heads_q, heads_kv, head_dim)
 
     prompt, suffix = randn(300, heads_q * head_dim), randn(10, heads_q * head_dim)
     for cache in caches:
