@@ -15,8 +15,13 @@ shared prompt of ``--prefix`` random token ids followed by its own random suffix
     decode step run :func:`splitkv.cascade_attention` over that prefix plus each
     request's suffix cache.
 
-and reports tokens per second, the KV-cache bytes each way holds, and whether the
-generated token ids are identical. RoPE positions are absolute positions in
+and reports per phase where the time goes (prefill; decode step time; on a GPU, the
+decode step's attention and the rest of the model each alone from a CUDA graph),
+tokens per second, the KV-cache bytes each way holds, which attention backend each
+way's decode ran and why, what ``splitkv.use_cascade`` means for ``--mode``, and
+whether the generated token ids are identical. ``--compile`` (``torch.compile`` of
+the decode step) and ``--cuda-graph`` (one captured decode step, replayed) apply to
+both ways alike, so the comparison stays fair. RoPE positions are absolute positions in
 ``[prefix ; suffix_i]``, so the prefix sits at 0..P-1 for every request and its KV
 is the same for all of them: that is what makes sharing it exact.
 
@@ -24,7 +29,8 @@ Run::
 
     python examples/shared_prefix_batching.py                       # tiny, CPU, < 1 min
     python examples/shared_prefix_batching.py --device cuda --dtype bfloat16 --batch 64 --prefix 8192 \\
-        --suffix 256 --new-tokens 64 --layers 4 --hidden 2048 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000
+        --suffix 256 --new-tokens 64 --layers 4 --hidden 2048 --heads 16 --kv-heads 4 --head-dim 128 --vocab 32000 \
+        --compile --cuda-graph
 
 In float32 the two ways give the same tokens (the attention differs only by
 rounding, far below the gaps between logits); in bfloat16 a near-tie between the
