@@ -320,9 +320,10 @@ class DecodeRunner:
     compiled and captured. A decode step of either cache is one static-shape object
     refreshed in place, so the compiled function and the graph serve every step."""
 
-    def __init__(self, model: LlamaDecoder, compile: bool = False, cuda_graph: bool = False):
+    def __init__(self, model: LlamaDecoder, compile: bool = False, cuda_graph: bool = False,
+                 backend: str = "inductor"):  # fmt: skip
         self.model, self.cuda_graph = model, cuda_graph
-        self.fn = torch.compile(self._step, fullgraph=True) if compile else self._step
+        self.fn = torch.compile(self._step, fullgraph=True, backend=backend) if compile else self._step
         self.graph = None
         self.uses_setup = compile or cuda_graph
 
