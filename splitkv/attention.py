@@ -31,8 +31,17 @@ import math
 import torch
 
 from . import _cuda
-from ._attention_reference import reference_attention_with_lse
-from ._checks import expect_contiguous_last, expect_float_dtype, expect_like, expect_rank, expect_tensor
+from ._attention_reference import reference_attention_backward, reference_attention_with_lse
+from ._checks import (
+    expect_bool,
+    expect_contiguous_last,
+    expect_float_dtype,
+    expect_like,
+    expect_rank,
+    expect_scale,
+    expect_tensor,
+)
+from ._lse import LOG2E, expect_lse_convention
 from ._registry import Backend, BackendRegistry
 from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 
@@ -61,7 +70,8 @@ def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sequences: int,
+                   max_seqlen_q: int) -> str | None:  # fmt: skip
     """Limits shared by flash-attn 2 and the copy of it bundled with PyTorch."""
     if not q.is_cuda:
         return f"tensors are on {q.device.type}, flash attention needs CUDA tensors"
@@ -74,26 +84,32 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | N
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
             return f"flash attention needs 16-byte aligned rows; {name} starts or strides off that"
+    if max_seqlen_q == 1 and q.shape[1] != k.shape[1] and q.shape[0] != num_sequences:
+        # Its decode path (max_seqlen_q == 1 under GQA) moves the query heads of a group
+        # into the sequence axis, which assumes one query per sequence: a batch where
+        # some sequence holds none fails inside it with a reshape error.
+        return (f"flash attention's GQA decode path (max_seqlen_q == 1) needs one query per sequence, "
+                f"got {q.shape[0]} queries for {num_sequences} sequences")
     if _capability(q.device.index) < (8, 0):
         return "flash attention needs compute capability 8.0 or newer"
     return None
 
 
-def _flash_attn_why_not(q, k, v, causal, seqused_k) -> str | None:
+def _flash_attn_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     if not _FLASH_ATTN_INSTALLED:
         return "the flash-attn package is not installed (pip install 'splitkv[flash]')"
     if seqused_k is not None:
         return "flash-attn 2's flash_attn_varlen_func takes no seqused_k"
-    return _flash_why_not(q, k, v)
+    return _flash_why_not(q, k, v, num_sequences, max_seqlen_q)
 
 
-def _torch_flash_why_not(q, k, v, causal, seqused_k) -> str | None:
+def _torch_flash_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     if not _TORCH_HAS_FLASH:
         return f"torch {torch.__version__} has no bundled varlen flash attention"
-    return _flash_why_not(q, k, v)
+    return _flash_why_not(q, k, v, num_sequences, max_seqlen_q)
 
 
-def _triton_why_not(q, k, v, causal, seqused_k) -> str | None:
+def _triton_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     if TRITON_IMPORT_ERROR:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
     if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
@@ -103,11 +119,11 @@ def _triton_why_not(q, k, v, causal, seqused_k) -> str | None:
     return f"tensors are on {q.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
 
 
-def _triton_why_not_auto(q, k, v, causal, seqused_k) -> str | None:
+def _triton_why_not_auto(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
 
-def _no_reason(q, k, v, causal, seqused_k) -> str | None:
+def _no_reason(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     return None
 
 
@@ -197,8 +213,8 @@ ATTENTION_BACKENDS = BackendRegistry(
 )
 
 
-def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max_seqlen: int, max_name: str,
-                    check_max: bool = True):  # fmt: skip
+def _expect_seqlens(name: str, cu_seqlens, device: torch.device, max_seqlen: int, max_name: str) -> None:
+    """The metadata of a ``cu_seqlens_*`` tensor and its ``max_seqlen_*`` (no device sync: traceable)."""
     expect_tensor(name, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must be [batch + 1] (1 dim, at least one entry), got shape {tuple(cu_seqlens.shape)}")
@@ -208,16 +224,40 @@ def _expect_seqlens(name: str, cu_seqlens, device: torch.device, total: int, max
         raise ValueError(f"{name} must be on {device} like q, got {cu_seqlens.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {max_seqlen!r}")
-    if cu_seqlens.is_cpu:
-        bounds = cu_seqlens.tolist()
-        lengths = [b - a for a, b in itertools.pairwise(bounds)]
-        if bounds[0] != 0 or bounds[-1] != total or any(n < 0 for n in lengths):
-            raise ValueError(f"{name} must rise from 0 to {total} (the packed token count), got {bounds}")
-        if check_max and lengths and max(lengths) > max_seqlen:
-            raise ValueError(f"{max_name} = {max_seqlen} is below the longest sequence ({max(lengths)})")
 
 
-def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) -> None:
+def _seqlen_values_ok(name: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: int | None,
+                      max_name: str) -> list[int]:  # fmt: skip
+    """The values of a CPU ``cu_seqlens_*``: rising from 0 to ``total``, no sequence over
+    ``max_seqlen`` (unless None); returns the lengths."""
+    bounds = cu_seqlens.tolist()
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    if bounds[0] != 0 or bounds[-1] != total or any(n < 0 for n in lengths):
+        raise ValueError(f"{name} must rise from 0 to {total} (the packed token count), got {bounds}")
+    if max_seqlen is not None and lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is below the longest sequence ({max(lengths)})")
+    return lengths
+
+
+def check_sequence_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k=None) -> None:
+    """The checks that read the values of ``cu_seqlens_*`` / ``seqused_k``: run where they
+    are on the CPU (on a GPU they would cost a device sync per call, and are trusted,
+    as flash-attn does), outside a traced region (under ``torch.compile`` the ops run
+    them in their eager implementation)."""
+    if not cu_seqlens_q.is_cpu or torch.compiler.is_compiling():
+        return
+    _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    room = _seqlen_values_ok("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k if seqused_k is None else None,
+                             "max_seqlen_k")  # fmt: skip
+    if seqused_k is not None:
+        used = seqused_k.tolist()
+        if any(not 0 <= u <= r for u, r in zip(used, room)):
+            raise ValueError(f"seqused_k must lie in [0, cu_seqlens_k[i + 1] - cu_seqlens_k[i]] = {room}, got {used}")
+        if used and max(used) > max_seqlen_k:
+            raise ValueError(f"max_seqlen_k = {max_seqlen_k} is below the longest used sequence ({max(used)})")
+
+
+def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor) -> None:
     expect_tensor("seqused_k", seqused_k)
     batch = cu_seqlens_k.shape[0] - 1
     if tuple(seqused_k.shape) != (batch,):
@@ -226,13 +266,6 @@ def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor, max_seqlen_k: int) 
         raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
     if seqused_k.device != cu_seqlens_k.device:
         raise ValueError(f"seqused_k must be on {cu_seqlens_k.device} like cu_seqlens_k, got {seqused_k.device}")
-    if seqused_k.is_cpu:
-        used = seqused_k.tolist()
-        room = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
-        if any(not 0 <= u <= r for u, r in zip(used, room)):
-            raise ValueError(f"seqused_k must lie in [0, cu_seqlens_k[i + 1] - cu_seqlens_k[i]] = {room}, got {used}")
-        if used and max(used) > max_seqlen_k:
-            raise ValueError(f"max_seqlen_k = {max_seqlen_k} is below the longest used sequence ({max(used)})")
 
 
 def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -241,13 +274,16 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     KV ``prefix_k``, ``prefix_v [prefix_len, heads_kv, head_dim]``); returns the softmax
     scale to use. Once the CUDA extension is loaded, one C++ call (``attention_inputs_ok``
     in csrc/ops.cu) runs the same checks on CUDA inputs for a fraction of their Python
-    host time; where it is not sure, these checks run and name the argument."""
+    host time; where it is not sure, these checks run and name the argument. Under
+    ``torch.compile`` only the Python checks of shapes, dtypes and devices run (the
+    C++ call is not traceable); :func:`check_sequence_values` covers the values."""
     eager = _cuda.eager_ops
-    if (eager is None or seqused_k is not None
+    if (eager is None or seqused_k is not None or torch.compiler.is_compiling()
             or not eager.attention_inputs_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              softmax_scale, prefix_k, prefix_v)):  # fmt: skip
         _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqused_k,
                          prefix_k, prefix_v)  # fmt: skip
+        check_sequence_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     return q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
@@ -256,33 +292,57 @@ def _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
     expect_float_dtype("q", q)
     expect_contiguous_last("q", q)
+    if q.device.type == "meta":
+        raise ValueError("q is on the meta device, which holds no data: attention needs CPU or CUDA tensors")
     expect_rank("k", k, 3, "[total_k, heads_kv, head_dim]")
     total_k, heads_kv, head_dim = k.shape
     if head_dim != q.shape[2]:
         raise ValueError(f"k must have q's head_dim {q.shape[2]}, got shape {tuple(k.shape)}")
+    if head_dim == 0:
+        raise ValueError(f"head_dim must be positive, got q of shape {tuple(q.shape)}")
     if heads_kv == 0 or q.shape[1] % heads_kv != 0:
         raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k's heads ({heads_kv})")
     dtype, device = q.dtype, q.device
     expect_like("k", k, k.shape, dtype, device, "[total_k, heads_kv, head_dim]", contiguous_last=True)
     expect_like("v", v, k.shape, dtype, device, "[total_k, heads_kv, head_dim] like k", contiguous_last=True)
-    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, device, q.shape[0], max_seqlen_q, "max_seqlen_q")
-    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, device, total_k, max_seqlen_k, "max_seqlen_k",
-                    check_max=seqused_k is None)  # fmt: skip
+    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, device, max_seqlen_q, "max_seqlen_q")
+    _expect_seqlens("cu_seqlens_k", cu_seqlens_k, device, max_seqlen_k, "max_seqlen_k")
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(
             f"cu_seqlens_k must have one entry per cu_seqlens_q entry ({cu_seqlens_q.shape[0]}), "
             f"got {cu_seqlens_k.shape[0]}"
         )
     if seqused_k is not None:
-        _expect_seqused_k(seqused_k, cu_seqlens_k, max_seqlen_k)
-    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
-        raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+        _expect_seqused_k(seqused_k, cu_seqlens_k)
+    expect_scale("softmax_scale", softmax_scale)
     if prefix_k is not None or prefix_v is not None:
         layout = "[prefix_len, heads_kv, head_dim]"
         expect_rank("prefix_k", prefix_k, 3, layout)
         shape = (prefix_k.shape[0], heads_kv, head_dim)
         expect_like("prefix_k", prefix_k, shape, dtype, device, layout, contiguous_last=True)
         expect_like("prefix_v", prefix_v, shape, dtype, device, layout, contiguous_last=True)
+
+
+def expect_backend_name(backend, registry: BackendRegistry = None) -> str:
+    """``backend`` names one of ``registry``'s backends (default: attention's) or ``"auto"``."""
+    registry = ATTENTION_BACKENDS if registry is None else registry
+    if not isinstance(backend, str) or backend not in registry.choices:
+        raise ValueError(f"{registry.op_name}: backend must be one of {registry.choices}, got {backend!r}")
+    return backend
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requires grad)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def use_op(*tensors: torch.Tensor) -> bool:
+    """Whether a public function goes through its torch custom op: under ``torch.compile``
+    (the op is opaque to the compiler, which neither traces its host logic nor
+    recompiles its Triton kernel) and when autograd records it (the op's backward);
+    otherwise the eager implementation is called directly, without the dispatcher's
+    host time."""
+    return torch.compiler.is_compiling() or needs_grad(*tensors)
 
 
 def attention_with_lse(
@@ -298,19 +358,40 @@ def attention_with_lse(
     softmax_scale: float | None = None,
     seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
+    lse_base: str = "e",
+    lse_layout: str = "ht",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward that also returns the LSE of every query row.
+
+    Differentiable with respect to q, k and v, through the output and the LSE alike,
+    on every backend: the backward recomputes the scores in torch math (one
+    ``[heads, Lq, Lk]`` score matrix per sequence at a time, float32), so it is exact
+    but meant for moderate sequence lengths. A torch custom op
+    (``torch.ops.splitkv.attention_with_lse``): ``torch.compile(fullgraph=True)``
+    traces through it without a graph break, and it is CUDA-graph capturable on the
+    GPU backends when the lengths are tensors and ``max_seqlen_*`` are capacities.
+
+    Backend limits: ``flash_attn`` and ``torch`` (flash attention) take CUDA
+    float16/bfloat16 with ``head_dim`` a multiple of 8 and at most 256, compute
+    capability 8.0+; ``triton`` takes ``head_dim <= 256`` (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``); ``reference`` runs anything, slowly (a Python loop over
+    the sequences, for tests).
 
     Args:
         q: ``[total_q, heads_q, head_dim]`` float16, bfloat16 or float32; any token
             and head strides, contiguous ``head_dim``.
-        k, v: ``[total_k, heads_kv, head_dim]``, q's dtype and device;
-            ``heads_q % heads_kv == 0``.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[batch + 1]`` cumulative lengths, on q's device.
-        max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence
-            (with ``seqused_k``: the longest used key count).
+        k: ``[total_k, heads_kv, head_dim]``, q's dtype and device;
+            ``heads_q % heads_kv == 0`` (GQA: query head ``h`` reads KV head
+            ``h // (heads_q // heads_kv)``).
+        v: like ``k``.
+        cu_seqlens_q: int32 ``[batch + 1]`` cumulative query counts, on q's device.
+        cu_seqlens_k: int32 ``[batch + 1]`` cumulative key counts, on q's device.
+        max_seqlen_q: Python int, at least the longest query count (a capacity is fine).
+        max_seqlen_k: Python int, at least the longest key count (with ``seqused_k``:
+            the longest used key count; a capacity is fine).
         causal: bottom-right aligned causal mask (see the module docstring).
-        softmax_scale: multiplier of ``q @ k^T``; default ``head_dim ** -0.5``.
+        softmax_scale: multiplier of ``q @ k^T``, finite and positive; default
+            ``head_dim ** -0.5``.
         seqused_k: optional int32 ``[batch]`` on q's device: sequence ``i`` uses only
             the first ``seqused_k[i]`` keys of its ``cu_seqlens_k`` segment, as
             flash-attn's argument of that name. A KV cache with room to grow (each
@@ -320,21 +401,40 @@ def attention_with_lse(
         backend: ``"auto"`` (first that can run: ``flash_attn``, ``torch``, then
             Triton on CUDA tensors, else ``reference``), or one of those names. See
             :func:`explain_attention`.
+        lse_base: ``"e"`` (natural log, default) or ``"2"`` (log2, FlashInfer's) for
+            the returned LSE.
+        lse_layout: ``"ht"`` (``[heads_q, total_q]``, default) or ``"th"``
+            (``[total_q, heads_q]``, a transposed view: no copy).
 
     Returns:
-        ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q]
-        float32 natural log)``; rows that see no key: output 0, LSE ``-inf``.
+        ``(out, lse)``: ``out [total_q, heads_q, head_dim]`` in q's dtype and the
+        float32 LSE in ``lse_base`` and ``lse_layout``. Rows that see no key:
+        output 0, LSE ``-inf``.
 
-    Example::
-
-        >>> out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, causal=True)
-        >>> out2, lse2 = splitkv.attention_with_lse(q, k2, v2, cu_q, cu_k2, max_q, max_k2)
-        >>> merged, merged_lse = splitkv.merge_attn_states(out, lse, out2, lse2)
+    Example:
+        >>> import torch, splitkv
+        >>> q = torch.randn(5, 4, 16)  # 2 sequences of 2 and 3 queries, 4 heads
+        >>> k, v = torch.randn(7, 2, 16), torch.randn(7, 2, 16)  # 3 and 4 keys, 2 KV heads
+        >>> cu_q = torch.tensor([0, 2, 5], dtype=torch.int32)
+        >>> cu_k = torch.tensor([0, 3, 7], dtype=torch.int32)
+        >>> out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 3, 4, causal=True)
+        >>> out.shape, lse.shape
+        (torch.Size([5, 4, 16]), torch.Size([4, 5]))
     """
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                    seqused_k)  # fmt: skip
-    return run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                                 seqused_k, backend)  # fmt: skip
+    causal = expect_bool("causal", causal)
+    expect_backend_name(backend)
+    expect_lse_convention(lse_base, lse_layout)
+    if use_op(q, k, v):
+        out, lse = torch.ops.splitkv.attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                        max_seqlen_k, causal, scale, seqused_k, backend)  # fmt: skip
+    else:
+        out, lse = run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                         scale, seqused_k, backend)  # fmt: skip
+    if lse_base == "2":
+        lse = lse * LOG2E
+    return out, (lse.t() if lse_layout == "th" else lse)
 
 
 def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
@@ -344,8 +444,8 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     the second pass of Python checks, which costs more host time than a decode
     step's kernel on small shapes. ``normalise_lse=False`` leaves a flash kernel's
     ``+inf`` LSE of rows that saw no key (one kernel launch fewer), for callers that
-    drop the LSE."""
-    impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k)
+    drop the LSE. The backend is chosen here, at run time (never while tracing)."""
+    impl = ATTENTION_BACKENDS.select(backend, q, k, v, causal, seqused_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q)
     if q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         # No query or no key anywhere: the answer needs no kernel. On the H100 a
         # context-parallel prefill rank holding no queries stalled its group inside
@@ -358,6 +458,77 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
     if normalise_lse and impl.name in _POS_INF_EMPTY_ROWS:
         lse = _empty_rows_to_neg_inf(lse)
     return out, lse
+
+
+# --------------------------------------------------------------------------- the custom ops
+
+_ATTENTION_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+                     "SymInt max_seqlen_k, bool causal, float softmax_scale, Tensor? seqused_k, str backend) "
+                     "-> (Tensor, Tensor)")  # fmt: skip
+
+
+def _attention_op_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                       seqused_k, backend):  # fmt: skip
+    check_sequence_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+    out, lse = run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     softmax_scale, seqused_k, backend)  # fmt: skip
+    # The fake implementation promises fresh contiguous results (a no-op for every backend's).
+    return out.contiguous(), lse.contiguous()
+
+
+def fake_attention_results(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32)``, uninitialised."""
+    return q.new_empty(q.shape), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+_attention_op = torch.library.custom_op("splitkv::attention_with_lse", _attention_op_impl, mutates_args=(),
+                                        schema=_ATTENTION_SCHEMA)  # fmt: skip
+_attention_op.register_fake(lambda q, *args: fake_attention_results(q))
+
+
+def _attention_backward_impl(grad_out, grad_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale,
+                             seqused_k):  # fmt: skip
+    return reference_attention_backward(grad_out, grad_lse, q, k, v, cu_seqlens_q, cu_seqlens_k, causal,
+                                        softmax_scale, seqused_k)  # fmt: skip
+
+
+_attention_backward_op = torch.library.custom_op(
+    "splitkv::attention_with_lse_backward", _attention_backward_impl, mutates_args=(),
+    schema="(Tensor grad_out, Tensor grad_lse, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+           "Tensor cu_seqlens_k, bool causal, float softmax_scale, Tensor? seqused_k) -> (Tensor, Tensor, Tensor)",
+)  # fmt: skip
+_attention_backward_op.register_fake(
+    lambda grad_out, grad_lse, q, k, v, *args: (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+)
+
+
+def register_attention_autograd(op, seqused_k_index: int | None, num_inputs: int) -> None:
+    """Gives ``op`` (inputs ``q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, causal, softmax_scale, ...``; results ``(out, lse)`` of attention)
+    the backward of attention; ``seqused_k_index``: where ``seqused_k`` is among its
+    inputs (None: it takes none)."""
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k = inputs[:5]
+        seqused_k = inputs[seqused_k_index] if seqused_k_index is not None else None
+        ctx.causal, ctx.softmax_scale = inputs[7], inputs[8]
+        ctx.save_for_backward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k)
+
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        if grad_lse is None:
+            grad_lse = torch.zeros((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+        dq, dk, dv = torch.ops.splitkv.attention_with_lse_backward(grad_out, grad_lse, q, k, v, cu_seqlens_q,
+                                                                   cu_seqlens_k, ctx.causal, ctx.softmax_scale,
+                                                                   seqused_k)  # fmt: skip
+        return (dq, dk, dv) + (None,) * (num_inputs - 3)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+register_attention_autograd(_attention_op, seqused_k_index=9, num_inputs=11)
 
 
 def explain_attention(
@@ -373,6 +544,28 @@ def explain_attention(
     seqused_k: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> str:
-    """Which backend :func:`attention_with_lse` would take for these inputs, and why not the others."""
+    """Which backend :func:`attention_with_lse` would take for these inputs, and why not the others.
+
+    Not differentiable (it returns text). It runs the same argument checks as
+    :func:`attention_with_lse`.
+
+    Args:
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+            seqused_k, backend: as in :func:`attention_with_lse`.
+
+    Returns:
+        One line naming the chosen backend, then one line per backend saying
+        ``chosen`` or why not.
+
+    Example:
+        >>> import torch, splitkv
+        >>> q, k = torch.randn(3, 2, 8), torch.randn(4, 2, 8)
+        >>> cu_q = torch.tensor([0, 3], dtype=torch.int32)
+        >>> cu_k = torch.tensor([0, 4], dtype=torch.int32)
+        >>> print(splitkv.explain_attention(q, k, k, cu_q, cu_k, 3, 4).splitlines()[0])
+        attention_with_lse(backend='auto') -> reference
+    """
     check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, None, seqused_k)
-    return ATTENTION_BACKENDS.explain(backend, q, k, v, causal, seqused_k)
+    causal = expect_bool("causal", causal)
+    expect_backend_name(backend)
+    return ATTENTION_BACKENDS.explain(backend, q, k, v, causal, seqused_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q)

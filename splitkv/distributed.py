@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import expect_bool, expect_count, expect_rank, expect_scale, expect_tensor
-from .attention import attention_with_lse, check_attention_inputs
+from .attention import attention_with_lse, check_attention_inputs, needs_grad
 from .merge import merge_states
 from .split_kv import split_kv_attention, splits_pay_off
 
@@ -245,41 +245,73 @@ def choose_combine(world_size: int, element_size: int) -> str:
     return "all_reduce" if world_size * element_size > 8 else "all_gather"
 
 
-def _combine_all_gather(out, lse, group, world, out_dtype):
+def _with_local(gathered: torch.Tensor, local: torch.Tensor, rank: int) -> torch.Tensor:
+    """``gathered [R, ...]`` with row ``rank`` replaced by ``local`` where autograd records
+    ``local``: the collective's copy carries no gradient, the rank's own state does."""
+    if not needs_grad(local):
+        return gathered
+    return torch.cat([gathered[:rank], local.to(gathered.dtype)[None], gathered[rank + 1 :]])
+
+
+class _ReplicatedInput(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the group. Every rank holds
+    the same ``q`` and computes the same loss from the same merged output, so the true
+    gradient of ``q`` is the sum of the parts that flow through each rank's state."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def _combine_all_gather(out, lse, group, world, rank, out_dtype):
     tokens, heads, head_dim = out.shape
     lse_bytes = heads * tokens * 4
     row = lse_bytes + out.numel() * out.element_size()
     # One buffer, one collective: the LSEs first (so the float32 view is 4-byte
     # aligned), then the output bytes, padded so every rank's row stays aligned.
     send = torch.empty(row + (-row % 4), dtype=torch.uint8, device=out.device)
-    send[:lse_bytes] = lse.contiguous().view(-1).view(torch.uint8)
-    send[lse_bytes:row] = out.contiguous().view(-1).view(torch.uint8)
+    send[:lse_bytes] = lse.detach().contiguous().view(-1).view(torch.uint8)
+    send[lse_bytes:row] = out.detach().contiguous().view(-1).view(torch.uint8)
     got = _all_gather_bytes(send, group, world)
-    lses = got[:, :lse_bytes].view(torch.float32).view(world, heads, tokens)
-    outs = got[:, lse_bytes:row].view(out.dtype).view(world, tokens, heads, head_dim)
+    lses = _with_local(got[:, :lse_bytes].view(torch.float32).view(world, heads, tokens), lse, rank)
+    outs = _with_local(got[:, lse_bytes:row].view(out.dtype).view(world, tokens, heads, head_dim), out, rank)
     # Every rank merges the same bytes in the same order, so all return the same result.
     merged, merged_lse = merge_states(outs, lses, output_dtype=out_dtype)
     return merged, merged_lse
 
 
 def _combine_all_reduce(out, lse, group, world, rank, out_dtype):
-    lses = _all_gather_tensor(lse.to(torch.float32), group, world)  # [R, H, T]
+    lses = _with_local(_all_gather_tensor(lse.detach().to(torch.float32), group, world), lse, rank)  # [R, H, T]
     # The merge of merge.py, written so that the local share can be summed by an
-    # all-reduce: weight_r = exp(lse_r - lse) with lse the global log-sum-exp.
+    # all-reduce: out = sum_r exp(lse_r - peak) out_r / sum_r exp(lse_r - peak).
+    # Written so that its gradient is right too: the empty states' LSEs are replaced
+    # before exp (exp(inf) would turn their zero gradient into NaN), and the all-reduced
+    # sum enters as the local share plus a constant.
     empty = torch.isinf(lses)  # +inf or -inf: a state without keys
-    peak = lses.masked_fill(empty, _NEG_INF).amax(0)
+    finite_lses = lses.masked_fill(empty, 0.0)
+    peak = lses.detach().masked_fill(empty, _NEG_INF).amax(0)
     peak = peak.masked_fill(torch.isinf(peak), 0.0)  # all empty: avoid -inf - -inf = NaN
-    weights = torch.exp(lses - peak).masked_fill(empty, 0.0)
-    total = weights.sum(0)
-    merged_lse = peak + torch.log(total)  # all empty: 0 + log 0 = -inf
-    merged_lse = merged_lse.masked_fill(total == 0, _NEG_INF)
-    share = torch.where(total == 0, 0.0, weights[rank] / total)  # [H, T]
-    local = out.to(torch.float32) * share.t().unsqueeze(-1)
+    weights = torch.exp(finite_lses - peak).masked_fill(empty, 0.0)
+    total = weights.sum(0)  # [H, T]
+    nothing = total == 0
+    safe_total = total.masked_fill(nothing, 1.0)
+    merged_lse = (peak + torch.log(safe_total)).masked_fill(nothing, _NEG_INF)
     # An empty state's output is ignored, whatever it holds (0 * NaN would be NaN).
-    local.masked_fill_(empty[rank].t().unsqueeze(-1), 0.0)
+    local = out.to(torch.float32).masked_fill(empty[rank].t().unsqueeze(-1), 0.0) * weights[rank].t().unsqueeze(-1)
+    summed = local.detach().clone()
     # float32 sum: exact enough for the merge, and supported by gloo and NCCL alike.
-    dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
-    return local.to(out_dtype), merged_lse
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
+    if needs_grad(local):
+        summed = local + (summed - local.detach())
+    merged = (summed / safe_total.t().unsqueeze(-1)).masked_fill(nothing.t().unsqueeze(-1), 0.0)
+    return merged.to(out_dtype), merged_lse
 
 
 # --------------------------------------------------------------------------- decode / queries at the end
@@ -423,10 +455,11 @@ def context_parallel_attention(
         2 (R-1)/R * T*H*D*4`` (float32 sum; ring). For bf16 the all-gather moves
         fewer bytes up to 3 ranks, ties at 4 and loses from 5 on.
 
-    Not differentiable: the states travel as raw bytes, so no gradient could flow
-    back through the collectives; a ``q``, ``k_shard`` or ``v_shard`` that requires
-    grad (with grad mode on) is refused with a ValueError rather than silently
-    detached. Backend limits are those of :func:`splitkv.attention_with_lse`'s
+    Differentiable with respect to ``q``, ``k_shard`` and ``v_shard`` with either
+    combine: every rank's own state stays differentiable inside the gathered (or
+    all-reduced) result, and ``q``'s gradient is summed over the ranks in the
+    backward, so each rank receives the gradient of its KV shard and the whole
+    gradient of the replicated queries. Backend limits are those of :func:`splitkv.attention_with_lse`'s
     backends (the flash backends take fp16/bf16 and head_dim <= 256, the Triton
     kernel head_dim <= 256; ``splitkv.explain_attention`` says which runs). Needs an
     initialized ``torch.distributed`` process group (NCCL for CUDA tensors, gloo
@@ -453,10 +486,11 @@ def context_parallel_attention(
     scale = _renamed_check(names, q, k_shard, v_shard, cu_seqlens_q, cu_seqlens_k_shard, max_seqlen_q,
                            max_seqlen_k_shard, expect_scale("softmax_scale", softmax_scale))  # fmt: skip
     expect_bool("causal", causal)
-    _expect_forward_only("context_parallel_attention", q=q, k_shard=k_shard, v_shard=v_shard)
     _expect_choice("combine", combine, COMBINES)
     world, rank = _resolve_group(group)
 
+    if world > 1 and needs_grad(q):
+        q = _ReplicatedInput.apply(q, group)
     out, lse = _shard_state(q, k_shard, v_shard, cu_seqlens_q, cu_seqlens_k_shard, max_seqlen_q, max_seqlen_k_shard,
                             causal, scale, backend, group, world, rank)  # fmt: skip
     if world == 1 or q.shape[0] == 0:  # nothing to combine (q, hence its size, is the same on every rank)
@@ -464,7 +498,7 @@ def context_parallel_attention(
     if combine == "auto":
         combine = choose_combine(world, q.element_size())
     if combine == "all_gather":
-        return _combine_all_gather(out, lse, group, world, q.dtype)
+        return _combine_all_gather(out, lse, group, world, rank, q.dtype)
     return _combine_all_reduce(out, lse, group, world, rank, q.dtype)
 
 

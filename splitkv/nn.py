@@ -16,7 +16,15 @@ Shapes follow the rest of the package: tokens of all sequences packed along the
 first axis, ``q [tokens, heads_q, head_dim]``, ``k, v [tokens, heads_kv, head_dim]``,
 sequence-major (all new tokens of sequence 0, then of sequence 1, ...).
 
-The cache is for inference: nothing in it is differentiated.
+The cache is for inference: nothing in it is differentiated (``attention`` detaches the
+``k``/``v`` it stores, and the cascade layout's attention refuses a gradient).
+
+Decode steps are static in shape: every decode step (one new token per sequence)
+reuses one :class:`CacheStep` whose tensors are refreshed in place, reads the
+caches in place (``seqused_k``, no gather) and passes capacities as
+``max_seqlen_*``, so a decode step built on it compiles once under
+``torch.compile`` and can be captured in a CUDA graph and replayed step after step
+(as long as the capacity does not grow after the capture).
 """
 
 from __future__ import annotations
@@ -36,8 +44,20 @@ _MODES = ("auto", "cascade", "plain")
 
 @dataclass(frozen=True)
 class CacheMemory:
-    """Bytes of KV a cache holds: ``allocated`` (its tensors, spare capacity included)
-    and ``used`` (the tokens written so far), over all layers, K and V."""
+    """Bytes of KV a cache holds, over all layers, K and V (what :meth:`SharedPrefixKVCache.memory` returns).
+
+    Not differentiable (two ints).
+
+    Args:
+        allocated: bytes of its tensors, spare capacity included.
+        used: bytes of the tokens written so far.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, mode="cascade", dtype=torch.float32)
+        >>> cache.memory()
+        CacheMemory(allocated=0, used=0)
+    """
 
     allocated: int
     used: int
@@ -92,15 +112,12 @@ class SharedPrefixKVCache:
       gather below, which in the plain layout copies every sequence's whole KV.
 
     Storage: each layer's K and V live in one preallocated
-    ``[num_sequences, rows, heads_kv, head_dim]`` tensor each, ``rows`` = ``capacity``
+    ``[num_sequences * rows, heads_kv, head_dim]`` tensor each, ``rows`` = ``capacity``
     suffix tokens (plus the prefix copy in the plain layout); ``capacity`` grows by
     doubling when a step needs more. A step writes its new rows in place (one
-    ``index_copy_``) and gathers the packed ``[tokens, heads_kv, head_dim]`` view the
-    varlen kernels take (one ``index_select``), because they take only sequences
-    packed end to end; the row indices are built once per step, on the host, for all
-    layers. In the cascade layout that gather copies the suffixes only, never the
-    prefix. A list of growing tensors per sequence measured as fast on a CPU, but
-    costs launches per sequence on a GPU.
+    ``index_copy_`` per tensor) and the kernels read the storage in place: sequence
+    ``i`` owns rows ``i * rows ..`` (``cu_seqlens_k`` steps by ``rows``) and uses the
+    first ``seqused_k[i]`` of them. No copy of a cache is made per layer or per step.
 
     Args:
         num_layers: layers of the model, each with its own KV.
@@ -113,16 +130,26 @@ class SharedPrefixKVCache:
         device: where the cache lives (q, k, v must be there too).
         softmax_scale: default ``head_dim ** -0.5``.
 
-    Example::
+    Not differentiable: the cache is for inference (``attention`` detaches what it
+    stores). Backends: as :func:`splitkv.cascade_attention` (cascade layout) and
+    :func:`splitkv.attention_with_lse` (plain layout; the flash backends need
+    CUDA float16/bfloat16 and ``head_dim <= 256``).
 
-        >>> cache = SharedPrefixKVCache(num_layers, len(requests), heads_q, heads_kv, head_dim,
-        ...                             capacity=max_suffix + max_new_tokens, dtype=torch.bfloat16, device="cuda")
-        >>> step = cache.prefill_prefix(len(prompt_ids))
-        >>> logits = model(prompt_ids, step.positions, step.attention)  # layers call step.attention(layer, q, k, v)
-        >>> step = cache.begin_step([len(s) for s in suffix_ids])
-        >>> logits = model(torch.cat(suffix_ids), step.positions, step.attention)
-        >>> step = cache.begin_step([1] * len(requests))  # one decode step
-        >>> logits = model(next_ids, step.positions, step.attention)
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, mode="cascade",
+        ...                                        dtype=torch.float32)
+        >>> def qkv(tokens):  # what a layer would compute for its new tokens
+        ...     return torch.randn(tokens, 4, 8), torch.randn(tokens, 2, 8), torch.randn(tokens, 2, 8)
+        >>> step = cache.prefill_prefix(5)  # the shared prompt, 5 tokens
+        >>> _ = step.attention(0, *qkv(5))
+        >>> step = cache.begin_step([2, 3])  # the suffixes of the 2 requests
+        >>> _ = step.attention(0, *qkv(5))
+        >>> step = cache.begin_step([1, 1])  # one decode step
+        >>> step.attention(0, *qkv(2)).shape
+        torch.Size([2, 4, 8])
+        >>> cache.suffix_lengths
+        [3, 4]
     """
 
     def __init__(
@@ -161,10 +188,15 @@ class SharedPrefixKVCache:
         self.suffix_lengths = [0] * num_sequences
         self._prefix_k: list[torch.Tensor | None] = [None] * num_layers
         self._prefix_v: list[torch.Tensor | None] = [None] * num_layers
-        self._k: list[torch.Tensor] = []  # per layer [num_sequences, rows, heads_kv, head_dim]
+        # Per layer [num_sequences * rows, heads_kv, head_dim]: flat, so that a step's index_copy_
+        # mutates the tensor itself, never a view of it (under torch.compile a view's mutation
+        # became a copy of the whole cache per layer per step).
+        self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
         self._rows = 0  # rows per sequence in _k / _v: capacity, plus the prefix copy in the plain layout
         self._step_id = 0
+        self._decode_step: CacheStep | None = None  # reused by every decode step (static shapes)
+        self._decode_plan: torch.Tensor | None = None
 
     # -- layout --------------------------------------------------------------------
 
@@ -181,9 +213,13 @@ class SharedPrefixKVCache:
         else:
             self.uses_cascade = self.mode == "cascade"
         self._rows = self.capacity if self.uses_cascade else prefix_len + self.capacity
-        shape = (self.num_sequences, self._rows, self.heads_kv, self.head_dim)
+        shape = (self.num_sequences * self._rows, self.heads_kv, self.head_dim)
         self._k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self._v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+
+    def _per_sequence(self, store: torch.Tensor) -> torch.Tensor:
+        """A view of a layer's flat storage as ``[num_sequences, rows, heads_kv, head_dim]``."""
+        return store.view(self.num_sequences, -1, *store.shape[1:])
 
     @property
     def _base(self) -> int:
@@ -196,11 +232,12 @@ class SharedPrefixKVCache:
         new_rows = max(rows, 2 * self._rows)
         for store in (self._k, self._v):
             for layer, old in enumerate(store):
-                grown = old.new_empty((self.num_sequences, new_rows) + tuple(old.shape[2:]))
-                grown[:, : self._rows] = old
+                grown = old.new_empty((self.num_sequences * new_rows,) + tuple(old.shape[1:]))
+                grown.view(self.num_sequences, new_rows, *old.shape[1:])[:, : self._rows] = self._per_sequence(old)
                 store[layer] = grown
         self.capacity += new_rows - self._rows
         self._rows = new_rows
+        self._decode_step = None  # its bounds name the old rows; a graph captured over it is stale now
 
     # -- steps ---------------------------------------------------------------------
 
@@ -210,14 +247,21 @@ class SharedPrefixKVCache:
         Its ``attention`` stores each layer's ``k``/``v`` as the prefix and returns
         causal attention of the prompt over itself. Call it once, before any
         :meth:`begin_step`.
+
+        Args:
+            prefix_len: tokens of the shared prompt, at least 1.
+
+        Returns:
+            The :class:`CacheStep` whose ``attention`` the layers call.
         """
-        if prefix_len < 1:
-            raise ValueError(f"prefix_len must be positive, got {prefix_len} (for no prefix call begin_step directly)")
+        if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 1:
+            raise ValueError(f"prefix_len must be a positive int, got {prefix_len!r} "
+                             "(for no prefix call begin_step directly)")  # fmt: skip
         self._settle(prefix_len)
         self._step_id += 1
         bounds = _cu_seqlens(torch.tensor([prefix_len]), self.device)
         return CacheStep(self, self._step_id, True, [prefix_len], torch.arange(prefix_len, device=self.device),
-                         bounds, prefix_len, None, None, bounds, prefix_len)  # fmt: skip
+                         bounds, prefix_len, None, bounds, None, prefix_len)  # fmt: skip
 
     def begin_step(self, new_tokens: Sequence[int]) -> CacheStep:
         """The step of a forward pass over ``new_tokens[i]`` new tokens of each sequence ``i``.
@@ -225,6 +269,16 @@ class SharedPrefixKVCache:
         Reserves their rows (the suffix lengths advance now) and plans the step for
         all layers. Without a prior :meth:`prefill_prefix` the prefix is empty.
         Earlier steps become stale: call each layer's ``attention`` before the next step.
+        A decode step (one new token for every sequence) returns the same
+        :class:`CacheStep` object every time, its tensors updated in place (one
+        host-to-device copy), with ``max_seqlen_k`` the storage's rows: its shapes
+        never change, so a compiled or CUDA-graph-captured decode step replays it.
+
+        Args:
+            new_tokens: ``num_sequences`` non-negative ints.
+
+        Returns:
+            The :class:`CacheStep` whose ``attention`` the layers call.
         """
         new = [int(n) for n in new_tokens]
         if len(new) != self.num_sequences or min(new) < 0:
@@ -236,19 +290,39 @@ class SharedPrefixKVCache:
         lengths = old_t + new_t
         self._reserve(self._base + int(lengths.max()))
         sequence_start = torch.arange(self.num_sequences) * self._rows
-        # Rows of the flattened [num_sequences * rows, heads_kv, head_dim] storage: where this
-        # step's tokens go, and what the kernels read (suffix, or prefix copy + suffix).
+        # Rows of the flattened [num_sequences * rows, heads_kv, head_dim] storage where this
+        # step's tokens go, the keys each sequence uses (suffix, or prefix copy + suffix),
+        # and the positions of the new tokens.
         write_rows = _packed_rows(sequence_start + self._base + old_t, new_t)
-        read_lengths = lengths + self._base
-        read_rows = _packed_rows(sequence_start, read_lengths)
+        used = lengths + self._base
         positions = _packed_rows(self.prefix_len + old_t, new_t)
         self.suffix_lengths = lengths.tolist()
         self._step_id += 1
+        if all(n == 1 for n in new):
+            return self._refresh_decode_step(torch.stack([positions, write_rows, used]))
+        cu_seqlens_k = (torch.arange(self.num_sequences + 1, dtype=torch.int32) * self._rows).to(self.device)
         return CacheStep(
             self, self._step_id, False, new, positions.to(self.device), _cu_seqlens(new_t, self.device), max(new),
-            write_rows.to(self.device), read_rows.to(self.device), _cu_seqlens(read_lengths, self.device),
-            int(read_lengths.max()),
+            write_rows.to(self.device), cu_seqlens_k, used.to(device=self.device, dtype=torch.int32), int(used.max()),
         )  # fmt: skip
+
+    def _refresh_decode_step(self, plan: torch.Tensor) -> CacheStep:
+        """The decode step, its ``[3, num_sequences]`` int64 plan (positions, write rows,
+        used keys) copied into its tensors in place."""
+        step = self._decode_step
+        if step is None:
+            batch = self.num_sequences
+            self._decode_plan = torch.empty((3, batch), dtype=torch.long, device=self.device)
+            sequences = torch.arange(batch + 1, dtype=torch.int32)
+            step = CacheStep(
+                self, None, False, [1] * batch, self._decode_plan[0], sequences.to(self.device), 1,
+                self._decode_plan[1], (sequences * self._rows).to(self.device),
+                torch.empty(batch, dtype=torch.int32, device=self.device), self._rows,
+            )  # fmt: skip
+            self._decode_step = step
+        self._decode_plan.copy_(plan)
+        step.seqused_k.copy_(self._decode_plan[2])
+        return step
 
     # -- bookkeeping ---------------------------------------------------------------
 
@@ -266,18 +340,30 @@ class SharedPrefixKVCache:
         """The layer's prefix ``(k, v)``, each ``[prefix_len, heads_kv, head_dim]`` (a view, or a copy's view)."""
         if self.uses_cascade:
             return self._prefix_k[layer], self._prefix_v[layer]
-        return self._k[layer][0, : self.prefix_len], self._v[layer][0, : self.prefix_len]
+        return self._k[layer][: self.prefix_len], self._v[layer][: self.prefix_len]
 
     def suffix_kv(self, layer: int, sequence: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of one sequence's suffix ``(k, v)``, each ``[suffix_len, heads_kv, head_dim]``."""
         rows = slice(self._base, self._base + self.suffix_lengths[sequence])
-        return self._k[layer][sequence, rows], self._v[layer][sequence, rows]
+        return self._per_sequence(self._k[layer])[sequence, rows], self._per_sequence(self._v[layer])[sequence, rows]
 
 
 class CacheStep:
     """One forward pass's use of a :class:`SharedPrefixKVCache`, planned for all layers.
 
-    Made by :meth:`SharedPrefixKVCache.prefill_prefix` / :meth:`~SharedPrefixKVCache.begin_step`.
+    Made by :meth:`SharedPrefixKVCache.prefill_prefix` / :meth:`~SharedPrefixKVCache.begin_step`,
+    not by hand. Not differentiable (see :meth:`attention`).
+
+    Args:
+        cache, step_id, is_prefix, new_tokens, positions, cu_seqlens_q, max_seqlen_q,
+            write_rows, cu_seqlens_k, seqused_k, max_seqlen_k: the plan the cache made.
+
+    Example:
+        >>> import torch, splitkv
+        >>> cache = splitkv.nn.SharedPrefixKVCache(1, 2, 4, 2, 8, capacity=4, dtype=torch.float32)
+        >>> step = cache.begin_step([1, 2])
+        >>> step.positions.tolist(), step.last_rows.tolist()
+        ([0, 0, 1], [0, 2])
 
     Attributes:
         new_tokens: new tokens per sequence (host ints); ``[prefix_len]`` for the prefix step.
@@ -285,31 +371,38 @@ class CacheStep:
             ``[prefix ; suffix_i]`` (the prefix is at 0..prefix_len-1 for every
             sequence): the positions for RoPE.
         cu_seqlens_q: int32 ``[sequences + 1]`` bounds of each sequence's new tokens.
+        cu_seqlens_k: int32 ``[sequences + 1]`` bounds of each sequence's rows in the
+            flattened storage (a multiple of its rows per sequence).
+        seqused_k: int32 ``[sequences]`` keys each sequence uses after this step's
+            tokens are stored (None for the prefix step).
         last_rows: int64 ``[sequences]`` row of each sequence's last new token in the
             packed batch, -1 where a sequence has none this step (for the LM head).
     """
 
     def __init__(self, cache, step_id, is_prefix, new_tokens, positions, cu_seqlens_q, max_seqlen_q,
-                 write_rows, read_rows, cu_seqlens_k, max_seqlen_k):  # fmt: skip
+                 write_rows, cu_seqlens_k, seqused_k, max_seqlen_k):  # fmt: skip
+        # step_id None: the cache's decode step, refreshed in place, never stale.
         self.cache, self._id, self.is_prefix = cache, step_id, is_prefix
         self.new_tokens = new_tokens
+        self._tokens = sum(new_tokens)
         self.positions = positions
         self.cu_seqlens_q, self.max_seqlen_q = cu_seqlens_q, max_seqlen_q
-        self._write_rows, self._read_rows = write_rows, read_rows
-        self.cu_seqlens_k, self.max_seqlen_k = cu_seqlens_k, max_seqlen_k
+        self._write_rows = write_rows
+        self.cu_seqlens_k, self.seqused_k, self.max_seqlen_k = cu_seqlens_k, seqused_k, max_seqlen_k
         ends = torch.tensor(new_tokens).cumsum(0) - 1
         self.last_rows = torch.where(torch.tensor(new_tokens) > 0, ends, -1).to(cache.device)
 
     def _check(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         cache = self.cache
-        if self._id != cache._step_id:
+        if self._id is not None and self._id != cache._step_id:
             raise RuntimeError("this step is stale: a later begin_step() replaced it (its rows may have moved)")
+        if self._id is None and cache._decode_step is not self:
+            raise RuntimeError("this decode step is stale: the cache grew, and its storage moved")
         if not 0 <= layer < cache.num_layers:
             raise ValueError(f"layer must be in [0, {cache.num_layers}), got {layer}")
-        tokens = sum(self.new_tokens)
         for name, t, heads in (("q", q, cache.heads_q), ("k", k, cache.heads_kv), ("v", v, cache.heads_kv)):
-            if tuple(t.shape) != (tokens, heads, cache.head_dim):
-                raise ValueError(f"{name} must be [tokens, heads, head_dim] = {(tokens, heads, cache.head_dim)} "
+            if tuple(t.shape) != (self._tokens, heads, cache.head_dim):
+                raise ValueError(f"{name} must be [tokens, heads, head_dim] = {(self._tokens, heads, cache.head_dim)} "
                                  f"for this step, got {tuple(t.shape)}")  # fmt: skip
             if t.dtype != cache.dtype or t.device != cache.device:
                 raise TypeError(f"{name} must be {cache.dtype} on {cache.device} like the cache, "
@@ -318,11 +411,16 @@ class CacheStep:
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Stores this step's ``k``/``v`` for ``layer`` and returns the new tokens' attention.
 
+        Not differentiable (the cache is for inference: the stored ``k``/``v`` are
+        detached). Traceable by ``torch.compile(fullgraph=True)`` and CUDA-graph
+        capturable for the decode step (see :meth:`SharedPrefixKVCache.begin_step`).
+
         Args:
             layer: index of the calling layer (each layer once per step).
             q: ``[tokens, heads_q, head_dim]``, the new tokens of all sequences packed
                 sequence-major (``cu_seqlens_q``), RoPE applied; the cache's dtype and device.
-            k, v: ``[tokens, heads_kv, head_dim]``, the same tokens' keys (RoPE applied) and values.
+            k: ``[tokens, heads_kv, head_dim]``, the same tokens' keys (RoPE applied).
+            v: ``[tokens, heads_kv, head_dim]``, their values.
 
         Returns:
             ``[tokens, heads_q, head_dim]`` in the cache's dtype: causal attention of
@@ -338,27 +436,25 @@ class CacheStep:
                 cache._prefix_k[layer] = k.clone(memory_format=contiguous)
                 cache._prefix_v[layer] = v.clone(memory_format=contiguous)
             else:
-                cache._k[layer][:, : cache.prefix_len] = k
-                cache._v[layer][:, : cache.prefix_len] = v
-            return self._plain(q, k, v)
-        flat_shape = (-1, cache.heads_kv, cache.head_dim)
-        store_k, store_v = cache._k[layer].view(flat_shape), cache._v[layer].view(flat_shape)
+                cache._per_sequence(cache._k[layer])[:, : cache.prefix_len] = k
+                cache._per_sequence(cache._v[layer])[:, : cache.prefix_len] = v
+            return self._plain(q, k, v, self.cu_seqlens_k, None)
+        store_k, store_v = cache._k[layer], cache._v[layer]
         store_k.index_copy_(0, self._write_rows, k)
         store_v.index_copy_(0, self._write_rows, v)
-        packed_k = store_k.index_select(0, self._read_rows)
-        packed_v = store_v.index_select(0, self._read_rows)
         if not cache.uses_cascade:
-            return self._plain(q, packed_k, packed_v)
+            return self._plain(q, store_k, store_v, self.cu_seqlens_k, self.seqused_k)
         if cache._prefix_k[layer] is None:  # no prefill_prefix: an empty prefix
-            empty = packed_k.new_empty((0,) + tuple(packed_k.shape[1:]))
+            empty = store_k.new_empty((0,) + tuple(store_k.shape[1:]))
             cache._prefix_k[layer], cache._prefix_v[layer] = empty, empty
         return cascade_attention(
-            q, self.cu_seqlens_q, cache._prefix_k[layer], cache._prefix_v[layer], packed_k, packed_v,
+            q, self.cu_seqlens_q, cache._prefix_k[layer], cache._prefix_v[layer], store_k, store_v,
             self.cu_seqlens_k, softmax_scale=cache.softmax_scale, max_seqlen_q=self.max_seqlen_q,
-            max_seqlen_k=self.max_seqlen_k, cascade=True,
+            max_seqlen_k=self.max_seqlen_k, cascade=True, seqused_k=self.seqused_k,
         )  # fmt: skip
 
-    def _plain(self, q, k, v):
-        out, _ = attention_with_lse(q, k, v, self.cu_seqlens_q, self.cu_seqlens_k, self.max_seqlen_q,
-                                    self.max_seqlen_k, causal=True, softmax_scale=self.cache.softmax_scale)  # fmt: skip
+    def _plain(self, q, k, v, cu_seqlens_k, seqused_k):
+        out, _ = attention_with_lse(q, k, v, self.cu_seqlens_q, cu_seqlens_k, self.max_seqlen_q, self.max_seqlen_k,
+                                    causal=True, softmax_scale=self.cache.softmax_scale,
+                                    seqused_k=seqused_k)  # fmt: skip
         return out

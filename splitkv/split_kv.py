@@ -16,7 +16,16 @@ import math
 import torch
 
 from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
-from .attention import ATTENTION_BACKENDS, attention_with_lse, check_attention_inputs
+from ._checks import expect_bool, expect_count
+from .attention import (
+    ATTENTION_BACKENDS,
+    check_attention_inputs,
+    check_sequence_values,
+    fake_attention_results,
+    register_attention_autograd,
+    run_checked_attention,
+    use_op,
+)
 from .merge import merge_states
 
 __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
@@ -24,6 +33,8 @@ __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 # A split shorter than this spends more on its partial state than it saves.
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 128
+# The kernel's grid names a split in 16 bits (triton_attention_with_lse).
+_MAX_USER_SPLITS = 65535
 # Query rows (query tokens x query heads of one KV head) one Triton program owns.
 _ROWS_PER_PROGRAM = 64
 _FLASH_BACKENDS = ("flash_attn", "torch")
@@ -69,7 +80,9 @@ def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
     """
     if not q.is_cuda or not triton_can_run(q):
         return False
-    if max_seqlen_q <= 1 and ATTENTION_BACKENDS.select("auto", q, k, k, False, None).name in _FLASH_BACKENDS:
+    num_sequences = cu_seqlens_q.shape[0] - 1
+    auto = ATTENTION_BACKENDS.select("auto", q, k, k, False, None, num_sequences, max_seqlen_q)
+    if max_seqlen_q <= 1 and auto.name in _FLASH_BACKENDS:
         return False
     return _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
 
@@ -98,29 +111,61 @@ def split_kv_attention(
     Arguments and results are those of :func:`splitkv.attention_with_lse`
     (varlen packed layout, GQA, bottom-right causal, ``lse [heads_q, total_q]``
     float32 natural log); the result equals full attention up to rounding.
+    Differentiable with respect to q, k and v (output and LSE), with
+    :func:`splitkv.attention_with_lse`'s backward (torch math, scores recomputed).
+    A torch custom op (``torch.ops.splitkv.split_kv_attention``): traceable by
+    ``torch.compile(fullgraph=True)``, and CUDA-graph capturable on the GPU.
+
+    Splitting needs the in-project Triton kernel (``head_dim <= 256``): on CUDA
+    tensors, or on CPU ones under ``TRITON_INTERPRET=1``. Elsewhere (CPU without
+    the interpreter, head_dim over 256) this is :func:`splitkv.attention_with_lse`
+    without splits, with its backend limits.
 
     Args:
-        num_splits: chunks per sequence (each ``ceil(Lk / num_splits)`` keys); ``None``
-            picks a count from the batch shape and the multiprocessor count
-            (:func:`choose_num_splits`). The partial states are float32 and merged by
-            :func:`splitkv.merge_states` straight into q's dtype.
+        q: ``[total_q, heads_q, head_dim]`` float16, bfloat16 or float32.
+        k: ``[total_k, heads_kv, head_dim]``, q's dtype and device.
+        v: like ``k``.
+        cu_seqlens_q: int32 ``[batch + 1]`` cumulative query counts.
+        cu_seqlens_k: int32 ``[batch + 1]`` cumulative key counts.
+        max_seqlen_q: Python int, at least the longest query count.
+        max_seqlen_k: Python int, at least the longest key count.
+        causal: bottom-right aligned causal mask.
+        softmax_scale: multiplier of ``q @ k^T``; default ``head_dim ** -0.5``.
+        num_splits: chunks per sequence (each ``ceil(Lk / num_splits)`` keys), a
+            positive int; counts above ``max_seqlen_k`` are cut to it (a chunk of
+            no key is only an empty state). ``None`` picks a count from the batch
+            shape and the multiprocessor count (:func:`choose_num_splits`), on the
+            host from Python ints: a compiled or captured step keeps its count. The
+            partial states are float32 and merged by :func:`splitkv.merge_states`
+            straight into q's dtype.
 
-    Splitting needs the in-project Triton kernel: on CUDA tensors, or on CPU ones
-    under ``TRITON_INTERPRET=1``. Elsewhere (CPU without the interpreter, head_dim
-    over 256) this is :func:`splitkv.attention_with_lse` without splits.
+    Returns:
+        ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32)``.
 
-    Example::
-
-        >>> # 8 sequences of 1 query each over 32K cached keys
-        >>> out, lse = splitkv.split_kv_attention(q, k_cache, v_cache, cu_q, cu_k, 1, 32768)
+    Example:
+        >>> import torch, splitkv
+        >>> q = torch.randn(2, 4, 16)  # 2 sequences of 1 query (decode), 4 heads
+        >>> k, v = torch.randn(600, 2, 16), torch.randn(600, 2, 16)  # 100 and 500 cached keys
+        >>> cu_q = torch.tensor([0, 1, 2], dtype=torch.int32)
+        >>> cu_k = torch.tensor([0, 100, 600], dtype=torch.int32)
+        >>> out, lse = splitkv.split_kv_attention(q, k, v, cu_q, cu_k, 1, 500, num_splits=4)
+        >>> out.shape, lse.shape
+        (torch.Size([2, 4, 16]), torch.Size([4, 2]))
     """
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
+    causal = expect_bool("causal", causal)
+    if num_splits is not None:
+        num_splits = min(expect_count("num_splits", num_splits, minimum=1), max(1, max_seqlen_k), _MAX_USER_SPLITS)
+    if use_op(q, k, v):
+        return torch.ops.splitkv.split_kv_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                    causal, scale, num_splits or 0)  # fmt: skip
+    return _split_kv_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits)
+
+
+def _split_kv_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits):
+    """The eager body of :func:`split_kv_attention` for checked arguments (``num_splits`` None: the default count)."""
     if not triton_can_run(q):
-        return attention_with_lse(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal, softmax_scale=scale
-        )
+        return run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     from ._attention_triton import triton_attention_with_lse
 
     if num_splits is None:
@@ -132,3 +177,20 @@ def split_kv_attention(
         return states, lses
     out, lse = merge_states(states, lses, output_dtype=q.dtype)
     return out, lse
+
+
+def _split_kv_op_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                      num_splits):  # fmt: skip
+    check_sequence_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    out, lse = _split_kv_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                              softmax_scale, num_splits or None)  # fmt: skip
+    return out.contiguous(), lse.contiguous()
+
+
+_split_kv_op = torch.library.custom_op(
+    "splitkv::split_kv_attention", _split_kv_op_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+           "SymInt max_seqlen_k, bool causal, float softmax_scale, int num_splits) -> (Tensor, Tensor)",
+)  # fmt: skip
+_split_kv_op.register_fake(lambda q, *args: fake_attention_results(q))
+register_attention_autograd(_split_kv_op, seqused_k_index=None, num_inputs=10)

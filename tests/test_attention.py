@@ -287,10 +287,43 @@ def test_bad_cuda_scale_and_prefix_are_refused_by_the_cpp_checks():
 
 
 def test_bad_scale_and_backend():
-    with pytest.raises(TypeError, match="softmax_scale must be a float or None"):
+    with pytest.raises(TypeError, match="softmax_scale must be a positive float or None"):
         splitkv.attention_with_lse(**_good(), softmax_scale="0.1")
     with pytest.raises(ValueError, match="backend must be one of"):
         splitkv.attention_with_lse(**_good(), backend="xformers")
     if not HAS_CUDA:
         with pytest.raises(ValueError, match="backend='torch' cannot run these inputs: tensors are on cpu"):
             splitkv.attention_with_lse(**_good(), backend="torch")
+
+
+def test_argument_holes_of_issue_21():
+    args = _good(torch.float32)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        splitkv.attention_with_lse(**args, causal="False")
+    for scale in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="softmax_scale must be a finite positive float"):
+            splitkv.attention_with_lse(**args, softmax_scale=scale)
+    empty_dim = {**args, "q": args["q"][:, :, :0], "k": args["k"][:, :, :0], "v": args["v"][:, :, :0]}
+    with pytest.raises(ValueError, match="head_dim must be positive"):
+        splitkv.attention_with_lse(**empty_dim)
+    meta = {name: t.to("meta") if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+    with pytest.raises(ValueError, match="meta device"):
+        splitkv.attention_with_lse(**meta)
+    with pytest.raises(ValueError, match="lse_base must be"):
+        splitkv.attention_with_lse(**args, lse_base="10")
+    for count in (-1, 2.5, "3"):
+        with pytest.raises((TypeError, ValueError), match="num_sequences must be an int"):
+            splitkv.use_cascade(count, 10, 10, 1, 4, 2, 16)
+    q, k, v = args["q"], args["k"], args["v"]
+    cu_q, cu_k = args["cu_seqlens_q"], args["cu_seqlens_k"]
+    with pytest.raises(ValueError, match="cascade must be True, False or 'auto'"):
+        splitkv.cascade_attention(q, cu_q, k[:1], v[:1], k, v, cu_k, cascade="yes")
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a torch.Tensor"):
+        splitkv.cascade_attention(q, [0, 1, 4], k[:1], v[:1], k, v, cu_k)
+    # A falling cu_seqlens_q is reported against itself, not against a max_seqlen_q never passed.
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0"):
+        splitkv.cascade_attention(q, torch.tensor([0, 4, 1], dtype=torch.int32), k[:1], v[:1], k, v, cu_k)
+    # A split count far above the key count is cut to it: the same result, no huge partial states.
+    out, lse = splitkv.split_kv_attention(**args, num_splits=60000)
+    ref_out, ref_lse = splitkv.attention_with_lse(**args)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)

@@ -276,5 +276,5 @@ def test_split_kv_equals_full_attention(dtype, num_splits, causal, rng):
 
 def test_split_kv_rejects_bad_split_count():
     q = torch.randn(1, 2, 64)
-    with pytest.raises(ValueError, match="num_splits must be a positive int or None"):
+    with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
         splitkv.split_kv_attention(q, q, q, cu_seqlens([1], "cpu"), cu_seqlens([1], "cpu"), 1, 1, num_splits=0)

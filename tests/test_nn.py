@@ -180,3 +180,20 @@ def test_bf16_generation_on_cuda():
     torch.testing.assert_close(forced.logits, usual.logits, atol=0.125, rtol=0.02)
     assert forced_agree >= 0.9
     assert agree > 0.5
+
+
+@pytest.mark.parametrize("mode", ["cascade", "plain"])
+def test_compiled_decode_steps_give_the_eager_tokens(model, mode, monkeypatch):
+    # The example's --compile on both ways (aot_eager: the tracing, without Inductor's CPU
+    # compile time); the cascade's two-pass path, as the Triton interpreter would be slow here.
+    monkeypatch.setattr(splitkv.cascade, "triton_can_run", lambda q: False)
+    prompt, suffixes = demo.make_requests(TINY, 10, [3, 0, 5])
+    runs = []
+    for runner in (None, demo.DecodeRunner(model, compile=True, backend="aot_eager")):
+        usual = demo.generate_usual(model, prompt, suffixes, 6, keep_logits=True, runner=runner)
+        shared = demo.generate_shared(model, prompt, suffixes, 6, mode=mode, keep_logits=True, runner=runner)
+        runs.append((usual, shared))
+    for eager, compiled in zip(*runs):
+        assert torch.equal(eager.tokens, compiled.tokens)
+        torch.testing.assert_close(compiled.logits, eager.logits, **TOLERANCES[torch.float32])
+        assert compiled.decode_steps == 4 and eager.decode_steps == 5  # the compiling step is setup
