@@ -92,6 +92,8 @@ def split_kv_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over each sequence's KV cut into ``num_splits`` chunks, merged exactly.
 
@@ -113,7 +115,19 @@ def split_kv_attention(
 
         >>> # 8 sequences of 1 query each over 32K cached keys
         >>> out, lse = splitkv.split_kv_attention(q, k_cache, v_cache, cu_q, cu_k, 1, 32768)
+
+    Paged form: with ``block_table`` (int32 ``[batch, max_pages_per_seq]``) and
+    ``seqused_k`` (int32 ``[batch]``), ``k, v`` are ``[num_pages, page_size, heads_kv,
+    head_dim]`` caches and ``cu_seqlens_k`` must be None: the Triton paged kernel of
+    :func:`splitkv.paged_attention_with_lse` in ``num_splits`` chunks per sequence.
     """
+    if block_table is not None or seqused_k is not None:
+        from .paged import split_kv_paged_attention
+
+        if block_table is None or seqused_k is None or cu_seqlens_k is not None:
+            raise ValueError("the paged form takes block_table and seqused_k together, and cu_seqlens_k=None")
+        return split_kv_paged_attention(q, k, v, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                                        causal, softmax_scale, num_splits)  # fmt: skip
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int or None, got {num_splits!r}")
