@@ -55,6 +55,8 @@ _FLASH_PAGE_MULTIPLE = 256
 # Bytes a kept shared level must save beyond its partial states: its programs' fixed
 # cost and the merge's extra state per token, about 0.3 us of HBM time on an H200.
 _LEVEL_OVERHEAD_BYTES = 1 << 20
+# An item's first empty state slot when it writes none (past any state count).
+_NO_PADDING = 1 << 30
 
 
 # ---------------------------------------------------------------------------------
@@ -63,8 +65,10 @@ _LEVEL_OVERHEAD_BYTES = 1 << 20
 
 
 def _expect_int(name: str, value, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
@@ -142,13 +146,19 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q
     expect_float_dtype("q", q)
     expect_contiguous_last("q", q)
     _expect_cache(q, k_cache, v_cache)
-    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    # Under torch.compile the values are not read (that would break the graph): a
+    # compiled call's inputs are checked by running it eagerly once.
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        expect_rank("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    else:
+        _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0], max_seqlen_q, "max_seqlen_q")
     batch = cu_seqlens_q.shape[0] - 1
     _expect_table(block_table, seqused_k, q.device, batch)
     _expect_int("max_seqlen_k", max_seqlen_k)
     if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float))):
         raise TypeError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
-    if q.is_cpu or check_values:
+    if (q.is_cpu or check_values) and not compiling:
         _check_table_values(block_table, seqused_k, k_cache.shape[1], k_cache.shape[0], max_seqlen_k)
     return q.shape[2] ** -0.5 if softmax_scale is None else float(softmax_scale)
 
@@ -525,6 +535,7 @@ def plan_cascade(
     levels: list | None = None,
     num_splits: int | None = None,
     num_pages: int | None = None,
+    share: str = "auto",
 ) -> CascadePlan:
     """Find the prefixes that a paged batch shares by page id, and plan a cascade over them.
 
@@ -552,6 +563,8 @@ def plan_cascade(
             ``[0, e)`` one after the other; members must share those page ids.
         num_splits: key chunks of every level (default: chosen per level to fill the GPU; 1 on CPU).
         num_pages: pages in the cache, to check the used entries of ``block_table``.
+        share: ``"auto"`` keeps the runs the cost model says pay; ``"always"`` keeps
+            every run found (for tests and for callers who measured).
 
     Returns:
         A :class:`CascadePlan` for :func:`paged_cascade_attention`.
@@ -573,6 +586,8 @@ def plan_cascade(
 
     start = time.perf_counter()
     _expect_int("page_size", page_size, 1)
+    if share not in ("auto", "always"):
+        raise ValueError(f"share must be 'auto' or 'always', got {share!r}")
     for name, value in (("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim)):
         _expect_int(name, value, 1)
     if heads_q % heads_kv:
@@ -626,13 +641,14 @@ def plan_cascade(
         splits = num_splits or _level_splits(tokens, group, keys, heads_kv, device)
         saved = (len(members) - row_blocks) * keys * kv_token
         cost = tokens * state_token * splits
-        kept = user_runs or saved > cost + _LEVEL_OVERHEAD_BYTES
+        kept = user_runs or share == "always" or saved > cost + _LEVEL_OVERHEAD_BYTES
         runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
         if kept and keys > 0:
             base = int(offset[idx].max())
             item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in members])
+            # No empty states to write: its sequences' own level does that.
             items.append((config, int(members[0]), item_tokens, lo * page_size, keys + lo * page_size, base, splits,
-                          -1))  # fmt: skip
+                          _NO_PADDING))  # fmt: skip
             offset[idx] = base + splits
             pending[idx] = end
     own_start = pending.copy()
