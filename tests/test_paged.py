@@ -31,12 +31,13 @@ def float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seql
     lse = torch.full((heads_q, total_q), -math.inf, dtype=torch.float64)
     bounds = cu_seqlens_q.tolist()
     for seq, used in enumerate(seqused_k.tolist()):
-        slots = [(int(block_table[seq, j // page_size]), j % page_size) for j in range(used)]
         q_lo, q_hi = bounds[seq], bounds[seq + 1]
-        if not slots or q_hi == q_lo:
+        if used == 0 or q_hi == q_lo:
             continue
-        k = torch.stack([k_cache[p, s] for p, s in slots]).double().repeat_interleave(group, dim=1)
-        v = torch.stack([v_cache[p, s] for p, s in slots]).double().repeat_interleave(group, dim=1)
+        keys = torch.arange(used)
+        pages = block_table[seq].cpu().long()[keys // page_size]
+        k = k_cache.cpu()[pages, keys % page_size].double().repeat_interleave(group, dim=1)
+        v = v_cache.cpu()[pages, keys % page_size].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q[q_lo:q_hi].double().cpu(), k.cpu()) * scale
         if causal:
             q_len = q_hi - q_lo

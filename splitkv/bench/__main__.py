@@ -2,9 +2,9 @@
 
 import sys
 
-from . import cascade, distributed, merge
+from . import cascade, distributed, merge, paged
 
-BENCHMARKS = {"merge": merge.main, "cascade": cascade.main, "distributed": distributed.main}
+BENCHMARKS = {"merge": merge.main, "cascade": cascade.main, "distributed": distributed.main, "paged": paged.main}
 
 
 def main() -> None:
