@@ -116,7 +116,11 @@ def _paged_fwd_kernel(
         k_total = tl.load(SequsedK + row)
         dynamic = key_hi < 0
         key_hi = tl.where(dynamic, k_total, key_hi)
-        causal = CAUSAL & dynamic
+        # Shared runs are seen whole by their queries: only a sequence's own keys are causal.
+        if CAUSAL:
+            causal = dynamic
+        else:
+            causal = False
     else:
         row_block = work % num_row_blocks
         row = (work // num_row_blocks) % batch
@@ -171,7 +175,11 @@ def _paged_fwd_kernel(
             # anything, an out-of-range page id included.
             page = tl.load(bt_row + keys // page_size, mask=key_valid, other=0).to(tl.int64)
             slot = (keys % page_size).to(tl.int64)
-            tile_mask = key_valid[:, None] & d_mask
+            # A mask constant along head_dim keeps the loads vectorised (16 bytes).
+            if HEAD_DIM == HEAD_DIM_PAD:
+                tile_mask = key_valid[:, None]
+            else:
+                tile_mask = key_valid[:, None] & d_mask
             k = tl.load(k_head + (page * stride_kp + slot * stride_ks)[:, None], mask=tile_mask, other=0.0)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
@@ -248,9 +256,8 @@ def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqle
     args = (
         q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqlens_q, items, item_tokens, programs,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2], ls[0], ls[1],
-        block_table.stride(0), k_cache.shape[1], heads_kv, q.shape[1] // heads_kv, block_table.shape[0], num_row_blocks,
-        num_splits,
-        out.shape[0], softmax_scale * _LOG2E,
+        block_table.stride(0), k_cache.shape[1], heads_kv, q.shape[1] // heads_kv, block_table.shape[0],
+        num_row_blocks, num_splits, out.shape[0], softmax_scale * _LOG2E,
     )  # fmt: skip
     constexprs = (
         causal, plan, q.shape[2], head_dim_pad, block_m, block_n,

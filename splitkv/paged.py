@@ -230,9 +230,9 @@ def _run_triton(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_s
         group = q.shape[1] // k_cache.shape[2]
         num_splits = _split_kv.choose_num_splits(block_table.shape[0], k_cache.shape[2], max_seqlen_q * group,
                                                  max_seqlen_k, q.device)  # fmt: skip
-    return torch.ops.splitkv_paged.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q,
-                                                            max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                                                            num_splits)  # fmt: skip
+    run = _paged_attention_op if torch.compiler.is_compiling() else _paged_attention_impl
+    return run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+               softmax_scale, num_splits)  # fmt: skip
 
 
 #: The paged attention backends in order of preference.
@@ -252,8 +252,7 @@ def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-@torch.library.custom_op("splitkv_paged::paged_attention_with_lse", mutates_args=())
-def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+def _paged_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                         causal: bool, softmax_scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from ._paged_triton import launch_config, launch_paged
@@ -273,6 +272,12 @@ def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if num_splits == 1:
         return states[0], lses[0]
     return merge_states(states, lses, output_dtype=q.dtype)
+
+
+# A torch custom op (for torch.compile); eager calls skip its dispatch, which costs
+# more host time than a small decode step's kernel.
+_paged_attention_op = torch.library.custom_op("splitkv_paged::paged_attention_with_lse", _paged_attention_impl,
+                                              mutates_args=())  # fmt: skip
 
 
 @_paged_attention_op.register_fake
@@ -462,7 +467,9 @@ class CascadePlan:
     num_states: int
     last_splits: int
     max_page_id: int
-    launches: list = dataclasses.field(default_factory=list)  # (config, grid, items, tokens, programs)
+    # Per launch: its item table, token list and program table, and (5 config ints, grid).
+    launch_tables: list = dataclasses.field(default_factory=list)
+    launch_configs: list = dataclasses.field(default_factory=list)
     needs_fill: bool = False
     kv_bytes_plain: int = 0
     kv_bytes_plan: int = 0
@@ -519,6 +526,21 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates: list[int]) -> 
 
 def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, device: torch.device) -> int:
     return _split_kv.choose_num_splits(1, heads_kv, tokens * rows_per_token, keys, device)
+
+
+def _shared_splits(kept_runs: list, heads_kv: int, device: torch.device, num_splits: int | None) -> list[int]:
+    """Key chunks of each kept run. The runs of one launch configuration run in one
+    launch: together they should fill the GPU about twice, every chunk at least
+    ``_MIN_KEYS_PER_SPLIT`` keys, so the chunk length is shared by all of them."""
+    if num_splits is not None or device.type != "cuda":
+        return [num_splits or 1 for _ in kept_runs]
+    sms = _split_kv._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    work = defaultdict(int)  # keys walked by all programs of a configuration, unsplit
+    for _idx, key_lo, key_hi, config, row_blocks in kept_runs:
+        work[config] += (key_hi - key_lo) * row_blocks * heads_kv
+    chunk = {config: max(_split_kv._MIN_KEYS_PER_SPLIT, -(-keys // (2 * sms))) for config, keys in work.items()}
+    return [max(1, min(_split_kv._MAX_SPLITS, -(-(key_hi - key_lo) // chunk[config])))
+            for _idx, key_lo, key_hi, config, _rb in kept_runs]  # fmt: skip
 
 
 def plan_cascade(
@@ -630,7 +652,7 @@ def plan_cascade(
     # to its sequences' own level), which then start where it started.
     pending = np.zeros(batch, dtype=np.int64)  # first page not yet in a kept run
     offset = np.zeros(batch, dtype=np.int64)  # first state slot free for the sequence
-    runs, items = [], []
+    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config)
     for members, first, end in found:
         idx = np.array(members)
         lo = int(pending[idx].max()) if user_runs else int(pending[idx[0]])
@@ -638,19 +660,23 @@ def plan_cascade(
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
         row_blocks = -(-tokens * group // config[1])
-        splits = num_splits or _level_splits(tokens, group, keys, heads_kv, device)
+        # Read once per row block instead of once per sharer; each of its key chunks
+        # adds a float32 state per token, written and read back by the merge.
         saved = (len(members) - row_blocks) * keys * kv_token
-        cost = tokens * state_token * splits
+        cost = tokens * state_token * (num_splits or _level_splits(tokens, group, keys, heads_kv, device))
         kept = user_runs or share == "always" or saved > cost + _LEVEL_OVERHEAD_BYTES
         runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
         if kept and keys > 0:
-            base = int(offset[idx].max())
-            item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in members])
-            # No empty states to write: its sequences' own level does that.
-            items.append((config, int(members[0]), item_tokens, lo * page_size, keys + lo * page_size, base, splits,
-                          _NO_PADDING))  # fmt: skip
-            offset[idx] = base + splits
+            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
             pending[idx] = end
+    splits_of = _shared_splits(kept_runs, heads_kv, device, num_splits)
+    items = []
+    for (idx, key_lo, key_hi, config, _), splits in zip(kept_runs, splits_of):
+        base = int(offset[idx].max())
+        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
+        # No empty states to write: its sequences' own level does that.
+        items.append((config, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
+        offset[idx] = base + splits
     own_start = pending.copy()
     suffix_keys = max([max_seqlen_k - int(own_start[i]) * page_size for i in with_queries], default=0)
     shared = any(r.kept for r in runs)
@@ -681,7 +707,9 @@ def plan_cascade(
         kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
     if shared:
-        plan.launches = _build_launches(items, heads_kv, group, device)
+        for config, grid, *tables in _build_launches(items, heads_kv, group, device):
+            plan.launch_tables += tables
+            plan.launch_configs += [*config, grid]
     plan.host_us = (time.perf_counter() - start) * 1e6
     return plan
 
@@ -749,8 +777,7 @@ def _build_launches(items, heads_kv: int, group: int, device: torch.device) -> l
     return launches
 
 
-@torch.library.custom_op("splitkv_paged::paged_cascade_attention", mutates_args=())
-def _paged_cascade_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, tables: list[torch.Tensor],
                       configs: list[int], num_states: int, needs_fill: bool,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -768,6 +795,10 @@ def _paged_cascade_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, True, softmax_scale,
                      config, configs[6 * launch + 5], items=items, item_tokens=tokens, programs=programs)  # fmt: skip
     return merge_states(states, lses, output_dtype=q.dtype)
+
+
+_paged_cascade_op = torch.library.custom_op("splitkv_paged::paged_cascade_attention", _paged_cascade_impl,
+                                            mutates_args=())  # fmt: skip
 
 
 @_paged_cascade_op.register_fake
@@ -855,10 +886,7 @@ def paged_cascade_attention(
             plan.max_seqlen_k, causal=True, softmax_scale=scale, num_splits=plan.last_splits, backend=backend,
         )  # fmt: skip
     else:
-        tables = [t for launch in plan.launches for t in launch[2:]]
-        configs = [int(x) for launch in plan.launches for x in (*launch[0], launch[1])]
-        out, lse = torch.ops.splitkv_paged.paged_cascade_attention(
-            q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, tables, configs,
-            plan.num_states, plan.needs_fill, scale,
-        )  # fmt: skip
+        run = _paged_cascade_op if torch.compiler.is_compiling() else _paged_cascade_impl
+        out, lse = run(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.launch_tables,
+                       plan.launch_configs, plan.num_states, plan.needs_fill, scale)  # fmt: skip
     return out, (lse if return_lse else None)

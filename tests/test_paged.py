@@ -159,11 +159,14 @@ def test_bad_inputs_name_the_argument():
     args = (q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, 9)
     bad_table = block_table.clone()
     bad_table[0, 1] = k_cache.shape[0]
+    # Values are checked on the CPU always, on a GPU with check_values=True (a sync).
     with pytest.raises(ValueError, match="block_table"):
-        splitkv.paged_attention_with_lse(q, k_cache, v_cache, bad_table, seqused_k, cu_seqlens_q, 1, 9)
-    too_long = torch.tensor([9, block_table.shape[1] * 4 + 1], dtype=torch.int32)
+        splitkv.paged_attention_with_lse(q, k_cache, v_cache, bad_table, seqused_k, cu_seqlens_q, 1, 9,
+                                         check_values=True)  # fmt: skip
+    too_long = torch.tensor([9, block_table.shape[1] * 4 + 1], dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="seqused_k"):
-        splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, too_long, cu_seqlens_q, 1, 99)
+        splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, too_long, cu_seqlens_q, 1, 99,
+                                         check_values=True)  # fmt: skip
     with pytest.raises(ValueError, match="max_seqlen_k"):
         splitkv.paged_attention_with_lse(*args[:7], 5)
     with pytest.raises(ValueError, match="v_cache"):
@@ -174,7 +177,7 @@ def test_bad_inputs_name_the_argument():
         splitkv.paged_attention_with_lse(q, k_cache[..., :8], v_cache[..., :8], *args[3:])
     plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=4, heads_q=4, heads_kv=2, head_dim=16,
                         dtype=torch.float32)  # fmt: skip
-    other = torch.zeros(k_cache.shape[0], 2, 2, 16)
+    other = torch.zeros(k_cache.shape[0], 2, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="page_size"):
         splitkv.paged_cascade_attention(q, other, other, plan)
     with pytest.raises(ValueError, match="page_size"):
@@ -388,6 +391,9 @@ def test_gpu_cascade_tree_and_graph_replay(page_size):
     shared = [(tuple(range(samples)), 2)] + [(g, 6) for g in groups]
     batch = make_batch(seq_lens, [1] * samples, page_size, 32, 8, 128, torch.bfloat16, shared, spare_pages=4)
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = batch
+    # Room to grow: the padding entries become real (spare) pages, written in place.
+    spare = (block_table < 0) | (block_table >= k_cache.shape[0])
+    block_table[spare] = k_cache.shape[0] - 1
     plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=page_size, heads_q=32, heads_kv=8,
                         head_dim=128, dtype=torch.bfloat16, share="always",
                         max_seqlen_k=max(seq_lens) + 3 * page_size)  # fmt: skip
