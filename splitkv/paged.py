@@ -36,8 +36,8 @@ from . import split_kv as _split_kv
 from ._attention_reference import reference_attention_with_lse
 from ._checks import expect_contiguous_last, expect_float_dtype, expect_rank, expect_tensor
 from ._registry import Backend, BackendRegistry
-from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from .attention import _VARLEN_PARAMS, _expect_seqlens, _flash_why_not, _varlen_attn_kwargs, varlen_attn
+from .attention import _triton_why_not as _attention_triton_why_not
 from .merge import merge_states
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "plan_cascade",
 ]
 
-_TRITON_MAX_HEAD_DIM = 256
 # flash-attn's paged KV takes pages of a multiple of this many tokens.
 _FLASH_PAGE_MULTIPLE = 256
 # Bytes a kept shared level must save beyond its partial states: its programs' fixed
@@ -186,13 +185,8 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
 
 
 def _triton_why_not(q, k_cache, causal) -> str | None:
-    if TRITON_IMPORT_ERROR:
-        return f"triton is not importable ({TRITON_IMPORT_ERROR})"
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernel takes head_dim <= {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
-    if q.is_cuda or (q.device.type == "cpu" and interpreter_enabled()):
-        return None
-    return f"tensors are on {q.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
+    # The paged kernel has the limits of the packed one (triton importable, head_dim <= 256, CUDA or interpreter).
+    return _attention_triton_why_not(q, k_cache, k_cache, causal, None)
 
 
 def _triton_why_not_auto(q, k_cache, causal) -> str | None:
@@ -280,10 +274,12 @@ _paged_attention_op = torch.library.custom_op("splitkv_paged::paged_attention_wi
                                               mutates_args=())  # fmt: skip
 
 
-@_paged_attention_op.register_fake
-def _(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-      num_splits):  # fmt: skip
+def _fake_result(q: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ops' fake implementation: ``out`` like q, ``lse [heads_q, total_q]`` float32."""
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+_paged_attention_op.register_fake(_fake_result)
 
 
 def paged_attention_with_lse(
@@ -434,6 +430,15 @@ class SharedRun:
 class CascadePlan:
     """What :func:`plan_cascade` found, and the device tables the launches read.
 
+    Args:
+        page_size, heads_q, heads_kv, head_dim, dtype: the shape it was planned for.
+        block_table, seqused_k, cu_seqlens_q: the batch's tables (kept by reference).
+        total_q, max_seqlen_q, max_seqlen_k: query count, longest query count and
+            the longest ``seqused_k`` it may be replayed with.
+        runs, own_start_page, shared, num_states, last_splits, max_page_id,
+        launch_tables, launch_configs, needs_fill, kv_bytes_plain, kv_bytes_plan,
+        host_us: filled by :func:`plan_cascade` (below); build plans with it, not by hand.
+
     Attributes:
         runs: the shared runs (:class:`SharedRun`), parents before children.
         own_start_page: per sequence, the first page position of its own (causal) level.
@@ -447,7 +452,20 @@ class CascadePlan:
     with the plan reads them at replay. Between replays ``seqused_k`` may grow (and
     new pages be written into ``block_table`` past each row's shared pages, in place);
     a change of the shared pages, the query counts, the batch, or a sequence shrinking
-    into its shared pages needs a new plan (and a new capture).
+    into its shared pages needs a new plan (and a new capture). The tables' sizes are
+    those of the batch planned: there is no spare capacity (``max_batch`` /
+    ``max_levels``) to re-plan a different tree into a captured graph.
+
+    Not differentiable (a plan holds integer tables).
+
+    Example:
+        >>> import torch, splitkv
+        >>> bt = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
+        >>> plan = splitkv.plan_cascade(bt, torch.tensor([40, 44], dtype=torch.int32),
+        ...                             torch.tensor([0, 1, 2], dtype=torch.int32), page_size=16,
+        ...                             heads_q=4, heads_kv=1, head_dim=64, dtype=torch.float32, share="always")
+        >>> plan.shared, plan.own_start_page, plan.num_states
+        (True, [2, 2], 2)
     """
 
     page_size: int
@@ -488,7 +506,7 @@ class CascadePlan:
             ...                             torch.tensor([0, 1, 2], dtype=torch.int32), page_size=16,
             ...                             heads_q=4, heads_kv=1, head_dim=64, dtype=torch.float32)
             >>> print(plan.describe().splitlines()[1])
-              run pages [0, 2) of sequences (0, 1): not shared (saves 4096 B, states cost 8320 B + 1048576 B)
+              run pages [0, 2) of sequences (0, 1): not shared (saves 16384 B, states cost 4160 B + 1048576 B)
         """
         lines = [f"cascade plan: {len(self.runs)} shared runs, {sum(r.kept for r in self.runs)} kept, "
                  f"{self.num_states} states per query; KV bytes {self.kv_bytes_plan} (plain {self.kv_bytes_plain})"]
@@ -799,12 +817,7 @@ def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 _paged_cascade_op = torch.library.custom_op("splitkv_paged::paged_cascade_attention", _paged_cascade_impl,
                                             mutates_args=())  # fmt: skip
-
-
-@_paged_cascade_op.register_fake
-def _(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, tables, configs, num_states, needs_fill,
-      softmax_scale):  # fmt: skip
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+_paged_cascade_op.register_fake(_fake_result)
 
 
 def paged_cascade_attention(

@@ -345,6 +345,26 @@ def test_fallback_plan_equals_plain():
     assert torch.equal(out, plain[0]) and torch.equal(lse, plain[1])
 
 
+def test_bench_plan_stages_compose_the_cascade():
+    """The paged benchmark times a plan's launches and merge one by one: in order they
+    give paged_cascade_attention's result."""
+    from splitkv.bench.paged import plan_stages
+
+    seq_lens, q_lens, shared, _ = TREES["three levels"]
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, PS, 8, 2, 32,
+                                                                           torch.float32, shared)  # fmt: skip
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=PS, heads_q=8, heads_kv=2, head_dim=32,
+                        dtype=torch.float32, share="always")  # fmt: skip
+    stages = plan_stages(q, k_cache, v_cache, plan)
+    assert stages[-1][0] == f"merge of {plan.num_states} states"
+    for _name, fn in stages[:-1]:
+        fn()
+    out, lse = stages[-1][1]()
+    expected = splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton")
+    torch.testing.assert_close(out, expected[0])
+    torch.testing.assert_close(lse, expected[1])
+
+
 def test_cascade_compiles_fullgraph():
     seq_lens, q_lens, shared, _ = TREES["two groups"]
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, PS, 8, 2, 32,

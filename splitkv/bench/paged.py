@@ -97,6 +97,32 @@ def packed_cascade_args(q, k_cache, v_cache, block_table, seqused_k, prefix_len:
     return (q, cu_q, prefix_k, prefix_v, torch.cat(suffix_k), torch.cat(suffix_v), cu_k), max(lengths)
 
 
+def plan_stages(q, k_cache, v_cache, plan) -> list[tuple[str, object]]:
+    """The launches of a shared plan and its merge, each as ``(name, fn)``: what
+    :func:`splitkv.paged_cascade_attention` runs, to time one at a time. Calling them
+    in order leaves the result in the returned merge's output."""
+    from splitkv._paged_triton import launch_paged
+
+    total_q, heads_q, head_dim = q.shape
+    states = torch.empty((plan.num_states, total_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
+    lses = torch.full((plan.num_states, heads_q, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    scale = head_dim**-0.5
+    stages = []
+    for index in range(len(plan.launch_tables) // 3):
+        config = tuple(plan.launch_configs[6 * index: 6 * index + 5])
+        grid = plan.launch_configs[6 * index + 5]
+        items, tokens, programs = plan.launch_tables[3 * index: 3 * index + 3]
+
+        def launch(config=config, grid=grid, items=items, tokens=tokens, programs=programs):
+            launch_paged(q, k_cache, v_cache, states, lses, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
+                         True, scale, config, grid, items=items, item_tokens=tokens, programs=programs)  # fmt: skip
+
+        stages.append((f"launch {index} (BLOCK_M {config[1]}, {grid} programs)", launch))
+    stages.append((f"merge of {plan.num_states} states", lambda: splitkv.merge_states(states, lses,
+                                                                                       output_dtype=q.dtype)))
+    return stages
+
+
 def bench_case(name: str, case: list, page_size: int) -> dict:
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = build(case, page_size)
     max_k = int(seqused_k.max())
@@ -134,6 +160,10 @@ def bench_case(name: str, case: list, page_size: int) -> dict:
         got = fn()
         got = (got[0] if isinstance(got, tuple) else got).float()
         row[f"{fn_name}_max_diff"] = (got - want).abs().max().item()
+    if plan.shared:
+        # Where the plan's time goes: each launch and the merge alone (L2 flushed).
+        row["plan_stages_us"] = {stage: median_ms(fn, rep_ms=40) * 1e3 for stage, fn in plan_stages(q, k_cache,
+                                                                                                    v_cache, plan)}
     eager = interleaved(lambda fn: median_ms(fn, rep_ms=60), fns, rounds=3)
     for fn_name in fns:
         row[f"{fn_name}_eager_us"] = eager[fn_name] * 1e3
