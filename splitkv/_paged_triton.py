@@ -44,96 +44,26 @@ _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
 MAX_HEAD_DIM = 256
 
-# Columns of a plan's item table (int32 [items, ITEM_FIELDS]).
-ITEM_ROW, ITEM_TOKENS, ITEM_NUM_TOKENS, ITEM_KEY_LO, ITEM_KEY_HI, ITEM_STATE, ITEM_SPLITS, ITEM_PAD = range(8)
-ITEM_FIELDS = 8
+# A plan's item table is int32 [items, ITEM_FIELDS]: block-table row, offset and count of
+# its tokens in the token list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key
+# chunks, first state to mark empty, and whether it takes the wide row tile.
+ITEM_FIELDS = 9
 # A key_hi of this value means "seqused_k[row]": the item's keys grow with the cache.
 DYNAMIC_KEY_HI = -1
 
 
 @triton.jit
-def _paged_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    BlockTable,
-    SequsedK,
-    CuSeqlensQ,
-    Items,
-    ItemTokens,
-    Programs,
-    stride_qt,
-    stride_qh,
-    stride_kp,
-    stride_ks,
-    stride_kh,
-    stride_vp,
-    stride_vs,
-    stride_vh,
-    stride_os,
-    stride_ot,
-    stride_oh,
-    stride_ls,
-    stride_lh,
-    stride_bt,
-    page_size,
-    heads_kv,
-    group,
-    batch,
-    num_row_blocks,
-    num_splits,
-    num_states,
-    qk_scale,
-    CAUSAL: tl.constexpr,
-    PLAN: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    # KV heads innermost: the programs of one item and chunk start together and
-    # share its block-table lines in L1/L2.
-    kv_head = pid % heads_kv
-    work = pid // heads_kv
-    if PLAN:
-        item = tl.load(Programs + 3 * work)
-        row_block = tl.load(Programs + 3 * work + 1)
-        split = tl.load(Programs + 3 * work + 2)
-        fields = Items + item * 8
-        row = tl.load(fields + 0)
-        tok_off = tl.load(fields + 1)
-        num_tokens = tl.load(fields + 2)
-        key_lo = tl.load(fields + 3)
-        key_hi = tl.load(fields + 4)
-        state_base = tl.load(fields + 5)
-        splits = tl.load(fields + 6)
-        pad_from = tl.load(fields + 7)
-        k_total = tl.load(SequsedK + row)
-        dynamic = key_hi < 0
-        key_hi = tl.where(dynamic, k_total, key_hi)
-        # Shared runs are seen whole by their queries: only a sequence's own keys are causal.
-        if CAUSAL:
-            causal = dynamic
-        else:
-            causal = False
-    else:
-        row_block = work % num_row_blocks
-        row = (work // num_row_blocks) % batch
-        split = work // (num_row_blocks * batch)
-        tok_off = tl.load(CuSeqlensQ + row)
-        num_tokens = tl.load(CuSeqlensQ + row + 1) - tok_off
-        k_total = tl.load(SequsedK + row)
-        key_lo = 0
-        key_hi = k_total
-        state_base = 0
-        splits = num_splits
-        pad_from = num_states
-        causal = CAUSAL
+def _attend_item(
+    Q, K, V, Out, Lse, BlockTable, ItemTokens,
+    row, tok_off, num_tokens, key_lo, key_hi, k_total, causal, state_base, split, splits, pad_from, row_block,
+    kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
+    PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Rows ``row_block`` (of BLOCK_M) of one item and KV head against key chunk
+    ``split`` of ``splits`` of the item's keys ``[key_lo, key_hi)``, written as state
+    ``state_base + split``; chunk 0 also marks the states from ``pad_from`` on empty."""
     num_rows = num_tokens * group
     if row_block * BLOCK_M < num_rows:
         row_valid, tok_idx, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
@@ -208,6 +138,72 @@ def _paged_fwd_kernel(
                 tl.store(lse_ptrs + tl.cast(empty, tl.int64) * stride_ls, float("-inf"), mask=row_valid)
 
 
+@triton.jit
+def _paged_fwd_kernel(
+    Q, K, V, Out, Lse, BlockTable, SequsedK, CuSeqlensQ, Items, ItemTokens, Programs,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+    page_size, heads_kv, group, batch, num_row_blocks, num_splits, num_states, qk_scale,
+    CAUSAL: tl.constexpr, PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    # KV heads innermost: the programs of one item and chunk start together and
+    # share its block-table lines in L1/L2.
+    kv_head = pid % heads_kv
+    work = pid // heads_kv
+    if PLAN:
+        item = tl.load(Programs + 3 * work)
+        row_block = tl.load(Programs + 3 * work + 1)
+        split = tl.load(Programs + 3 * work + 2)
+        fields = Items + item * 9
+        row = tl.load(fields + 0)
+        key_hi = tl.load(fields + 4)
+        k_total = tl.load(SequsedK + row)
+        dynamic = key_hi < 0
+        key_hi = tl.where(dynamic, k_total, key_hi)
+        # Shared runs are seen whole by their queries: only a sequence's own keys are causal.
+        if CAUSAL:
+            causal = dynamic
+        else:
+            causal = dynamic & False
+        # One launch runs the shared runs' wide row tiles (many queries per KV tile) and
+        # the sequences' own narrow ones, so both fill the GPU together.
+        if tl.load(fields + 8) != 0:
+            _attend_item(
+                Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tl.load(fields + 1), tl.load(fields + 2),
+                tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
+                tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
+                stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+                page_size, group, num_states, qk_scale,
+                True, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+        else:
+            _attend_item(
+                Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tl.load(fields + 1), tl.load(fields + 2),
+                tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
+                tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
+                stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+                page_size, group, num_states, qk_scale,
+                True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+    else:
+        # One item per sequence: its tokens from cu_seqlens_q, its keys [0, seqused_k).
+        row_block = work % num_row_blocks
+        row = (work // num_row_blocks) % batch
+        split = work // (num_row_blocks * batch)
+        tok_off = tl.load(CuSeqlensQ + row)
+        k_total = tl.load(SequsedK + row)
+        _attend_item(
+            Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tok_off, tl.load(CuSeqlensQ + row + 1) - tok_off,
+            0, k_total, k_total, CAUSAL, 0, split, num_splits, num_states, row_block, kv_head,
+            stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
+            False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+
+
 _launch_paged_kernel = CompiledLauncher(_paged_fwd_kernel)
 
 
@@ -222,7 +218,9 @@ def launch_config(head_dim: int, dtype: torch.dtype, rows_pow2: int) -> tuple[in
     queries per sequence): small row tiles and long key tiles keep the loads wide."""
     head_dim_pad = max(16, _next_power_of_2(head_dim))
     if _INTERPRET:
-        return head_dim_pad, 16, 16, 4, 1  # numpy simulates every program: small tiles
+        # numpy simulates every program: small tiles, yet two row tiles so that a
+        # plan's wide and narrow paths both run in the CPU tests.
+        return head_dim_pad, 16 if rows_pow2 <= 16 else 32, 16, 4, 1
     block_m = min(64 if head_dim_pad > 128 else 128, max(16, rows_pow2))
     block_n = 64 if head_dim_pad <= 128 else 32
     if dtype == torch.float32:
@@ -234,14 +232,16 @@ def launch_config(head_dim: int, dtype: torch.dtype, rows_pow2: int) -> tuple[in
 
 def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqlens_q, causal: bool,
                  softmax_scale: float, config: tuple, grid_programs: int, num_row_blocks: int = 1,
-                 num_splits: int = 1, items=None, item_tokens=None, programs=None) -> None:  # fmt: skip
+                 num_splits: int = 1, items=None, item_tokens=None, programs=None,
+                 wide_block_m: int | None = None) -> None:  # fmt: skip
     """One launch of the paged kernel on validated inputs.
 
     ``out [states, total_q, heads_q, head_dim]`` and ``lse [states, heads_q, total_q]``
     (float32 for split states, else out in q's dtype; contiguous last dims) receive the
     states. Plain mode (``items is None``) runs ``grid_programs = batch * heads_kv *
     num_row_blocks * num_splits`` programs; plan mode ``len(programs) * heads_kv``.
-    ``config`` is :func:`launch_config`'s tuple.
+    ``config`` is :func:`launch_config`'s tuple; a plan's items flagged wide take row
+    tiles of ``wide_block_m`` rows (default: the config's).
     """
     if grid_programs == 0 or q.shape[0] == 0:
         return
@@ -260,7 +260,7 @@ def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqle
         num_row_blocks, num_splits, out.shape[0], softmax_scale * _LOG2E,
     )  # fmt: skip
     constexprs = (
-        causal, plan, q.shape[2], head_dim_pad, block_m, block_n,
+        causal, plan, q.shape[2], head_dim_pad, block_m, wide_block_m or block_m, block_n,
         # fp32 callers want fp32 accuracy, which TF32 does not give.
         "ieee" if q.dtype == torch.float32 else "tf32",
         _INTERPRET and q.dtype == torch.bfloat16,

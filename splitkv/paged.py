@@ -38,6 +38,7 @@ from ._checks import expect_contiguous_last, expect_float_dtype, expect_rank, ex
 from ._registry import Backend, BackendRegistry
 from .attention import _VARLEN_PARAMS, _expect_seqlens, _flash_why_not, _varlen_attn_kwargs, varlen_attn
 from .attention import _triton_why_not as _attention_triton_why_not
+from .cascade import _PREFIX_CHUNK_FACTOR
 from .merge import merge_states
 
 __all__ = [
@@ -56,6 +57,8 @@ _FLASH_PAGE_MULTIPLE = 256
 _LEVEL_OVERHEAD_BYTES = 1 << 20
 # An item's first empty state slot when it writes none (past any state count).
 _NO_PADDING = 1 << 30
+# Rows of a shared run's tile, at most.
+_WIDE_MAX_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------
@@ -485,7 +488,8 @@ class CascadePlan:
     num_states: int
     last_splits: int
     max_page_id: int
-    # Per launch: its item table, token list and program table, and (5 config ints, grid).
+    # Per launch: its item table, token list and program table, and (5 config ints, the
+    # wide row tile, grid).
     launch_tables: list = dataclasses.field(default_factory=list)
     launch_configs: list = dataclasses.field(default_factory=list)
     needs_fill: bool = False
@@ -546,19 +550,27 @@ def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, de
     return _split_kv.choose_num_splits(1, heads_kv, tokens * rows_per_token, keys, device)
 
 
-def _shared_splits(kept_runs: list, heads_kv: int, device: torch.device, num_splits: int | None) -> list[int]:
-    """Key chunks of each kept run. The runs of one launch configuration run in one
-    launch: together they should fill the GPU about twice, every chunk at least
-    ``_MIN_KEYS_PER_SPLIT`` keys, so the chunk length is shared by all of them."""
+def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: int, heads_kv: int, head_dim: int,
+                   element_size: int, device: torch.device, num_splits: int | None) -> list[int]:  # fmt: skip
+    """Key chunks of each kept run, ``runs`` as ``(keys, tokens, row_blocks)``, by the rule
+    of the packed cascade's prefix (:func:`splitkv.cascade.cascade_splits`, swept on an
+    H100): the runs share one launch with the sequences' own programs
+    (``last_programs``), so they get enough chunks that all together fill the GPU about
+    twice; beyond that, chunks of at least four times an own-level program's keys
+    (``suffix_chunk``), and only as many as keep their float32 states within half the
+    run's KV bytes."""
     if num_splits is not None or device.type != "cuda":
-        return [num_splits or 1 for _ in kept_runs]
+        return [num_splits or 1 for _ in runs]
     sms = _split_kv._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    work = defaultdict(int)  # keys walked by all programs of a configuration, unsplit
-    for _idx, key_lo, key_hi, config, row_blocks in kept_runs:
-        work[config] += (key_hi - key_lo) * row_blocks * heads_kv
-    chunk = {config: max(_split_kv._MIN_KEYS_PER_SPLIT, -(-keys // (2 * sms))) for config, keys in work.items()}
-    return [max(1, min(_split_kv._MAX_SPLITS, -(-(key_hi - key_lo) // chunk[config])))
-            for _idx, key_lo, key_hi, config, _rb in kept_runs]  # fmt: skip
+    tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
+    fill = -(-max(0, 2 * sms - last_programs) // max(tiles, 1))
+    splits = []
+    for keys, tokens, _row_blocks in runs:
+        balance = -(-keys // (_PREFIX_CHUNK_FACTOR * suffix_chunk))
+        state_cap = (keys * heads_kv * head_dim * element_size) // (tokens * heads_q * (head_dim + 1) * 4 * 2)
+        wanted = max(fill, min(balance, state_cap))
+        splits.append(max(1, min(wanted, _split_kv._MAX_SPLITS, keys // _split_kv._MIN_KEYS_PER_SPLIT)))
+    return splits
 
 
 def plan_cascade(
@@ -687,14 +699,6 @@ def plan_cascade(
         if kept and keys > 0:
             kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
             pending[idx] = end
-    splits_of = _shared_splits(kept_runs, heads_kv, device, num_splits)
-    items = []
-    for (idx, key_lo, key_hi, config, _), splits in zip(kept_runs, splits_of):
-        base = int(offset[idx].max())
-        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
-        # No empty states to write: its sequences' own level does that.
-        items.append((config, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
-        offset[idx] = base + splits
     own_start = pending.copy()
     suffix_keys = max([max_seqlen_k - int(own_start[i]) * page_size for i in with_queries], default=0)
     shared = any(r.kept for r in runs)
@@ -703,10 +707,29 @@ def plan_cascade(
     else:
         last_splits = _split_kv.choose_num_splits(len(with_queries), heads_kv, max_q * group, max(suffix_keys, 1),
                                                   device)  # fmt: skip
+    # One launch: the sequences' own programs take the narrow row tile of their
+    # queries; runs with more rows than it the wide tile of the largest run.
+    narrow = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
+    # The wide tile stops at 64 rows: its shape then keeps the narrow one's 4 warps, the
+    # configuration the plain kernel streamed its KV with (benchmarks/NOTES.md).
+    wide_m = min(max([config[1] for *_, config, _rb in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
+    tile_of = [wide_m if config[1] > narrow[1] else narrow[1] for *_, config, _rb in kept_runs]
+    run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
+                  for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
+    last_programs = sum(-(-int(q_lens[i]) * group // narrow[1]) for i in with_queries) * heads_kv * last_splits
+    suffix_chunk = max(_split_kv._MIN_KEYS_PER_SPLIT, -(-suffix_keys // last_splits))
+    splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
+                               num_splits)  # fmt: skip
+    items = []  # (block_m, row, tokens, key_lo, key_hi, first state, splits, first empty state)
+    for (idx, key_lo, key_hi, _c, _rb), splits, tile in zip(kept_runs, splits_of, tile_of):
+        base = int(offset[idx].max())
+        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
+        # No empty states to write: its sequences' own level does that.
+        items.append((tile, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
+        offset[idx] = base + splits
     num_states = int(max([offset[i] for i in with_queries], default=0)) + last_splits
-    last_config = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
     for i in with_queries:
-        items.append((last_config, i, np.arange(bounds[i], bounds[i + 1]), int(own_start[i]) * page_size, -1,
+        items.append((narrow[1], i, np.arange(bounds[i], bounds[i + 1]), int(own_start[i]) * page_size, -1,
                       int(offset[i]), last_splits, int(offset[i]) + last_splits))  # fmt: skip
     # A token whose slots below its own level are not all written (explicit levels of
     # uneven depth) needs the states cleared first.
@@ -725,9 +748,13 @@ def plan_cascade(
         kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
     if shared:
-        for config, grid, *tables in _build_launches(items, heads_kv, group, device):
-            plan.launch_tables += tables
-            plan.launch_configs += [*config, grid]
+        wide = launch_config(head_dim, dtype, wide_m)
+        # One launch has one warp count and pipeline depth: enough warps for the wide
+        # tile, and the shallower pipeline so both tiles fit in shared memory.
+        config = (narrow[0], narrow[1], min(narrow[2], wide[2]), max(narrow[3], wide[3]), min(narrow[4], wide[4]))
+        grid, *tables = _build_launch(items, narrow[1], heads_kv, group, device)
+        plan.launch_tables += tables
+        plan.launch_configs += [*config, wide_m, grid]
     plan.host_us = (time.perf_counter() - start) * 1e6
     return plan
 
@@ -772,27 +799,20 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     return checked
 
 
-def _build_launches(items, heads_kv: int, group: int, device: torch.device) -> list:
-    """One launch per launch configuration: its item table, token list and program table."""
-    by_config = defaultdict(list)
-    for item in items:
-        by_config[item[0]].append(item)
-    launches = []
-    for config, config_items in by_config.items():
-        block_m = config[1]
-        table, tokens, programs = [], [], []
-        for index, (_c, row, item_tokens, lo, hi, base, splits, pad) in enumerate(config_items):
-            table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad])
-            tokens.extend(item_tokens.tolist())
-            row_blocks = -(-len(item_tokens) * group // block_m)
-            # Row blocks innermost: those reading the same key chunk run side by side.
-            programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
-        if not programs:
-            continue
-        as_tensor = lambda rows: torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)  # noqa: E731
-        launches.append((config, len(programs) * heads_kv, as_tensor(table), as_tensor(tokens or [0]),
-                         as_tensor(programs)))  # fmt: skip
-    return launches
+def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device) -> tuple:
+    """``(grid, item table, token list, program table)`` of one plan launch."""
+    table, tokens, programs = [], [], []
+    for index, (block_m, row, item_tokens, lo, hi, base, splits, pad) in enumerate(items):
+        table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad, int(block_m != narrow_m)])
+        tokens.extend(item_tokens.tolist())
+        row_blocks = -(-len(item_tokens) * group // block_m)
+        # Row blocks innermost: those reading the same key chunk run side by side.
+        programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
+
+    def as_tensor(rows):
+        return torch.tensor(rows or [0], dtype=torch.int32).reshape(-1).to(device)
+
+    return len(programs) * heads_kv, as_tensor(table), as_tensor(tokens), as_tensor(programs)
 
 
 def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -808,10 +828,12 @@ def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     else:
         lses = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
     for launch in range(len(tables) // 3):
-        config = tuple(configs[6 * launch: 6 * launch + 5])
+        config = tuple(configs[7 * launch: 7 * launch + 5])
+        wide_block_m, grid = configs[7 * launch + 5: 7 * launch + 7]
         items, tokens, programs = tables[3 * launch: 3 * launch + 3]
         launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, True, softmax_scale,
-                     config, configs[6 * launch + 5], items=items, item_tokens=tokens, programs=programs)  # fmt: skip
+                     config, grid, items=items, item_tokens=tokens, programs=programs,
+                     wide_block_m=wide_block_m)  # fmt: skip
     return merge_states(states, lses, output_dtype=q.dtype)
 
 

@@ -255,6 +255,10 @@ TREES = {
     # Sequence 1 shares nothing; sequence 3's last shared page is not full (10 keys:
     # pages 0-1 full, page 2 holds 2 of 4): the run must stop at page 2.
     "mid-page and a loner": ([17, 15, 20, 10], [1, 1, 1, 1], [((0, 2, 3), 3)], [((0, 2, 3), 0, 2), ((0, 2), 2, 3)]),
+    # 6 x 4 query rows share the run: more than one narrow row tile, so the run takes
+    # the wide tile (32 rows under the interpreter) while the own pages take the narrow.
+    "a run of wide tiles": ([17, 21, 14, 18, 13, 22], [1] * 6, [((0, 1, 2, 3, 4, 5), 3)],
+                            [((0, 1, 2, 3, 4, 5), 0, 3)]),
     # A prefill chunk of 6 queries inside the shared pages: query 0 of sequence 1 sees
     # keys < 20 - 6 + 1 = 15, so only pages 0-2 are shared with it.
     "queries overlap the run": ([22, 20, 21], [1, 6, 2], [((0, 1, 2), 5)], [((0, 1, 2), 0, 3), ((0, 2), 3, 5)]),
@@ -270,6 +274,8 @@ def test_plan_finds_the_tree_and_matches_float64(name):
                         dtype=torch.float32, share="always", num_splits=2)  # fmt: skip
     assert sorted((r.members, r.first_page, r.end_page) for r in plan.runs) == sorted(expected_runs)
     assert plan.shared and plan.kv_bytes_plan < plan.kv_bytes_plain
+    wide = plan.launch_tables[0].reshape(-1, 9)[:, 8].tolist()
+    assert any(wide) == (name == "a run of wide tiles")
     expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
     out = torch.full_like(q, math.nan)
     out, lse = splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton")

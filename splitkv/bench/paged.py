@@ -109,15 +109,16 @@ def plan_stages(q, k_cache, v_cache, plan) -> list[tuple[str, object]]:
     scale = head_dim**-0.5
     stages = []
     for index in range(len(plan.launch_tables) // 3):
-        config = tuple(plan.launch_configs[6 * index: 6 * index + 5])
-        grid = plan.launch_configs[6 * index + 5]
+        config = tuple(plan.launch_configs[7 * index: 7 * index + 5])
+        wide_block_m, grid = plan.launch_configs[7 * index + 5: 7 * index + 7]
         items, tokens, programs = plan.launch_tables[3 * index: 3 * index + 3]
 
-        def launch(config=config, grid=grid, items=items, tokens=tokens, programs=programs):
+        def launch(config=config, grid=grid, items=items, tokens=tokens, programs=programs, wide=wide_block_m):
             launch_paged(q, k_cache, v_cache, states, lses, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
-                         True, scale, config, grid, items=items, item_tokens=tokens, programs=programs)  # fmt: skip
+                         True, scale, config, grid, items=items, item_tokens=tokens, programs=programs,
+                         wide_block_m=wide)  # fmt: skip
 
-        stages.append((f"launch {index} (BLOCK_M {config[1]}, {grid} programs)", launch))
+        stages.append((f"launch {index} (BLOCK_M {config[1]} / {wide_block_m}, {grid} programs)", launch))
     stages.append((f"merge of {plan.num_states} states", lambda: splitkv.merge_states(states, lses,
                                                                                        output_dtype=q.dtype)))
     return stages
