@@ -689,7 +689,7 @@ def plan_cascade(
         tokens = int(q_lens[idx].sum())
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
-        row_blocks = -(-tokens * group // config[1])
+        row_blocks = -(-tokens * group // min(config[1], _WIDE_MAX_ROWS))
         # Read once per row block instead of once per sharer; each of its key chunks
         # adds a float32 state per token, written and read back by the merge.
         saved = (len(members) - row_blocks) * keys * kv_token
