@@ -251,7 +251,8 @@ def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _paged_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
-                        causal: bool, softmax_scale: float, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                        causal: bool, softmax_scale: float,
+                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     from ._paged_triton import launch_config, launch_paged
 
     total_q, heads_q, head_dim = q.shape
@@ -646,7 +647,9 @@ def plan_cascade(
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
     expect_tensor("cu_seqlens_q", cu_seqlens_q)
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens_q must be int32 [batch + 1], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}")
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [batch + 1], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+        )
     device = cu_seqlens_q.device
     batch = cu_seqlens_q.shape[0] - 1
     _expect_table(block_table, seqused_k, device, batch)
@@ -779,7 +782,9 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
         except (TypeError, ValueError) as error:
             raise ValueError(f"levels[{index}] must be (members, first_page, end_page), got {level!r}") from error
         if not members or any(not 0 <= m < batch for m in members) or len(set(members)) != len(members):
-            raise ValueError(f"levels[{index}]: members must be distinct sequence indices in [0, {batch}), got {members}")
+            raise ValueError(
+                f"levels[{index}]: members must be distinct sequence indices in [0, {batch}), got {members}"
+            )
         if not 0 <= first < end:
             raise ValueError(f"levels[{index}]: need 0 <= first_page < end_page, got [{first}, {end})")
         if any(limits[m] < end for m in members):

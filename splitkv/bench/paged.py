@@ -35,7 +35,8 @@ def tree_cases(quick: bool) -> dict[str, list[tuple[tuple[int, ...], int]]]:
     id names a run of keys shared by every sequence whose path holds it."""
     cases = {}
     samples = 16 if quick else 64
-    cases["1 prompt 8192 x 64 samples, suffix 0..512"] = [((0,), round(512 * i / (samples - 1))) for i in range(samples)]
+    cases["1 prompt 8192 x 64 samples, suffix 0..512"] = [((0,), round(512 * i / (samples - 1)))
+                                                           for i in range(samples)]  # fmt: skip
     cases["8 prompts 4096 x 16 samples, suffix 256"] = [((p + 1,), 256) for p in range(8) for _ in range(16)]
     cases["3 levels: 4096 system, 8 x 2048 few-shot, 8 x 256"] = [((100, 101 + f), 256) for f in range(8)
                                                                   for _ in range(8)]  # fmt: skip
@@ -230,7 +231,8 @@ def main(argv: list[str]) -> None:
               "plan us (eager / graph)", "packed cascade us (eager / graph)", "speedup eager / graph",
               "plain % of floor", "plan % of floor"]  # fmt: skip
     table = [[r["case"], r["page_size"], f"{r['kv_MB_plain']:.0f} / {r['kv_MB_plan']:.0f}", f"{r['plan_host_us']:.0f}",
-              f"{r['plain_eager_us']:.1f} / {r['plain_graph_us']:.1f}", f"{r['plan_eager_us']:.1f} / {r['plan_graph_us']:.1f}",
+              f"{r['plain_eager_us']:.1f} / {r['plain_graph_us']:.1f}",
+              f"{r['plan_eager_us']:.1f} / {r['plan_graph_us']:.1f}",
               (f"{r['packed_cascade_eager_us']:.1f} / {r['packed_cascade_graph_us']:.1f}"
                if "packed_cascade_eager_us" in r else "-"),
               f"{r['speedup_eager']:.2f}x / {r['speedup_graph']:.2f}x", f"{r['plain_pct_of_floor']:.0f}%",
