@@ -456,9 +456,11 @@ class CascadePlan:
     with the plan reads them at replay. Between replays ``seqused_k`` may grow (and
     new pages be written into ``block_table`` past each row's shared pages, in place);
     a change of the shared pages, the query counts, the batch, or a sequence shrinking
-    into its shared pages needs a new plan (and a new capture). The tables' sizes are
-    those of the batch planned: there is no spare capacity (``max_batch`` /
-    ``max_levels``) to re-plan a different tree into a captured graph.
+    into its shared pages needs a new plan (and a new capture), unless the plan was
+    built with spare capacity (``plan_cascade(..., max_programs=..., max_states=...)``):
+    then ``plan_cascade(..., into=plan)`` writes another tree of the same batch
+    (same tensors, query counts and shape) into its tables in place, and the
+    captured graph replays that tree.
 
     Not differentiable (a plan holds integer tables).
 
@@ -494,6 +496,8 @@ class CascadePlan:
     launch_tables: list = dataclasses.field(default_factory=list)
     launch_configs: list = dataclasses.field(default_factory=list)
     needs_fill: bool = False
+    # Work items the launch is sized for when built with spare capacity, else None.
+    capacity_programs: int | None = None
     kv_bytes_plain: int = 0
     kv_bytes_plan: int = 0
     host_us: float = 0.0
@@ -589,6 +593,9 @@ def plan_cascade(
     num_splits: int | None = None,
     num_pages: int | None = None,
     share: str = "auto",
+    max_programs: int | None = None,
+    max_states: int | None = None,
+    into: CascadePlan | None = None,
 ) -> CascadePlan:
     """Find the prefixes that a paged batch shares by page id, and plan a cascade over them.
 
@@ -618,6 +625,17 @@ def plan_cascade(
         num_pages: pages in the cache, to check the used entries of ``block_table``.
         share: ``"auto"`` keeps the runs the cost model says pay; ``"always"`` keeps
             every run found (for tests and for callers who measured).
+        max_programs, max_states: spare capacity (both or neither): the plan's
+            launch is sized for ``max_programs`` work items of ``heads_kv`` programs
+            and ``max_states`` states per query, whatever tree it holds, and always
+            runs as a cascade launch (even when no run is kept), so that
+            ``plan_cascade(..., into=plan)`` can later write another tree of the
+            same batch into its tensors and a CUDA graph captured with it replays
+            that tree.
+        into: a plan built with capacity: the new tree is written into its device
+            tables in place (same ``block_table``, ``seqused_k`` and
+            ``cu_seqlens_q`` tensors, shape and tiles), which is returned. A tree
+            that does not fit raises ValueError naming ``into``.
 
     Returns:
         A :class:`CascadePlan` for :func:`paged_cascade_attention`.
@@ -750,16 +768,77 @@ def plan_cascade(
         num_states=num_states, last_splits=last_splits, max_page_id=max_page_id, needs_fill=needs_fill,
         kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
-    if shared:
-        wide = launch_config(head_dim, dtype, wide_m)
-        # One launch has one warp count and pipeline depth: enough warps for the wide
-        # tile, and the shallower pipeline so both tiles fit in shared memory.
-        config = (narrow[0], narrow[1], min(narrow[2], wide[2]), max(narrow[3], wide[3]), min(narrow[4], wide[4]))
-        grid, *tables = _build_launch(items, narrow[1], heads_kv, group, device)
-        plan.launch_tables += tables
-        plan.launch_configs += [*config, wide_m, grid]
+    if into is not None:
+        plan = _write_into(into, plan, items, group)
+    elif max_programs is not None or max_states is not None:
+        if max_programs is None or max_states is None:
+            raise ValueError("max_programs and max_states are given together (spare capacity), or neither")
+        _expect_int("max_programs", max_programs, 1)
+        _expect_int("max_states", max_states, 1)
+        # A fixed pair of tiles, so that any later tree fits the same launch.
+        wide_m = max(narrow[1], launch_config(head_dim, dtype, _WIDE_MAX_ROWS)[1])
+        items = _retile(items, narrow[1], wide_m, group)
+        _launch_into_plan(plan, items, narrow, launch_config(head_dim, dtype, wide_m), heads_kv, group, device,
+                          max_programs, max_states)  # fmt: skip
+        plan.capacity_programs = max_programs
+    elif shared:
+        _launch_into_plan(plan, items, narrow, launch_config(head_dim, dtype, wide_m), heads_kv, group, device)
     plan.host_us = (time.perf_counter() - start) * 1e6
     return plan
+
+
+def _retile(items: list, narrow_m: int, wide_m: int, group: int) -> list:
+    """Items with the tile they take in a launch of these two row tiles."""
+    # An item is (tile, row, tokens, key_lo, key_hi, first state, splits, first empty state).
+    return [(narrow_m if len(item[2]) * group <= narrow_m else wide_m, *item[1:]) for item in items]
+
+
+def _launch_into_plan(plan: CascadePlan, items: list, narrow: tuple, wide: tuple, heads_kv: int, group: int,
+                      device: torch.device, max_programs: int | None = None,
+                      max_states: int | None = None) -> None:  # fmt: skip
+    """Sets the plan's launch: tables, launch configuration and (with capacity) padding."""
+    # One launch has one warp count and pipeline depth: enough warps for the wide
+    # tile, and the shallower pipeline so both tiles fit in shared memory.
+    config = (narrow[0], narrow[1], min(narrow[2], wide[2]), max(narrow[3], wide[3]), min(narrow[4], wide[4]))
+    if max_states is not None:
+        _fit_states(plan, max_states, "max_states")
+    grid, *tables = _build_launch(items, narrow[1], heads_kv, group, device, max_programs)
+    plan.launch_tables = tables
+    plan.launch_configs = [*config, wide[1], grid]
+
+
+def _fit_states(plan: CascadePlan, num_states: int, name: str) -> None:
+    if plan.num_states > num_states:
+        raise ValueError(f"{name}: the tree needs {plan.num_states} states per query, the capacity is {num_states}")
+    # The sequences' own items mark every state past theirs empty, up to the capacity.
+    plan.num_states = num_states
+
+
+def _write_into(into: CascadePlan, plan: CascadePlan, items: list, group: int) -> CascadePlan:
+    """Writes ``plan``'s launch into ``into``'s tensors (see :func:`plan_cascade`'s ``into``)."""
+    if not isinstance(into, CascadePlan) or not into.launch_tables or into.capacity_programs is None:
+        raise ValueError("into must be a CascadePlan built with max_programs and max_states")
+    for name in ("block_table", "seqused_k", "cu_seqlens_q"):
+        if getattr(into, name) is not getattr(plan, name):
+            raise ValueError(f"into was planned over another {name} tensor: a captured graph reads that one")
+    for name in ("page_size", "heads_q", "heads_kv", "head_dim", "dtype", "total_q"):
+        if getattr(into, name) != getattr(plan, name):
+            raise ValueError(f"into was planned for {name} = {getattr(into, name)}, got {getattr(plan, name)}")
+    narrow_m, wide_m = into.launch_configs[1], into.launch_configs[5]
+    items = _retile(items, narrow_m, wide_m, group)
+    _fit_states(plan, into.num_states, "into")
+    if plan.needs_fill and not into.needs_fill:
+        raise ValueError("into: these explicit levels leave states unwritten, which its launch does not clear")
+    _grid, *tables = _build_launch(items, narrow_m, into.heads_kv, group, into.block_table.device,
+                                   into.capacity_programs)  # fmt: skip
+    for old, new in zip(into.launch_tables, tables):
+        if new.shape != old.shape:
+            raise ValueError(f"into: the tree needs tables of {new.numel()} entries, its capacity is {old.numel()}")
+        old.copy_(new)
+    for field in dataclasses.fields(CascadePlan):
+        if field.name not in ("launch_tables", "launch_configs", "capacity_programs", "num_states", "needs_fill"):
+            setattr(into, field.name, getattr(plan, field.name))
+    return into
 
 
 def _has_gaps(items) -> bool:
@@ -804,8 +883,12 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     return checked
 
 
-def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device) -> tuple:
-    """``(grid, item table, token list, program table)`` of one plan launch."""
+def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
+                  max_programs: int | None = None) -> tuple:  # fmt: skip
+    """``(grid, item table, token list, program table)`` of one plan launch. With
+    ``max_programs`` the tables are padded to that many programs (and as many items,
+    and tokens for full tiles of all of them): padding programs run an item of no
+    tokens, which returns at once."""
     table, tokens, programs = [], [], []
     for index, (block_m, row, item_tokens, lo, hi, base, splits, pad) in enumerate(items):
         table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad, int(block_m != narrow_m)])
@@ -813,6 +896,15 @@ def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch
         row_blocks = -(-len(item_tokens) * group // block_m)
         # Row blocks innermost: those reading the same key chunk run side by side.
         programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
+
+    if max_programs is not None:
+        if len(programs) > max_programs or len(table) >= max_programs:
+            raise ValueError(f"max_programs: the tree needs {len(programs)} work items (and {len(table) + 1} items), "
+                             f"the capacity is {max_programs}")  # fmt: skip
+        empty = len(table)
+        table += [[0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0]] * (max_programs - len(table))
+        programs += [[empty, 0, 0]] * (max_programs - len(programs))
+        tokens += [0] * (max_programs * max(narrow_m, 64) - len(tokens))
 
     def as_tensor(rows):
         return torch.tensor(rows or [0], dtype=torch.int32).reshape(-1).to(device)
@@ -920,7 +1012,7 @@ def paged_cascade_attention(
         backend = "triton" if reason is None and not grad and q.is_cuda else "reference"
     elif backend == "triton" and reason is not None:
         raise ValueError(f"paged_cascade_attention: backend='triton' cannot run these inputs: {reason}")
-    if backend == "reference" or not plan.shared or plan.total_q == 0:
+    if backend == "reference" or not plan.launch_tables or plan.total_q == 0:
         out, lse = paged_attention_with_lse(
             q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.max_seqlen_q,
             plan.max_seqlen_k, causal=True, softmax_scale=scale, num_splits=plan.last_splits, backend=backend,

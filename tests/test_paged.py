@@ -371,6 +371,35 @@ def test_bench_plan_stages_compose_the_cascade():
     torch.testing.assert_close(lse, expected[1])
 
 
+def test_plan_with_capacity_takes_another_tree_in_place():
+    """A plan built with spare capacity runs one fixed-size launch; a different tree of
+    the same batch written into it (into=) reuses its tensors and gives that tree's result."""
+    seq_lens, q_lens, shared, _ = TREES["three levels"]
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, PS, 8, 2, 32,
+                                                                           torch.float32, shared)  # fmt: skip
+    kwargs = dict(page_size=PS, heads_q=8, heads_kv=2, head_dim=32, dtype=torch.float32)
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, share="always", max_programs=40, max_states=6, **kwargs)
+    assert plan.num_states == 6 and plan.launch_configs[-1] == 40 * 2
+    tensors = [t.data_ptr() for t in plan.launch_tables]
+    expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
+    assert_close(*splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton"), *expected,
+                 torch.float32)  # fmt: skip
+    # Another tree: sequence 1 gets pages of its own where it shared pages 2-4 with sequence 0.
+    in_use = {int(p) for row, used in zip(block_table, seqused_k.tolist()) for p in row[: -(-used // PS)]}
+    block_table[1, 2:5] = torch.tensor([p for p in range(k_cache.shape[0]) if p not in in_use][:3])
+    again = plan_cascade(block_table, seqused_k, cu_seqlens_q, share="always", into=plan, **kwargs)
+    assert again is plan and [t.data_ptr() for t in plan.launch_tables] == tensors
+    runs = [(r.members, r.first_page, r.end_page) for r in plan.runs]
+    assert ((0, 1, 2, 3), 0, 2) in runs and ((0, 1), 2, 5) not in runs
+    expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
+    assert_close(*splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton"), *expected,
+                 torch.float32)  # fmt: skip
+    with pytest.raises(ValueError, match="max_programs"):
+        plan_cascade(block_table, seqused_k, cu_seqlens_q, share="always", max_programs=2, max_states=6, **kwargs)
+    with pytest.raises(ValueError, match="into"):
+        plan_cascade(block_table.clone(), seqused_k, cu_seqlens_q, into=plan, **kwargs)
+
+
 def test_cascade_compiles_fullgraph():
     seq_lens, q_lens, shared, _ = TREES["two groups"]
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, PS, 8, 2, 32,
@@ -444,3 +473,36 @@ def test_gpu_cascade_tree_and_graph_replay(page_size):
         torch.testing.assert_close(static_out, eager, atol=0, rtol=0)
         expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
         torch.testing.assert_close(static_out.double().cpu(), expected[0], atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_gpu_graph_replays_a_tree_written_into_the_plan():
+    samples, page_size = 16, 16
+    seq_lens = [6 * page_size + 20 + i for i in range(samples)]
+    shared = [(tuple(range(samples)), 4), (tuple(range(0, samples, 2)), 6)]
+    batch = make_batch(seq_lens, [1] * samples, page_size, 32, 8, 128, torch.bfloat16, shared)
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = batch
+    kwargs = dict(page_size=page_size, heads_q=32, heads_kv=8, head_dim=128, dtype=torch.bfloat16, share="always")
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, max_programs=4096, max_states=64, **kwargs)
+    static_out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
+    graph.replay()
+    expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
+    torch.testing.assert_close(static_out.double().cpu(), expected[0], atol=2e-2, rtol=2e-2)
+    # The odd sequences take pages of their own for positions 2-3: a new tree, same graph.
+    in_use = {int(p) for row, used in zip(block_table.cpu(), seqused_k.tolist()) for p in row[: -(-used // page_size)]}
+    free = [p for p in range(k_cache.shape[0]) if p not in in_use]
+    assert len(free) >= 2
+    for i in range(1, samples, 2):
+        block_table[i, 2:4] = torch.tensor(free[:2], device=DEVICE)
+    plan_cascade(block_table, seqused_k, cu_seqlens_q, into=plan, **kwargs)
+    graph.replay()
+    expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
+    torch.testing.assert_close(static_out.double().cpu(), expected[0], atol=2e-2, rtol=2e-2)
