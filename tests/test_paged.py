@@ -435,6 +435,20 @@ def test_gpu_grid(page_size, dtype, head_dim):
         assert_close(out, lse, *expected, dtype)
 
 
+def capture_cascade(q, k_cache, v_cache, plan):
+    """A CUDA graph of one paged_cascade_attention call (warmed up on a side stream) and its output buffer."""
+    static_out = torch.empty_like(q)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out.copy_(splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
+    return graph, static_out
+
+
 @needs_cuda
 @pytest.mark.parametrize("page_size", [16, 128])
 def test_gpu_cascade_tree_and_graph_replay(page_size):
@@ -457,15 +471,7 @@ def test_gpu_cascade_tree_and_graph_replay(page_size):
     assert_close(out, lse, *float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True),
                  torch.bfloat16)  # fmt: skip
 
-    static_out = torch.empty_like(out)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out.copy_(splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
+    graph, static_out = capture_cascade(q, k_cache, v_cache, plan)
     for grow in (1, page_size + 1, 2 * page_size):
         seqused_k.copy_(torch.tensor(seq_lens, dtype=torch.int32) + grow)
         graph.replay()
@@ -484,15 +490,7 @@ def test_gpu_graph_replays_a_tree_written_into_the_plan():
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = batch
     kwargs = dict(page_size=page_size, heads_q=32, heads_kv=8, head_dim=128, dtype=torch.bfloat16, share="always")
     plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, max_programs=4096, max_states=64, **kwargs)
-    static_out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out.copy_(splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
+    graph, static_out = capture_cascade(q, k_cache, v_cache, plan)
     graph.replay()
     expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
     torch.testing.assert_close(static_out.double().cpu(), expected[0], atol=2e-2, rtol=2e-2)
