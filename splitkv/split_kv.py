@@ -105,6 +105,8 @@ def split_kv_attention(
     causal: bool = False,
     softmax_scale: float | None = None,
     num_splits: int | None = None,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention over each sequence's KV cut into ``num_splits`` chunks, merged exactly.
 
@@ -138,6 +140,12 @@ def split_kv_attention(
             host from Python ints: a compiled or captured step keeps its count. The
             partial states are float32 and merged by :func:`splitkv.merge_states`
             straight into q's dtype.
+        block_table: the paged form, with ``seqused_k``: int32 ``[batch,
+            max_pages_per_seq]``; ``k, v`` are then ``[num_pages, page_size,
+            heads_kv, head_dim]`` caches and ``cu_seqlens_k`` must be None. Runs
+            the paged kernel of :func:`splitkv.paged_attention_with_lse` in
+            ``num_splits`` chunks per sequence.
+        seqused_k: int32 ``[batch]`` keys of each sequence's pages (paged form only).
 
     Returns:
         ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32)``.
@@ -152,6 +160,13 @@ def split_kv_attention(
         >>> out.shape, lse.shape
         (torch.Size([2, 4, 16]), torch.Size([4, 2]))
     """
+    if block_table is not None or seqused_k is not None:
+        from .paged import split_kv_paged_attention
+
+        if block_table is None or seqused_k is None or cu_seqlens_k is not None:
+            raise ValueError("the paged form takes block_table and seqused_k together, and cu_seqlens_k=None")
+        return split_kv_paged_attention(q, k, v, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                                        causal, softmax_scale, num_splits)  # fmt: skip
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     causal = expect_bool("causal", causal)
     if num_splits is not None:

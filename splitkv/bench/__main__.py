@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cascade, distributed, merge
+from . import cascade, distributed, merge, paged
 
 #: name -> (entry point taking argv, one line on what it measures)
 BENCHMARKS = {
     "merge": (merge.main, "the merge kernels against the copy bandwidth; GPU"),
     "cascade": (cascade.main, "cascade attention against full attention; GPU"),
     "distributed": (distributed.main, "context-parallel attention; NCCL, or gloo with --cpu"),
+    "paged": (paged.main, "paged attention, cascade over shared pages; GPU"),
 }
 
 

@@ -1,0 +1,268 @@
+"""Triton attention forward over a paged KV cache, returning the LSE (or split states).
+
+The KV cache is ``k_cache, v_cache [num_pages, page_size, heads_kv, head_dim]`` (any
+strides but a contiguous ``head_dim``: K and V may be two views of one ``[num_pages,
+2, page_size, heads_kv, head_dim]`` buffer). Every key tile of ``BLOCK_N`` keys looks
+its pages up in the block table (``page = block_table[row, key // page_size]``, slot
+``key % page_size``), so any ``page_size >= 1`` works, powers of two or not, and the
+same physical page may appear in many rows. Entries past a row's last used key are
+never read: the lookup is masked like the keys.
+
+Each program owns one KV head and ``BLOCK_M`` rows, a row being a (query token, query
+head of that KV head's group) pair, so every K/V tile is loaded once for all the query
+heads that share it (GQA packing); a program walks one key chunk of ``num_splits``,
+writing a float32 partial state for :func:`splitkv.merge_states`.
+
+Two ways to name the work:
+
+* plain (``items is None``): one work item per sequence, its tokens
+  ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``, its keys ``[0, seqused_k[i])``;
+* a plan (the cascade's, :mod:`splitkv.paged`): a table of items, each a list of query
+  tokens (possibly of several sequences), one block-table row and a key range that is
+  fixed (a shared run of pages, attended without mask) or ends at ``seqused_k`` of
+  the row (a sequence's own pages, causal when asked), and a program table that says
+  which (item, row block, key chunk) each program runs. The tables are device tensors
+  of fixed size, so a launch is captured in a CUDA graph and replayed with new
+  ``seqused_k`` values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._attention_triton import _block_rows, _dot
+from ._triton_launch import CompiledLauncher
+from ._triton_support import interpreter_enabled
+
+_INTERPRET = interpreter_enabled()
+_LOG2E = math.log2(math.e)
+_LN2 = tl.constexpr(math.log(2.0))
+MAX_HEAD_DIM = 256
+
+# A plan's item table is int32 [items, ITEM_FIELDS]: block-table row, offset and count of
+# its tokens in the token list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key
+# chunks, first state to mark empty, and whether it takes the wide row tile.
+ITEM_FIELDS = 9
+# A key_hi of this value means "seqused_k[row]": the item's keys grow with the cache.
+DYNAMIC_KEY_HI = -1
+
+
+@triton.jit
+def _attend_item(
+    Q, K, V, Out, Lse, BlockTable, ItemTokens,
+    row, tok_off, num_tokens, key_lo, key_hi, k_total, causal, state_base, split, splits, pad_from, row_block,
+    kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
+    PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Rows ``row_block`` (of BLOCK_M) of one item and KV head against key chunk
+    ``split`` of ``splits`` of the item's keys ``[key_lo, key_hi)``, written as state
+    ``state_base + split``; chunk 0 also marks the states from ``pad_from`` on empty."""
+    num_rows = num_tokens * group
+    if row_block * BLOCK_M < num_rows:
+        row_valid, tok_idx, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
+                                                                   HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
+        if PLAN:
+            token = tl.load(ItemTokens + tok_off + tok_idx, mask=row_valid, other=0)
+        else:
+            token = tok_off + tok_idx
+        token = token.to(tl.int64)
+        q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_d_mask,
+                    other=0.0)  # fmt: skip
+
+        chunk = (key_hi - key_lo + splits - 1) // splits
+        chunk_lo = tl.minimum(key_lo + split * chunk, key_hi)
+        chunk_hi = tl.minimum(chunk_lo + chunk, key_hi)
+        if causal:
+            # Bottom-right alignment over the sequence's keys: the item's token t (its
+            # t-th query) sees key j iff j <= t + k_total - num_tokens.
+            shift = k_total - num_tokens + 1
+            last_tok = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
+            block_hi = tl.minimum(chunk_hi, last_tok + shift)
+            row_key_end = tl.minimum(chunk_hi, tok_idx + shift)
+        else:
+            block_hi = chunk_hi
+            row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
+
+        offs_n = tl.arange(0, BLOCK_N)
+        bt_row = BlockTable + row.to(tl.int64) * stride_bt
+        k_head = K + kv_head * stride_kh + offs_d[None, :]
+        v_head = V + kv_head * stride_vh + offs_d[None, :]
+        d_mask = (offs_d < HEAD_DIM)[None, :]
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        for start_n in range(chunk_lo, block_hi, BLOCK_N):
+            keys = start_n + offs_n
+            key_valid = keys < block_hi
+            # Only the used keys' block-table entries are read: padding entries may hold
+            # anything, an out-of-range page id included.
+            page = tl.load(bt_row + keys // page_size, mask=key_valid, other=0).to(tl.int64)
+            slot = (keys % page_size).to(tl.int64)
+            # A mask constant along head_dim keeps the loads vectorised (16 bytes).
+            if HEAD_DIM == HEAD_DIM_PAD:
+                tile_mask = key_valid[:, None]
+            else:
+                tile_mask = key_valid[:, None] & d_mask
+            k = tl.load(k_head + (page * stride_kp + slot * stride_ks)[:, None], mask=tile_mask, other=0.0)
+            s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+            s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no visible key keeps m = -inf; shifting by 0 avoids
+            # exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for it.
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_head + (page * stride_vp + slot * stride_vs)[:, None], mask=tile_mask, other=0.0)
+            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
+            m_i = m_new
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        lse = (m_i + tl.log2(l_safe)) * _LN2
+        state = tl.cast(state_base + split, tl.int64)
+        o_ptrs = Out + state * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
+        lse_ptrs = Lse + head.to(tl.int64) * stride_lh + token
+        tl.store(lse_ptrs + state * stride_ls, lse, mask=row_valid)
+        if split == 0:
+            # States past this token's levels are empty (the merge ignores their outputs).
+            for empty in range(pad_from, num_states):
+                tl.store(lse_ptrs + tl.cast(empty, tl.int64) * stride_ls, float("-inf"), mask=row_valid)
+
+
+@triton.jit
+def _paged_fwd_kernel(
+    Q, K, V, Out, Lse, BlockTable, SequsedK, CuSeqlensQ, Items, ItemTokens, Programs,
+    stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+    page_size, heads_kv, group, batch, num_row_blocks, num_splits, num_states, qk_scale,
+    CAUSAL: tl.constexpr, PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    # KV heads innermost: the programs of one item and chunk start together and
+    # share its block-table lines in L1/L2.
+    kv_head = pid % heads_kv
+    work = pid // heads_kv
+    if PLAN:
+        item = tl.load(Programs + 3 * work)
+        row_block = tl.load(Programs + 3 * work + 1)
+        split = tl.load(Programs + 3 * work + 2)
+        fields = Items + item * 9
+        row = tl.load(fields + 0)
+        key_hi = tl.load(fields + 4)
+        k_total = tl.load(SequsedK + row)
+        dynamic = key_hi < 0
+        key_hi = tl.where(dynamic, k_total, key_hi)
+        # Shared runs are seen whole by their queries: only a sequence's own keys are causal.
+        if CAUSAL:
+            causal = dynamic
+        else:
+            causal = dynamic & False
+        # One launch runs the shared runs' wide row tiles (many queries per KV tile) and
+        # the sequences' own narrow ones, so both fill the GPU together.
+        if tl.load(fields + 8) != 0:
+            _attend_item(
+                Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tl.load(fields + 1), tl.load(fields + 2),
+                tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
+                tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
+                stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+                page_size, group, num_states, qk_scale,
+                True, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+        else:
+            _attend_item(
+                Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tl.load(fields + 1), tl.load(fields + 2),
+                tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
+                tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
+                stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
+                page_size, group, num_states, qk_scale,
+                True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            )  # fmt: skip
+    else:
+        # One item per sequence: its tokens from cu_seqlens_q, its keys [0, seqused_k).
+        row_block = work % num_row_blocks
+        row = (work // num_row_blocks) % batch
+        split = work // (num_row_blocks * batch)
+        tok_off = tl.load(CuSeqlensQ + row)
+        k_total = tl.load(SequsedK + row)
+        _attend_item(
+            Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tok_off, tl.load(CuSeqlensQ + row + 1) - tok_off,
+            0, k_total, k_total, CAUSAL, 0, split, num_splits, num_states, row_block, kv_head,
+            stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
+            False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+
+
+_launch_paged_kernel = CompiledLauncher(_paged_fwd_kernel)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.cache
+def launch_config(head_dim: int, dtype: torch.dtype, rows_pow2: int) -> tuple[int, int, int, int, int]:
+    """(HEAD_DIM_PAD, BLOCK_M, BLOCK_N, num_warps, num_stages) for items of about
+    ``rows_pow2`` query rows per KV head. Decode has few rows (the GQA group times the
+    queries per sequence): small row tiles and long key tiles keep the loads wide."""
+    head_dim_pad = max(16, _next_power_of_2(head_dim))
+    if _INTERPRET:
+        # numpy simulates every program: small tiles, yet two row tiles so that a
+        # plan's wide and narrow paths both run in the CPU tests.
+        return head_dim_pad, 16 if rows_pow2 <= 16 else 32, 16, 4, 1
+    block_m = min(64 if head_dim_pad > 128 else 128, max(16, rows_pow2))
+    block_n = 64 if head_dim_pad <= 128 else 32
+    if dtype == torch.float32:
+        block_n = min(block_n, 32)
+    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    num_stages = 3 if head_dim_pad <= 128 and dtype != torch.float32 else 2
+    return head_dim_pad, block_m, block_n, num_warps, num_stages
+
+
+def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqlens_q, causal: bool,
+                 softmax_scale: float, config: tuple, grid_programs: int, num_row_blocks: int = 1,
+                 num_splits: int = 1, items=None, item_tokens=None, programs=None,
+                 wide_block_m: int | None = None) -> None:  # fmt: skip
+    """One launch of the paged kernel on validated inputs.
+
+    ``out [states, total_q, heads_q, head_dim]`` and ``lse [states, heads_q, total_q]``
+    (float32 for split states, else out in q's dtype; contiguous last dims) receive the
+    states. Plain mode (``items is None``) runs ``grid_programs = batch * heads_kv *
+    num_row_blocks * num_splits`` programs; plan mode ``len(programs) * heads_kv``.
+    ``config`` is :func:`launch_config`'s tuple; a plan's items flagged wide take row
+    tiles of ``wide_block_m`` rows (default: the config's).
+    """
+    if grid_programs == 0 or q.shape[0] == 0:
+        return
+    head_dim_pad, block_m, block_n, num_warps, num_stages = config
+    heads_kv = k_cache.shape[2]
+    plan = items is not None
+    # Placeholders the kernel never reads in the other mode.
+    items = items if plan else block_table
+    item_tokens = item_tokens if plan else block_table
+    programs = programs if plan else block_table
+    qs, ks, vs, os_, ls = q.stride(), k_cache.stride(), v_cache.stride(), out.stride(), lse.stride()
+    args = (
+        q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqlens_q, items, item_tokens, programs,
+        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2], ls[0], ls[1],
+        block_table.stride(0), k_cache.shape[1], heads_kv, q.shape[1] // heads_kv, block_table.shape[0],
+        num_row_blocks, num_splits, out.shape[0], softmax_scale * _LOG2E,
+    )  # fmt: skip
+    constexprs = (
+        causal, plan, q.shape[2], head_dim_pad, block_m, wide_block_m or block_m, block_n,
+        # fp32 callers want fp32 accuracy, which TF32 does not give.
+        "ieee" if q.dtype == torch.float32 else "tf32",
+        _INTERPRET and q.dtype == torch.bfloat16,
+    )  # fmt: skip
+    _launch_paged_kernel((grid_programs,), args, constexprs, num_warps, num_stages, q.device.index)

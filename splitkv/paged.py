@@ -1,0 +1,1024 @@
+"""Attention over a paged KV cache, and cascade attention over the prefixes its block
+table shares.
+
+Layout (vLLM's and flash-attn's):
+
+* ``k_cache, v_cache [num_pages, page_size, heads_kv, head_dim]``, any strides but a
+  contiguous ``head_dim`` (K and V may be two views of one ``[num_pages, 2, page_size,
+  heads_kv, head_dim]`` buffer);
+* ``block_table`` int32 ``[batch, max_pages_per_seq]``: row ``i`` lists sequence ``i``'s
+  pages in order; entries past its last used page are padding, never read (they may
+  hold any value);
+* ``seqused_k`` int32 ``[batch]``: the keys of sequence ``i`` are the first
+  ``seqused_k[i]`` slots of its pages;
+* ``q [total_q, heads_q, head_dim]`` packed by int32 ``cu_seqlens_q [batch + 1]``;
+  results and causal alignment (bottom-right) as in :func:`splitkv.attention_with_lse`.
+
+Serving engines with prefix caching share a prefix by page id: the block tables of
+many requests start with the same physical pages. :func:`plan_cascade` finds those
+runs as a tree (a run shared by all, runs shared by sub-groups, each sequence's own
+pages), keeps the levels where sharing pays by a byte-count cost model, and
+:func:`paged_cascade_attention` reads each kept run once for all its sharers: its
+queries attend to it without mask, the own pages causally, and one N-way merge
+(:func:`splitkv.merge_states`) combines every level's states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from . import split_kv as _split_kv
+from ._attention_reference import reference_attention_with_lse
+from ._checks import (
+    expect_bool,
+    expect_contiguous_last,
+    expect_count,
+    expect_float_dtype,
+    expect_rank,
+    expect_scale,
+    expect_tensor,
+)
+from ._registry import Backend, BackendRegistry
+from .attention import _expect_seqlens, _flash_why_not, _seqlen_values_ok, _varlen_api, _varlen_attn_kwargs
+from .attention import _triton_why_not as _attention_triton_why_not
+from .cascade import _PREFIX_CHUNK_FACTOR
+from .merge import merge_states
+
+__all__ = [
+    "PAGED_BACKENDS",
+    "CascadePlan",
+    "explain_paged_attention",
+    "paged_attention_with_lse",
+    "paged_cascade_attention",
+    "plan_cascade",
+]
+
+# flash-attn's paged KV takes pages of a multiple of this many tokens.
+_FLASH_PAGE_MULTIPLE = 256
+# Bytes a kept shared level must save beyond its partial states: its programs' fixed
+# cost and the merge's extra state per token, about 0.3 us of HBM time on an H200.
+_LEVEL_OVERHEAD_BYTES = 1 << 20
+# An item's first empty state slot when it writes none (past any state count).
+_NO_PADDING = 1 << 30
+# Rows of a shared run's tile, at most.
+_WIDE_MAX_ROWS = 64
+
+
+# ---------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------
+
+
+def _expect_cache(q: torch.Tensor, k_cache, v_cache) -> None:
+    layout = "[num_pages, page_size, heads_kv, head_dim]"
+    expect_rank("k_cache", k_cache, 4, layout)
+    expect_rank("v_cache", v_cache, 4, layout)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {cache.dtype}")
+        if cache.device != q.device:
+            raise ValueError(f"{name} must be on {q.device} like q, got {cache.device}")
+        expect_contiguous_last(name, cache)
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache must be {layout} like k_cache {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+    num_pages, page_size, heads_kv, head_dim = k_cache.shape
+    if page_size < 1:
+        raise ValueError(f"k_cache's page_size (dim 1) must be >= 1, got {page_size}")
+    if head_dim != q.shape[2]:
+        raise ValueError(f"k_cache must have q's head_dim {q.shape[2]}, got shape {tuple(k_cache.shape)}")
+    if heads_kv == 0 or q.shape[1] % heads_kv != 0:
+        raise ValueError(f"q's heads ({q.shape[1]}) must be a multiple of k_cache's heads ({heads_kv})")
+
+
+def _expect_table(block_table, seqused_k, device: torch.device, batch: int) -> None:
+    expect_rank("block_table", block_table, 2, "[batch, max_pages_per_seq]")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table must have dtype torch.int32, got {block_table.dtype}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on {device} like q, got {block_table.device}")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table must have one row per sequence ({batch}), got shape {tuple(block_table.shape)}")
+    if block_table.stride(1) != 1 and block_table.shape[1] > 1:
+        raise ValueError(f"block_table must have a contiguous last dim, got strides {block_table.stride()}")
+    expect_tensor("seqused_k", seqused_k)
+    if tuple(seqused_k.shape) != (batch,):
+        raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
+    if seqused_k.dtype != torch.int32:
+        raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
+    if seqused_k.device != device:
+        raise ValueError(f"seqused_k must be on {device} like q, got {seqused_k.device}")
+
+
+def _check_table_values(block_table: torch.Tensor, seqused_k: torch.Tensor, page_size: int, num_pages: int | None,
+                        max_seqlen_k: int | None) -> None:  # fmt: skip
+    """Host checks of the values (costs a device sync when the tensors are on a GPU)."""
+    table = block_table.cpu().numpy()
+    used = seqused_k.cpu().numpy().astype(np.int64)
+    room = table.shape[1] * page_size
+    if (used < 0).any() or (used > room).any():
+        raise ValueError(
+            f"seqused_k must lie in [0, max_pages_per_seq * page_size] = [0, {room}] (a row's pages), "
+            f"got {used.tolist()}"
+        )
+    if max_seqlen_k is not None and used.size and int(used.max()) > max_seqlen_k:
+        raise ValueError(f"max_seqlen_k = {max_seqlen_k} is below the longest used sequence ({int(used.max())})")
+    if num_pages is not None and table.size:
+        pages_used = -(-used // page_size)
+        live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
+        bad = live & ((table < 0) | (table >= num_pages))
+        if bad.any():
+            row, col = (int(x) for x in np.argwhere(bad)[0])
+            raise ValueError(
+                f"block_table[{row}, {col}] = {int(table[row, col])} is not a page of k_cache "
+                f"(num_pages = {num_pages})"
+            )
+
+
+def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                       softmax_scale, check_values: bool = False) -> float:  # fmt: skip
+    """Validates the paged attention arguments; returns the softmax scale to use. Values
+    (page ids, ``seqused_k``, ``cu_seqlens_q``) are checked when on the CPU, or with
+    ``check_values=True`` (one device sync)."""
+    expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
+    expect_float_dtype("q", q)
+    expect_contiguous_last("q", q)
+    _expect_cache(q, k_cache, v_cache)
+    # Under torch.compile the values are not read (that would break the graph): a
+    # compiled call's inputs are checked by running it eagerly once.
+    compiling = torch.compiler.is_compiling()
+    _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, max_seqlen_q, "max_seqlen_q")
+    if cu_seqlens_q.is_cpu and not compiling:
+        _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    batch = cu_seqlens_q.shape[0] - 1
+    _expect_table(block_table, seqused_k, q.device, batch)
+    expect_count("max_seqlen_k", max_seqlen_k)
+    softmax_scale = expect_scale("softmax_scale", softmax_scale)
+    if (q.is_cpu or check_values) and not compiling:
+        _check_table_values(block_table, seqused_k, k_cache.shape[1], k_cache.shape[0], max_seqlen_k)
+    return q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+
+
+# ---------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------
+
+
+def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
+                                       max_seqlen_k, causal, softmax_scale, num_splits=None):  # fmt: skip
+    """The pages of every row gathered into a packed KV (padding entries clamped to a
+    valid page: their keys are past ``seqused_k`` and never seen), then
+    :func:`splitkv._attention_reference.reference_attention_with_lse`. For tests;
+    differentiable with respect to q, k_cache and v_cache."""
+    batch, max_pages = block_table.shape
+    num_pages, page_size, heads_kv, head_dim = k_cache.shape
+    pages = block_table.long().clamp(0, max(num_pages - 1, 0))
+    room = max_pages * page_size
+    k = k_cache[pages].reshape(batch * room, heads_kv, head_dim)
+    v = v_cache[pages].reshape(batch * room, heads_kv, head_dim)
+    cu_seqlens_k = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * room
+    return reference_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, room, causal,
+                                        softmax_scale, seqused_k=seqused_k)  # fmt: skip
+
+
+def _triton_why_not(q, k_cache, causal) -> str | None:
+    # The paged kernel has the limits of the packed one (triton importable, head_dim <= 256, CUDA or interpreter).
+    return _attention_triton_why_not(q, k_cache, k_cache, causal, None, 0, 0)
+
+
+def _triton_why_not_auto(q, k_cache, causal) -> str | None:
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
+        return "a gradient is required and the Triton kernel has no backward (the reference has)"
+    return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
+
+
+def _torch_why_not(q, k_cache, causal) -> str | None:
+    if "block_table" not in _varlen_api()[2]:
+        return f"torch {torch.__version__}'s varlen_attn takes no block_table"
+    page_size = k_cache.shape[1]
+    if page_size % _FLASH_PAGE_MULTIPLE:
+        return f"flash attention's paged KV needs page_size a multiple of {_FLASH_PAGE_MULTIPLE}, got {page_size}"
+    if _varlen_attn_kwargs(q.shape[1], k_cache.shape[2], causal, 1.0, k_cache) is None:
+        return f"torch {torch.__version__}'s varlen_attn cannot express this call (GQA, causal or seqused_k)"
+    q_flat, k_flat = q, k_cache.flatten(0, 1)
+    return _flash_why_not(q_flat, k_flat, k_flat)
+
+
+def _run_torch(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+               softmax_scale, num_splits=None):  # fmt: skip
+    # Only reached with a torch whose varlen_attn takes block_table on a GPU: 2.13 has
+    # it, the device's 2.11 does not, so this path has not run. Its cu_seqlens_k is
+    # unused with seqused_k.
+    kwargs = _varlen_attn_kwargs(q.shape[1], k_cache.shape[2], causal, softmax_scale, seqused_k)
+    cu_seqlens_k = torch.zeros_like(cu_seqlens_q)
+    out, lse = _varlen_api()[0](q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           block_table=block_table, **kwargs)  # fmt: skip
+    return out, lse.nan_to_num_(nan=math.nan, posinf=-math.inf, neginf=-math.inf)
+
+
+def _run_triton(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+                softmax_scale, num_splits=None):  # fmt: skip
+    if num_splits is None:
+        group = q.shape[1] // k_cache.shape[2]
+        num_splits = _split_kv.choose_num_splits(block_table.shape[0], k_cache.shape[2], max_seqlen_q * group,
+                                                 max_seqlen_k, q.device)  # fmt: skip
+    run = _paged_attention_op if torch.compiler.is_compiling() else _paged_attention_impl
+    return run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+               softmax_scale, num_splits)  # fmt: skip
+
+
+#: The paged attention backends in order of preference.
+PAGED_BACKENDS = BackendRegistry(
+    "paged_attention_with_lse",
+    [
+        Backend("torch", _run_torch, _torch_why_not),
+        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto),
+        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None),
+    ],
+)
+
+
+def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    return out, lse
+
+
+def _paged_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                        seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                        causal: bool, softmax_scale: float,
+                        num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from ._paged_triton import launch_config, launch_paged
+
+    total_q, heads_q, head_dim = q.shape
+    batch, heads_kv = block_table.shape[0], k_cache.shape[2]
+    if total_q == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or batch == 0:
+        return _empty_result(q)
+    group = heads_q // heads_kv
+    config = launch_config(head_dim, q.dtype, 1 << max(max_seqlen_q * group - 1, 0).bit_length())
+    num_row_blocks = -(-max_seqlen_q * group // config[1])
+    state_dtype = torch.float32 if num_splits > 1 else q.dtype
+    states = torch.empty((num_splits, total_q, heads_q, head_dim), dtype=state_dtype, device=q.device)
+    lses = torch.empty((num_splits, heads_q, total_q), dtype=torch.float32, device=q.device)
+    launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, causal, softmax_scale,
+                 config, batch * heads_kv * num_row_blocks * num_splits, num_row_blocks, num_splits)  # fmt: skip
+    if num_splits == 1:
+        return states[0], lses[0]
+    return merge_states(states, lses, output_dtype=q.dtype)
+
+
+# A torch custom op (for torch.compile); eager calls skip its dispatch, which costs
+# more host time than a small decode step's kernel.
+_paged_attention_op = torch.library.custom_op("splitkv_paged::paged_attention_with_lse", _paged_attention_impl,
+                                              mutates_args=())  # fmt: skip
+
+
+def _fake_result(q: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both ops' fake implementation: ``out`` like q, ``lse [heads_q, total_q]`` float32."""
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+_paged_attention_op.register_fake(_fake_result)
+
+
+def paged_attention_with_lse(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    num_splits: int | None = None,
+    check_values: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention over a paged KV cache that also returns the LSE of every query row.
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]`` float16, bfloat16 or float32, contiguous ``head_dim``.
+        k_cache, v_cache: ``[num_pages, page_size, heads_kv, head_dim]``, q's dtype and
+            device, any strides but a contiguous ``head_dim`` (two views of one
+            ``[num_pages, 2, page_size, heads_kv, head_dim]`` buffer work); any
+            ``page_size >= 1``; ``heads_q % heads_kv == 0`` (GQA/MQA).
+        block_table: int32 ``[batch, max_pages_per_seq]``: row ``i`` lists sequence
+            ``i``'s pages in order (any order of page ids, a page in several rows);
+            entries past its last used page are never read.
+        seqused_k: int32 ``[batch]``: sequence ``i``'s keys are the first
+            ``seqused_k[i]`` slots of its pages.
+        cu_seqlens_q: int32 ``[batch + 1]`` cumulative query counts.
+        max_seqlen_q, max_seqlen_k: Python ints, at least the longest query count and
+            ``seqused_k`` (they size the launch: no device sync).
+        causal: bottom-right aligned mask over each sequence's used keys.
+        softmax_scale: multiplier of ``q @ k^T``; default ``head_dim ** -0.5``.
+        num_splits: key chunks per sequence on the Triton backend (split-KV; float32
+            partial states merged by :func:`splitkv.merge_states`); ``None`` picks
+            from the shape and the multiprocessor count.
+        check_values: on a GPU, also check the values of ``block_table`` (used entries
+            in ``[0, num_pages)``), ``seqused_k`` (within a row's pages) and
+            ``cu_seqlens_q``: one device sync. On the CPU they are always checked.
+        backend: ``"auto"`` (``torch`` where the installed torch's ``varlen_attn``
+            takes ``block_table``, none does up to 2.13; then ``triton`` on CUDA
+            tensors; else ``reference``), or one of ``"torch"``, ``"triton"``,
+            ``"reference"``. See :func:`explain_paged_attention`.
+
+    Returns:
+        ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32
+        natural log)``; rows that see no key get output 0 and LSE ``-inf``.
+
+    Differentiable with respect to q, k_cache and v_cache on the reference backend
+    (which ``auto`` takes when a gradient is required); the Triton backend is a torch
+    custom op (``torch.compile`` and CUDA graphs) without a backward, and refuses
+    inputs that require a gradient. Triton takes ``head_dim <= 256``.
+
+    Example:
+        >>> import torch, splitkv
+        >>> k_cache, v_cache = torch.randn(2, 6, 3, 2, 64).unbind(0)   # 6 pages of 3 slots
+        >>> block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+        >>> seqused_k = torch.tensor([7, 9], dtype=torch.int32)
+        >>> q = torch.randn(3, 8, 64)                                    # 1 + 2 queries
+        >>> cu_q = torch.tensor([0, 1, 3], dtype=torch.int32)
+        >>> out, lse = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_q, 2, 9,
+        ...                                             causal=True)
+        >>> out.shape, lse.shape
+        (torch.Size([3, 8, 64]), torch.Size([8, 3]))
+    """
+    scale = check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                               softmax_scale, expect_bool("check_values", check_values))  # fmt: skip
+    causal = expect_bool("causal", causal)
+    if num_splits is not None:
+        expect_count("num_splits", num_splits, 1)
+    impl = PAGED_BACKENDS.select(backend, q, k_cache, causal)
+    if impl.name == "triton" and torch.is_grad_enabled() and (
+            q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):  # fmt: skip
+        raise ValueError("backend='triton' has no backward: a gradient is required (use backend='reference')")
+    if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return _empty_result(q)
+    return impl.run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
+                    scale, num_splits)  # fmt: skip
+
+
+def explain_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    backend: str = "auto",
+) -> str:
+    """Which backend :func:`paged_attention_with_lse` would take for these inputs, and why not the others.
+
+    Args:
+        q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
+        max_seqlen_k, causal, backend: as in :func:`paged_attention_with_lse`.
+
+    Returns:
+        One line naming the chosen backend, then one line per backend with the reason
+        it was not chosen. Not differentiable (a report).
+
+    Example:
+        >>> import torch, splitkv
+        >>> k_cache = v_cache = torch.randn(4, 16, 2, 64)
+        >>> bt, used = torch.tensor([[0, 3]], dtype=torch.int32), torch.tensor([20], dtype=torch.int32)
+        >>> q, cu_q = torch.randn(1, 2, 64), torch.tensor([0, 1], dtype=torch.int32)
+        >>> print(splitkv.explain_paged_attention(q, k_cache, v_cache, bt, used, cu_q, 1, 20).splitlines()[0])
+        paged_attention_with_lse(backend='auto') -> reference
+    """
+    check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, None)
+    return PAGED_BACKENDS.explain(backend, q, k_cache, causal)
+
+
+def split_kv_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+                             causal, softmax_scale, num_splits):  # fmt: skip
+    """:func:`splitkv.split_kv_attention`'s paged form: the Triton paged kernel in
+    ``num_splits`` key chunks per sequence (where Triton runs), else the reference."""
+    backend = "triton" if _triton_why_not(q, k_cache, causal) is None else "auto"
+    return paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
+                                    max_seqlen_k, causal=causal, softmax_scale=softmax_scale, num_splits=num_splits,
+                                    backend=backend)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------
+# Cascade over shared pages
+# ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedRun:
+    """One shared level: ``members`` (sequence indices) hold the same page ids at page
+    positions ``[first_page, end_page)``; ``kept`` says whether the cost model (or the
+    caller) shares it. ``saved_bytes`` / ``state_bytes``: the cost model's terms."""
+
+    members: tuple[int, ...]
+    first_page: int
+    end_page: int
+    kept: bool
+    saved_bytes: int = 0
+    state_bytes: int = 0
+
+
+@dataclasses.dataclass
+class CascadePlan:
+    """What :func:`plan_cascade` found, and the device tables the launches read.
+
+    Args:
+        page_size, heads_q, heads_kv, head_dim, dtype: the shape it was planned for.
+        block_table, seqused_k, cu_seqlens_q: the batch's tables (kept by reference).
+        total_q, max_seqlen_q, max_seqlen_k: query count, longest query count and
+            the longest ``seqused_k`` it may be replayed with.
+        runs, own_start_page, shared, num_states, last_splits, max_page_id,
+        launch_tables, launch_configs, needs_fill, kv_bytes_plain, kv_bytes_plan,
+        host_us: filled by :func:`plan_cascade` (below); build plans with it, not by hand.
+
+    Attributes:
+        runs: the shared runs (:class:`SharedRun`), parents before children.
+        own_start_page: per sequence, the first page position of its own (causal) level.
+        shared: whether any run is kept; without one, :func:`paged_cascade_attention`
+            is plain :func:`paged_attention_with_lse` (``causal=True``).
+        num_states: partial states per query token (the merge's N).
+        kv_bytes_plain, kv_bytes_plan: KV bytes one call reads without and with the plan.
+        host_us: the host time the plan took to build.
+
+    The block table and ``seqused_k`` are kept by reference: a CUDA graph captured
+    with the plan reads them at replay. Between replays ``seqused_k`` may grow (and
+    new pages be written into ``block_table`` past each row's shared pages, in place);
+    a change of the shared pages, the query counts, the batch, or a sequence shrinking
+    into its shared pages needs a new plan (and a new capture), unless the plan was
+    built with spare capacity (``plan_cascade(..., max_programs=..., max_states=...)``):
+    then ``plan_cascade(..., into=plan)`` writes another tree of the same batch
+    (same tensors, query counts and shape) into its tables in place, and the
+    captured graph replays that tree.
+
+    Not differentiable (a plan holds integer tables).
+
+    Example:
+        >>> import torch, splitkv
+        >>> bt = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
+        >>> plan = splitkv.plan_cascade(bt, torch.tensor([40, 44], dtype=torch.int32),
+        ...                             torch.tensor([0, 1, 2], dtype=torch.int32), page_size=16,
+        ...                             heads_q=4, heads_kv=1, head_dim=64, dtype=torch.float32, share="always")
+        >>> plan.shared, plan.own_start_page, plan.num_states
+        (True, [2, 2], 2)
+    """
+
+    page_size: int
+    heads_q: int
+    heads_kv: int
+    head_dim: int
+    dtype: torch.dtype
+    block_table: torch.Tensor
+    seqused_k: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    total_q: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    runs: list
+    own_start_page: list
+    shared: bool
+    num_states: int
+    last_splits: int
+    max_page_id: int
+    # Per launch: its item table, token list and program table, and (5 config ints, the
+    # wide row tile, grid).
+    launch_tables: list = dataclasses.field(default_factory=list)
+    launch_configs: list = dataclasses.field(default_factory=list)
+    needs_fill: bool = False
+    # Work items the launch is sized for when built with spare capacity, else None.
+    capacity_programs: int | None = None
+    kv_bytes_plain: int = 0
+    kv_bytes_plan: int = 0
+    host_us: float = 0.0
+
+    def describe(self) -> str:
+        """The tree and the cost model's decisions, one line per shared run.
+
+        Returns:
+            A multi-line report. Not differentiable (a report).
+
+        Example:
+            >>> import torch, splitkv
+            >>> bt = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
+            >>> plan = splitkv.plan_cascade(bt, torch.tensor([40, 40], dtype=torch.int32),
+            ...                             torch.tensor([0, 1, 2], dtype=torch.int32), page_size=16,
+            ...                             heads_q=4, heads_kv=1, head_dim=64, dtype=torch.float32)
+            >>> print(plan.describe().splitlines()[1])
+              run pages [0, 2) of sequences (0, 1): not shared (saves 16384 B, states cost 4160 B + 1048576 B)
+        """
+        lines = [f"cascade plan: {len(self.runs)} shared runs, {sum(r.kept for r in self.runs)} kept, "
+                 f"{self.num_states} states per query; KV bytes {self.kv_bytes_plan} (plain {self.kv_bytes_plain})"]
+        for run in self.runs:
+            verdict = "shared" if run.kept else "not shared"
+            lines.append(f"  run pages [{run.first_page}, {run.end_page}) of sequences {run.members}: {verdict} "
+                         f"(saves {run.saved_bytes} B, states cost {run.state_bytes} B + {_LEVEL_OVERHEAD_BYTES} B)")
+        return "\n".join(lines)
+
+
+def _find_runs(table: np.ndarray, limits: np.ndarray, candidates: list[int]) -> list[tuple[tuple[int, ...], int, int]]:
+    """The tree of shared runs as ``(members, first_page, end_page)``, parents first:
+    sequences that hold the same page id at each position ``< end_page``, each
+    sequence's run limited to its first ``limits[i]`` pages. Insensitive to order."""
+    runs = []
+    stack = [(sorted(candidates), 0)]
+    while stack:
+        members, depth = stack.pop()
+        groups = defaultdict(list)
+        for i in members:
+            if limits[i] > depth:
+                groups[int(table[i, depth])].append(i)
+        for page in sorted(groups):
+            group = groups[page]
+            if len(group) < 2:
+                continue
+            limit = int(limits[group].min())
+            segment = table[group, depth:limit]
+            same = (segment == segment[0]).all(axis=0)
+            end = depth + (int(np.argmin(same)) if not same.all() else limit - depth)
+            runs.append((tuple(group), depth, end))
+            stack.append((group, end))
+    return runs
+
+
+def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, device: torch.device) -> int:
+    return _split_kv.choose_num_splits(1, heads_kv, tokens * rows_per_token, keys, device)
+
+
+def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: int, heads_kv: int, head_dim: int,
+                   element_size: int, device: torch.device, num_splits: int | None) -> list[int]:  # fmt: skip
+    """Key chunks of each kept run, ``runs`` as ``(keys, tokens, row_blocks)``, by the rule
+    of the packed cascade's prefix (:func:`splitkv.cascade.cascade_splits`, swept on an
+    H100): the runs share one launch with the sequences' own programs
+    (``last_programs``), so they get enough chunks that all together fill the GPU about
+    twice; beyond that, chunks of at least four times an own-level program's keys
+    (``suffix_chunk``), and only as many as keep their float32 states within half the
+    run's KV bytes."""
+    if num_splits is not None or device.type != "cuda":
+        return [num_splits or 1 for _ in runs]
+    sms = _split_kv._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
+    fill = -(-max(0, 2 * sms - last_programs) // max(tiles, 1))
+    splits = []
+    for keys, tokens, _row_blocks in runs:
+        balance = -(-keys // (_PREFIX_CHUNK_FACTOR * suffix_chunk))
+        state_cap = (keys * heads_kv * head_dim * element_size) // (tokens * heads_q * (head_dim + 1) * 4 * 2)
+        wanted = max(fill, min(balance, state_cap))
+        splits.append(max(1, min(wanted, _split_kv._MAX_SPLITS, keys // _split_kv._MIN_KEYS_PER_SPLIT)))
+    return splits
+
+
+def plan_cascade(
+    block_table: torch.Tensor,
+    seqused_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    page_size: int,
+    heads_q: int,
+    heads_kv: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    max_seqlen_k: int | None = None,
+    levels: list | None = None,
+    num_splits: int | None = None,
+    num_pages: int | None = None,
+    share: str = "auto",
+    max_programs: int | None = None,
+    max_states: int | None = None,
+    into: CascadePlan | None = None,
+) -> CascadePlan:
+    """Find the prefixes that a paged batch shares by page id, and plan a cascade over them.
+
+    Host side, once per step (or once for many replayed steps): reads the tables to
+    the host (a device sync when they are on a GPU). A run of leading pages is shared
+    by the sequences that hold the same page ids at the same positions (sharers need
+    not be adjacent; the batch order does not matter); runs nest as a tree. A run
+    ends at the last page that every sharer uses completely and whose keys all of its
+    queries see (a prefill chunk whose queries lie inside a run makes that part the
+    sequence's own, causal). A run is kept when the KV bytes it saves exceed its
+    float32 partial states and a fixed per-level cost; a plan that keeps none is plain
+    paged attention (never slower than it).
+
+    Args:
+        block_table: int32 ``[batch, max_pages_per_seq]`` (see :mod:`splitkv.paged`).
+        seqused_k: int32 ``[batch]``.
+        cu_seqlens_q: int32 ``[batch + 1]``.
+        page_size: the cache's page size (checked against ``k_cache`` when used).
+        heads_q, heads_kv, head_dim, dtype: the attention's shape, for the cost model
+            and the launch configuration.
+        max_seqlen_k: the longest ``seqused_k`` the plan will be replayed with (sizes
+            the split count of the own pages); default the current longest.
+        levels: explicit runs instead of the search, ``[(members, first_page,
+            end_page), ...]``; all are kept. Each sequence's runs must cover pages
+            ``[0, e)`` one after the other; members must share those page ids.
+        num_splits: key chunks of every level (default: chosen per level to fill the GPU; 1 on CPU).
+        num_pages: pages in the cache, to check the used entries of ``block_table``.
+        share: ``"auto"`` keeps the runs the cost model says pay; ``"always"`` keeps
+            every run found (for tests and for callers who measured).
+        max_programs, max_states: spare capacity (both or neither): the plan's
+            launch is sized for ``max_programs`` work items of ``heads_kv`` programs
+            and ``max_states`` states per query, whatever tree it holds, and always
+            runs as a cascade launch (even when no run is kept), so that
+            ``plan_cascade(..., into=plan)`` can later write another tree of the
+            same batch into its tensors and a CUDA graph captured with it replays
+            that tree.
+        into: a plan built with capacity: the new tree is written into its device
+            tables in place (same ``block_table``, ``seqused_k`` and
+            ``cu_seqlens_q`` tensors, shape and tiles), which is returned. A tree
+            that does not fit raises ValueError naming ``into``.
+
+    Returns:
+        A :class:`CascadePlan` for :func:`paged_cascade_attention`.
+
+    Not differentiable (host-side planning). Raises ValueError naming the argument
+    for ``seqused_k`` beyond a row's pages, page ids out of range (with ``num_pages``),
+    bad ``levels``.
+
+    Example:
+        >>> import torch, splitkv
+        >>> bt = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 5], [6, 7, 8, 9]], dtype=torch.int32)
+        >>> plan = splitkv.plan_cascade(bt, torch.tensor([60, 50, 60], dtype=torch.int32),
+        ...                             torch.tensor([0, 1, 2, 3], dtype=torch.int32), page_size=16,
+        ...                             heads_q=8, heads_kv=2, head_dim=64, dtype=torch.float16)
+        >>> [(r.members, r.first_page, r.end_page) for r in plan.runs]
+        [((0, 1), 0, 2)]
+    """
+    import time
+
+    start = time.perf_counter()
+    expect_count("page_size", page_size, 1)
+    if share not in ("auto", "always"):
+        raise ValueError(f"share must be 'auto' or 'always', got {share!r}")
+    for name, value in (("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim)):
+        expect_count(name, value, 1)
+    if heads_q % heads_kv:
+        raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
+    expect_tensor("cu_seqlens_q", cu_seqlens_q)
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [batch + 1], got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+        )
+    device = cu_seqlens_q.device
+    batch = cu_seqlens_q.shape[0] - 1
+    _expect_table(block_table, seqused_k, device, batch)
+    bounds = cu_seqlens_q.cpu().numpy().astype(np.int64)
+    q_lens = np.diff(bounds)
+    if bounds[0] != 0 or (q_lens < 0).any():
+        raise ValueError(f"cu_seqlens_q must rise from 0, got {bounds.tolist()}")
+    _check_table_values(block_table, seqused_k, page_size, num_pages, max_seqlen_k)
+    table = block_table.cpu().numpy()
+    used = seqused_k.cpu().numpy().astype(np.int64)
+    total_q = int(bounds[-1])
+    max_q = int(q_lens.max()) if batch else 0
+    max_k = int(used.max()) if batch else 0
+    max_seqlen_k = max_k if max_seqlen_k is None else max_seqlen_k
+    group = heads_q // heads_kv
+    # A page is shareable for sequence i if full and every query of i sees all its
+    # keys: query 0 sees keys j <= used - q_len.
+    limits = np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
+    with_queries = [i for i in range(batch) if q_lens[i] > 0]
+    element = torch.empty((), dtype=dtype).element_size()
+    kv_token = 2 * heads_kv * head_dim * element
+    state_token = heads_q * (head_dim + 1) * 4 * 2  # a float32 state written and read back
+    from ._paged_triton import launch_config
+
+    if levels is None:
+        found = _find_runs(table, limits, with_queries)
+        user_runs = False
+    else:
+        found = _check_levels(levels, table, limits, batch)
+        user_runs = True
+
+    # Top-down decisions: a run that is not kept leaves its pages to its children (or
+    # to its sequences' own level), which then start where it started.
+    pending = np.zeros(batch, dtype=np.int64)  # first page not yet in a kept run
+    offset = np.zeros(batch, dtype=np.int64)  # first state slot free for the sequence
+    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config)
+    for members, first, end in found:
+        idx = np.array(members)
+        lo = int(pending[idx].max()) if user_runs else int(pending[idx[0]])
+        tokens = int(q_lens[idx].sum())
+        keys = (end - lo) * page_size
+        config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
+        row_blocks = -(-tokens * group // min(config[1], _WIDE_MAX_ROWS))
+        # Read once per row block instead of once per sharer; each of its key chunks
+        # adds a float32 state per token, written and read back by the merge.
+        saved = (len(members) - row_blocks) * keys * kv_token
+        cost = tokens * state_token * (num_splits or _level_splits(tokens, group, keys, heads_kv, device))
+        kept = user_runs or share == "always" or saved > cost + _LEVEL_OVERHEAD_BYTES
+        runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
+        if kept and keys > 0:
+            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
+            pending[idx] = end
+    own_start = pending.copy()
+    suffix_keys = max([max_seqlen_k - int(own_start[i]) * page_size for i in with_queries], default=0)
+    shared = any(r.kept for r in runs)
+    if num_splits is not None:
+        last_splits = num_splits
+    else:
+        last_splits = _split_kv.choose_num_splits(len(with_queries), heads_kv, max_q * group, max(suffix_keys, 1),
+                                                  device)  # fmt: skip
+    # One launch: the sequences' own programs take the narrow row tile of their
+    # queries; runs with more rows than it the wide tile of the largest run.
+    narrow = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
+    # The wide tile stops at 64 rows: its shape then keeps the narrow one's 4 warps, the
+    # configuration the plain kernel streamed its KV with (benchmarks/NOTES.md).
+    wide_m = min(max([config[1] for *_, config, _rb in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
+    tile_of = [wide_m if config[1] > narrow[1] else narrow[1] for *_, config, _rb in kept_runs]
+    run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
+                  for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
+    last_programs = sum(-(-int(q_lens[i]) * group // narrow[1]) for i in with_queries) * heads_kv * last_splits
+    suffix_chunk = max(_split_kv._MIN_KEYS_PER_SPLIT, -(-suffix_keys // last_splits))
+    splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
+                               num_splits)  # fmt: skip
+    items = []  # (block_m, row, tokens, key_lo, key_hi, first state, splits, first empty state)
+    for (idx, key_lo, key_hi, _c, _rb), splits, tile in zip(kept_runs, splits_of, tile_of):
+        base = int(offset[idx].max())
+        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
+        # No empty states to write: its sequences' own level does that.
+        items.append((tile, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
+        offset[idx] = base + splits
+    num_states = int(max([offset[i] for i in with_queries], default=0)) + last_splits
+    for i in with_queries:
+        items.append((narrow[1], i, np.arange(bounds[i], bounds[i + 1]), int(own_start[i]) * page_size, -1,
+                      int(offset[i]), last_splits, int(offset[i]) + last_splits))  # fmt: skip
+    # A token whose slots below its own level are not all written (explicit levels of
+    # uneven depth) needs the states cleared first.
+    needs_fill = user_runs and _has_gaps(items)
+
+    pages_used = -(-used // page_size)
+    live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
+    max_page_id = int(table[live].max()) if live.any() else -1
+    kv_plain = int(used[with_queries].sum()) * kv_token if with_queries else 0
+    saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
+    plan = CascadePlan(
+        page_size=page_size, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
+        block_table=block_table, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q, total_q=total_q,
+        max_seqlen_q=max_q, max_seqlen_k=max_seqlen_k, runs=runs, own_start_page=own_start.tolist(), shared=shared,
+        num_states=num_states, last_splits=last_splits, max_page_id=max_page_id, needs_fill=needs_fill,
+        kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
+    )  # fmt: skip
+    if into is not None:
+        plan = _write_into(into, plan, items, group)
+    elif max_programs is not None or max_states is not None:
+        if max_programs is None or max_states is None:
+            raise ValueError("max_programs and max_states are given together (spare capacity), or neither")
+        expect_count("max_programs", max_programs, 1)
+        expect_count("max_states", max_states, 1)
+        # A fixed pair of tiles, so that any later tree fits the same launch.
+        wide_m = max(narrow[1], launch_config(head_dim, dtype, _WIDE_MAX_ROWS)[1])
+        items = _retile(items, narrow[1], wide_m, group)
+        _launch_into_plan(plan, items, narrow, launch_config(head_dim, dtype, wide_m), heads_kv, group, device,
+                          max_programs, max_states)  # fmt: skip
+        plan.capacity_programs = max_programs
+    elif shared:
+        _launch_into_plan(plan, items, narrow, launch_config(head_dim, dtype, wide_m), heads_kv, group, device)
+    plan.host_us = (time.perf_counter() - start) * 1e6
+    return plan
+
+
+def _retile(items: list, narrow_m: int, wide_m: int, group: int) -> list:
+    """Items with the tile they take in a launch of these two row tiles."""
+    # An item is (tile, row, tokens, key_lo, key_hi, first state, splits, first empty state).
+    return [(narrow_m if len(item[2]) * group <= narrow_m else wide_m, *item[1:]) for item in items]
+
+
+def _launch_into_plan(plan: CascadePlan, items: list, narrow: tuple, wide: tuple, heads_kv: int, group: int,
+                      device: torch.device, max_programs: int | None = None,
+                      max_states: int | None = None) -> None:  # fmt: skip
+    """Sets the plan's launch: tables, launch configuration and (with capacity) padding."""
+    # One launch has one warp count and pipeline depth: enough warps for the wide
+    # tile, and the shallower pipeline so both tiles fit in shared memory.
+    config = (narrow[0], narrow[1], min(narrow[2], wide[2]), max(narrow[3], wide[3]), min(narrow[4], wide[4]))
+    if max_states is not None:
+        _fit_states(plan, max_states, "max_states")
+    grid, *tables = _build_launch(items, narrow[1], heads_kv, group, device, max_programs)
+    plan.launch_tables = tables
+    plan.launch_configs = [*config, wide[1], grid]
+
+
+def _fit_states(plan: CascadePlan, num_states: int, name: str) -> None:
+    if plan.num_states > num_states:
+        raise ValueError(f"{name}: the tree needs {plan.num_states} states per query, the capacity is {num_states}")
+    # The sequences' own items mark every state past theirs empty, up to the capacity.
+    plan.num_states = num_states
+
+
+def _write_into(into: CascadePlan, plan: CascadePlan, items: list, group: int) -> CascadePlan:
+    """Writes ``plan``'s launch into ``into``'s tensors (see :func:`plan_cascade`'s ``into``)."""
+    if not isinstance(into, CascadePlan) or not into.launch_tables or into.capacity_programs is None:
+        raise ValueError("into must be a CascadePlan built with max_programs and max_states")
+    for name in ("block_table", "seqused_k", "cu_seqlens_q"):
+        if getattr(into, name) is not getattr(plan, name):
+            raise ValueError(f"into was planned over another {name} tensor: a captured graph reads that one")
+    for name in ("page_size", "heads_q", "heads_kv", "head_dim", "dtype", "total_q"):
+        if getattr(into, name) != getattr(plan, name):
+            raise ValueError(f"into was planned for {name} = {getattr(into, name)}, got {getattr(plan, name)}")
+    narrow_m, wide_m = into.launch_configs[1], into.launch_configs[5]
+    items = _retile(items, narrow_m, wide_m, group)
+    _fit_states(plan, into.num_states, "into")
+    if plan.needs_fill and not into.needs_fill:
+        raise ValueError("into: these explicit levels leave states unwritten, which its launch does not clear")
+    _grid, *tables = _build_launch(items, narrow_m, into.heads_kv, group, into.block_table.device,
+                                   into.capacity_programs)  # fmt: skip
+    for old, new in zip(into.launch_tables, tables):
+        if new.shape != old.shape:
+            raise ValueError(f"into: the tree needs tables of {new.numel()} entries, its capacity is {old.numel()}")
+        old.copy_(new)
+    for field in dataclasses.fields(CascadePlan):
+        if field.name not in ("launch_tables", "launch_configs", "capacity_programs", "num_states", "needs_fill"):
+            setattr(into, field.name, getattr(plan, field.name))
+    return into
+
+
+def _has_gaps(items) -> bool:
+    """Whether some token's states below its last written slot are left unwritten."""
+    written = defaultdict(set)
+    for _config, _row, tokens, _lo, _hi, base, splits, _pad in items:
+        for token in tokens.tolist():
+            written[token].update(range(base, base + splits))
+    return any(slots != set(range(max(slots) + 1)) for slots in written.values())
+
+
+def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> list:
+    """Validates explicit runs; returns them as ``(members, first_page, end_page)`` sorted by first page."""
+    checked = []
+    for index, level in enumerate(levels):
+        try:
+            members, first, end = level
+            members = tuple(sorted(int(m) for m in members))
+            first, end = int(first), int(end)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"levels[{index}] must be (members, first_page, end_page), got {level!r}") from error
+        if not members or any(not 0 <= m < batch for m in members) or len(set(members)) != len(members):
+            raise ValueError(
+                f"levels[{index}]: members must be distinct sequence indices in [0, {batch}), got {members}"
+            )
+        if not 0 <= first < end:
+            raise ValueError(f"levels[{index}]: need 0 <= first_page < end_page, got [{first}, {end})")
+        if any(limits[m] < end for m in members):
+            raise ValueError(f"levels[{index}]: pages [{first}, {end}) are not all full and seen by every query of "
+                             f"sequences {members}")  # fmt: skip
+        segment = table[list(members), first:end]
+        if not (segment == segment[0]).all():
+            raise ValueError(f"levels[{index}]: sequences {members} do not share page ids on [{first}, {end})")
+        checked.append((members, first, end))
+    checked.sort(key=lambda run: run[1])
+    covered = np.zeros(batch, dtype=np.int64)
+    for members, first, end in checked:
+        if any(covered[m] != first for m in members):
+            raise ValueError(f"levels: the runs of each sequence must follow one another from page 0; "
+                             f"[{first}, {end}) of {members} does not")  # fmt: skip
+        covered[list(members)] = end
+    return checked
+
+
+def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
+                  max_programs: int | None = None) -> tuple:  # fmt: skip
+    """``(grid, item table, token list, program table)`` of one plan launch. With
+    ``max_programs`` the tables are padded to that many programs (and as many items,
+    and tokens for full tiles of all of them): padding programs run an item of no
+    tokens, which returns at once."""
+    table, tokens, programs = [], [], []
+    for index, (block_m, row, item_tokens, lo, hi, base, splits, pad) in enumerate(items):
+        table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad, int(block_m != narrow_m)])
+        tokens.extend(item_tokens.tolist())
+        row_blocks = -(-len(item_tokens) * group // block_m)
+        # Row blocks innermost: those reading the same key chunk run side by side.
+        programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
+
+    if max_programs is not None:
+        if len(programs) > max_programs or len(table) >= max_programs:
+            raise ValueError(f"max_programs: the tree needs {len(programs)} work items (and {len(table) + 1} items), "
+                             f"the capacity is {max_programs}")  # fmt: skip
+        empty = len(table)
+        table += [[0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0]] * (max_programs - len(table))
+        programs += [[empty, 0, 0]] * (max_programs - len(programs))
+        tokens += [0] * (max_programs * max(narrow_m, 64) - len(tokens))
+
+    def as_tensor(rows):
+        return torch.tensor(rows or [0], dtype=torch.int32).reshape(-1).to(device)
+
+    return len(programs) * heads_kv, as_tensor(table), as_tensor(tokens), as_tensor(programs)
+
+
+def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, tables: list[torch.Tensor],
+                      configs: list[int], num_states: int, needs_fill: bool,
+                      softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from ._paged_triton import launch_paged
+
+    total_q, heads_q, head_dim = q.shape
+    states = torch.empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
+    if needs_fill:
+        lses = torch.full((num_states, heads_q, total_q), float("-inf"), dtype=torch.float32, device=q.device)
+    else:
+        lses = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
+    for launch in range(len(tables) // 3):
+        config = tuple(configs[7 * launch: 7 * launch + 5])
+        wide_block_m, grid = configs[7 * launch + 5: 7 * launch + 7]
+        items, tokens, programs = tables[3 * launch: 3 * launch + 3]
+        launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, True, softmax_scale,
+                     config, grid, items=items, item_tokens=tokens, programs=programs,
+                     wide_block_m=wide_block_m)  # fmt: skip
+    return merge_states(states, lses, output_dtype=q.dtype)
+
+
+_paged_cascade_op = torch.library.custom_op("splitkv_paged::paged_cascade_attention", _paged_cascade_impl,
+                                            mutates_args=())  # fmt: skip
+_paged_cascade_op.register_fake(_fake_result)
+
+
+def paged_cascade_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    plan: CascadePlan,
+    *,
+    softmax_scale: float | None = None,
+    return_lse: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal paged attention that reads each shared run of pages once for all its sharers.
+
+    Equals ``paged_attention_with_lse(q, k_cache, v_cache, plan.block_table,
+    plan.seqused_k, plan.cu_seqlens_q, ..., causal=True)`` up to rounding: every kept
+    run's queries attend to it without mask (the plan guarantees they see all of it),
+    each sequence's own pages causally, and one :func:`splitkv.merge_states` combines
+    the float32 states of all levels. A plan without a kept run is exactly that plain
+    call. Call it for every layer with the same plan.
+
+    Args:
+        q: ``[total_q, heads_q, head_dim]``, the plan's dtype, heads and head_dim.
+        k_cache, v_cache: ``[num_pages, plan.page_size, heads_kv, head_dim]`` (see
+            :func:`paged_attention_with_lse`).
+        plan: from :func:`plan_cascade` for this batch.
+        softmax_scale: multiplier of ``q @ k^T``; default ``head_dim ** -0.5``.
+        return_lse: return the merged LSE (else ``None`` in its place).
+        backend: ``"auto"`` (the Triton cascade where Triton runs on CUDA tensors, else
+            the reference over whole block tables), ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32 or None)``.
+
+    Differentiable only on the reference backend (``auto`` takes it when a gradient is
+    required); the Triton path is a torch custom op (compiles with ``torch.compile``,
+    captures in CUDA graphs) without a backward. Triton takes ``head_dim <= 256``.
+
+    Example:
+        >>> import torch, splitkv
+        >>> k_cache, v_cache = torch.randn(2, 12, 16, 2, 64).unbind(0)
+        >>> bt = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]], dtype=torch.int32)
+        >>> used = torch.tensor([60, 50, 40], dtype=torch.int32)
+        >>> cu_q = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+        >>> plan = splitkv.plan_cascade(bt, used, cu_q, page_size=16, heads_q=8, heads_kv=2, head_dim=64,
+        ...                             dtype=torch.float32, levels=[((0, 1, 2), 0, 2)])
+        >>> q = torch.randn(3, 8, 64)
+        >>> out, lse = splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="reference")
+        >>> out.shape
+        torch.Size([3, 8, 64])
+    """
+    if not isinstance(plan, CascadePlan):
+        raise TypeError(f"plan must be a CascadePlan from splitkv.plan_cascade, got {type(plan).__name__}")
+    expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
+    expect_rank("k_cache", k_cache, 4, "[num_pages, page_size, heads_kv, head_dim]")
+    if k_cache.shape[1] != plan.page_size:
+        raise ValueError(f"page_size: k_cache's pages hold {k_cache.shape[1]} slots, the plan was made for "
+                         f"page_size={plan.page_size}")  # fmt: skip
+    shape = (plan.total_q, plan.heads_q, plan.head_dim)
+    if tuple(q.shape) != shape or q.dtype != plan.dtype:
+        raise ValueError(f"q must be {shape} {plan.dtype} as planned, got {tuple(q.shape)} {q.dtype}")
+    if k_cache.shape[2] != plan.heads_kv:
+        raise ValueError(f"k_cache must have the planned heads_kv = {plan.heads_kv}, got {k_cache.shape[2]}")
+    if plan.max_page_id >= k_cache.shape[0]:
+        raise ValueError(f"block_table holds page id {plan.max_page_id}, past k_cache's {k_cache.shape[0]} pages")
+    scale = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
+                               plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
+    reason = _triton_why_not(q, k_cache, True)
+    if backend == "auto":
+        grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
+        backend = "triton" if reason is None and not grad and q.is_cuda else "reference"
+    elif backend == "triton" and reason is not None:
+        raise ValueError(f"paged_cascade_attention: backend='triton' cannot run these inputs: {reason}")
+    if backend == "reference" or not plan.launch_tables or plan.total_q == 0:
+        out, lse = paged_attention_with_lse(
+            q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.max_seqlen_q,
+            plan.max_seqlen_k, causal=True, softmax_scale=scale, num_splits=plan.last_splits, backend=backend,
+        )  # fmt: skip
+    else:
+        run = _paged_cascade_op if torch.compiler.is_compiling() else _paged_cascade_impl
+        out, lse = run(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.launch_tables,
+                       plan.launch_configs, plan.num_states, plan.needs_fill, scale)  # fmt: skip
+    return out, (lse if return_lse else None)
