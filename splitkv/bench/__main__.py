@@ -2,9 +2,9 @@
 
 import sys
 
-from . import cascade, distributed, merge
+from . import cascade, distributed, hf, merge
 
-BENCHMARKS = {"merge": merge.main, "cascade": cascade.main, "distributed": distributed.main}
+BENCHMARKS = {"merge": merge.main, "cascade": cascade.main, "distributed": distributed.main, "hf": hf.main}
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ under ``torch.no_grad()``; use a stock attention implementation for training.
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple
 
 import torch
@@ -77,7 +78,7 @@ def _refuse_config(config) -> None:
 class _Packing(NamedTuple):
     """Where each row's valid keys and queries sit, and their packed varlen bounds."""
 
-    key_rows: torch.Tensor  # [total_k] row (sequence) index of each packed key
+    key_rows: torch.Tensor | None  # [total_k] row (sequence) index of each packed key; None: no padding
     key_cols: torch.Tensor  # [total_k] column of each packed key in its row
     query_rows: torch.Tensor  # [total_q]
     query_cols: torch.Tensor  # [total_q]
@@ -90,6 +91,10 @@ def _compute_packing(padding_mask, prefix_len: int, columns: int, query_len: int
                      device: torch.device) -> _Packing:  # fmt: skip
     """Per-row valid key / query positions from a 2-D padding mask ``[batch, prefix_len + columns]``
     (None: no padding). Only left padding after the shared prefix is accepted."""
+    if padding_mask is None and query_len <= columns:
+        # Nothing padded: every row's columns and queries, bounds built without a host sync.
+        bounds = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        return _Packing(None, None, None, None, bounds * query_len, bounds * columns, True)
     cols = torch.arange(columns, device=device)
     if padding_mask is None:
         starts = torch.zeros(batch, dtype=torch.long, device=device)
@@ -383,8 +388,12 @@ def _attend(query, prefix_keys, prefix_values, row_keys, row_values, packing: _P
         q = query_tokens.reshape(batch * query_len, heads_q, head_dim)
     else:
         q = query_tokens[packing.query_rows, packing.query_cols]
-    k = row_keys[packing.key_rows, packing.key_cols]  # [total_k, heads_kv, head_dim]
-    v = row_values[packing.key_rows, packing.key_cols]
+    if packing.key_rows is None:  # no padding: each row's first `columns` columns, one strided copy
+        k = row_keys[:, :columns].reshape((-1,) + tuple(row_keys.shape[2:]))  # [total_k, heads_kv, head_dim]
+        v = row_values[:, :columns].reshape((-1,) + tuple(row_values.shape[2:]))
+    else:
+        k = row_keys[packing.key_rows, packing.key_cols]
+        v = row_values[packing.key_rows, packing.key_cols]
     if q.is_cuda:
         out = cascade_attention(q, packing.cu_seqlens_q, prefix_keys, prefix_values, k, v, packing.cu_seqlens_k,
                                 softmax_scale=scale, max_seqlen_q=query_len, max_seqlen_k=columns)  # fmt: skip
@@ -504,6 +513,12 @@ def _check_generate_kwargs(model, generate_kwargs) -> int:
     return int(max_new_tokens)
 
 
+def cache_argument(model) -> str:
+    """The name the model's forward takes its cache under: ``"cache"`` (newer transformers) or
+    ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _as_ids(name: str, ids, device) -> torch.Tensor:
     if ids is None:
         return torch.empty(0, dtype=torch.long, device=device)
@@ -586,7 +601,7 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     if prefix.shape[0]:
         cache.reserve(prefix.shape[0])
         extra = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
-        model(input_ids=prefix[None], past_key_values=cache, use_cache=True, **extra)
+        model(input_ids=prefix[None], use_cache=True, **{cache_argument(model): cache}, **extra)
         cache.reserve(longest + max_new_tokens)
         cache.share_prefix(requests * num_return_sequences)
     else:
@@ -600,7 +615,7 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     for i, s in enumerate(own):
         input_ids[i, input_ids.shape[1] - s.shape[0] :] = s
         attention_mask[i, input_ids.shape[1] - s.shape[0] :] = 1
-    result = model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+    result = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_argument(model): cache},
                             num_return_sequences=num_return_sequences, **generate_kwargs)  # fmt: skip
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     generated = sequences[:, input_ids.shape[1] :]
