@@ -11,8 +11,8 @@ the tokens are the greedy ones and the two runs can be compared):
 - splitkv: :func:`splitkv.integrations.transformers.generate_shared` with
   ``attn_implementation="splitkv"`` (the prompt's KV computed and stored once).
 
-Reported: time to first token (a run of one new token), decode tokens/s (the
-other tokens over the time the full run takes beyond that), peak GPU memory above
+Reported: time to first token (a run of one new token), the decode step (median
+time between two steps' tokens, from a streamer) and tokens/s, peak GPU memory above
 the weights (``torch.cuda.max_memory_allocated``, reset before each run), the KV
 bytes the cache holds at the end, and the fraction of generated tokens both runs
 agree on (bf16: ties may break differently). A same-tokens check in fp32 at a small
@@ -63,10 +63,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(model, prompt, sequences: int, new_tokens: int, shared: bool):
+class _StepTimer:
+    """A generate() streamer that records when each step's tokens arrive (generate copies
+    them to the host, a sync, every step, the same for both runs)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _run(model, prompt, sequences: int, new_tokens: int, shared: bool, **extra):
     from splitkv.integrations.transformers import generate_shared
 
-    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, top_k=1, return_dict_in_generate=True)
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, top_k=1, return_dict_in_generate=True, **extra)
     if shared:
         return generate_shared(model, prompt, None, num_return_sequences=sequences, **kwargs)
     ids = prompt[None]
@@ -74,31 +88,39 @@ def _run(model, prompt, sequences: int, new_tokens: int, shared: bool):
 
 
 def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dict:
-    """Time to first token, decode tokens/s, peak memory above the weights, KV bytes, and the tokens."""
+    """Time to first token, decode step time and tokens/s, peak memory above the weights, KV bytes,
+    the tokens and the first step's logits."""
     device = prompt.device
-    _run(model, prompt, sequences, 2, shared)  # warm-up: kernels compiled, allocator primed
+    # Warm-up at the full length: every kernel specialisation the timed run needs gets compiled here.
+    _run(model, prompt, sequences, new_tokens, shared)
     _sync(device)
     start = time.perf_counter()
-    _run(model, prompt, sequences, 1, shared)
+    first = _run(model, prompt, sequences, 1, shared, output_logits=True)
     _sync(device)
     first_s = time.perf_counter() - start
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    timer = _StepTimer()
     start = time.perf_counter()
-    result = _run(model, prompt, sequences, new_tokens, shared)
+    result = _run(model, prompt, sequences, new_tokens, shared, streamer=timer)
     _sync(device)
     total_s = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
-    decode_s = max(total_s - first_s, 1e-9)
+    # put() is called once with the prompt, then once per new token.
+    steps = sorted(b - a for a, b in zip(timer.times[2:], timer.times[3:]))
+    step_s = steps[len(steps) // 2] if steps else float("nan")
     return {
         "ttft_s": first_s,
         "total_s": total_s,
-        "decode_tokens_per_s": sequences * (new_tokens - 1) / decode_s,
+        "decode_step_ms": step_s * 1e3,
+        "decode_tokens_per_s": sequences / step_s,
+        "decode_tokens_per_s_whole_run": sequences * (new_tokens - 1) / max(total_s - first_s, 1e-9),
         "peak_above_weights_GB": None if peak is None else peak / 1e9,
         "kv_GB": _kv_bytes(result.get("cache", result.get("past_key_values"))) / 1e9,
         "tokens": result.sequences[:, prompt.shape[0] :].cpu(),
+        "first_logits": first.logits[0][0].float().cpu(),
     }
 
 
@@ -121,6 +143,18 @@ def same_tokens_check(device, quick: bool) -> dict:
             "prompt": prompt.shape[0], "sequences": 4, "new_tokens": 16, "size": size}  # fmt: skip
 
 
+def _profile(model, prompt, sequences: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
+    with profile(activities=activities) as prof:
+        _run(model, prompt, sequences, 8, True)
+        _sync(prompt.device)
+    sort = "self_cuda_time_total" if prompt.is_cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench hf", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -129,6 +163,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=8192, help="shared prompt tokens")
     parser.add_argument("--sequences", type=int, default=32, help="num_return_sequences")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top ops of 8 splitkv decode steps (to the log only)")  # fmt: skip
     args = parser.parse_args(argv)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="splitkv-bench-hf-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -155,14 +191,20 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     stock, ours = runs.values()
+    if args.profile:
+        _profile(model, prompt, args.sequences)
     agree = (stock["tokens"] == ours["tokens"]).float().mean().item()
+    first_diff = (stock["first_logits"] - ours["first_logits"]).abs().max().item()
+    first_scale = stock["first_logits"].abs().max().item()
+    top2 = stock["first_logits"].topk(2).values
+    first_margin = (top2[0] - top2[1]).item()
 
     def gb(value):
         return "-" if value is None else f"{value:.2f}"
 
-    header = ["run", "TTFT", "decode tok/s", "peak mem above weights GB", "KV GB"]
-    table = [[name, f"{r['ttft_s'] * 1e3:.0f} ms", f"{r['decode_tokens_per_s']:.0f}", gb(r["peak_above_weights_GB"]),
-              gb(r["kv_GB"])] for name, r in runs.items()]  # fmt: skip
+    header = ["run", "TTFT", "decode step", "decode tok/s", "peak mem above weights GB", "KV GB"]
+    table = [[name, f"{r['ttft_s'] * 1e3:.0f} ms", f"{r['decode_step_ms']:.1f} ms", f"{r['decode_tokens_per_s']:.0f}",
+              gb(r["peak_above_weights_GB"]), gb(r["kv_GB"])] for name, r in runs.items()]  # fmt: skip
     ratios = {
         "ttft_speedup": stock["ttft_s"] / ours["ttft_s"],
         "decode_speedup": ours["decode_tokens_per_s"] / stock["decode_tokens_per_s"],
@@ -170,18 +212,21 @@ def main(argv=None) -> None:
         "peak_memory_ratio": (None if stock["peak_above_weights_GB"] is None
                               else stock["peak_above_weights_GB"] / ours["peak_above_weights_GB"]),  # fmt: skip
     }
-    table.append(["stock / splitkv", f"{ratios['ttft_speedup']:.1f}x faster", f"{ratios['decode_speedup']:.2f}x",
+    table.append(["stock / splitkv", f"{ratios['ttft_speedup']:.1f}x faster", "-", f"{ratios['decode_speedup']:.2f}x",
                   "-" if ratios["peak_memory_ratio"] is None else f"{ratios['peak_memory_ratio']:.1f}x less",
                   f"{ratios['kv_memory_ratio']:.1f}x less"])  # fmt: skip
     preface = (f"Device: {env['device']}; torch {env['torch']}; {env['date']}. Llama from LlamaConfig, "
                f"{parameters / 1e9:.2f}B parameters, random weights, {str(dtype).split('.')[-1]}; one {args.prompt}-token "
                f"prompt, num_return_sequences={args.sequences}, {args.new_tokens} new tokens (top_k=1 sampling). "
-               f"Generated tokens agreeing between the runs: {agree * 100:.1f}%. Same-tokens check in fp32: "
+               f"Generated tokens agreeing between the runs: {agree * 100:.1f}%; first step's logits: max abs diff "
+               f"{first_diff:.3g} (largest logit {first_scale:.3g}, top-1 margin {first_margin:.3g}). Decode step: "
+               "median time between two steps' tokens. Same-tokens check in fp32: "
                f"{check['same_tokens']} (max logit diff {check['max_logit_diff']:.1e}).")  # fmt: skip
     print(preface + "\n" + text_table(header, table))
     payload = {"env": env, "parameters": parameters, "dtype": str(dtype), "prompt": args.prompt,
                "sequences": args.sequences, "new_tokens": args.new_tokens, "token_agreement": agree,
+               "first_step_logits": {"max_abs_diff": first_diff, "largest": first_scale, "top1_margin": first_margin},
                "same_tokens_check": check, "ratios": ratios,
-               "runs": {name: {k: v for k, v in r.items() if k != "tokens"} for name, r in runs.items()}}  # fmt: skip
+               "runs": {name: {k: v for k, v in r.items() if k not in ("tokens", "first_logits")} for name, r in runs.items()}}  # fmt: skip
     write_outputs(out_dir, "hf", payload, preface + "\n\n" + markdown_table(header, table))
     print(f"results in {out_dir}")
