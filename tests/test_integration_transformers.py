@@ -29,7 +29,8 @@ def model_pair(arch, dtype=torch.float32, device="cpu", **config_kw):
     torch.manual_seed(0)
     config = CONFIGS[arch](**config_kw)
     ours = AutoModelForCausalLM.from_config(config, attn_implementation="splitkv", dtype=dtype).to(device).eval()
-    stock = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype).to(device).eval()
+    stock = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
+    stock = stock.to(device).eval()
     stock.load_state_dict(ours.state_dict())
     return ours, stock
 
@@ -63,6 +64,21 @@ def test_generate_shared_matches_stock_generate(arch, mode):
             assert (result.sequences[row, n:] == 0).all()  # right-padded with the pad token
             for step, (got, want) in enumerate(zip(result.logits, expected.logits)):
                 torch.testing.assert_close(got[row], want[r], atol=1e-4, rtol=0, msg=f"{arch} step {step} row {row}")
+
+
+@pytest.mark.parametrize("case", ["no_suffixes", "empty_shared"])
+def test_generate_shared_edge_prompts(case):
+    """suffix_ids=None (one request: the shared prompt alone) and an empty shared prompt."""
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts(suffix_lens=(6, 2))
+    if case == "empty_shared":
+        shared = shared[:0]
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=1)
+    got = generate_shared(ours, shared, None if case == "no_suffixes" else suffixes, num_return_sequences=2, **kwargs)
+    for i, suffix in enumerate([shared[:0]] if case == "no_suffixes" else suffixes):
+        alone = torch.cat([shared, suffix])[None]
+        want = stock.generate(alone, attention_mask=torch.ones_like(alone), num_return_sequences=2, **kwargs)
+        assert torch.equal(got[2 * i : 2 * i + 2, : want.shape[1]], want), (case, i)
 
 
 def teacher_forced_splitkv(model, shared, suffixes, forced):

@@ -165,7 +165,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sequences", type=int, default=32, help="num_return_sequences")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--profile", action="store_true",
-                        help="also print torch.profiler's top ops of 8 splitkv decode steps (to the log only)")  # fmt: skip
+                        help="also print torch.profiler's top ops of 8 splitkv decode steps")  # fmt: skip
     args = parser.parse_args(argv)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="splitkv-bench-hf-"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     import splitkv.integrations.transformers  # noqa: F401  (registers attn_implementation="splitkv")
 
     if args.quick:
-        args.prompt, args.sequences, args.new_tokens = min(args.prompt, 64), min(args.sequences, 4), min(args.new_tokens, 8)
+        args.prompt, args.sequences = min(args.prompt, 64), min(args.sequences, 4)
+        args.new_tokens = min(args.new_tokens, 8)
     env = environment()
     check = same_tokens_check(device, args.quick)
     print(f"same-tokens check (fp32, prompt {check['prompt']}, 4 sequences, 16 new tokens): "
@@ -217,7 +218,8 @@ def main(argv=None) -> None:
                   "-" if ratios["peak_memory_ratio"] is None else f"{ratios['peak_memory_ratio']:.1f}x less",
                   f"{ratios['kv_memory_ratio']:.1f}x less"])  # fmt: skip
     preface = (f"Device: {env['device']}; torch {env['torch']}; {env['date']}. Llama from LlamaConfig, "
-               f"{parameters / 1e9:.2f}B parameters, random weights, {str(dtype).split('.')[-1]}; one {args.prompt}-token "
+               f"{parameters / 1e9:.2f}B parameters, random weights, {str(dtype).split('.')[-1]}; "
+               f"one {args.prompt}-token "
                f"prompt, num_return_sequences={args.sequences}, {args.new_tokens} new tokens (top_k=1 sampling). "
                f"Generated tokens agreeing between the runs: {agree * 100:.1f}%; first step's logits: max abs diff "
                f"{first_diff:.3g} (largest logit {first_scale:.3g}, top-1 margin {first_margin:.3g}). Decode step: "
@@ -228,6 +230,7 @@ def main(argv=None) -> None:
                "sequences": args.sequences, "new_tokens": args.new_tokens, "token_agreement": agree,
                "first_step_logits": {"max_abs_diff": first_diff, "largest": first_scale, "top1_margin": first_margin},
                "same_tokens_check": check, "ratios": ratios,
-               "runs": {name: {k: v for k, v in r.items() if k not in ("tokens", "first_logits")} for name, r in runs.items()}}  # fmt: skip
+               "runs": {name: {k: v for k, v in r.items() if k not in ("tokens", "first_logits")}
+                        for name, r in runs.items()}}  # fmt: skip
     write_outputs(out_dir, "hf", payload, preface + "\n\n" + markdown_table(header, table))
     print(f"results in {out_dir}")

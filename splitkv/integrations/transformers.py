@@ -100,8 +100,9 @@ def _compute_packing(padding_mask, prefix_len: int, columns: int, query_len: int
         starts = torch.zeros(batch, dtype=torch.long, device=device)
     else:
         if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2:
+            shape = tuple(getattr(padding_mask, "shape", ()))
             raise ValueError("attn_implementation='splitkv' takes a 2-D padding mask [batch, keys], got "
-                             f"{type(padding_mask).__name__} of shape {tuple(getattr(padding_mask, 'shape', ()))}")  # fmt: skip
+                             f"{type(padding_mask).__name__} of shape {shape}")  # fmt: skip
         if tuple(padding_mask.shape) != (batch, prefix_len + columns):
             raise ValueError(f"attention_mask has shape {tuple(padding_mask.shape)}, but the cache holds "
                              f"{batch} sequences of {prefix_len} shared + {columns} own columns")  # fmt: skip
@@ -149,7 +150,7 @@ class _PackingMemo:
 _STOCK_CACHE_MEMO = _PackingMemo()
 
 
-class SharedPrefixLayer(CacheLayerMixin):
+class _SharedPrefixLayer(CacheLayerMixin):
     """One layer of :class:`SharedPrefixCache`: ``prefix_keys/values [prefix_len, heads_kv, head_dim]``
     (stored once) and ``row_keys/values [batch, capacity, heads_kv, head_dim]``, of which the
     first ``columns`` columns are used (each row's own tokens, left-padded)."""
@@ -253,7 +254,8 @@ class SharedPrefixCache(Cache):
             ``set_attn_implementation`` is seen); configs with a sliding window,
             soft-capping or ALiBi are refused with a ValueError.
 
-    Not differentiable: the KV is written in place.
+    Attention over it runs on the backends of :func:`splitkv_attention`. Not
+    differentiable: the KV is written in place.
 
     Example:
         >>> import torch, splitkv
@@ -277,7 +279,7 @@ class SharedPrefixCache(Cache):
         self.config = text_config
         self.reserved_columns = 0
         self.packing_memo = _PackingMemo()
-        super().__init__(layers=[SharedPrefixLayer(self) for _ in range(text_config.num_hidden_layers)])
+        super().__init__(layers=[_SharedPrefixLayer(self) for _ in range(text_config.num_hidden_layers)])
 
     @property
     def prefix_length(self) -> int:
@@ -299,7 +301,8 @@ class SharedPrefixCache(Cache):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not all(layer.is_initialized for layer in self.layers):
-            raise ValueError("share_prefix needs the shared prompt prefilled first (run the model on it with this cache)")
+            raise ValueError("share_prefix needs the shared prompt prefilled first "
+                             "(run the model on it with this cache)")  # fmt: skip
         for layer in self.layers:
             layer.share_rows(batch_size)
 
@@ -513,7 +516,7 @@ def _check_generate_kwargs(model, generate_kwargs) -> int:
     return int(max_new_tokens)
 
 
-def cache_argument(model) -> str:
+def _cache_argument(model) -> str:
     """The name the model's forward takes its cache under: ``"cache"`` (newer transformers) or
     ``"past_key_values"``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -565,7 +568,8 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
         ``return_dict_in_generate=True``, generate's output object with that tensor
         as ``sequences`` (its scores/logits are per step, as generate gives them).
 
-    Not differentiable (runs under ``torch.no_grad()``).
+    Backends: as :func:`splitkv_attention` (cascade attention on CUDA tensors, the
+    reference backend on CPU tensors). Not differentiable (runs under ``torch.no_grad()``).
 
     Example:
         >>> import torch, splitkv
@@ -601,7 +605,7 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     if prefix.shape[0]:
         cache.reserve(prefix.shape[0])
         extra = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
-        model(input_ids=prefix[None], use_cache=True, **{cache_argument(model): cache}, **extra)
+        model(input_ids=prefix[None], use_cache=True, **{_cache_argument(model): cache}, **extra)
         cache.reserve(longest + max_new_tokens)
         cache.share_prefix(requests * num_return_sequences)
     else:
@@ -615,7 +619,7 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     for i, s in enumerate(own):
         input_ids[i, input_ids.shape[1] - s.shape[0] :] = s
         attention_mask[i, input_ids.shape[1] - s.shape[0] :] = 1
-    result = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{cache_argument(model): cache},
+    result = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{_cache_argument(model): cache},
                             num_return_sequences=num_return_sequences, **generate_kwargs)  # fmt: skip
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     generated = sequences[:, input_ids.shape[1] :]
