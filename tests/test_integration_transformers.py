@@ -81,6 +81,24 @@ def test_generate_shared_edge_prompts(case):
         assert torch.equal(got[2 * i : 2 * i + 2, : want.shape[1]], want), (case, i)
 
 
+def test_generate_shared_eos_right_pads():
+    """Sequences that stop at EOS at different steps come back right-padded with the pad token,
+    each equal to stock generate() of its prompt alone."""
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts()
+    alone = torch.cat([shared, suffixes[0]])[None]
+    free = stock.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=16, do_sample=False)
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=int(free[0, alone.shape[1] + 4]), pad_token_id=0)
+    got = generate_shared(ours, shared, suffixes, **kwargs)
+    lengths = []
+    for i, suffix in enumerate(suffixes):
+        alone = torch.cat([shared, suffix])[None]
+        want = stock.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)[0]
+        lengths.append(want.shape[0])
+        assert torch.equal(got[i, : want.shape[0]], want) and (got[i, want.shape[0] :] == 0).all(), i
+    assert got.shape[1] == max(lengths) and lengths[0] < len(shared) + len(suffixes[0]) + 16  # one stopped early
+
+
 def teacher_forced_splitkv(model, shared, suffixes, forced):
     """Logits [R, T, vocab] of the shared-prefix path: prefill shared once, the suffixes as one
     left-padded batch, then T - 1 forced tokens one at a time (decode steps)."""

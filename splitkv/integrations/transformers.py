@@ -475,17 +475,20 @@ def splitkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     return out, None
 
 
-def _pad_token(model, generate_kwargs) -> int:
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(t) for t in value.flatten().tolist()]
+    return [int(t) for t in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _pad_and_eos(model, generate_kwargs) -> tuple[int, list[int]]:
+    """The pad token (pad, else the first EOS, else 0) and the EOS tokens generate() stops at."""
     config = generate_kwargs.get("generation_config") or model.generation_config
-    for token in (generate_kwargs.get("pad_token_id"), config.pad_token_id, generate_kwargs.get("eos_token_id"),
-                  config.eos_token_id):  # fmt: skip
-        if isinstance(token, (list, tuple)):
-            token = token[0] if token else None
-        if isinstance(token, torch.Tensor):
-            token = int(token.flatten()[0])
-        if token is not None:
-            return int(token)
-    return 0
+    eos = _token_ids(generate_kwargs.get("eos_token_id", config.eos_token_id))
+    pad = _token_ids(generate_kwargs.get("pad_token_id", config.pad_token_id))
+    return (pad or eos or [0])[0], eos
 
 
 def _check_generate_kwargs(model, generate_kwargs) -> int:
@@ -563,8 +566,9 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
         What ``generate()`` would return for the inputs ``[shared ; suffix_i]``, each
         repeated ``num_return_sequences`` times, in that order: a LongTensor
         ``[len(suffix_ids) * num_return_sequences, longest]`` whose row is
-        ``[shared ; suffix_i ; generated]``, rows of different length right-padded
-        with the pad token (``pad_token_id``, else the EOS token, else 0); with
+        ``[shared ; suffix_i ; generated]`` (up to its first EOS), rows of different
+        length right-padded with the pad token (``pad_token_id``, else the EOS token,
+        else 0) to the longest; with
         ``return_dict_in_generate=True``, generate's output object with that tensor
         as ``sequences`` (its scores/logits are per step, as generate gives them).
 
@@ -595,7 +599,7 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     suffixes = [_as_ids(f"suffix_ids[{i}]", s, device) for i, s in enumerate(suffix_ids)]
     if shared.shape[0] == 0 and any(s.shape[0] == 0 for s in suffixes):
         raise ValueError("with an empty shared_ids every suffix must hold at least one token")
-    pad = _pad_token(model, generate_kwargs)
+    pad, eos = _pad_and_eos(model, generate_kwargs)
     prefix, last = shared[:-1], shared[-1:]
     own = [torch.cat([last, s]) for s in suffixes]  # each ends on a real token
     longest = max(s.shape[0] for s in own)
@@ -623,7 +627,13 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
                             num_return_sequences=num_return_sequences, **generate_kwargs)  # fmt: skip
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     generated = sequences[:, input_ids.shape[1] :]
-    rows = [torch.cat([shared, suffixes[r // num_return_sequences], generated[r]]) for r in range(generated.shape[0])]
+    # A sequence ends at its first EOS (generate pads it after that while others go on).
+    steps = torch.arange(generated.shape[1], device=device)
+    ended = (torch.isin(generated, torch.tensor(eos, device=device)) if eos
+             else torch.zeros_like(generated, dtype=torch.bool))  # fmt: skip
+    lengths = torch.where(ended, steps + 1, generated.shape[1]).min(1).values.tolist()
+    rows = [torch.cat([shared, suffixes[r // num_return_sequences], generated[r, : lengths[r]]])
+            for r in range(generated.shape[0])]  # fmt: skip
     out = torch.full((len(rows), max(r.shape[0] for r in rows)), pad, dtype=torch.long, device=device)
     for r, row in enumerate(rows):
         out[r, : row.shape[0]] = row
