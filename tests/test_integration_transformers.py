@@ -11,12 +11,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from splitkv.integrations.transformers import (  # noqa: E402
     SharedPrefixCache,
+    _cache_argument,
     generate_shared,
     splitkv_attention,
 )
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, pad_token_id=0)  # fmt: skip
+# The forward's cache argument: "cache" in newer transformers, "past_key_values" before.
+CACHE = _cache_argument(transformers.LlamaForCausalLM)
 CONFIGS = {
     "llama": lambda **kw: LlamaConfig(**{**TINY, **kw}),
     "qwen2": lambda **kw: Qwen2Config(**{**TINY, **kw}),
@@ -104,7 +107,7 @@ def teacher_forced_splitkv(model, shared, suffixes, forced):
     left-padded batch, then T - 1 forced tokens one at a time (decode steps)."""
     cache = SharedPrefixCache(model.config)
     prefix_len = shared.shape[0]
-    model(shared[None], past_key_values=cache)
+    model(shared[None], **{CACHE: cache})
     rows, longest = len(suffixes), max(s.shape[0] for s in suffixes)
     cache.share_prefix(rows)
     ids = torch.zeros((rows, longest), dtype=torch.long, device=shared.device)
@@ -113,11 +116,11 @@ def teacher_forced_splitkv(model, shared, suffixes, forced):
         ids[i, longest - s.shape[0] :], own[i, longest - s.shape[0] :] = s, 1
     mask = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=ids.device), own], 1)
     positions = (prefix_len + own.cumsum(1) - 1).clamp(min=0)
-    logits = [model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1]]
+    logits = [model(ids, attention_mask=mask, position_ids=positions, **{CACHE: cache}).logits[:, -1]]
     positions = positions[:, -1:]
     for t in range(forced.shape[1] - 1):
         mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), positions + 1
-        out = model(forced[:, t : t + 1], attention_mask=mask, position_ids=positions, past_key_values=cache)
+        out = model(forced[:, t : t + 1], attention_mask=mask, position_ids=positions, **{CACHE: cache})
         logits.append(out.logits[:, -1])
     return torch.stack(logits, 1).float()
 
@@ -170,16 +173,16 @@ def test_refusals():
     with pytest.raises(ValueError, match="attn_implementation='splitkv'"):
         generate_shared(stock, shared, suffixes, max_new_tokens=4)
     with pytest.raises(ValueError, match="only with attn_implementation='splitkv'"):
-        stock(shared[None], past_key_values=SharedPrefixCache(stock.config))
+        stock(shared[None], **{CACHE: SharedPrefixCache(stock.config)})
     cache = SharedPrefixCache(ours.config)
-    ours(shared[None], past_key_values=cache)
+    ours(shared[None], **{CACHE: cache})
     cache.share_prefix(2)
     with pytest.raises(ValueError, match="beam search"):
         cache.reorder_cache(torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="shared prefix"):
         mask = torch.ones((2, shared.shape[0] + 1), dtype=torch.long)
         mask[0, 0] = 0
-        ours(torch.tensor([[1], [2]]), attention_mask=mask, past_key_values=cache)
+        ours(torch.tensor([[1], [2]]), attention_mask=mask, **{CACHE: cache})
     # The model features cascade attention does not compute.
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match="soft-capping"):
