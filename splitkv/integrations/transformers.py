@@ -245,9 +245,10 @@ class SharedPrefixCache(Cache):
     covers ``prefix_len + columns`` columns; the prefix columns must be all ones, and a
     row may be left-padded after them (its own tokens a contiguous run ending at the
     last column). Beam search (``reorder_cache``), cropping and batch reshuffles are
-    refused with a ValueError. The cache checks on every update that the model runs
-    ``attn_implementation="splitkv"``: another attention function would see only the
-    new tokens.
+    refused with a ValueError. Eager mode only (it marks the tensors it returns for
+    the attention function; not for torch.compile). The cache checks on every update
+    that the model runs ``attn_implementation="splitkv"``: another attention function
+    would see only the new tokens.
 
     Args:
         config: the model's config (``model.config``, the same object, so that a later
