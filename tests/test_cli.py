@@ -72,7 +72,7 @@ def test_module_entry_point():
 def test_bench_help_lists_the_benchmarks(capsys):
     assert _exit_code(bench_cli.main, ["--help"]) == 0
     out = capsys.readouterr().out
-    assert set(_listed(out)) == set(bench_cli.BENCHMARKS) == {"merge", "cascade", "distributed", "paged"}
+    assert set(_listed(out)) == set(bench_cli.BENCHMARKS) == {"merge", "cascade", "distributed", "paged", "hf"}
 
 
 def test_bench_unknown_or_missing_name_exits_2(capsys):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import cascade, distributed, merge, paged
+from . import cascade, distributed, hf, merge, paged
 
 #: name -> (entry point taking argv, one line on what it measures)
 BENCHMARKS = {
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "cascade": (cascade.main, "cascade attention against full attention; GPU"),
     "distributed": (distributed.main, "context-parallel attention; NCCL, or gloo with --cpu"),
     "paged": (paged.main, "paged attention, cascade over shared pages; GPU"),
+    "hf": (hf.main, "transformers generate() against generate_shared; GPU"),
 }
 
 

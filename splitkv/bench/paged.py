@@ -7,22 +7,20 @@ takes no block_table) and, where the tree is one prefix, against the packed
 
     python -m splitkv.bench paged [--out DIR] [--quick] [--sweep]
 
-Without ``--out`` the JSON and the table go to a fresh temporary folder (printed).
+Without ``--out`` the JSON and the table go to a fresh folder (printed; see ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 import splitkv
 
-from .common import environment, graph_replay_us, interleaved, markdown_table, median_ms, text_table, write_outputs
+from .common import add_out_argument, environment, graph_replay_us, interleaved, markdown_table, median_ms, text_table, write_outputs
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
@@ -211,11 +209,11 @@ def sweep_plain(page_size: int) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench paged", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="folder for paged.json / paged.md (default: a temp dir)")
+    add_out_argument(parser, "paged")
     parser.add_argument("--quick", action="store_true", help="fewer samples in case 1, page size 16 only")
     parser.add_argument("--sweep", action="store_true", help="also sweep the plain kernel's launch configuration")
     args = parser.parse_args(argv)
-    out_dir = args.out or Path(tempfile.mkdtemp(prefix="splitkv_bench_paged_"))
+    out_dir = args.out
     env = environment()
     rows = []
     for page_size in (16,) if args.quick else (16, 128):

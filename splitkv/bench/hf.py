@@ -1,0 +1,234 @@
+"""``python -m splitkv.bench hf``: Hugging Face ``generate()`` with one shared prompt, stock vs splitkv.
+
+A Llama-architecture model built from ``LlamaConfig`` with random weights (bf16; by
+default about 1.1B parameters: hidden 2048, 16 layers, 32 query / 8 KV heads,
+intermediate 8192, vocab 32000) generates ``--sequences`` continuations of one
+``--prompt``-token prompt, ``--new-tokens`` tokens each (sampling with top_k=1, so
+the tokens are the greedy ones and the two runs can be compared):
+
+- stock: ``model.generate(prompt, num_return_sequences=n)`` with
+  ``attn_implementation="sdpa"`` and its default cache (the prompt repeated n times);
+- splitkv: :func:`splitkv.integrations.transformers.generate_shared` with
+  ``attn_implementation="splitkv"`` (the prompt's KV computed and stored once).
+
+Reported: time to first token (a run of one new token), the decode step (median
+time between two steps' tokens, from a streamer) and tokens/s, peak GPU memory above
+the weights (``torch.cuda.max_memory_allocated``, reset before each run), the KV
+bytes the cache holds at the end, and the fraction of generated tokens both runs
+agree on (bf16: ties may break differently). A same-tokens check in fp32 at a small
+size comes first. ``--quick``: a tiny model on the CPU or GPU (a smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from .common import add_out_argument, environment, markdown_table, text_table, write_outputs
+
+BILLION = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=32000)  # fmt: skip
+TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=256, vocab_size=512)  # fmt: skip
+
+
+def _build(size: dict, max_len: int, dtype, device, attn: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**size, max_position_embeddings=max_len, eos_token_id=None, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    return model.eval()
+
+
+def _kv_bytes(cache) -> int:
+    """Bytes of the K/V tensors a cache holds (allocated, so a SharedPrefixCache's room to grow counts)."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "prefix_keys", "prefix_values", "row_keys", "row_values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class _StepTimer:
+    """A generate() streamer that records when each step's tokens arrive (generate copies
+    them to the host, a sync, every step, the same for both runs)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _run(model, prompt, sequences: int, new_tokens: int, shared: bool, **extra):
+    from splitkv.integrations.transformers import generate_shared
+
+    kwargs = dict(max_new_tokens=new_tokens, do_sample=True, top_k=1, return_dict_in_generate=True, **extra)
+    if shared:
+        return generate_shared(model, prompt, None, num_return_sequences=sequences, **kwargs)
+    ids = prompt[None]
+    return model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=sequences, **kwargs)
+
+
+def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dict:
+    """Time to first token, decode step time and tokens/s, peak memory above the weights, KV bytes,
+    the tokens and the first step's logits."""
+    device = prompt.device
+    # Warm-up; splitkv's at the full length, so that every Triton specialisation the timed run
+    # needs (they change with the key count) is compiled before the timing.
+    _run(model, prompt, sequences, new_tokens if shared else 2, shared)
+    _sync(device)
+    start = time.perf_counter()
+    first = _run(model, prompt, sequences, 1, shared, output_logits=True)
+    _sync(device)
+    first_s = time.perf_counter() - start
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    timer = _StepTimer()
+    start = time.perf_counter()
+    result = _run(model, prompt, sequences, new_tokens, shared, streamer=timer)
+    _sync(device)
+    total_s = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else None
+    # put() is called once with the prompt, then once per new token.
+    steps = sorted(b - a for a, b in zip(timer.times[2:], timer.times[3:]))
+    step_s = steps[len(steps) // 2] if steps else float("nan")
+    return {
+        "ttft_s": first_s,
+        "total_s": total_s,
+        "decode_step_ms": step_s * 1e3,
+        "decode_tokens_per_s": sequences / step_s,
+        "decode_tokens_per_s_whole_run": sequences * (new_tokens - 1) / max(total_s - first_s, 1e-9),
+        "peak_above_weights_GB": None if peak is None else peak / 1e9,
+        "kv_GB": _kv_bytes(result.get("cache", result.get("past_key_values"))) / 1e9,
+        "tokens": result.sequences[:, prompt.shape[0] :].cpu(),
+        "first_logits": first.logits[0][0].float().cpu(),
+    }
+
+
+def same_tokens_check(device, quick: bool) -> dict:
+    """fp32, small model: generate_shared's tokens and logits against stock sdpa generate()."""
+    size = TINY if quick else dict(TINY, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                                   num_key_value_heads=4, vocab_size=1000)  # fmt: skip
+    model = _build(size, 2048, torch.float32, device, "splitkv")
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
+    prompt = torch.randint(1, size["vocab_size"], (64 if quick else 512,), generator=torch.Generator().manual_seed(1))
+    prompt = prompt.to(device)
+    kwargs = dict(max_new_tokens=16, do_sample=True, top_k=1, return_dict_in_generate=True, output_logits=True)
+    from splitkv.integrations.transformers import generate_shared
+
+    ours = generate_shared(model, prompt, None, num_return_sequences=4, **kwargs)
+    ref = stock.generate(prompt[None], attention_mask=torch.ones_like(prompt[None]), num_return_sequences=4, **kwargs)
+    diff = max((a - b).abs().max().item() for a, b in zip(ours.logits, ref.logits))
+    return {"same_tokens": bool(torch.equal(ours.sequences, ref.sequences)), "max_logit_diff": diff,
+            "prompt": prompt.shape[0], "sequences": 4, "new_tokens": 16, "size": size}  # fmt: skip
+
+
+def _profile(model, prompt, sequences: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
+    with profile(activities=activities) as prof:
+        _run(model, prompt, sequences, 8, True)
+        _sync(prompt.device)
+    sort = "self_cuda_time_total" if prompt.is_cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m splitkv.bench hf", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_out_argument(parser, "hf")
+    parser.add_argument("--quick", action="store_true", help="a tiny model, short prompt (CPU smoke test)")
+    parser.add_argument("--prompt", type=int, default=8192, help="shared prompt tokens")
+    parser.add_argument("--sequences", type=int, default=32, help="num_return_sequences")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's top ops of 8 splitkv decode steps")  # fmt: skip
+    args = parser.parse_args(argv)
+    out_dir = args.out
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not args.quick and device.type != "cuda":
+        raise SystemExit("the full hf benchmark needs a CUDA device (use --quick for a CPU smoke test)")
+    import splitkv.integrations.transformers  # noqa: F401  (registers attn_implementation="splitkv")
+
+    if args.quick:
+        args.prompt, args.sequences = min(args.prompt, 64), min(args.sequences, 4)
+        args.new_tokens = min(args.new_tokens, 8)
+    env = environment()
+    check = same_tokens_check(device, args.quick)
+    print(f"same-tokens check (fp32, prompt {check['prompt']}, 4 sequences, 16 new tokens): "
+          f"same tokens {check['same_tokens']}, max logit diff {check['max_logit_diff']:.2e}")  # fmt: skip
+
+    size = TINY if args.quick else BILLION
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = _build(size, args.prompt + args.new_tokens + 8, dtype, device, "sdpa")
+    parameters = sum(p.numel() for p in model.parameters())
+    prompt = torch.randint(1, size["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(2)).to(device)
+    runs = {}
+    for name, attn, shared in (("stock (sdpa, DynamicCache)", "sdpa", False), ("splitkv", "splitkv", True)):
+        model.set_attn_implementation(attn)
+        runs[name] = measure(model, prompt, args.sequences, args.new_tokens, shared)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    stock, ours = runs.values()
+    if args.profile:
+        _profile(model, prompt, args.sequences)
+    agree = (stock["tokens"] == ours["tokens"]).float().mean().item()
+    first_diff = (stock["first_logits"] - ours["first_logits"]).abs().max().item()
+    first_scale = stock["first_logits"].abs().max().item()
+    top2 = stock["first_logits"].topk(2).values
+    first_margin = (top2[0] - top2[1]).item()
+
+    def gb(value):
+        return "-" if value is None else f"{value:.2f}"
+
+    header = ["run", "TTFT", "decode step", "decode tok/s", "peak mem above weights GB", "KV GB"]
+    table = [[name, f"{r['ttft_s'] * 1e3:.0f} ms", f"{r['decode_step_ms']:.1f} ms", f"{r['decode_tokens_per_s']:.0f}",
+              gb(r["peak_above_weights_GB"]), gb(r["kv_GB"])] for name, r in runs.items()]  # fmt: skip
+    ratios = {
+        "ttft_speedup": stock["ttft_s"] / ours["ttft_s"],
+        "decode_speedup": ours["decode_tokens_per_s"] / stock["decode_tokens_per_s"],
+        "kv_memory_ratio": stock["kv_GB"] / ours["kv_GB"],
+        "peak_memory_ratio": (None if stock["peak_above_weights_GB"] is None
+                              else stock["peak_above_weights_GB"] / ours["peak_above_weights_GB"]),  # fmt: skip
+    }
+    table.append(["stock / splitkv", f"{ratios['ttft_speedup']:.1f}x faster", "-", f"{ratios['decode_speedup']:.2f}x",
+                  "-" if ratios["peak_memory_ratio"] is None else f"{ratios['peak_memory_ratio']:.1f}x less",
+                  f"{ratios['kv_memory_ratio']:.1f}x less"])  # fmt: skip
+    preface = (f"Device: {env['device']}; torch {env['torch']}; {env['date']}. Llama from LlamaConfig, "
+               f"{parameters / 1e9:.2f}B parameters, random weights, {str(dtype).split('.')[-1]}; "
+               f"one {args.prompt}-token "
+               f"prompt, num_return_sequences={args.sequences}, {args.new_tokens} new tokens (top_k=1 sampling). "
+               f"Generated tokens agreeing between the runs: {agree * 100:.1f}%; first step's logits: max abs diff "
+               f"{first_diff:.3g} (largest logit {first_scale:.3g}, top-1 margin {first_margin:.3g}). Decode step: "
+               "median time between two steps' tokens. Same-tokens check in fp32: "
+               f"{check['same_tokens']} (max logit diff {check['max_logit_diff']:.1e}).")  # fmt: skip
+    print(preface + "\n" + text_table(header, table))
+    payload = {"env": env, "parameters": parameters, "dtype": str(dtype), "prompt": args.prompt,
+               "sequences": args.sequences, "new_tokens": args.new_tokens, "token_agreement": agree,
+               "first_step_logits": {"max_abs_diff": first_diff, "largest": first_scale, "top1_margin": first_margin},
+               "same_tokens_check": check, "ratios": ratios,
+               "runs": {name: {k: v for k, v in r.items() if k not in ("tokens", "first_logits")}
+                        for name, r in runs.items()}}  # fmt: skip
+    write_outputs(out_dir, "hf", payload, preface + "\n\n" + markdown_table(header, table))
+    print(f"results in {out_dir}")

@@ -1,0 +1,648 @@
+"""Shared prompts in Hugging Face transformers: the prompt's KV stored once, read once per step.
+
+``model.generate(..., num_return_sequences=n)`` repeats the prompt ``n`` times before
+prefill, so its KV is computed, stored and read ``n`` times; a batch of questions
+about one document does the same. This module runs transformers' own model code
+(Llama, Qwen2, Mistral, ...) with splitkv's cascade attention instead:
+
+- ``attn_implementation="splitkv"`` (registered with transformers'
+  ``AttentionInterface`` and ``AttentionMaskInterface`` when this module is imported):
+  attention over a shared prefix KV (non-causal for the queries after it) plus each
+  sequence's own KV (causal), merged exactly by :func:`splitkv.cascade_attention` on
+  CUDA tensors. On CPU tensors the two passes run through
+  :func:`splitkv.attention_with_lse` (its reference backend) and
+  :func:`splitkv.merge_attn_states`: the cascade's Triton kernel would run in the slow
+  Triton interpreter there when ``TRITON_INTERPRET=1``. With transformers' own caches
+  (or none) the same function runs plain causal attention, so a model loaded this way
+  also works without sharing. Left padding (each row's valid tokens a contiguous run
+  that ends at the last column) is honoured; any other padding mask, a 4-D mask, a
+  sliding window, soft-capping, attention sinks, ALiBi and dropout are refused with a
+  ValueError, never ignored.
+- :class:`SharedPrefixCache`: a transformers ``Cache`` holding the shared prefix's KV
+  once (batch 1) and each sequence's KV after it, in token-major rows with room to grow.
+- :func:`generate_shared`: prefill the shared prompt once, then the suffixes, then
+  ``generate()``.
+
+Not differentiable in practice: the cache writes K/V in place and generation runs
+under ``torch.no_grad()``; use a stock attention implementation for training.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+from transformers import AttentionInterface, GenerationConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+
+from ..attention import attention_with_lse
+from ..cascade import cascade_attention
+from ..merge import merge_attn_states
+
+__all__ = ["SharedPrefixCache", "generate_shared", "splitkv_attention", "splitkv_attention_mask"]
+
+#: The name to pass as ``attn_implementation``.
+ATTN_IMPLEMENTATION = "splitkv"
+
+# Attention-function keyword arguments that change the attention itself; cascade
+# attention implements none of them, so a non-None value is refused.
+_UNSUPPORTED_KWARGS = {
+    "sliding_window": "a sliding window",
+    "softcap": "attention-logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "alibi": "ALiBi",
+    "position_bias": "an additive position bias",
+}
+
+
+def _refuse_config(config) -> None:
+    """ValueError for model configs whose attention cascade attention does not compute."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if window is not None or layer_types != {"full_attention"}:
+        raise ValueError(
+            f"attn_implementation='splitkv' computes full causal attention, but the model config has "
+            f"sliding_window={window!r} and layer_types {sorted(layer_types)}; a sliding window is not "
+            "supported (set config.sliding_window = None if the window is longer than every sequence)"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("attn_implementation='splitkv' does not support attention-logit soft-capping "
+                         f"(config.attn_logit_softcapping={config.attn_logit_softcapping!r})")  # fmt: skip
+    if getattr(config, "alibi", False) or getattr(config, "position_embedding_type", None) == "alibi":
+        raise ValueError("attn_implementation='splitkv' does not support ALiBi position biases")
+
+
+class _Packing(NamedTuple):
+    """Where each row's valid keys and queries sit, and their packed varlen bounds."""
+
+    key_rows: torch.Tensor | None  # [total_k] row (sequence) index of each packed key; None: no padding
+    key_cols: torch.Tensor  # [total_k] column of each packed key in its row
+    query_rows: torch.Tensor  # [total_q]
+    query_cols: torch.Tensor  # [total_q]
+    cu_seqlens_q: torch.Tensor  # int32 [batch + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [batch + 1]
+    dense_queries: bool  # every row's queries are all valid: q packs by a reshape
+
+
+def _compute_packing(padding_mask, prefix_len: int, columns: int, query_len: int, batch: int,
+                     device: torch.device) -> _Packing:  # fmt: skip
+    """Per-row valid key / query positions from a 2-D padding mask ``[batch, prefix_len + columns]``
+    (None: no padding). Only left padding after the shared prefix is accepted."""
+    if padding_mask is None and query_len <= columns:
+        # Nothing padded: every row's columns and queries, bounds built without a host sync.
+        bounds = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        return _Packing(None, None, None, None, bounds * query_len, bounds * columns, True)
+    cols = torch.arange(columns, device=device)
+    if padding_mask is None:
+        starts = torch.zeros(batch, dtype=torch.long, device=device)
+    else:
+        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2:
+            shape = tuple(getattr(padding_mask, "shape", ()))
+            raise ValueError("attn_implementation='splitkv' takes a 2-D padding mask [batch, keys], got "
+                             f"{type(padding_mask).__name__} of shape {shape}")  # fmt: skip
+        if tuple(padding_mask.shape) != (batch, prefix_len + columns):
+            raise ValueError(f"attention_mask has shape {tuple(padding_mask.shape)}, but the cache holds "
+                             f"{batch} sequences of {prefix_len} shared + {columns} own columns")  # fmt: skip
+        padding_mask = padding_mask.to(device=device, dtype=torch.bool)
+        if prefix_len and not bool(padding_mask[:, :prefix_len].all()):
+            raise ValueError("attention_mask masks tokens of the shared prefix: the prefix is shared by every "
+                             "sequence and cannot be padded")  # fmt: skip
+        own = padding_mask[:, prefix_len:]
+        starts = columns - own.sum(1)
+        if not torch.equal(own, cols[None, :] >= starts[:, None]):
+            raise ValueError(
+                "attn_implementation='splitkv' honours left padding only (each row's attended tokens one "
+                "contiguous run ending at the last column); this attention_mask has right padding or holes"
+            )
+    valid_keys = columns - starts
+    valid_queries = valid_keys.clamp(max=query_len)
+    key_rows, key_cols = (cols[None, :] >= starts[:, None]).nonzero(as_tuple=True)
+    query_pos = torch.arange(query_len, device=device)
+    query_rows, query_cols = (query_pos[None, :] >= (query_len - valid_queries)[:, None]).nonzero(as_tuple=True)
+    cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu_seqlens_k[1:] = valid_keys.cumsum(0)
+    cu_seqlens_q = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu_seqlens_q[1:] = valid_queries.cumsum(0)
+    dense = query_rows.shape[0] == batch * query_len
+    return _Packing(key_rows, key_cols, query_rows, query_cols, cu_seqlens_q, cu_seqlens_k, dense)
+
+
+class _PackingMemo:
+    """Holds the last packing: computed once per forward (at the first layer), reused by the others."""
+
+    def __init__(self):
+        self.key = None
+        self.packing = None
+
+    def get(self, padding_mask, prefix_len, columns, query_len, batch, device) -> _Packing:
+        # The mask object itself is part of the key (held here, so its id is not reused).
+        key = (padding_mask, prefix_len, columns, query_len, batch, device)
+        if self.key is None or self.key[0] is not padding_mask or self.key[1:] != key[1:]:
+            self.packing = _compute_packing(padding_mask, prefix_len, columns, query_len, batch, device)
+            self.key = key
+        return self.packing
+
+
+# For transformers' own caches (and no cache): plain causal attention over their KV.
+_STOCK_CACHE_MEMO = _PackingMemo()
+
+
+class _SharedPrefixLayer(CacheLayerMixin):
+    """One layer of :class:`SharedPrefixCache`: ``prefix_keys/values [prefix_len, heads_kv, head_dim]``
+    (stored once) and ``row_keys/values [batch, capacity, heads_kv, head_dim]``, of which the
+    first ``columns`` columns are used (each row's own tokens, left-padded)."""
+
+    is_sliding = False
+
+    def __init__(self, owner: SharedPrefixCache):
+        super().__init__()
+        self.owner = owner
+        self.prefix_keys = self.prefix_values = None
+        self.row_keys = self.row_values = None
+        self.columns = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads_kv, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.prefix_keys = key_states.new_empty((0, heads_kv, head_dim))
+        self.prefix_values = value_states.new_empty((0, heads_kv, head_dim))
+        self.row_keys = key_states.new_empty((batch, self.owner.reserved_columns, heads_kv, head_dim))
+        self.row_values = value_states.new_empty((batch, self.owner.reserved_columns, heads_kv, head_dim))
+        self.is_initialized = True
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.row_keys.shape[1]
+        if needed <= capacity:
+            return
+        # Doubling keeps the copies amortised; reserve() sizes the rows up front.
+        capacity = max(needed, 2 * capacity, self.owner.reserved_columns)
+        for name in ("row_keys", "row_values"):
+            old = getattr(self, name)
+            new = old.new_empty((old.shape[0], capacity) + tuple(old.shape[2:]))
+            new[:, : self.columns] = old[:, : self.columns]
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Appends ``key/value_states [batch, heads_kv, new, head_dim]`` to each row; returns them
+        (marked for :func:`splitkv_attention`, which reads this layer's whole KV itself)."""
+        if self.owner.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                "SharedPrefixCache works only with attn_implementation='splitkv' (other attention functions "
+                f"would see only the new tokens); the model uses {self.owner.config._attn_implementation!r}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, _, new, _ = key_states.shape
+        if batch != self.row_keys.shape[0]:
+            raise ValueError(f"the cache holds {self.row_keys.shape[0]} sequences, the model was called with {batch}")
+        self._grow(self.columns + new)
+        self.row_keys[:, self.columns : self.columns + new] = key_states.transpose(1, 2)
+        self.row_values[:, self.columns : self.columns + new] = value_states.transpose(1, 2)
+        self.columns += new
+        key_states._splitkv_layer = self
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        # transformers < 5 passes cache_position (a tensor of the new positions) instead.
+        new = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.get_seq_length() + new, 0
+
+    def get_seq_length(self) -> int:
+        prefix = self.prefix_keys.shape[0] if self.prefix_keys is not None else 0
+        return prefix + self.columns
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.prefix_keys = self.prefix_values = self.row_keys = self.row_values = None
+        self.columns = 0
+        self.is_initialized = False
+
+    def share_rows(self, batch_size: int) -> None:
+        """Moves row 0 (the only one) onto the shared prefix; leaves ``batch_size`` empty rows."""
+        if self.row_keys.shape[0] != 1:
+            raise ValueError(f"only a batch of one sequence can become the shared prefix, got {self.row_keys.shape[0]}")
+        used_keys, used_values = self.row_keys[0, : self.columns], self.row_values[0, : self.columns]
+        self.prefix_keys = torch.cat([self.prefix_keys, used_keys]) if self.prefix_keys.shape[0] else used_keys.clone()
+        self.prefix_values = (torch.cat([self.prefix_values, used_values]) if self.prefix_values.shape[0]
+                              else used_values.clone())  # fmt: skip
+        shape = (batch_size, self.owner.reserved_columns) + tuple(self.row_keys.shape[2:])
+        self.row_keys, self.row_values = self.row_keys.new_empty(shape), self.row_values.new_empty(shape)
+        self.columns = 0
+
+
+class SharedPrefixCache(Cache):
+    """A transformers ``Cache`` that stores a shared prompt's KV once and each sequence's KV after it.
+
+    Prefill the shared prompt with a batch of one sequence, call
+    :meth:`share_prefix` with the batch size to decode, then run the model (or
+    ``generate()``) on that batch: every sequence attends to the one stored prefix
+    through ``attn_implementation="splitkv"``. The attention mask the model is given
+    covers ``prefix_len + columns`` columns; the prefix columns must be all ones, and a
+    row may be left-padded after them (its own tokens a contiguous run ending at the
+    last column). Beam search (``reorder_cache``), cropping and batch reshuffles are
+    refused with a ValueError. Eager mode only (it marks the tensors it returns for
+    the attention function; not for torch.compile). The cache checks on every update
+    that the model runs ``attn_implementation="splitkv"``: another attention function
+    would see only the new tokens.
+
+    Args:
+        config: the model's config (``model.config``, the same object, so that a later
+            ``set_attn_implementation`` is seen); configs with a sliding window,
+            soft-capping or ALiBi are refused with a ValueError.
+
+    Attention over it runs on the backends of :func:`splitkv_attention`. Not
+    differentiable: the KV is written in place.
+
+    Example:
+        >>> import torch, splitkv
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> from splitkv.integrations.transformers import SharedPrefixCache
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2)
+        >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="splitkv")
+        >>> cache = SharedPrefixCache(model.config)
+        >>> _ = model(torch.arange(10)[None], past_key_values=cache)  # the shared prompt, once
+        >>> cache.share_prefix(batch_size=3)
+        >>> out = model(torch.tensor([[5], [6], [7]]), past_key_values=cache, position_ids=torch.full((3, 1), 10))
+        >>> out.logits.shape, cache.prefix_length, cache.get_seq_length()
+        (torch.Size([3, 1, 64]), 10, 11)
+    """
+
+    def __init__(self, config):
+        text_config = config.get_text_config(decoder=True)
+        _refuse_config(text_config)
+        self.config = text_config
+        self.reserved_columns = 0
+        self.packing_memo = _PackingMemo()
+        super().__init__(layers=[_SharedPrefixLayer(self) for _ in range(text_config.num_hidden_layers)])
+
+    @property
+    def prefix_length(self) -> int:
+        """Number of shared prefix tokens stored (once)."""
+        layer = self.layers[0]
+        return layer.prefix_keys.shape[0] if layer.prefix_keys is not None else 0
+
+    def reserve(self, columns: int) -> None:
+        """Sizes each sequence's rows for ``columns`` own tokens up front (no regrowth before that)."""
+        self.reserved_columns = int(columns)
+
+    def share_prefix(self, batch_size: int) -> None:
+        """Turns the tokens cached so far (a batch of one sequence) into the shared prefix and
+        starts ``batch_size`` sequences after it, each with no tokens of its own yet.
+
+        Args:
+            batch_size: number of sequences that will decode after the prefix.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not all(layer.is_initialized for layer in self.layers):
+            raise ValueError("share_prefix needs the shared prompt prefilled first "
+                             "(run the model on it with this cache)")  # fmt: skip
+        for layer in self.layers:
+            layer.share_rows(batch_size)
+
+    def _refuse(self, what: str):
+        raise ValueError(f"SharedPrefixCache does not support {what}")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._refuse("beam search (reorder_cache)")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._refuse("crop (assisted decoding)")
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._refuse("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._refuse("batch_select_indices")
+
+
+def splitkv_attention_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_function=None,
+                           attention_mask: torch.Tensor | None = None, config=None, **kwargs):  # fmt: skip
+    """The mask function registered for ``attn_implementation="splitkv"`` (transformers calls it).
+
+    Args:
+        batch_size, kv_length, kv_offset: from transformers' mask creation.
+        mask_function: the mask pattern; only plain causal is accepted (sliding
+            windows, chunked attention, packed sequences and overlays are refused).
+        attention_mask: the 2-D padding mask ``[batch, keys]`` or None.
+        config: the model config (checked for sliding window, soft-capping, ALiBi).
+
+    Returns:
+        None when nothing is padded, else the 2-D boolean padding mask of the last
+        ``kv_length`` columns, which :func:`splitkv_attention` turns into per-sequence
+        lengths (refusing any padding other than left padding).
+
+    Not differentiable (a mask).
+
+    Example:
+        >>> import torch, splitkv
+        >>> from transformers.masking_utils import causal_mask_function
+        >>> from splitkv.integrations.transformers import splitkv_attention_mask
+        >>> mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+        >>> splitkv_attention_mask(batch_size=2, kv_length=3, mask_function=causal_mask_function,
+        ...                        attention_mask=mask).tolist()
+        [[False, True, True], [True, True, True]]
+    """
+    if config is not None:
+        _refuse_config(config)
+    if mask_function is not None and mask_function is not causal_mask_function:
+        raise ValueError(
+            "attn_implementation='splitkv' computes plain causal attention; this model asked for another mask "
+            f"pattern ({getattr(mask_function, '__qualname__', mask_function)}: a sliding window, chunked "
+            "attention, packed sequences or a mask overlay), which it does not support"
+        )
+    if kv_offset:
+        raise ValueError(f"attn_implementation='splitkv' does not support a key offset (kv_offset={kv_offset})")
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+    if attention_mask.shape[1] != kv_length:
+        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, the attention sees {kv_length}")
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def _refuse_call(module, dropout, attention_mask, kwargs) -> None:
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='splitkv' does not support {what} ({name}={kwargs[name]!r})")
+    if dropout:
+        raise ValueError(f"attn_implementation='splitkv' does not support attention dropout (dropout={dropout}); "
+                         "call model.eval() or use another attention implementation for training")  # fmt: skip
+    if getattr(module, "is_causal", True) is False:
+        raise ValueError("attn_implementation='splitkv' computes causal attention; this module is not causal")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        raise ValueError("attn_implementation='splitkv' takes only the 2-D padding mask its mask function makes, "
+                         f"got a {getattr(attention_mask, 'dim', lambda: '?')()}-D mask")  # fmt: skip
+
+
+def _attend(query, prefix_keys, prefix_values, row_keys, row_values, packing: _Packing, columns: int, scale):
+    """Cascade attention of ``query [batch, heads_q, new, head_dim]`` over the prefix KV
+    ``[prefix_len, heads_kv, head_dim]`` and each row's valid KV in ``row_keys [batch, capacity,
+    heads_kv, head_dim]``; returns ``[batch, new, heads_q, head_dim]`` (zeros for padded queries)."""
+    batch, heads_q, query_len, head_dim = query.shape
+    query_tokens = query.transpose(1, 2)  # [batch, new, heads_q, head_dim]
+    if packing.dense_queries:
+        q = query_tokens.reshape(batch * query_len, heads_q, head_dim)
+    else:
+        q = query_tokens[packing.query_rows, packing.query_cols]
+    if packing.key_rows is None:  # no padding: each row's first `columns` columns, one strided copy
+        k = row_keys[:, :columns].reshape((-1,) + tuple(row_keys.shape[2:]))  # [total_k, heads_kv, head_dim]
+        v = row_values[:, :columns].reshape((-1,) + tuple(row_values.shape[2:]))
+    else:
+        k = row_keys[packing.key_rows, packing.key_cols]
+        v = row_values[packing.key_rows, packing.key_cols]
+    if q.is_cuda:
+        out = cascade_attention(q, packing.cu_seqlens_q, prefix_keys, prefix_values, k, v, packing.cu_seqlens_k,
+                                softmax_scale=scale, max_seqlen_q=query_len, max_seqlen_k=columns)  # fmt: skip
+    else:
+        out, lse = attention_with_lse(q, k, v, packing.cu_seqlens_q, packing.cu_seqlens_k, query_len, columns,
+                                      causal=True, softmax_scale=scale)  # fmt: skip
+        prefix_len = prefix_keys.shape[0]
+        if prefix_len:
+            # Every query sees the whole prefix: one sequence of all queries, non-causal.
+            bounds_q = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+            bounds_k = torch.tensor([0, prefix_len], dtype=torch.int32)
+            prefix_out, prefix_lse = attention_with_lse(q, prefix_keys, prefix_values, bounds_q, bounds_k, q.shape[0],
+                                                        prefix_len, softmax_scale=scale)  # fmt: skip
+            out, _ = merge_attn_states(prefix_out, prefix_lse, out, lse, return_lse=False)
+    if packing.dense_queries:
+        return out.view(batch, query_len, heads_q, head_dim)
+    full = out.new_zeros((batch, query_len, heads_q, head_dim))
+    full[packing.query_rows, packing.query_cols] = out
+    return full
+
+
+def splitkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs):  # fmt: skip
+    """The attention function registered as ``attn_implementation="splitkv"`` (transformers calls it).
+
+    With a :class:`SharedPrefixCache`, ``key``/``value`` are the new tokens its update
+    returned and the whole KV (shared prefix + each sequence's own) is read from the
+    cache; with any other cache (or none) they are the whole ``[batch, heads_kv, keys,
+    head_dim]`` KV. Either way the result is causal attention over each sequence's
+    attended tokens, the padded ones (left padding, from ``attention_mask``) left out.
+
+    Args:
+        module: the attention module (its ``is_causal`` must not be False).
+        query: ``[batch, heads_q, new, head_dim]``.
+        key, value: ``[batch, heads_kv, keys, head_dim]``.
+        attention_mask: None or the 2-D padding mask from :func:`splitkv_attention_mask`.
+        scaling: softmax scale (default ``head_dim ** -0.5``).
+        dropout: must be 0.
+        kwargs: ``sliding_window``, ``softcap``, ``s_aux``/``sinks``, ``alibi`` or
+            ``position_bias`` that are not None are refused with a ValueError; others
+            are ignored.
+
+    Returns:
+        ``(out [batch, new, heads_q, head_dim], None)``, as transformers' sdpa function;
+        padded query positions get zeros.
+
+    Backends: :func:`splitkv.cascade_attention` on CUDA tensors; on CPU tensors the
+    reference backend of :func:`splitkv.attention_with_lse` and the torch merge.
+    Not differentiable through a :class:`SharedPrefixCache` (written in place);
+    through transformers' caches it is differentiable on CPU (reference backend)
+    only where splitkv's attention backends are.
+
+    Example:
+        >>> import torch, splitkv
+        >>> from splitkv.integrations.transformers import splitkv_attention
+        >>> module = torch.nn.Module()
+        >>> q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+        >>> out, _ = splitkv_attention(module, q, k, v, None)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        >>> torch.allclose(out.transpose(1, 2), ref, atol=1e-5)
+        True
+    """
+    _refuse_call(module, dropout, attention_mask, kwargs)
+    layer = getattr(key, "_splitkv_layer", None)
+    batch, _, query_len, _ = query.shape
+    if layer is not None:
+        prefix_keys, prefix_values = layer.prefix_keys, layer.prefix_values
+        row_keys, row_values, columns, memo = layer.row_keys, layer.row_values, layer.columns, layer.owner.packing_memo
+    else:
+        _, heads_kv, columns, head_dim = key.shape
+        prefix_keys = prefix_values = key.new_empty((0, heads_kv, head_dim))
+        row_keys, row_values, memo = key.transpose(1, 2), value.transpose(1, 2), _STOCK_CACHE_MEMO
+    packing = memo.get(attention_mask, prefix_keys.shape[0], columns, query_len, batch, query.device)
+    out = _attend(query, prefix_keys, prefix_values, row_keys, row_values, packing, columns, scaling)
+    return out, None
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(t) for t in value.flatten().tolist()]
+    return [int(t) for t in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def _pad_and_eos(model, generate_kwargs) -> tuple[int, list[int]]:
+    """The pad token (pad, else the first EOS, else 0) and the EOS tokens generate() stops at."""
+    config = generate_kwargs.get("generation_config") or model.generation_config
+    eos = _token_ids(generate_kwargs.get("eos_token_id", config.eos_token_id))
+    pad = _token_ids(generate_kwargs.get("pad_token_id", config.pad_token_id))
+    return (pad or eos or [0])[0], eos
+
+
+def _check_generate_kwargs(model, generate_kwargs) -> int:
+    """Refusals of generate_shared; returns max_new_tokens."""
+    for name in ("input_ids", "inputs", "attention_mask", "past_key_values", "inputs_embeds", "position_ids"):
+        if name in generate_kwargs:
+            raise TypeError(f"generate_shared builds {name} itself; pass shared_ids and suffix_ids instead")
+    config = generate_kwargs.get("generation_config") or model.generation_config or GenerationConfig()
+    num_beams = generate_kwargs.get("num_beams", config.num_beams) or 1
+    if num_beams > 1:
+        raise ValueError(f"generate_shared does not support beam search (num_beams={num_beams}); "
+                         "use greedy decoding or sampling")  # fmt: skip
+    for name in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha"):
+        if generate_kwargs.get(name) is not None:
+            raise ValueError(f"generate_shared does not support {name} (assisted / contrastive decoding)")
+    if generate_kwargs.get("max_length") is not None or generate_kwargs.get("min_length") is not None:
+        raise ValueError("generate_shared counts lengths in new tokens: pass max_new_tokens / min_new_tokens, "
+                         "not max_length / min_length")  # fmt: skip
+    max_new_tokens = generate_kwargs.get("max_new_tokens", config.max_new_tokens)
+    if max_new_tokens is None:
+        raise ValueError("generate_shared needs max_new_tokens (in generate_kwargs or the generation config)")
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            "generate_shared needs the model to run attn_implementation='splitkv' (load it with "
+            "attn_implementation='splitkv' or call model.set_attn_implementation('splitkv')); it runs "
+            f"{model.config._attn_implementation!r}"
+        )
+    return int(max_new_tokens)
+
+
+def _cache_argument(model) -> str:
+    """The name the model's forward takes its cache under: ``"cache"`` (newer transformers) or
+    ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _as_ids(name: str, ids, device) -> torch.Tensor:
+    if ids is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1:
+        raise TypeError(f"{name} must be a 1-D LongTensor of token ids, got {type(ids).__name__} "
+                        f"of shape {tuple(getattr(ids, 'shape', ()))}")  # fmt: skip
+    if ids.dtype != torch.long:
+        raise TypeError(f"{name} must have dtype torch.long, got {ids.dtype}")
+    return ids.to(device)
+
+
+@torch.no_grad()
+def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tensor] | None = None, *,
+                    num_return_sequences: int = 1, **generate_kwargs):  # fmt: skip
+    """``generate()`` for prompts ``[shared ; suffix_i]`` with the shared prompt's KV computed and stored once.
+
+    Prefills all but the last token of ``shared_ids`` once (batch 1) into a
+    :class:`SharedPrefixCache`, then runs ``model.generate`` on the sequences
+    ``[shared[-1] ; suffix_i]`` after that prefix (left-padded among themselves, the
+    padding masked), each repeated ``num_return_sequences`` times. The last shared
+    token is kept with every sequence so that each one ends on a real token (it costs
+    one token of per-sequence KV).
+
+    Args:
+        model: a transformers causal LM loaded with ``attn_implementation="splitkv"``
+            (or switched with ``model.set_attn_implementation("splitkv")``).
+        shared_ids: ``[shared_len]`` LongTensor, the common prompt (may be empty when
+            every suffix is non-empty).
+        suffix_ids: list of ``[len_i]`` LongTensors (or None entries), each request's
+            own tokens after the shared prompt; None or ``[]`` means one request with
+            no suffix.
+        num_return_sequences: sequences generated per request.
+        generate_kwargs: passed to ``generate()`` (``max_new_tokens`` required;
+            ``max_length``/``min_length``, beam search, assisted and contrastive
+            decoding are refused with a ValueError; ``input_ids``, ``attention_mask``,
+            ``past_key_values``, ``inputs_embeds``, ``position_ids`` with a TypeError).
+
+    Returns:
+        What ``generate()`` would return for the inputs ``[shared ; suffix_i]``, each
+        repeated ``num_return_sequences`` times, in that order: a LongTensor
+        ``[len(suffix_ids) * num_return_sequences, longest]`` whose row is
+        ``[shared ; suffix_i ; generated]`` (up to its first EOS), rows of different
+        length right-padded with the pad token (``pad_token_id``, else the EOS token,
+        else 0) to the longest; with
+        ``return_dict_in_generate=True``, generate's output object with that tensor
+        as ``sequences`` (its scores/logits are per step, as generate gives them).
+
+    Backends: as :func:`splitkv_attention` (cascade attention on CUDA tensors, the
+    reference backend on CPU tensors). Not differentiable (runs under ``torch.no_grad()``).
+
+    Example:
+        >>> import torch, splitkv
+        >>> from transformers import AutoModelForCausalLM, LlamaConfig
+        >>> from splitkv.integrations.transformers import generate_shared
+        >>> _ = torch.manual_seed(0)
+        >>> config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=None, pad_token_id=0)
+        >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="splitkv")
+        >>> shared = torch.randint(1, 64, (12,))
+        >>> out = generate_shared(model, shared, [torch.tensor([3, 4]), torch.tensor([], dtype=torch.long)],
+        ...                       num_return_sequences=2, max_new_tokens=5, do_sample=True, top_k=1)
+        >>> out.shape  # 2 requests x 2 sequences; 12 + 2 + 5 tokens at most
+        torch.Size([4, 19])
+    """
+    max_new_tokens = _check_generate_kwargs(model, generate_kwargs)
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}")
+    device = model.device
+    shared = _as_ids("shared_ids", shared_ids, device)
+    if suffix_ids is None or len(suffix_ids) == 0:
+        suffix_ids = [None]
+    suffixes = [_as_ids(f"suffix_ids[{i}]", s, device) for i, s in enumerate(suffix_ids)]
+    if shared.shape[0] == 0 and any(s.shape[0] == 0 for s in suffixes):
+        raise ValueError("with an empty shared_ids every suffix must hold at least one token")
+    pad, eos = _pad_and_eos(model, generate_kwargs)
+    prefix, last = shared[:-1], shared[-1:]
+    own = [torch.cat([last, s]) for s in suffixes]  # each ends on a real token
+    longest = max(s.shape[0] for s in own)
+    requests = len(own)
+
+    cache = SharedPrefixCache(model.config)
+    if prefix.shape[0]:
+        cache.reserve(prefix.shape[0])
+        extra = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
+        model(input_ids=prefix[None], use_cache=True, **{_cache_argument(model): cache}, **extra)
+        cache.reserve(longest + max_new_tokens)
+        cache.share_prefix(requests * num_return_sequences)
+    else:
+        cache.reserve(longest + max_new_tokens)
+
+    # [prefix ; padding ; shared[-1] ; suffix_i]: the padding sits after the shared prefix.
+    input_ids = torch.full((requests, prefix.shape[0] + longest), pad, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    input_ids[:, : prefix.shape[0]] = prefix
+    attention_mask[:, : prefix.shape[0]] = 1
+    for i, s in enumerate(own):
+        input_ids[i, input_ids.shape[1] - s.shape[0] :] = s
+        attention_mask[i, input_ids.shape[1] - s.shape[0] :] = 1
+    result = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{_cache_argument(model): cache},
+                            num_return_sequences=num_return_sequences, **generate_kwargs)  # fmt: skip
+    sequences = result if isinstance(result, torch.Tensor) else result.sequences
+    generated = sequences[:, input_ids.shape[1] :]
+    # A sequence ends at its first EOS (generate pads it after that while others go on).
+    steps = torch.arange(generated.shape[1], device=device)
+    ended = (torch.isin(generated, torch.tensor(eos, device=device)) if eos
+             else torch.zeros_like(generated, dtype=torch.bool))  # fmt: skip
+    lengths = torch.where(ended, steps + 1, generated.shape[1]).min(1).values.tolist()
+    rows = [torch.cat([shared, suffixes[r // num_return_sequences], generated[r, : lengths[r]]])
+            for r in range(generated.shape[0])]  # fmt: skip
+    out = torch.full((len(rows), max(r.shape[0] for r in rows)), pad, dtype=torch.long, device=device)
+    for r, row in enumerate(rows):
+        out[r, : row.shape[0]] = row
+    if isinstance(result, torch.Tensor):
+        return out
+    result.sequences = out
+    return result
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, splitkv_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, splitkv_attention_mask)

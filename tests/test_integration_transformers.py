@@ -1,0 +1,219 @@
+"""splitkv.integrations.transformers against stock transformers (sdpa), on tiny random models."""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install 'splitkv[hf]')")
+
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
+
+from splitkv.integrations.transformers import (  # noqa: E402
+    SharedPrefixCache,
+    _cache_argument,
+    generate_shared,
+    splitkv_attention,
+)
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, pad_token_id=0)  # fmt: skip
+# The forward's cache argument: "cache" in newer transformers, "past_key_values" before.
+CACHE = _cache_argument(transformers.LlamaForCausalLM)
+CONFIGS = {
+    "llama": lambda **kw: LlamaConfig(**{**TINY, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**TINY, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**TINY, "sliding_window": None, **kw}),
+}
+
+
+def model_pair(arch, dtype=torch.float32, device="cpu", **config_kw):
+    """The same random weights under attn_implementation 'splitkv' and 'sdpa'."""
+    torch.manual_seed(0)
+    config = CONFIGS[arch](**config_kw)
+    ours = AutoModelForCausalLM.from_config(config, attn_implementation="splitkv", dtype=dtype).to(device).eval()
+    stock = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
+    stock = stock.to(device).eval()
+    stock.load_state_dict(ours.state_dict())
+    return ours, stock
+
+
+def prompts(generator_seed=1, shared_len=20, suffix_lens=(5, 0, 3), vocab=96, device="cpu"):
+    g = torch.Generator().manual_seed(generator_seed)
+    shared = torch.randint(1, vocab, (shared_len,), generator=g)
+    suffixes = [torch.randint(1, vocab, (n,), generator=g) for n in suffix_lens]
+    return shared.to(device), [s.to(device) for s in suffixes]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("mode", ["greedy", "sample_top1"])
+def test_generate_shared_matches_stock_generate(arch, mode):
+    ours, stock = model_pair(arch)
+    shared, suffixes = prompts()
+    kwargs = dict(max_new_tokens=16, return_dict_in_generate=True, output_logits=True)
+    nrs = 4 if mode == "sample_top1" else 1
+    kwargs.update(dict(do_sample=True, top_k=1) if mode == "sample_top1" else dict(do_sample=False))
+    result = generate_shared(ours, shared, suffixes, num_return_sequences=nrs, **kwargs)
+    assert result.sequences.shape[0] == len(suffixes) * nrs
+    longest = len(shared) + max(len(s) for s in suffixes) + 16
+    assert result.sequences.shape[1] == longest
+    for i, suffix in enumerate(suffixes):
+        alone = torch.cat([shared, suffix])[None]
+        expected = stock.generate(alone, attention_mask=torch.ones_like(alone), num_return_sequences=nrs, **kwargs)
+        for r in range(nrs):
+            row = i * nrs + r
+            n = expected.sequences.shape[1]
+            assert torch.equal(result.sequences[row, :n], expected.sequences[r]), (arch, mode, i, r)
+            assert (result.sequences[row, n:] == 0).all()  # right-padded with the pad token
+            for step, (got, want) in enumerate(zip(result.logits, expected.logits)):
+                torch.testing.assert_close(got[row], want[r], atol=1e-4, rtol=0, msg=f"{arch} step {step} row {row}")
+
+
+@pytest.mark.parametrize("case", ["no_suffixes", "empty_shared"])
+def test_generate_shared_edge_prompts(case):
+    """suffix_ids=None (one request: the shared prompt alone) and an empty shared prompt."""
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts(suffix_lens=(6, 2))
+    if case == "empty_shared":
+        shared = shared[:0]
+    kwargs = dict(max_new_tokens=8, do_sample=True, top_k=1)
+    got = generate_shared(ours, shared, None if case == "no_suffixes" else suffixes, num_return_sequences=2, **kwargs)
+    for i, suffix in enumerate([shared[:0]] if case == "no_suffixes" else suffixes):
+        alone = torch.cat([shared, suffix])[None]
+        want = stock.generate(alone, attention_mask=torch.ones_like(alone), num_return_sequences=2, **kwargs)
+        assert torch.equal(got[2 * i : 2 * i + 2, : want.shape[1]], want), (case, i)
+
+
+def test_generate_shared_eos_right_pads():
+    """Sequences that stop at EOS at different steps come back right-padded with the pad token,
+    each equal to stock generate() of its prompt alone."""
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts()
+    alone = torch.cat([shared, suffixes[0]])[None]
+    free = stock.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=16, do_sample=False)
+    kwargs = dict(max_new_tokens=16, do_sample=False, eos_token_id=int(free[0, alone.shape[1] + 4]), pad_token_id=0)
+    got = generate_shared(ours, shared, suffixes, **kwargs)
+    lengths = []
+    for i, suffix in enumerate(suffixes):
+        alone = torch.cat([shared, suffix])[None]
+        want = stock.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)[0]
+        lengths.append(want.shape[0])
+        assert torch.equal(got[i, : want.shape[0]], want) and (got[i, want.shape[0] :] == 0).all(), i
+    assert got.shape[1] == max(lengths) and lengths[0] < len(shared) + len(suffixes[0]) + 16  # one stopped early
+
+
+def teacher_forced_splitkv(model, shared, suffixes, forced):
+    """Logits [R, T, vocab] of the shared-prefix path: prefill shared once, the suffixes as one
+    left-padded batch, then T - 1 forced tokens one at a time (decode steps)."""
+    cache = SharedPrefixCache(model.config)
+    prefix_len = shared.shape[0]
+    model(shared[None], **{CACHE: cache})
+    rows, longest = len(suffixes), max(s.shape[0] for s in suffixes)
+    cache.share_prefix(rows)
+    ids = torch.zeros((rows, longest), dtype=torch.long, device=shared.device)
+    own = torch.zeros_like(ids)
+    for i, s in enumerate(suffixes):
+        ids[i, longest - s.shape[0] :], own[i, longest - s.shape[0] :] = s, 1
+    mask = torch.cat([torch.ones((rows, prefix_len), dtype=torch.long, device=ids.device), own], 1)
+    positions = (prefix_len + own.cumsum(1) - 1).clamp(min=0)
+    logits = [model(ids, attention_mask=mask, position_ids=positions, **{CACHE: cache}).logits[:, -1]]
+    positions = positions[:, -1:]
+    for t in range(forced.shape[1] - 1):
+        mask, positions = torch.cat([mask, torch.ones_like(mask[:, :1])], 1), positions + 1
+        out = model(forced[:, t : t + 1], attention_mask=mask, position_ids=positions, **{CACHE: cache})
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1).float()
+
+
+def teacher_forced_stock(model, shared, suffixes, forced):
+    """The same logits from each [shared ; suffix_i ; forced_i] run alone, no cache."""
+    rows = []
+    for i, s in enumerate(suffixes):
+        seq = torch.cat([shared, s, forced[i, :-1]])[None]
+        start = shared.shape[0] + s.shape[0] - 1
+        rows.append(model(seq, use_cache=False).logits[0, start : start + forced.shape[1]])
+    return torch.stack(rows).float()
+
+
+def test_teacher_forced_logits_cpu():
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts(suffix_lens=(4, 1, 7))
+    forced = torch.randint(1, 96, (3, 6), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(teacher_forced_splitkv(ours, shared, suffixes, forced),
+                               teacher_forced_stock(stock, shared, suffixes, forced), atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_stock_cache_left_padding_and_refusals():
+    """attn_implementation='splitkv' with transformers' own cache: left padding is honoured,
+    right padding refused."""
+    ours, stock = model_pair("qwen2")
+    ids = torch.randint(1, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # row 0 left-padded
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    got = ours(ids, attention_mask=mask, position_ids=positions).logits
+    want = stock(ids, attention_mask=mask, position_ids=positions).logits
+    torch.testing.assert_close(got[0, 4:], want[0, 4:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="left padding"):
+        ours(ids, attention_mask=mask.flip(1))
+
+
+def test_refusals():
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts()
+    with pytest.raises(ValueError, match="beam search"):
+        generate_shared(ours, shared, suffixes, max_new_tokens=4, num_beams=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate_shared(ours, shared, suffixes, max_length=40)
+    with pytest.raises(TypeError, match="attention_mask"):
+        generate_shared(ours, shared, suffixes, max_new_tokens=4, attention_mask=None)
+    with pytest.raises(TypeError, match="1-D LongTensor"):
+        generate_shared(ours, shared[None], suffixes, max_new_tokens=4)
+    with pytest.raises(ValueError, match="attn_implementation='splitkv'"):
+        generate_shared(stock, shared, suffixes, max_new_tokens=4)
+    with pytest.raises(ValueError, match="only with attn_implementation='splitkv'"):
+        stock(shared[None], **{CACHE: SharedPrefixCache(stock.config)})
+    cache = SharedPrefixCache(ours.config)
+    ours(shared[None], **{CACHE: cache})
+    cache.share_prefix(2)
+    with pytest.raises(ValueError, match="beam search"):
+        cache.reorder_cache(torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="shared prefix"):
+        mask = torch.ones((2, shared.shape[0] + 1), dtype=torch.long)
+        mask[0, 0] = 0
+        ours(torch.tensor([[1], [2]]), attention_mask=mask, **{CACHE: cache})
+    # The model features cascade attention does not compute.
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
+    with pytest.raises(ValueError, match="soft-capping"):
+        splitkv_attention(torch.nn.Module(), q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match="dropout"):
+        splitkv_attention(torch.nn.Module(), q, k, k, None, dropout=0.1)
+    with pytest.raises(ValueError, match="ALiBi"):
+        SharedPrefixCache(LlamaConfig(**TINY, alibi=True))
+    with pytest.raises(ValueError, match="soft-capping"):
+        SharedPrefixCache(LlamaConfig(**TINY, attn_logit_softcapping=50.0))
+    windowed, _ = model_pair("mistral", sliding_window=8)
+    with pytest.raises(ValueError, match="sliding"):
+        windowed(shared[None])
+    with pytest.raises(ValueError, match="sliding"):
+        SharedPrefixCache(windowed.config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 cascade attention on the GPU needs CUDA")
+def test_teacher_forced_logits_bf16_gpu():
+    """bf16 on the GPU (cascade_attention's Triton kernel), a model of 4 layers with hidden 1024,
+    16 query / 4 KV heads of 64, a 2048-token shared prompt, 8 suffixes of 1-61 tokens, 8 decode steps.
+    Tolerance: splitkv's bf16 logits are as close to the fp32 (sdpa) logits as stock bf16 sdpa's
+    are (max abs error at most 1.5x stock's + 0.02)."""
+    size = dict(vocab_size=4096, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)  # fmt: skip
+    ours, stock = model_pair("llama", dtype=torch.bfloat16, device="cuda", **size)
+    _, stock32 = model_pair("llama", dtype=torch.float32, device="cuda", **size)
+    shared, suffixes = prompts(shared_len=2048, suffix_lens=(1, 7, 16, 33, 61, 2, 40, 9), vocab=4096, device="cuda")
+    forced = torch.randint(1, 4096, (8, 8), generator=torch.Generator().manual_seed(4)).cuda()
+    with torch.no_grad():
+        exact = teacher_forced_stock(stock32, shared, suffixes, forced)
+        stock_error = (teacher_forced_stock(stock, shared, suffixes, forced) - exact).abs().max().item()
+        ours_error = (teacher_forced_splitkv(ours, shared, suffixes, forced) - exact).abs().max().item()
+    assert ours_error <= 1.5 * stock_error + 0.02, (ours_error, stock_error)
