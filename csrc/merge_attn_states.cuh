@@ -45,6 +45,7 @@ struct MergeParams {
   int64_t output_lse_stride_head, output_lse_stride_token;
   int64_t prefix_lse_stride_head, prefix_lse_stride_token;
   int64_t suffix_lse_stride_head, suffix_lse_stride_token;
+  float lse_scale = 1.f;  // stored lse * lse_scale = natural log (ln 2 for log2); the merged lse is stored / lse_scale
 };
 
 struct MergeNParams {
@@ -60,6 +61,59 @@ struct MergeNParams {
   int64_t states_stride_state, states_stride_token, states_stride_head;
   int64_t output_lse_stride_head, output_lse_stride_token;
   int64_t lses_stride_state, lses_stride_head, lses_stride_token;
+  float lse_scale = 1.f;  // as in MergeParams
+};
+
+// Backward of the two-state merge: with w the merge weights,
+//   d prefix_output = w_prefix * d output,
+//   d prefix_lse = w_prefix * (lse_scale * <d output, prefix_output - output> + d output_lse),
+// the same for the suffix; output and the weights are recomputed from the inputs.
+struct MergeBackwardParams {
+  void* grad_prefix_output;  // [tokens, heads, head_dim], written
+  float* grad_prefix_lse;    // [heads, tokens], written
+  void* grad_suffix_output;
+  float* grad_suffix_lse;
+  const void* grad_output;  // [tokens, heads, head_dim]
+  const float* grad_lse;    // [heads, tokens], or nullptr when the merged lse is unused
+  const void* prefix_output;
+  const float* prefix_lse;
+  const void* suffix_output;
+  const float* suffix_lse;
+  int64_t num_tokens, num_heads, head_dim;
+  int64_t grad_prefix_stride_token, grad_prefix_stride_head;
+  int64_t grad_suffix_stride_token, grad_suffix_stride_head;
+  int64_t grad_output_stride_token, grad_output_stride_head;
+  int64_t prefix_stride_token, prefix_stride_head;
+  int64_t suffix_stride_token, suffix_stride_head;
+  int64_t grad_prefix_lse_stride_head, grad_prefix_lse_stride_token;
+  int64_t grad_suffix_lse_stride_head, grad_suffix_lse_stride_token;
+  int64_t grad_lse_stride_head, grad_lse_stride_token;
+  int64_t prefix_lse_stride_head, prefix_lse_stride_token;
+  int64_t suffix_lse_stride_head, suffix_lse_stride_token;
+  float lse_scale = 1.f;
+};
+
+// Backward of the N-way merge, in one pass over the states: the weights come from
+// the merged lse and <d output, output> from the merged output of the forward.
+struct MergeNBackwardParams {
+  void* grad_states;        // [states, tokens, heads, head_dim] (the states' dtype), written
+  float* grad_lses;         // [states, heads, tokens], written
+  const void* grad_output;  // [tokens, heads, head_dim] (the output's dtype)
+  const float* grad_lse;    // [heads, tokens], or nullptr
+  const void* states;
+  const float* lses;
+  const void* output;       // the merged output and lse that the forward returned
+  const float* output_lse;
+  int64_t num_states, num_tokens, num_heads, head_dim;
+  int64_t grad_states_stride_state, grad_states_stride_token, grad_states_stride_head;
+  int64_t grad_output_stride_token, grad_output_stride_head;
+  int64_t states_stride_state, states_stride_token, states_stride_head;
+  int64_t output_stride_token, output_stride_head;
+  int64_t grad_lses_stride_state, grad_lses_stride_head, grad_lses_stride_token;
+  int64_t grad_lse_stride_head, grad_lse_stride_token;
+  int64_t lses_stride_state, lses_stride_head, lses_stride_token;
+  int64_t output_lse_stride_head, output_lse_stride_token;
+  float lse_scale = 1.f;
 };
 
 namespace detail {
@@ -138,8 +192,11 @@ struct RowLayout {
 
 }  // namespace detail
 
-// Two-state merge; each thread moves ELEMS elements per access.
-template <typename T, int ELEMS>
+// Two-state merge; each thread moves ELEMS elements per access and VECS such
+// vectors of its row per turn (all loaded before any is combined, so that their
+// round trips to memory overlap: 16 bytes per input per thread in flight left the
+// H200's memory under-used, see benchmarks/NOTES.md).
+template <typename T, int ELEMS, int VECS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
@@ -162,18 +219,28 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
                           head * p.suffix_stride_head;
     T* output_row =
         static_cast<T*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    // lane < vectors per row, so every thread owns at least this first vector.
-    // Its loads are issued before the lse arithmetic so that the data and the
-    // lse round trips to memory overlap instead of running back to back.
+    // lane < threads per row, so every thread owns at least its first vector.
+    // The first turn's loads are issued before the lse arithmetic so that the data
+    // and the lse round trips to memory overlap instead of running back to back.
     const int64_t first = static_cast<int64_t>(lane) * kElems;
     const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
-    V a = detail::load_streaming<T, ELEMS>(prefix_row + first);
-    V b = detail::load_streaming<T, ELEMS>(suffix_row + first);
+    V a[VECS], b[VECS];
+    const auto load_turn = [&](int64_t base) {
+#pragma unroll
+      for (int v = 0; v < VECS; ++v) {
+        const int64_t d = base + v * step;
+        if (v == 0 || d < p.head_dim) {
+          a[v] = detail::load_streaming<T, ELEMS>(prefix_row + d);
+          b[v] = detail::load_streaming<T, ELEMS>(suffix_row + d);
+        }
+      }
+    };
+    load_turn(first);
 
     const float prefix_lse =
-        __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token);
+        __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
     const float suffix_lse =
-        __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token);
+        __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
     const bool prefix_empty = detail::is_empty_state(prefix_lse);
     const bool suffix_empty = detail::is_empty_state(suffix_lse);
 
@@ -189,28 +256,32 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
       const float inv_total = __fdividef(1.f, total);
       prefix_weight = prefix_scale * inv_total;
       suffix_weight = suffix_scale * inv_total;
-      merged_lse = m + logf(total);
+      merged_lse = (m + logf(total)) / p.lse_scale;
       // fmaxf drops a NaN operand; put it back so a NaN lse is never hidden.
       if (isnan(prefix_lse) || isnan(suffix_lse)) merged_lse = NAN;
     }
 
     // An empty state contributes nothing, not 0 * (whatever its output holds).
-    auto combine = [&](const V& x, const V& y) {
-      V out;
+    const auto store_turn = [&](int64_t base) {
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) {
-        const float from_prefix = prefix_empty ? 0.f : Conv::to_float(x.elems[i]) * prefix_weight;
-        const float from_suffix = suffix_empty ? 0.f : Conv::to_float(y.elems[i]) * suffix_weight;
-        out.elems[i] = Conv::from_float(from_prefix + from_suffix);
+      for (int v = 0; v < VECS; ++v) {
+        const int64_t d = base + v * step;
+        if (v > 0 && d >= p.head_dim) continue;
+        V out;
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) {
+          const float from_prefix = prefix_empty ? 0.f : Conv::to_float(a[v].elems[i]) * prefix_weight;
+          const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
+          out.elems[i] = Conv::from_float(from_prefix + from_suffix);
+        }
+        detail::store_streaming<T, ELEMS>(output_row + d, out);
       }
-      return out;
     };
-    detail::store_streaming<T, ELEMS>(output_row + first, combine(a, b));
-    // Only head dims wider than a whole block of vectors get here.
-    for (int64_t d = first + step; d < p.head_dim; d += step) {
-      a = detail::load_streaming<T, ELEMS>(prefix_row + d);
-      b = detail::load_streaming<T, ELEMS>(suffix_row + d);
-      detail::store_streaming<T, ELEMS>(output_row + d, combine(a, b));
+    store_turn(first);
+    // Only head dims wider than a whole block of turns get here.
+    for (int64_t base = first + VECS * step; base < p.head_dim; base += VECS * step) {
+      load_turn(base);
+      store_turn(base);
     }
   }
 
@@ -262,7 +333,7 @@ struct RunningMerge {
 #pragma unroll
     for (int u = 0; u < kMergeGroup; ++u) {
       const bool present = s0 + u < p.num_states;
-      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
+      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) * p.lse_scale : -INFINITY;
       if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
     }
     // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
@@ -297,8 +368,8 @@ struct RunningMerge {
     for (int i = 0; i < ELEMS; ++i) acc[i] += other_acc[i] * w;
   }
 
-  // Stores the merged vector at out_vec and returns the merged lse: 0 and -inf
-  // when every state is empty, NaN for both when any lse is NaN.
+  // Stores the merged vector at out_vec and returns the merged natural-log lse: 0
+  // and -inf when every state is empty, NaN for both when any lse is NaN.
   template <typename TOut>
   __device__ __forceinline__ float finish(TOut* out_vec) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
@@ -354,7 +425,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     // Every thread of the block has read its input lse before any merged lse is written.
     __syncthreads();
     if (active && lane == 0) {
-      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
     }
   }
 }
@@ -415,7 +486,161 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
     const float merged_lse = merge.finish(output_row + d);
     if (lane == 0 && p.output_lse != nullptr)
-      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
+  }
+}
+
+namespace detail {
+
+constexpr int kWarp = 32;
+// The backward kernels give each (token, head) row one warp: its lanes split the
+// row's vectors, and the dot products over head_dim are summed with shuffles.
+constexpr int kBackwardThreads = 256;
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ float dot_vec(const Vec<T, ELEMS>& x, const float* y) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) sum += Convert<T>::to_float(x.elems[i]) * y[i];
+  return sum;
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ void store_scaled(T* ptr, const float* values, float scale) {
+  Vec<T, ELEMS> out;
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<T>::from_float(values[i] * scale);
+  store_streaming<T, ELEMS>(ptr, out);
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ void load_floats(const T* ptr, float* values) {
+  const Vec<T, ELEMS> v = load_streaming<T, ELEMS>(ptr);
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) values[i] = Convert<T>::to_float(v.elems[i]);
+}
+
+}  // namespace detail
+
+template <typename T, int ELEMS>
+__global__ void __launch_bounds__(detail::kBackwardThreads)
+    merge_attn_states_backward_kernel(const MergeBackwardParams p) {
+  const int lane = threadIdx.x % detail::kWarp;
+  // rows = tokens * heads < 2^31 is checked on the host; the whole warp shares a row.
+  const int row = blockIdx.x * (detail::kBackwardThreads / detail::kWarp) + threadIdx.x / detail::kWarp;
+  if (row >= p.num_tokens * p.num_heads) return;
+  const int token = row / static_cast<int>(p.num_heads);
+  const int head = row - token * static_cast<int>(p.num_heads);
+
+  const float prefix_lse =
+      __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
+  const float suffix_lse =
+      __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
+  const bool prefix_empty = detail::is_empty_state(prefix_lse);
+  const bool suffix_empty = detail::is_empty_state(suffix_lse);
+  float prefix_weight = 0.f, suffix_weight = 0.f;
+  if (!(prefix_empty && suffix_empty)) {
+    const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
+    const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
+    const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
+    const float inv_total = 1.f / (prefix_scale + suffix_scale);
+    prefix_weight = prefix_scale * inv_total;
+    suffix_weight = suffix_scale * inv_total;
+    if (isnan(prefix_lse) || isnan(suffix_lse)) prefix_weight = suffix_weight = NAN;
+  }
+
+  const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
+                        head * p.prefix_stride_head;
+  const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
+                        head * p.suffix_stride_head;
+  const T* grad_row = static_cast<const T*>(p.grad_output) + token * p.grad_output_stride_token +
+                      head * p.grad_output_stride_head;
+  T* grad_prefix_row = static_cast<T*>(p.grad_prefix_output) + token * p.grad_prefix_stride_token +
+                       head * p.grad_prefix_stride_head;
+  T* grad_suffix_row = static_cast<T*>(p.grad_suffix_output) + token * p.grad_suffix_stride_token +
+                       head * p.grad_suffix_stride_head;
+  float prefix_dot = 0.f, suffix_dot = 0.f;
+  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+    float grad[ELEMS];
+    detail::load_floats<T, ELEMS>(grad_row + d, grad);
+    // An empty state's output may hold anything (NaN): it stays out of the dot products.
+    if (!prefix_empty) prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(prefix_row + d), grad);
+    if (!suffix_empty) suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(suffix_row + d), grad);
+    detail::store_scaled<T, ELEMS>(grad_prefix_row + d, grad, prefix_weight);
+    detail::store_scaled<T, ELEMS>(grad_suffix_row + d, grad, suffix_weight);
+  }
+  prefix_dot = detail::warp_sum(prefix_dot);
+  suffix_dot = detail::warp_sum(suffix_dot);
+  if (lane == 0) {
+    const float grad_lse =
+        p.grad_lse == nullptr ? 0.f : p.grad_lse[head * p.grad_lse_stride_head + token * p.grad_lse_stride_token];
+    const float merged_dot = prefix_weight * prefix_dot + suffix_weight * suffix_dot;  // <d output, output>
+    p.grad_prefix_lse[head * p.grad_prefix_lse_stride_head + token * p.grad_prefix_lse_stride_token] =
+        prefix_weight * (p.lse_scale * (prefix_dot - merged_dot) + grad_lse);
+    p.grad_suffix_lse[head * p.grad_suffix_lse_stride_head + token * p.grad_suffix_lse_stride_token] =
+        suffix_weight * (p.lse_scale * (suffix_dot - merged_dot) + grad_lse);
+  }
+}
+
+// TIn: the states' (and their gradient's) dtype; TOut: the output's (and d output's).
+template <typename TIn, typename TOut, int ELEMS>
+__global__ void __launch_bounds__(detail::kBackwardThreads)
+    merge_states_backward_kernel(const MergeNBackwardParams p) {
+  const int lane = threadIdx.x % detail::kWarp;
+  const int row = blockIdx.x * (detail::kBackwardThreads / detail::kWarp) + threadIdx.x / detail::kWarp;
+  if (row >= p.num_tokens * p.num_heads) return;
+  const int token = row / static_cast<int>(p.num_heads);
+  const int head = row - token * static_cast<int>(p.num_heads);
+
+  float merged_lse =
+      __ldg(p.output_lse + head * p.output_lse_stride_head + token * p.output_lse_stride_token) * p.lse_scale;
+  // Every state is empty where the merged lse is -inf (their weights are 0 then).
+  if (merged_lse == -INFINITY) merged_lse = 0.f;
+  const TOut* grad_row = static_cast<const TOut*>(p.grad_output) + token * p.grad_output_stride_token +
+                         head * p.grad_output_stride_head;
+  const TOut* output_row =
+      static_cast<const TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+  float merged_dot = 0.f;
+  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+    float grad[ELEMS];
+    detail::load_floats<TOut, ELEMS>(grad_row + d, grad);
+    merged_dot += detail::dot_vec<TOut, ELEMS>(detail::load_streaming<TOut, ELEMS>(output_row + d), grad);
+  }
+  merged_dot = detail::warp_sum(merged_dot);
+  const float grad_lse =
+      p.grad_lse == nullptr ? 0.f : __ldg(p.grad_lse + head * p.grad_lse_stride_head + token * p.grad_lse_stride_token);
+
+  for (int64_t s = 0; s < p.num_states; ++s) {
+    const float lse =
+        __ldg(p.lses + s * p.lses_stride_state + head * p.lses_stride_head + token * p.lses_stride_token) *
+        p.lse_scale;
+    const bool empty = detail::is_empty_state(lse);
+    const float weight = empty ? 0.f : expf(lse - merged_lse);  // NaN when either is NaN
+    const TIn* state_row = static_cast<const TIn*>(p.states) + s * p.states_stride_state +
+                           token * p.states_stride_token + head * p.states_stride_head;
+    TIn* grad_state_row = static_cast<TIn*>(p.grad_states) + s * p.grad_states_stride_state +
+                          token * p.grad_states_stride_token + head * p.grad_states_stride_head;
+    float dot = 0.f;
+    for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+      float grad[ELEMS];
+      // d output is read once per state; after the first it comes from the caches.
+      detail::Vec<TOut, ELEMS> g;
+      g.word = __ldg(reinterpret_cast<const typename detail::Vec<TOut, ELEMS>::WordType*>(grad_row + d));
+#pragma unroll
+      for (int i = 0; i < ELEMS; ++i) grad[i] = detail::Convert<TOut>::to_float(g.elems[i]);
+      if (!empty) dot += detail::dot_vec<TIn, ELEMS>(detail::load_streaming<TIn, ELEMS>(state_row + d), grad);
+      detail::store_scaled<TIn, ELEMS>(grad_state_row + d, grad, weight);
+    }
+    dot = detail::warp_sum(dot);
+    if (lane == 0)
+      p.grad_lses[s * p.grad_lses_stride_state + head * p.grad_lses_stride_head + token * p.grad_lses_stride_token] =
+          weight * (p.lse_scale * (dot - merged_dot) + grad_lse);
   }
 }
 
@@ -526,8 +751,18 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
   return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
-    const detail::RowLayout layout = detail::row_layout(p.head_dim, kElems, detail::kThreadsPerBlock<MergeParams>);
-    return detail::launch_rows(merge_attn_states_kernel<T, kElems>, p, layout, stream);
+    constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
+    // Four vectors per thread once a row has 16 (head_dim 128 in 16-bit types),
+    // two from 8, else one.
+    const int64_t vecs_per_row = p.head_dim / kElems;
+    if (vecs_per_row >= 16)
+      return detail::launch_rows(merge_attn_states_kernel<T, kElems, 4>, p,
+                                 detail::row_layout(p.head_dim, 4 * kElems, kThreads), stream);
+    if (vecs_per_row >= 8)
+      return detail::launch_rows(merge_attn_states_kernel<T, kElems, 2>, p,
+                                 detail::row_layout(p.head_dim, 2 * kElems, kThreads), stream);
+    return detail::launch_rows(merge_attn_states_kernel<T, kElems, 1>, p,
+                               detail::row_layout(p.head_dim, kElems, kThreads), stream);
   });
 }
 
@@ -542,6 +777,45 @@ cudaError_t merge_states(const MergeNParams& p, cudaStream_t stream) {
   const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
   return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
     return detail::launch_merge_states<TIn, TOut, decltype(e)::value>(p, stream);
+  });
+}
+
+
+template <typename T>
+cudaError_t merge_attn_states_backward(const MergeBackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.num_tokens * p.num_heads;
+  if (rows == 0 || p.head_dim == 0) return cudaSuccess;
+  const void* ptrs[] = {p.grad_prefix_output, p.grad_suffix_output, p.grad_output, p.prefix_output, p.suffix_output};
+  const int64_t strides[] = {p.grad_prefix_stride_token, p.grad_prefix_stride_head, p.grad_suffix_stride_token,
+                             p.grad_suffix_stride_head,  p.grad_output_stride_token, p.grad_output_stride_head,
+                             p.prefix_stride_token,      p.prefix_stride_head,       p.suffix_stride_token,
+                             p.suffix_stride_head};
+  const uint64_t bits = detail::alignment_bits(ptrs, 5, strides, 10, p.head_dim, sizeof(T));
+  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
+  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
+    merge_attn_states_backward_kernel<T, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename TIn, typename TOut>
+cudaError_t merge_states_backward(const MergeNBackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.num_tokens * p.num_heads;
+  if (rows == 0 || p.head_dim == 0) return cudaSuccess;
+  const void* in_ptrs[] = {p.grad_states, p.states};
+  const int64_t in_strides[] = {p.grad_states_stride_state, p.grad_states_stride_token, p.grad_states_stride_head,
+                                p.states_stride_state,      p.states_stride_token,      p.states_stride_head};
+  const void* out_ptrs[] = {p.grad_output, p.output};
+  const int64_t out_strides[] = {p.grad_output_stride_token, p.grad_output_stride_head, p.output_stride_token,
+                                 p.output_stride_head};
+  const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 6, p.head_dim, sizeof(TIn));
+  const uint64_t out_bits = detail::alignment_bits(out_ptrs, 2, out_strides, 4, p.head_dim, sizeof(TOut));
+  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
+  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
+    merge_states_backward_kernel<TIn, TOut, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   });
 }
 
