@@ -188,7 +188,24 @@ struct RowLayout {
   int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
   int slices = 1;  // thread groups that split one row's states (merge_states_sliced_kernel)
+  // Row order: heads outermost (a block's rows are consecutive tokens of one head)
+  // when the lse tensors are [heads, tokens] with unit token stride, so that the
+  // rows' lse loads and stores fill whole 32-byte sectors; else tokens outermost.
+  // Scattered 4-byte lse stores cost the H200 a read-modify-write of a sector each.
+  bool heads_outer = false;
 };
+
+// The (token, head) of a row in the layout's order.
+__device__ __forceinline__ void row_position(int row, const RowLayout& layout, int64_t num_tokens, int64_t num_heads,
+                                             int& token, int& head) {
+  if (layout.heads_outer) {
+    head = row / static_cast<int>(num_tokens);
+    token = row - head * static_cast<int>(num_tokens);
+  } else {
+    token = row / static_cast<int>(num_heads);
+    head = row - token * static_cast<int>(num_heads);
+  }
+}
 
 }  // namespace detail
 
@@ -208,8 +225,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
   // rows = tokens * heads < 2^31 is checked on the host.
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
 
   float merged_lse = 0.f;
   if (active) {
@@ -402,8 +419,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
 
   float merged_lse = 0.f;
   if (active) {
@@ -453,8 +470,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   const int lane = within_row - slice * layout.threads_per_row;
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
   const int64_t d = static_cast<int64_t>(lane) * ELEMS;
 
   detail::RunningMerge<TIn, ELEMS> merge;
@@ -710,9 +727,11 @@ inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t strea
   const int64_t rows = p.num_tokens * p.num_heads;
   const int64_t few_blocks = 2 * static_cast<int64_t>(multiprocessor_count());
   RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
+  layout.heads_outer = p.lses_stride_token == 1 && (p.output_lse == nullptr || p.output_lse_stride_token == 1);
   while (2 * layout.slices * kMergeGroup <= p.num_states && row_blocks(layout, rows) < few_blocks) {
-    const RowLayout wider = row_layout(p.head_dim, ELEMS, kThreads, 2 * layout.slices);
+    RowLayout wider = row_layout(p.head_dim, ELEMS, kThreads, 2 * layout.slices);
     if (wider.rows_per_block == 0) break;
+    wider.heads_outer = layout.heads_outer;
     layout = wider;
   }
   if (layout.slices == 1) return launch_rows(merge_states_kernel<TIn, TOut, ELEMS>, p, layout, stream);
@@ -742,6 +761,9 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 
 // Host entry points. The caller has validated shapes, dtypes and devices and
 // guarantees tokens * heads < 2^31. Returns the launch status.
+// Vectors per row from which each thread of the two-state merge moves two per turn.
+constexpr int64_t kVecsFrom = 8;
+
 template <typename T>
 cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0 || p.head_dim == 0) return cudaSuccess;
@@ -752,17 +774,15 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
     constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
-    // Four vectors per thread once a row has 16 (head_dim 128 in 16-bit types),
-    // two from 8, else one.
+    const bool heads_outer = p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
+                             (p.output_lse == nullptr || p.output_lse_stride_token == 1);
+    // Two vectors per thread once a row has 8 (head_dim 64 in 16-bit types), else one.
     const int64_t vecs_per_row = p.head_dim / kElems;
-    if (vecs_per_row >= 16)
-      return detail::launch_rows(merge_attn_states_kernel<T, kElems, 4>, p,
-                                 detail::row_layout(p.head_dim, 4 * kElems, kThreads), stream);
-    if (vecs_per_row >= 8)
-      return detail::launch_rows(merge_attn_states_kernel<T, kElems, 2>, p,
-                                 detail::row_layout(p.head_dim, 2 * kElems, kThreads), stream);
-    return detail::launch_rows(merge_attn_states_kernel<T, kElems, 1>, p,
-                               detail::row_layout(p.head_dim, kElems, kThreads), stream);
+    const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
+    detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
+    layout.heads_outer = heads_outer;
+    if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, kElems, 2>, p, layout, stream);
+    return detail::launch_rows(merge_attn_states_kernel<T, kElems, 1>, p, layout, stream);
   });
 }
 

@@ -20,14 +20,17 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
     """The merged float32 values in the output's dtype. OUTPUT_SCALE 1: divided by the
     float ``output_scale``, 2: by the float32 at ``output_scale_ptr``; then saturated to
     the fp8 range (``tl.clamp`` keeps NaN)."""
+    # One return and static ifs only: triton compiles the code after a return too.
     if OUTPUT_SCALE == 0:
-        return values.to(output_ptr.dtype.element_ty)
-    if OUTPUT_SCALE == 1:
-        scaled = values / output_scale
+        result = values.to(output_ptr.dtype.element_ty)
     else:
-        scaled = values / tl.load(output_scale_ptr)
-    limit: tl.constexpr = 448.0 if output_ptr.dtype.element_ty == tl.float8e4nv else 57344.0
-    return tl.clamp(scaled, -limit, limit).to(output_ptr.dtype.element_ty)
+        if OUTPUT_SCALE == 1:
+            scaled = values / output_scale
+        else:
+            scaled = values / tl.load(output_scale_ptr)
+        limit: tl.constexpr = 448.0 if output_ptr.dtype.element_ty == tl.float8e4nv else 57344.0
+        result = tl.clamp(scaled, -limit, limit).to(output_ptr.dtype.element_ty)
+    return result
 
 
 @triton.jit
@@ -266,13 +269,14 @@ def _tile(num_tokens: int, head_dim: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _output_scale_args(output_scale):
-    """(output_scale float, pointer, OUTPUT_SCALE mode) for _to_output."""
+def _output_scale_args(output_scale, like: torch.Tensor):
+    """(output_scale float, pointer, OUTPUT_SCALE mode) for _to_output; without a scale
+    tensor the kernel still takes a pointer argument (``like``, never read)."""
     if output_scale is None:
-        return 1.0, None, 0
+        return 1.0, like, 0
     if torch.is_tensor(output_scale):
         return 1.0, output_scale, 2
-    return float(output_scale), None, 1
+    return float(output_scale), like, 1
 
 
 def _lse_args(output_lse: torch.Tensor | None, like: torch.Tensor):
@@ -297,7 +301,7 @@ def merge_attn_states_triton(
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, prefix_lse)
-    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale)
+    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale, output)
     grid = (triton.cdiv(num_tokens, block_t), num_heads)
     _merge_attn_states_kernel[grid](
         output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse,
@@ -326,7 +330,7 @@ def merge_states_triton(
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, lses)
-    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale)
+    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale, output)
     grid = (triton.cdiv(num_tokens, block_t), num_heads)
     _merge_states_kernel[grid](
         output, lse_out, states, lses,
