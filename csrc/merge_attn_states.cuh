@@ -184,6 +184,41 @@ __device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, ELEMS>& v) 
 // flash-attn 2 reports +inf for a row that saw no key; both infinities mean "empty".
 __device__ __forceinline__ bool is_empty_state(float lse) { return isinf(lse); }
 
+// The two-state merge of one row's natural-log lses: the weights of both outputs and
+// the merged lse. The empty side drops out exactly (weight 0); both empty give
+// weights 0 and lse -inf; a NaN lse gives NaN weights and lse (fmaxf would drop it).
+struct TwoStateWeights {
+  bool prefix_empty, suffix_empty;
+  float prefix_weight = 0.f, suffix_weight = 0.f, lse = -INFINITY;
+
+  __device__ __forceinline__ TwoStateWeights(float prefix_lse, float suffix_lse)
+      : prefix_empty(is_empty_state(prefix_lse)), suffix_empty(is_empty_state(suffix_lse)) {
+    if (prefix_empty && suffix_empty) return;
+    const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
+    const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
+    const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
+    const float total = prefix_scale + suffix_scale;
+    const float inv_total = __fdividef(1.f, total);
+    prefix_weight = prefix_scale * inv_total;
+    suffix_weight = suffix_scale * inv_total;
+    lse = m + logf(total);
+    if (isnan(prefix_lse) || isnan(suffix_lse)) prefix_weight = suffix_weight = lse = NAN;
+  }
+};
+
+// The (token, head) row of a backward kernel's warp, or false past the last row.
+constexpr int kWarp = 32;
+constexpr int kBackwardThreads = 256;  // the backward kernels give each row one warp
+
+__device__ __forceinline__ bool backward_row(int64_t num_tokens, int64_t num_heads, int& token, int& head) {
+  // rows = tokens * heads < 2^31 is checked on the host.
+  const int row = blockIdx.x * (kBackwardThreads / kWarp) + threadIdx.x / kWarp;
+  if (row >= num_tokens * num_heads) return false;
+  token = row / static_cast<int>(num_heads);
+  head = row - token * static_cast<int>(num_heads);
+  return true;
+}
+
 struct RowLayout {
   int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
@@ -258,25 +293,10 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
         __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
     const float suffix_lse =
         __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
-    const bool prefix_empty = detail::is_empty_state(prefix_lse);
-    const bool suffix_empty = detail::is_empty_state(suffix_lse);
-
-    float prefix_weight = 0.f, suffix_weight = 0.f;
-    if (prefix_empty && suffix_empty) {
-      merged_lse = -INFINITY;
-    } else {
-      // The empty side drops out exactly; a NaN lse stays NaN through exp.
-      const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
-      const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
-      const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
-      const float total = prefix_scale + suffix_scale;
-      const float inv_total = __fdividef(1.f, total);
-      prefix_weight = prefix_scale * inv_total;
-      suffix_weight = suffix_scale * inv_total;
-      merged_lse = (m + logf(total)) / p.lse_scale;
-      // fmaxf drops a NaN operand; put it back so a NaN lse is never hidden.
-      if (isnan(prefix_lse) || isnan(suffix_lse)) merged_lse = NAN;
-    }
+    const detail::TwoStateWeights w(prefix_lse, suffix_lse);
+    const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
+    const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
+    merged_lse = w.lse / p.lse_scale;
 
     // An empty state contributes nothing, not 0 * (whatever its output holds).
     const auto store_turn = [&](int64_t base) {
@@ -509,11 +529,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
 
 namespace detail {
 
-constexpr int kWarp = 32;
 // The backward kernels give each (token, head) row one warp: its lanes split the
 // row's vectors, and the dot products over head_dim are summed with shuffles.
-constexpr int kBackwardThreads = 256;
-
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
@@ -549,28 +566,15 @@ template <typename T, int ELEMS>
 __global__ void __launch_bounds__(detail::kBackwardThreads)
     merge_attn_states_backward_kernel(const MergeBackwardParams p) {
   const int lane = threadIdx.x % detail::kWarp;
-  // rows = tokens * heads < 2^31 is checked on the host; the whole warp shares a row.
-  const int row = blockIdx.x * (detail::kBackwardThreads / detail::kWarp) + threadIdx.x / detail::kWarp;
-  if (row >= p.num_tokens * p.num_heads) return;
-  const int token = row / static_cast<int>(p.num_heads);
-  const int head = row - token * static_cast<int>(p.num_heads);
-
+  int token, head;
+  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
   const float prefix_lse =
       __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
   const float suffix_lse =
       __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
-  const bool prefix_empty = detail::is_empty_state(prefix_lse);
-  const bool suffix_empty = detail::is_empty_state(suffix_lse);
-  float prefix_weight = 0.f, suffix_weight = 0.f;
-  if (!(prefix_empty && suffix_empty)) {
-    const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
-    const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
-    const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
-    const float inv_total = 1.f / (prefix_scale + suffix_scale);
-    prefix_weight = prefix_scale * inv_total;
-    suffix_weight = suffix_scale * inv_total;
-    if (isnan(prefix_lse) || isnan(suffix_lse)) prefix_weight = suffix_weight = NAN;
-  }
+  const detail::TwoStateWeights w(prefix_lse, suffix_lse);
+  const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
+  const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
 
   const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
                         head * p.prefix_stride_head;
@@ -610,10 +614,8 @@ template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kBackwardThreads)
     merge_states_backward_kernel(const MergeNBackwardParams p) {
   const int lane = threadIdx.x % detail::kWarp;
-  const int row = blockIdx.x * (detail::kBackwardThreads / detail::kWarp) + threadIdx.x / detail::kWarp;
-  if (row >= p.num_tokens * p.num_heads) return;
-  const int token = row / static_cast<int>(p.num_heads);
-  const int head = row - token * static_cast<int>(p.num_heads);
+  int token, head;
+  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
 
   float merged_lse =
       __ldg(p.output_lse + head * p.output_lse_stride_head + token * p.output_lse_stride_token) * p.lse_scale;

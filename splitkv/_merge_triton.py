@@ -34,6 +34,29 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
 
 
 @triton.jit
+def _two_state_weights(prefix_lse, suffix_lse):
+    """(prefix_empty, suffix_empty, prefix_weight, suffix_weight, merged natural-log lse)
+    of natural-log lses: +inf (flash-attn 2's empty row) and -inf both mean an empty
+    state (weight 0); both empty give lse -inf; a NaN lse gives NaN weights and lse."""
+    prefix_empty = (prefix_lse == float("inf")) | (prefix_lse == float("-inf"))
+    suffix_empty = (suffix_lse == float("inf")) | (suffix_lse == float("-inf"))
+    both_empty = prefix_empty & suffix_empty
+    m = tl.where(prefix_empty, suffix_lse, tl.where(suffix_empty, prefix_lse, tl.maximum(prefix_lse, suffix_lse)))
+    m = tl.where(both_empty, 0.0, m)
+    prefix_scale = tl.where(prefix_empty, 0.0, tl.exp(prefix_lse - m))
+    suffix_scale = tl.where(suffix_empty, 0.0, tl.exp(suffix_lse - m))
+    total = prefix_scale + suffix_scale
+    inv_total = tl.where(both_empty, 0.0, 1.0 / tl.where(both_empty, 1.0, total))
+    merged_lse = tl.where(both_empty, float("-inf"), m + tl.log(tl.where(both_empty, 1.0, total)))
+    # tl.maximum may drop a NaN operand; a NaN lse must stay visible (x != x is the NaN test).
+    any_nan = (prefix_lse != prefix_lse) | (suffix_lse != suffix_lse)  # noqa: PLR0124
+    prefix_weight = tl.where(any_nan, float("nan"), prefix_scale * inv_total)
+    suffix_weight = tl.where(any_nan, float("nan"), suffix_scale * inv_total)
+    merged_lse = tl.where(any_nan, float("nan"), merged_lse)
+    return prefix_empty, suffix_empty, prefix_weight, suffix_weight, merged_lse
+
+
+@triton.jit
 def _merge_attn_states_kernel(
     output_ptr, output_lse_ptr, prefix_ptr, prefix_lse_ptr, suffix_ptr, suffix_lse_ptr,
     num_tokens, head_dim,
@@ -62,26 +85,14 @@ def _merge_attn_states_kernel(
     suffix = tl.load(suffix_ptr + tokens[:, None] * suffix_stride_token + head * suffix_stride_head + dims[None, :],
                      mask=tile_mask, other=0.0).to(tl.float32)
 
-    # +inf (flash-attn 2's empty row) and -inf both mean an empty state.
-    prefix_empty = (prefix_lse == float("inf")) | (prefix_lse == float("-inf"))
-    suffix_empty = (suffix_lse == float("inf")) | (suffix_lse == float("-inf"))
-    both_empty = prefix_empty & suffix_empty
-    m = tl.where(prefix_empty, suffix_lse, tl.where(suffix_empty, prefix_lse, tl.maximum(prefix_lse, suffix_lse)))
-    m = tl.where(both_empty, 0.0, m)
-    prefix_scale = tl.where(prefix_empty, 0.0, tl.exp(prefix_lse - m))
-    suffix_scale = tl.where(suffix_empty, 0.0, tl.exp(suffix_lse - m))
-    total = prefix_scale + suffix_scale
-    inv_total = tl.where(both_empty, 0.0, 1.0 / tl.where(both_empty, 1.0, total))
+    prefix_empty, suffix_empty, prefix_weight, suffix_weight, merged_lse = _two_state_weights(prefix_lse, suffix_lse)
     # An empty state contributes nothing, not 0 * (whatever its output holds).
-    merged = (tl.where(prefix_empty[:, None], 0.0, prefix * (prefix_scale * inv_total)[:, None])
-              + tl.where(suffix_empty[:, None], 0.0, suffix * (suffix_scale * inv_total)[:, None]))
+    merged = (tl.where(prefix_empty[:, None], 0.0, prefix * prefix_weight[:, None])
+              + tl.where(suffix_empty[:, None], 0.0, suffix * suffix_weight[:, None]))
     tl.store(output_ptr + tokens[:, None] * output_stride_token + head * output_stride_head + dims[None, :],
              _to_output(merged, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE), mask=tile_mask)
     if WRITE_LSE:
-        merged_lse = tl.where(both_empty, float("-inf"), m + tl.log(tl.where(both_empty, 1.0, total)))
-        # tl.maximum may drop a NaN operand; a NaN lse must stay visible (x != x is the NaN test).
-        any_nan = (prefix_lse != prefix_lse) | (suffix_lse != suffix_lse)  # noqa: PLR0124
-        merged_lse = tl.where(any_nan, float("nan"), merged_lse) / lse_scale
+        merged_lse = merged_lse / lse_scale
         tl.store(output_lse_ptr + head * output_lse_stride_head + tokens * output_lse_stride_token,
                  merged_lse, mask=token_mask)
 
@@ -166,19 +177,7 @@ def _merge_attn_states_backward_kernel(
                          mask=token_mask, other=float("-inf")) * lse_scale
     suffix_lse = tl.load(suffix_lse_ptr + head * suffix_lse_stride_head + tokens * suffix_lse_stride_token,
                          mask=token_mask, other=float("-inf")) * lse_scale
-    prefix_empty = (prefix_lse == float("inf")) | (prefix_lse == float("-inf"))
-    suffix_empty = (suffix_lse == float("inf")) | (suffix_lse == float("-inf"))
-    both_empty = prefix_empty & suffix_empty
-    m = tl.where(prefix_empty, suffix_lse, tl.where(suffix_empty, prefix_lse, tl.maximum(prefix_lse, suffix_lse)))
-    m = tl.where(both_empty, 0.0, m)
-    prefix_scale = tl.where(prefix_empty, 0.0, tl.exp(prefix_lse - m))
-    suffix_scale = tl.where(suffix_empty, 0.0, tl.exp(suffix_lse - m))
-    inv_total = tl.where(both_empty, 0.0, 1.0 / tl.where(both_empty, 1.0, prefix_scale + suffix_scale))
-    prefix_weight = prefix_scale * inv_total
-    suffix_weight = suffix_scale * inv_total
-    any_nan = (prefix_lse != prefix_lse) | (suffix_lse != suffix_lse)  # noqa: PLR0124
-    prefix_weight = tl.where(any_nan, float("nan"), prefix_weight)
-    suffix_weight = tl.where(any_nan, float("nan"), suffix_weight)
+    prefix_empty, suffix_empty, prefix_weight, suffix_weight, _ = _two_state_weights(prefix_lse, suffix_lse)
 
     prefix = tl.load(prefix_ptr + tokens[:, None] * prefix_stride_token + head * prefix_stride_head + dims[None, :],
                      mask=tile_mask, other=0.0).to(tl.float32)

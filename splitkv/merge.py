@@ -167,10 +167,12 @@ def _check_output_dtype(output_dtype, input_dtype: torch.dtype, output_scale, de
         raise TypeError(f"output_dtype must be a torch.dtype, got {type(output_dtype).__name__}")
     narrower = n_way and input_dtype in (torch.float32, torch.float64) and output_dtype in FLOAT_DTYPES
     if output_dtype != input_dtype and output_dtype not in FP8_DTYPES and not narrower:
-        allowed = "that of the inputs, float8_e4m3fn or float8_e5m2"
-        if n_way:
-            allowed += " (or float16/bfloat16 from float32 partials)"
-        raise TypeError(f"the output dtype must be {allowed}; got {output_dtype} from {input_dtype} inputs")
+        name = "outputs" if n_way else "prefix_output"
+        narrow = ", or outputs must be float32 (partials merged into a narrower output)" if n_way else ""
+        raise TypeError(
+            f"the output dtype must be that of {name} ({input_dtype}) or an fp8 dtype (float8_e4m3fn, "
+            f"float8_e5m2){narrow}; got {output_dtype}"
+        )
     if output_scale is None:
         return output_dtype
     if output_dtype not in FP8_DTYPES:
