@@ -34,6 +34,24 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
 
 
 @triton.jit
+def _program_tile(num_tokens, head_dim, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (head, tokens [BLOCK_T], dims [BLOCK_D], token mask, tile mask)."""
+    head = tl.program_id(1)
+    # int64: tokens * token stride passes 2^31 on large inputs.
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, BLOCK_D)
+    token_mask = tokens < num_tokens
+    return head, tokens, dims, token_mask, token_mask[:, None] & (dims[None, :] < head_dim)
+
+
+@triton.jit
+def _load_lse(lse_ptr, head, tokens, stride_head, stride_token, token_mask, lse_scale):
+    """The tile's natural-log lse ([BLOCK_T]); -inf (empty) past the last token."""
+    return tl.load(lse_ptr + head * stride_head + tokens * stride_token, mask=token_mask,
+                   other=float("-inf")) * lse_scale
+
+
+@triton.jit
 def _two_state_weights(prefix_lse, suffix_lse):
     """(prefix_empty, suffix_empty, prefix_weight, suffix_weight, merged natural-log lse)
     of natural-log lses: +inf (flash-attn 2's empty row) and -inf both mean an empty
@@ -69,17 +87,12 @@ def _merge_attn_states_kernel(
     lse_scale, output_scale, output_scale_ptr,
     WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(1)
-    # int64: tokens * token stride passes 2^31 on large inputs.
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    token_mask = tokens < num_tokens
-    tile_mask = token_mask[:, None] & (dims[None, :] < head_dim)
+    head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
 
-    prefix_lse = tl.load(prefix_lse_ptr + head * prefix_lse_stride_head + tokens * prefix_lse_stride_token,
-                         mask=token_mask, other=float("-inf")) * lse_scale
-    suffix_lse = tl.load(suffix_lse_ptr + head * suffix_lse_stride_head + tokens * suffix_lse_stride_token,
-                         mask=token_mask, other=float("-inf")) * lse_scale
+    prefix_lse = _load_lse(prefix_lse_ptr, head, tokens, prefix_lse_stride_head, prefix_lse_stride_token, token_mask,
+                           lse_scale)
+    suffix_lse = _load_lse(suffix_lse_ptr, head, tokens, suffix_lse_stride_head, suffix_lse_stride_token, token_mask,
+                           lse_scale)
     prefix = tl.load(prefix_ptr + tokens[:, None] * prefix_stride_token + head * prefix_stride_head + dims[None, :],
                      mask=tile_mask, other=0.0).to(tl.float32)
     suffix = tl.load(suffix_ptr + tokens[:, None] * suffix_stride_token + head * suffix_stride_head + dims[None, :],
@@ -108,11 +121,7 @@ def _merge_states_kernel(
     lse_scale, output_scale, output_scale_ptr,
     WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    head = tl.program_id(1)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    token_mask = tokens < num_tokens
-    tile_mask = token_mask[:, None] & (dims[None, :] < head_dim)
+    head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
     lse_offsets = head * lses_stride_head + tokens * lses_stride_token
     state_offsets = tokens[:, None] * states_stride_token + head * states_stride_head + dims[None, :]
 
@@ -168,15 +177,11 @@ def _merge_attn_states_backward_kernel(
 ):  # fmt: skip
     """dO_i = w_i dO, dlse_i = w_i (lse_scale <dO, O_i - O> + dlse), with O and the
     weights recomputed from the inputs (exact); an empty state's gradients are 0."""
-    head = tl.program_id(1)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    token_mask = tokens < num_tokens
-    tile_mask = token_mask[:, None] & (dims[None, :] < head_dim)
-    prefix_lse = tl.load(prefix_lse_ptr + head * prefix_lse_stride_head + tokens * prefix_lse_stride_token,
-                         mask=token_mask, other=float("-inf")) * lse_scale
-    suffix_lse = tl.load(suffix_lse_ptr + head * suffix_lse_stride_head + tokens * suffix_lse_stride_token,
-                         mask=token_mask, other=float("-inf")) * lse_scale
+    head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
+    prefix_lse = _load_lse(prefix_lse_ptr, head, tokens, prefix_lse_stride_head, prefix_lse_stride_token, token_mask,
+                           lse_scale)
+    suffix_lse = _load_lse(suffix_lse_ptr, head, tokens, suffix_lse_stride_head, suffix_lse_stride_token, token_mask,
+                           lse_scale)
     prefix_empty, suffix_empty, prefix_weight, suffix_weight, _ = _two_state_weights(prefix_lse, suffix_lse)
 
     prefix = tl.load(prefix_ptr + tokens[:, None] * prefix_stride_token + head * prefix_stride_head + dims[None, :],
@@ -224,13 +229,9 @@ def _merge_states_backward_kernel(
 ):  # fmt: skip
     """As the two-state backward, in one pass over the states: the weights come from the
     merged lse and <dO, O> from the merged output that the forward returned."""
-    head = tl.program_id(1)
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    dims = tl.arange(0, BLOCK_D)
-    token_mask = tokens < num_tokens
-    tile_mask = token_mask[:, None] & (dims[None, :] < head_dim)
-    merged_lse = tl.load(output_lse_ptr + head * output_lse_stride_head + tokens * output_lse_stride_token,
-                         mask=token_mask, other=float("-inf")) * lse_scale
+    head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
+    merged_lse = _load_lse(output_lse_ptr, head, tokens, output_lse_stride_head, output_lse_stride_token, token_mask,
+                           lse_scale)
     grad_output = tl.load(grad_output_ptr + tokens[:, None] * grad_output_stride_token
                           + head * grad_output_stride_head + dims[None, :], mask=tile_mask, other=0.0).to(tl.float32)
     output = tl.load(output_ptr + tokens[:, None] * output_stride_token + head * output_stride_head + dims[None, :],

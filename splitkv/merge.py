@@ -211,9 +211,10 @@ def _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, out
     expect_like("suffix_output", suffix_output, shape, dtype, device, layout, contiguous_last=True)
     expect_like("prefix_lse", prefix_lse, lse_shape, lse_dtype, device, lse_name)
     expect_like("suffix_lse", suffix_lse, lse_shape, lse_dtype, device, lse_name)
-    if output is not None:
-        expect_rank("output", output, 3, layout)
-        output_dtype = output.dtype if output_dtype is None else output_dtype
+    if output is not None and output_dtype is None:
+        # An output buffer of another dtype is reported against the inputs' dtype below.
+        output_dtype = expect_rank("output", output, 3, layout).dtype
+        output_dtype = output_dtype if output_dtype in FP8_DTYPES else dtype
     output_dtype = _check_output_dtype(output_dtype, dtype, output_scale, device, n_way=False)
     if output is not None:
         expect_like("output", output, shape, output_dtype, device, layout, contiguous_last=True)
@@ -581,11 +582,9 @@ def explain_merge(
         >>> import torch, splitkv
         >>> po, so = torch.randn(2, 3, 2, 8).unbind(0)
         >>> pl, sl = torch.randn(2, 2, 3).unbind(0)
-        >>> print(splitkv.explain_merge(po, pl, so, sl))
+        >>> report = splitkv.explain_merge(po, pl, so, sl)
+        >>> print(report.splitlines()[0])  # then one line per backend: chosen, or why not
         merge_attn_states(backend='auto') -> torch
-          cuda: tensors are on cpu, the CUDA kernel needs CUDA tensors
-          triton: auto runs Triton only on CUDA tensors (the interpreter is for tests)
-          torch: chosen
     """
     _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, None, None, backend=backend)
     num_tokens, num_heads, _ = prefix_output.shape
