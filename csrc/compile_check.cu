@@ -12,6 +12,16 @@ template cudaError_t splitkv::merge_states<__half, __half>(const splitkv::MergeN
 template cudaError_t splitkv::merge_states<__nv_bfloat16, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
 template cudaError_t splitkv::merge_states<float, __half>(const splitkv::MergeNParams&, cudaStream_t);
 template cudaError_t splitkv::merge_states<float, __nv_bfloat16>(const splitkv::MergeNParams&, cudaStream_t);
+// fp8 outputs, from every input type.
+#define SPLITKV_FP8_OUTPUTS(TIn)                                                                              \
+  template cudaError_t splitkv::merge_attn_states<TIn, splitkv::Fp8E4M3>(const splitkv::MergeParams&, cudaStream_t); \
+  template cudaError_t splitkv::merge_attn_states<TIn, splitkv::Fp8E5M2>(const splitkv::MergeParams&, cudaStream_t); \
+  template cudaError_t splitkv::merge_states<TIn, splitkv::Fp8E4M3>(const splitkv::MergeNParams&, cudaStream_t);     \
+  template cudaError_t splitkv::merge_states<TIn, splitkv::Fp8E5M2>(const splitkv::MergeNParams&, cudaStream_t);
+SPLITKV_FP8_OUTPUTS(float)
+SPLITKV_FP8_OUTPUTS(__half)
+SPLITKV_FP8_OUTPUTS(__nv_bfloat16)
+
 template cudaError_t splitkv::merge_attn_states_backward<float>(const splitkv::MergeBackwardParams&, cudaStream_t);
 template cudaError_t splitkv::merge_attn_states_backward<__half>(const splitkv::MergeBackwardParams&, cudaStream_t);
 template cudaError_t splitkv::merge_attn_states_backward<__nv_bfloat16>(const splitkv::MergeBackwardParams&,

@@ -21,6 +21,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -29,8 +30,17 @@
 
 namespace splitkv {
 
+// fp8 output types (e4m3 "fn" and e5m2 as torch stores them): the merged value
+// divided by the output scale, saturated to the finite range (NaN stays NaN).
+struct Fp8E4M3 {
+  __nv_fp8_storage_t bits;
+};
+struct Fp8E5M2 {
+  __nv_fp8_storage_t bits;
+};
+
 struct MergeParams {
-  void* output;            // [tokens, heads, head_dim]
+  void* output;            // [tokens, heads, head_dim], the inputs' type or fp8
   float* output_lse;       // [heads, tokens], or nullptr to skip the lse write
   const void* prefix_output;
   const float* prefix_lse;
@@ -46,10 +56,14 @@ struct MergeParams {
   int64_t prefix_lse_stride_head, prefix_lse_stride_token;
   int64_t suffix_lse_stride_head, suffix_lse_stride_token;
   float lse_scale = 1.f;  // stored lse * lse_scale = natural log (ln 2 for log2); the merged lse is stored / lse_scale
+  // fp8 outputs only: the stored value is output / scale, the scale being
+  // *output_scale_ptr when that is set, else output_scale.
+  float output_scale = 1.f;
+  const float* output_scale_ptr = nullptr;
 };
 
 struct MergeNParams {
-  void* output;            // [tokens, heads, head_dim], float32 states may merge into half/bfloat16
+  void* output;            // [tokens, heads, head_dim]: float32 states may merge into half/bfloat16, any into fp8
   float* output_lse;       // [heads, tokens], or nullptr
   const void* states;      // [states, tokens, heads, head_dim]
   const float* lses;       // [states, heads, tokens]
@@ -62,6 +76,8 @@ struct MergeNParams {
   int64_t output_lse_stride_head, output_lse_stride_token;
   int64_t lses_stride_state, lses_stride_head, lses_stride_token;
   float lse_scale = 1.f;  // as in MergeParams
+  float output_scale = 1.f;  // as in MergeParams
+  const float* output_scale_ptr = nullptr;
 };
 
 // Backward of the two-state merge: with w the merge weights,
@@ -148,6 +164,40 @@ struct Convert<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+// fp8 is only ever written.
+template <>
+struct Convert<Fp8E4M3> {
+  __device__ __forceinline__ static Fp8E4M3 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3)}; }
+};
+
+template <>
+struct Convert<Fp8E5M2> {
+  __device__ __forceinline__ static Fp8E5M2 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2)}; }
+};
+
+template <typename T>
+constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
+
+// The factor an output value is multiplied by before its conversion to TOut:
+// 1 / output scale for fp8, 1 (and not applied) otherwise.
+template <typename TOut, typename Params>
+__device__ __forceinline__ float output_factor(const Params& p) {
+  if constexpr (kIsFp8<TOut>) {
+    return 1.f / (p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale);
+  } else {
+    return 1.f;
+  }
+}
+
+template <typename TOut>
+__device__ __forceinline__ TOut to_output(float x, float factor) {
+  if constexpr (kIsFp8<TOut>) {
+    return Convert<TOut>::from_float(x * factor);
+  } else {
+    return Convert<TOut>::from_float(x);
+  }
+}
+
 // The machine word moved by one load or store of BYTES bytes.
 template <int BYTES>
 struct Word;
@@ -159,6 +209,8 @@ template <>
 struct Word<4> { using type = unsigned int; };
 template <>
 struct Word<2> { using type = unsigned short; };
+template <>
+struct Word<1> { using type = unsigned char; };
 
 template <typename T, int ELEMS>
 union Vec {
@@ -248,7 +300,8 @@ __device__ __forceinline__ void row_position(int row, const RowLayout& layout, i
 // vectors of its row per turn (all loaded before any is combined, so that their
 // round trips to memory overlap: 16 bytes per input per thread in flight left the
 // H200's memory under-used, see benchmarks/NOTES.md).
-template <typename T, int ELEMS, int VECS>
+// TOut: T, or an fp8 type (then the output does not alias an input).
+template <typename T, typename TOut, int ELEMS, int VECS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
@@ -269,8 +322,9 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
                           head * p.prefix_stride_head;
     const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
                           head * p.suffix_stride_head;
-    T* output_row =
-        static_cast<T*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    TOut* output_row =
+        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    const float output_factor = detail::output_factor<TOut>(p);
     // lane < threads per row, so every thread owns at least its first vector.
     // The first turn's loads are issued before the lse arithmetic so that the data
     // and the lse round trips to memory overlap instead of running back to back.
@@ -304,14 +358,14 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
       for (int v = 0; v < VECS; ++v) {
         const int64_t d = base + v * step;
         if (v > 0 && d >= p.head_dim) continue;
-        V out;
+        detail::Vec<TOut, ELEMS> out;
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
           const float from_prefix = prefix_empty ? 0.f : Conv::to_float(a[v].elems[i]) * prefix_weight;
           const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
-          out.elems[i] = Conv::from_float(from_prefix + from_suffix);
+          out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_factor);
         }
-        detail::store_streaming<T, ELEMS>(output_row + d, out);
+        detail::store_streaming<TOut, ELEMS>(output_row + d, out);
       }
     };
     store_turn(first);
@@ -408,12 +462,12 @@ struct RunningMerge {
   // Stores the merged vector at out_vec and returns the merged natural-log lse: 0
   // and -inf when every state is empty, NaN for both when any lse is NaN.
   template <typename TOut>
-  __device__ __forceinline__ float finish(TOut* out_vec) const {
+  __device__ __forceinline__ float finish(TOut* out_vec, float output_factor) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
     const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
     Vec<TOut, ELEMS> out;
 #pragma unroll
-    for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<TOut>::from_float(acc[i] * inv_total);
+    for (int i = 0; i < ELEMS; ++i) out.elems[i] = to_output<TOut>(acc[i] * inv_total, output_factor);
     store_streaming<TOut, ELEMS>(out_vec, out);
     return all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
   }
@@ -454,7 +508,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
          d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
       detail::RunningMerge<TIn, ELEMS> merge;
       for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
-      merged_lse = merge.finish(output_row + d);
+      merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
     }
   }
 
@@ -521,7 +575,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     }
     TOut* output_row =
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    const float merged_lse = merge.finish(output_row + d);
+    const float merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
     if (lane == 0 && p.output_lse != nullptr)
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
   }
@@ -766,14 +820,18 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 // Vectors per row from which each thread of the two-state merge moves two per turn.
 constexpr int64_t kVecsFrom = 8;
 
-template <typename T>
+// TOut: T, or Fp8E4M3 / Fp8E5M2.
+template <typename T, typename TOut = T>
 cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0 || p.head_dim == 0) return cudaSuccess;
-  const void* ptrs[] = {p.output, p.prefix_output, p.suffix_output};
-  const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.prefix_stride_token,
-                             p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
-  const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
-  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
+  const void* in_ptrs[] = {p.prefix_output, p.suffix_output};
+  const int64_t in_strides[] = {p.prefix_stride_token, p.prefix_stride_head, p.suffix_stride_token,
+                                p.suffix_stride_head};
+  const void* out_ptrs[] = {p.output};
+  const int64_t out_strides[] = {p.output_stride_token, p.output_stride_head};
+  const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 4, p.head_dim, sizeof(T));
+  const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, TOut>(in_bits, out_bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
     constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
     const bool heads_outer = p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
@@ -783,8 +841,8 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
     const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
     detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
     layout.heads_outer = heads_outer;
-    if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, kElems, 2>, p, layout, stream);
-    return detail::launch_rows(merge_attn_states_kernel<T, kElems, 1>, p, layout, stream);
+    if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 2>, p, layout, stream);
+    return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 1>, p, layout, stream);
   });
 }
 

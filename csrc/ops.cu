@@ -35,6 +35,32 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+bool is_fp8(at::ScalarType dtype) {
+  return dtype == at::ScalarType::Float8_e4m3fn || dtype == at::ScalarType::Float8_e5m2;
+}
+
+// Calls fn with a value of the kernel's output type: fp8 for an fp8 output, else T.
+template <typename T, typename Fn>
+void dispatch_output_dtype(at::ScalarType out_dtype, Fn&& fn) {
+  switch (out_dtype) {
+    case at::ScalarType::Float8_e4m3fn: return fn(splitkv::Fp8E4M3{});
+    case at::ScalarType::Float8_e5m2: return fn(splitkv::Fp8E5M2{});
+    default: return fn(T{});
+  }
+}
+
+// The fp8 output scale: a Python float, or a one-element float32 tensor on the
+// output's device (read by the kernel, so that it may change under graph replay).
+void set_output_scale(float& scale, const float*& scale_ptr, double output_scale,
+                      const std::optional<at::Tensor>& output_scale_tensor, const at::Tensor& output) {
+  scale = static_cast<float>(output_scale);
+  if (!output_scale_tensor) return;
+  const at::Tensor& t = *output_scale_tensor;
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == output.device(),
+              "splitkv merge: output_scale must be a one-element float32 tensor on the output's device");
+  scale_ptr = t.data_ptr<float>();
+}
+
 bool has_expanded_dim(const at::Tensor& t) {
   for (int64_t i = 0; i < t.dim(); ++i)
     if (t.stride(i) == 0 && t.size(i) > 1) return true;
@@ -46,16 +72,17 @@ bool has_expanded_dim(const at::Tensor& t) {
 // the raw op and the eager fast path from touching memory they do not own, and
 // sends anything doubtful back to Python for its message.
 bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                     const at::Tensor& suffix_lse, const at::Tensor* output, const at::Tensor* output_lse) {
+                     const at::Tensor& suffix_lse, const at::Tensor* output, const at::Tensor* output_lse,
+                     bool fp8_output_allowed = false) {
   if (prefix_output.dim() != 3 || !prefix_output.is_cuda()) return false;
   const auto dtype = prefix_output.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   const auto device = prefix_output.device();
   const int64_t tokens = prefix_output.size(0), heads = prefix_output.size(1), head_dim = prefix_output.size(2);
   if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
-  const auto like_output = [&](const at::Tensor& t) {
-    return t.sizes() == prefix_output.sizes() && t.scalar_type() == dtype && t.device() == device &&
-           (head_dim <= 1 || t.stride(2) == 1);
+  const auto like_output = [&](const at::Tensor& t, bool fp8_allowed = false) {
+    return t.sizes() == prefix_output.sizes() && (t.scalar_type() == dtype || (fp8_allowed && is_fp8(t.scalar_type()))) &&
+           t.device() == device && (head_dim <= 1 || t.stride(2) == 1);
   };
   const auto like_lse = [&](const at::Tensor& t) {
     return t.dim() == 2 && t.size(0) == heads && t.size(1) == tokens && t.scalar_type() == at::kFloat &&
@@ -63,16 +90,18 @@ bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_l
   };
   if (!like_output(prefix_output) || !like_output(suffix_output) || !like_lse(prefix_lse) || !like_lse(suffix_lse))
     return false;
-  if (output != nullptr && (!like_output(*output) || has_expanded_dim(*output))) return false;
+  if (output != nullptr && (!like_output(*output, fp8_output_allowed) || has_expanded_dim(*output))) return false;
   if (output_lse != nullptr && (!like_lse(*output_lse) || has_expanded_dim(*output_lse))) return false;
   return true;
 }
 
 void launch_merge_attn_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& prefix_output,
                               const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                              const at::Tensor& suffix_lse, double lse_scale = 1.0) {
+                              const at::Tensor& suffix_lse, double lse_scale = 1.0, double output_scale = 1.0,
+                              const std::optional<at::Tensor>& output_scale_tensor = std::nullopt) {
   splitkv::MergeParams p{};
   p.lse_scale = static_cast<float>(lse_scale);
+  set_output_scale(p.output_scale, p.output_scale_ptr, output_scale, output_scale_tensor, output);
   p.output = output.data_ptr();
   p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.prefix_output = prefix_output.data_ptr();
@@ -101,17 +130,22 @@ void launch_merge_attn_states(const at::Tensor& output, const at::Tensor* output
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(prefix_output.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(splitkv::merge_attn_states<T>(p, stream));
+    dispatch_output_dtype<T>(output.scalar_type(), [&](auto out_tag) {
+      using TOut = decltype(out_tag);
+      C10_CUDA_CHECK((splitkv::merge_attn_states<T, TOut>(p, stream)));
+    });
   });
 }
 
 void merge_attn_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                       const at::Tensor& suffix_lse, double lse_scale) {
+                       const at::Tensor& suffix_lse, double lse_scale, double output_scale,
+                       const std::optional<at::Tensor>& output_scale_tensor) {
   const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
-  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &output, lse_out),
+  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &output, lse_out, true),
               "splitkv::merge_attn_states: invalid arguments (splitkv.merge_attn_states says which)");
-  launch_merge_attn_states(output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale);
+  launch_merge_attn_states(output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale,
+                           output_scale, output_scale_tensor);
 }
 
 // Backward of the two-state merge into fresh gradient buffers (splitkv/merge.py
@@ -221,13 +255,15 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
 }
 
 // Whether the N-way kernel may run these arguments (same role as merge_inputs_ok).
-// float32 states may merge into a float16/bfloat16 output.
+// float32 states may merge into a float16/bfloat16 output, any states into fp8.
 bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, const at::Tensor& output,
                             const at::Tensor* output_lse) {
   if (states.dim() != 4 || !states.is_cuda() || states.size(0) == 0) return false;
   const auto dtype = states.scalar_type(), out_dtype = output.scalar_type();
   const auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
-  if (!is_float(dtype) || !is_float(out_dtype) || (out_dtype != dtype && dtype != at::kFloat)) return false;
+  if (!is_float(dtype) || !(is_float(out_dtype) || is_fp8(out_dtype)) ||
+      (out_dtype != dtype && dtype != at::kFloat && !is_fp8(out_dtype)))
+    return false;
   const auto device = states.device();
   const int64_t num_states = states.size(0), tokens = states.size(1), heads = states.size(2),
                 head_dim = states.size(3);
@@ -247,9 +283,11 @@ bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, co
 }
 
 void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& states,
-                         const at::Tensor& lses, double lse_scale = 1.0) {
+                         const at::Tensor& lses, double lse_scale = 1.0, double output_scale = 1.0,
+                         const std::optional<at::Tensor>& output_scale_tensor = std::nullopt) {
   splitkv::MergeNParams p{};
   p.lse_scale = static_cast<float>(lse_scale);
+  set_output_scale(p.output_scale, p.output_scale_ptr, output_scale, output_scale_tensor, output);
   p.output = output.data_ptr();
   p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.states = states.data_ptr();
@@ -273,6 +311,15 @@ void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse,
 
   const c10::cuda::CUDAGuard guard(states.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (is_fp8(output.scalar_type())) {
+    dispatch_dtype(states.scalar_type(), [&](auto tag) {
+      using TIn = decltype(tag);
+      dispatch_output_dtype<TIn>(output.scalar_type(), [&](auto out_tag) {
+        C10_CUDA_CHECK((splitkv::merge_states<TIn, decltype(out_tag)>(p, stream)));
+      });
+    });
+    return;
+  }
   const bool float_states = states.scalar_type() == at::kFloat;
   dispatch_dtype(output.scalar_type(), [&](auto out_tag) {
     using TOut = decltype(out_tag);
@@ -285,11 +332,12 @@ void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse,
 }
 
 void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& states,
-                  const at::Tensor& lses, double lse_scale) {
+                  const at::Tensor& lses, double lse_scale, double output_scale,
+                  const std::optional<at::Tensor>& output_scale_tensor) {
   const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
   TORCH_CHECK(merge_states_inputs_ok(states, lses, output, lse_out),
               "splitkv::merge_states: invalid arguments (splitkv.merge_states says which)");
-  launch_merge_states(output, lse_out, states, lses, lse_scale);
+  launch_merge_states(output, lse_out, states, lses, lse_scale, output_scale, output_scale_tensor);
 }
 
 // Backward of the N-way merge into fresh gradient buffers (see merge_attn_states_backward).
@@ -596,11 +644,14 @@ class TritonLaunchCache {
 
 TORCH_LIBRARY(splitkv, m) {
   // lse_scale: the stored lse times lse_scale is the natural log (ln 2 for log2).
+  // output_scale (or the one float of output_scale_tensor): an fp8 output stores
+  // output / scale, saturated; ignored for other outputs.
   m.def(
       "merge_attn_states(Tensor(a!) output, Tensor(b!)? output_lse, Tensor prefix_output, Tensor prefix_lse, "
-      "Tensor suffix_output, Tensor suffix_lse, float lse_scale=1.0) -> ()");
+      "Tensor suffix_output, Tensor suffix_lse, float lse_scale=1.0, float output_scale=1.0, "
+      "Tensor? output_scale_tensor=None) -> ()");
   m.def("merge_states(Tensor(a!) output, Tensor(b!)? output_lse, Tensor states, Tensor lses, "
-        "float lse_scale=1.0) -> ()");
+        "float lse_scale=1.0, float output_scale=1.0, Tensor? output_scale_tensor=None) -> ()");
   m.def(
       "merge_attn_states_backward(Tensor(a!) grad_prefix_output, Tensor(b!) grad_prefix_lse, "
       "Tensor(c!) grad_suffix_output, Tensor(d!) grad_suffix_lse, Tensor grad_output, Tensor? grad_lse, "

@@ -62,8 +62,6 @@ def _cuda_why_not(states: torch.Tensor, rows: int, output_dtype: torch.dtype) ->
         return "disabled by SPLITKV_DISABLE_CUDA=1"
     if rows > _MAX_ROWS:
         return f"tokens * heads = {rows} is over the kernel's int32 row index (2^31 - 1)"
-    if output_dtype in FP8_DTYPES:
-        return f"the CUDA kernel does not write {output_dtype} outputs (Triton and torch do)"
     return _cuda.load_error() or None
 
 
@@ -83,16 +81,23 @@ def _no_reason(states: torch.Tensor, rows: int, output_dtype: torch.dtype) -> st
     return None
 
 
-# Every backend's run takes (outputs written, inputs, lse_scale[, output_scale]); the
-# CUDA kernels take no output_scale (they refuse fp8 outputs above).
+def _cuda_output_scale(output_scale) -> tuple[float, torch.Tensor | None]:
+    """The CUDA ops' (output_scale, output_scale_tensor) for a float, a tensor or None."""
+    if output_scale is None:
+        return 1.0, None
+    return (1.0, output_scale) if torch.is_tensor(output_scale) else (float(output_scale), None)
+
+
+# Every backend's forward takes (outputs written, inputs, lse_scale, output_scale).
 def _run_cuda_two(output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale, output_scale):
     torch.ops.splitkv.merge_attn_states.default(
-        output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale
-    )
+        output, output_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale,
+        *_cuda_output_scale(output_scale),
+    )  # fmt: skip
 
 
 def _run_cuda_n(output, output_lse, states, lses, lse_scale, output_scale) -> None:
-    torch.ops.splitkv.merge_states.default(output, output_lse, states, lses, lse_scale)
+    torch.ops.splitkv.merge_states.default(output, output_lse, states, lses, lse_scale, *_cuda_output_scale(output_scale))
 
 
 def _run_cuda_two_backward(*args) -> None:
@@ -430,8 +435,7 @@ def merge_attn_states(
             writing the merged LSE (returned as ``None``).
         backend: ``"auto"`` (CUDA kernel for CUDA tensors, else Triton on the GPU,
             else torch), ``"cuda"``, ``"triton"`` or ``"torch"``. See
-            :func:`explain_merge`. The CUDA kernel does not write fp8 (auto then
-            takes Triton).
+            :func:`explain_merge`.
         lse_base: ``"e"`` (natural log, flash-attn's and vLLM's) or ``"2"`` (log2,
             FlashInfer's), for the input LSEs and the merged LSE alike.
         lse_layout: ``"ht"`` (``[heads, tokens]``) or ``"th"`` (``[tokens, heads]``),

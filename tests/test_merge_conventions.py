@@ -71,6 +71,7 @@ def _quantised_reference(out64: torch.Tensor, dtype: torch.dtype, scale: float) 
     "backend",
     [
         "torch",
+        pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
         pytest.param(
             "triton",
             marks=pytest.mark.skipif(
@@ -117,6 +118,21 @@ def test_fp8_bad_scales():
         splitkv.merge_states(states, lses, output_scale=2.0)
     with pytest.raises(TypeError, match="the output dtype must be"):
         splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=torch.float16)
-    if ON_CUDA:
-        with pytest.raises(ValueError, match="does not write"):
-            splitkv.merge_states(states.cuda(), lses.cuda(), output_dtype=fp8, backend="cuda")
+    with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor on cpu"):
+        splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the CUDA ops need a CUDA device")
+def test_cuda_ops_opcheck_with_scales():
+    """The mutating CUDA ops with an LSE scale and an fp8 output scale (float and tensor)."""
+    from splitkv import _cuda
+
+    assert _cuda.load_error() == ""
+    gen = torch.Generator().manual_seed(13)
+    states, lses = random_states(2, 8, 2, 64, torch.bfloat16, "cuda", gen, inf_fraction=0)
+    out = torch.empty(8, 2, 64, dtype=torch.float8_e4m3fn, device="cuda")
+    out_lse = torch.empty(2, 8, device="cuda")
+    torch.library.opcheck(torch.ops.splitkv.merge_states.default, (out, out_lse, states, lses, math.log(2.0), 0.5, None))
+    scale = torch.tensor([0.5], device="cuda")
+    args = (out, out_lse, states[0], lses[0], states[1], lses[1], math.log(2.0), 1.0, scale)
+    torch.library.opcheck(torch.ops.splitkv.merge_attn_states.default, args)
