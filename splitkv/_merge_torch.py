@@ -18,11 +18,13 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def quantize(values: torch.Tensor, dtype: torch.dtype, output_scale) -> torch.Tensor:
-    """``values / output_scale`` saturated to the range of the fp8 ``dtype``; other
-    dtypes are returned as they are (the copy into the output casts them)."""
+    """``values / output_scale`` (default 1) saturated to the range of the fp8 ``dtype``;
+    other dtypes are returned as they are (the copy into the output casts them)."""
     if dtype not in FP8_DTYPES:
         return values
     limit = torch.finfo(dtype).max
+    if output_scale is None:
+        output_scale = 1.0
     scaled = values.float() / (output_scale.to(values.device) if torch.is_tensor(output_scale) else output_scale)
     # clamp keeps NaN; the cast would turn an out-of-range value into NaN (e4m3fn has no inf).
     return scaled.clamp(-limit, limit).to(dtype)

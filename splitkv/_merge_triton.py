@@ -12,14 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ._merge_torch import FP8_DTYPES
 from ._triton_support import interpreter_enabled
 
 
 @triton.jit
-def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE: tl.constexpr):
+def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE: tl.constexpr,
+               OUTPUT_MAX: tl.constexpr):
     """The merged float32 values in the output's dtype. OUTPUT_SCALE 1: divided by the
     float ``output_scale``, 2: by the float32 at ``output_scale_ptr``; then saturated to
-    the fp8 range (``tl.clamp`` keeps NaN)."""
+    +-OUTPUT_MAX, the fp8 type's largest finite value (``tl.clamp`` keeps NaN)."""
     # One return and static ifs only: triton compiles the code after a return too.
     if OUTPUT_SCALE == 0:
         result = values.to(output_ptr.dtype.element_ty)
@@ -28,8 +30,7 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
             scaled = values / output_scale
         else:
             scaled = values / tl.load(output_scale_ptr)
-        limit: tl.constexpr = 448.0 if output_ptr.dtype.element_ty == tl.float8e4nv else 57344.0
-        result = tl.clamp(scaled, -limit, limit).to(output_ptr.dtype.element_ty)
+        result = tl.clamp(scaled, -OUTPUT_MAX, OUTPUT_MAX).to(output_ptr.dtype.element_ty)
     return result
 
 
@@ -85,7 +86,8 @@ def _merge_attn_states_kernel(
     prefix_lse_stride_head, prefix_lse_stride_token,
     suffix_lse_stride_head, suffix_lse_stride_token,
     lse_scale, output_scale, output_scale_ptr,
-    WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
 
@@ -103,7 +105,7 @@ def _merge_attn_states_kernel(
     merged = (tl.where(prefix_empty[:, None], 0.0, prefix * prefix_weight[:, None])
               + tl.where(suffix_empty[:, None], 0.0, suffix * suffix_weight[:, None]))
     tl.store(output_ptr + tokens[:, None] * output_stride_token + head * output_stride_head + dims[None, :],
-             _to_output(merged, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE), mask=tile_mask)
+             _to_output(merged, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE, OUTPUT_MAX), mask=tile_mask)
     if WRITE_LSE:
         merged_lse = merged_lse / lse_scale
         tl.store(output_lse_ptr + head * output_lse_stride_head + tokens * output_lse_stride_token,
@@ -119,7 +121,8 @@ def _merge_states_kernel(
     output_lse_stride_head, output_lse_stride_token,
     lses_stride_state, lses_stride_head, lses_stride_token,
     lse_scale, output_scale, output_scale_ptr,
-    WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_LSE: tl.constexpr, OUTPUT_SCALE: tl.constexpr, OUTPUT_MAX: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     head, tokens, dims, token_mask, tile_mask = _program_tile(num_tokens, head_dim, BLOCK_T, BLOCK_D)
     lse_offsets = head * lses_stride_head + tokens * lses_stride_token
@@ -148,7 +151,8 @@ def _merge_states_kernel(
         total += scale
     inv_total = tl.where(all_empty, 0.0, 1.0 / tl.where(all_empty, 1.0, total))
     tl.store(output_ptr + tokens[:, None] * output_stride_token + head * output_stride_head + dims[None, :],
-             _to_output(acc * inv_total[:, None], output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE),
+             _to_output(acc * inv_total[:, None], output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE,
+                        OUTPUT_MAX),
              mask=tile_mask)
     if WRITE_LSE:
         merged_lse = tl.where(all_empty, float("-inf"), m + tl.log(tl.where(all_empty, 1.0, total)))
@@ -269,14 +273,15 @@ def _tile(num_tokens: int, head_dim: int) -> tuple[int, int]:
     return block_t, block_d
 
 
-def _output_scale_args(output_scale, like: torch.Tensor):
-    """(output_scale float, pointer, OUTPUT_SCALE mode) for _to_output; without a scale
-    tensor the kernel still takes a pointer argument (``like``, never read)."""
-    if output_scale is None:
-        return 1.0, like, 0
+def _output_scale_args(output_scale, output: torch.Tensor):
+    """(output_scale float, pointer, OUTPUT_SCALE mode, OUTPUT_MAX) for _to_output; without
+    a scale tensor the kernel still takes a pointer argument (``output``, never read)."""
+    if output.dtype not in FP8_DTYPES:
+        return 1.0, output, 0, 0.0
+    limit = torch.finfo(output.dtype).max
     if torch.is_tensor(output_scale):
-        return 1.0, output_scale, 2
-    return float(output_scale), like, 1
+        return 1.0, output_scale, 2, limit
+    return (1.0 if output_scale is None else float(output_scale)), output, 1, limit
 
 
 def _lse_args(output_lse: torch.Tensor | None, like: torch.Tensor):
@@ -301,7 +306,7 @@ def merge_attn_states_triton(
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, prefix_lse)
-    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale, output)
+    scale_value, scale_ptr, scale_mode, output_max = _output_scale_args(output_scale, output)
     grid = (triton.cdiv(num_tokens, block_t), num_heads)
     _merge_attn_states_kernel[grid](
         output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse,
@@ -313,7 +318,8 @@ def merge_attn_states_triton(
         prefix_lse.stride(0), prefix_lse.stride(1),
         suffix_lse.stride(0), suffix_lse.stride(1),
         lse_scale, scale_value, scale_ptr,
-        WRITE_LSE=output_lse is not None, OUTPUT_SCALE=scale_mode, BLOCK_T=block_t, BLOCK_D=block_d,
+        WRITE_LSE=output_lse is not None, OUTPUT_SCALE=scale_mode, OUTPUT_MAX=output_max,
+        BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
 
 
@@ -330,7 +336,7 @@ def merge_states_triton(
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, lses)
-    scale_value, scale_ptr, scale_mode = _output_scale_args(output_scale, output)
+    scale_value, scale_ptr, scale_mode, output_max = _output_scale_args(output_scale, output)
     grid = (triton.cdiv(num_tokens, block_t), num_heads)
     _merge_states_kernel[grid](
         output, lse_out, states, lses,
@@ -340,7 +346,8 @@ def merge_states_triton(
         lse_out_stride_head, lse_out_stride_token,
         lses.stride(0), lses.stride(1), lses.stride(2),
         lse_scale, scale_value, scale_ptr,
-        WRITE_LSE=output_lse is not None, OUTPUT_SCALE=scale_mode, BLOCK_T=block_t, BLOCK_D=block_d,
+        WRITE_LSE=output_lse is not None, OUTPUT_SCALE=scale_mode, OUTPUT_MAX=output_max,
+        BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
 
 

@@ -103,7 +103,12 @@ def test_fp8_output(backend, dtype, scale_kind):
         assert ((got - want).abs() <= step).all()
         assert not torch.isnan(got).any()
         torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
-    assert splitkv.merge_states(states, lses, output_dtype=dtype, output_scale=1e-3, backend=backend)[0].float().abs().max() == torch.finfo(dtype).max  # noqa: E501
+    limit = torch.finfo(dtype).max
+    saturated, _ = splitkv.merge_states(states, lses, output_dtype=dtype, output_scale=1e-3, backend=backend)
+    assert saturated.float().abs().max() == limit
+    # without a scale: divided by 1, still saturated (a plain cast would give NaN for e4m3fn)
+    unscaled, _ = splitkv.merge_states(states * (limit / 100), lses, output_dtype=dtype, backend=backend)
+    assert unscaled.float().abs().max() == limit and not torch.isnan(unscaled.float()).any()
 
 
 def test_fp8_bad_scales():
