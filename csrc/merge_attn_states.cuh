@@ -258,6 +258,14 @@ struct TwoStateWeights {
   }
 };
 
+// The two-state weights of row (token, head) of a forward or backward merge's inputs.
+template <typename Params>
+__device__ __forceinline__ TwoStateWeights row_weights(const Params& p, int token, int head) {
+  return TwoStateWeights(
+      __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale,
+      __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale);
+}
+
 // The (token, head) row of a backward kernel's warp, or false past the last row.
 constexpr int kWarp = 32;
 constexpr int kBackwardThreads = 256;  // the backward kernels give each row one warp
@@ -343,11 +351,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     };
     load_turn(first);
 
-    const float prefix_lse =
-        __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
-    const float suffix_lse =
-        __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
-    const detail::TwoStateWeights w(prefix_lse, suffix_lse);
+    const detail::TwoStateWeights w = detail::row_weights(p, token, head);
     const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
     const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
     merged_lse = w.lse / p.lse_scale;
@@ -622,11 +626,7 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
   const int lane = threadIdx.x % detail::kWarp;
   int token, head;
   if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
-  const float prefix_lse =
-      __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale;
-  const float suffix_lse =
-      __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale;
-  const detail::TwoStateWeights w(prefix_lse, suffix_lse);
+  const detail::TwoStateWeights w = detail::row_weights(p, token, head);
   const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
   const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
 
