@@ -141,3 +141,22 @@ def test_cuda_ops_opcheck_with_scales():
     scale = torch.tensor([0.5], device="cuda")
     args = (out, out_lse, states[0], lses[0], states[1], lses[1], math.log(2.0), 1.0, scale)
     torch.library.opcheck(torch.ops.splitkv.merge_attn_states.default, args)
+
+
+def test_compile_fullgraph_with_conventions_and_fp8():
+    """torch.compile(fullgraph=True) of the in-place (mutating op) path with log2 [tokens,
+    heads] LSEs and an fp8 output, against eager."""
+    gen = torch.Generator().manual_seed(14)
+    states, lses = random_states(3, 4, 2, 8, torch.float32, "cpu", gen)
+    lses_th = (lses / math.log(2.0)).transpose(1, 2).contiguous()
+
+    def merge(s, l):  # noqa: E741
+        out = torch.empty(4, 2, 8, dtype=torch.float8_e4m3fn)
+        lse = torch.empty(4, 2)
+        splitkv.merge_states(s, l, output=out, output_lse=lse, lse_base="2", lse_layout="th", output_scale=0.25,
+                             backend="torch")  # fmt: skip
+        return out.float(), lse
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(states, lses_th), merge(states, lses_th)):
+        torch.testing.assert_close(got, want, equal_nan=True)
