@@ -61,27 +61,26 @@ inline size_t param_bytes(char kind) {
   }
 }
 
-// How many pointer parameters `function` takes after the arguments that `kinds`
-// describes (triton appends its scratch buffers), or -1 if its parameters are not
-// those arguments, byte for byte, followed by at most two pointers. Checked once
-// per compiled kernel, before the first launch from C++.
-inline int trailing_pointer_params(CUfunction function, const char* kinds, size_t num_kinds) {
+// Whether `function` takes the arguments that `kinds` describes, byte for byte,
+// followed by `scratch_params` pointers (triton's launcher appends its scratch
+// buffers: splitkv/_triton_launch.py says how many). Asks the driver only about
+// parameters the kernel has, so no query fails (compute-sanitizer reports a failed
+// cuFuncGetParamInfo as an API error). Checked once per compiled kernel.
+inline bool params_match(CUfunction function, const char* kinds, size_t num_kinds, int scratch_params) {
   const DriverApi& api = driver_api();
-  if (api.launch_kernel == nullptr || api.param_info == nullptr) return -1;
+  if (api.launch_kernel == nullptr || api.param_info == nullptr || scratch_params < 0) return false;
   size_t index = 0, offset = 0, size = 0;
   for (size_t i = 0; i < num_kinds; ++i) {
     if (kinds[i] == kConstant) continue;
     const size_t expected = param_bytes(kinds[i]);
     if (expected == 0 || api.param_info(function, index, &offset, &size) != CUDA_SUCCESS || size != expected)
-      return -1;
+      return false;
     ++index;
   }
-  int trailing = 0;
-  while (api.param_info(function, index, &offset, &size) == CUDA_SUCCESS) {
-    if (size != 8 || ++trailing > 2) return -1;
-    ++index;
-  }
-  return index <= static_cast<size_t>(kMaxLaunchParams) ? trailing : -1;
+  if (index + static_cast<size_t>(scratch_params) > static_cast<size_t>(kMaxLaunchParams)) return false;
+  for (int i = 0; i < scratch_params; ++i, ++index)
+    if (api.param_info(function, index, &offset, &size) != CUDA_SUCCESS || size != 8) return false;
+  return true;
 }
 
 // Parameter storage for one launch: each slot holds one argument's bytes.

@@ -21,6 +21,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -29,8 +30,17 @@
 
 namespace splitkv {
 
+// fp8 output types (e4m3 "fn" and e5m2 as torch stores them): the merged value
+// divided by the output scale, saturated to the finite range (NaN stays NaN).
+struct Fp8E4M3 {
+  __nv_fp8_storage_t bits;
+};
+struct Fp8E5M2 {
+  __nv_fp8_storage_t bits;
+};
+
 struct MergeParams {
-  void* output;            // [tokens, heads, head_dim]
+  void* output;            // [tokens, heads, head_dim], the inputs' type or fp8
   float* output_lse;       // [heads, tokens], or nullptr to skip the lse write
   const void* prefix_output;
   const float* prefix_lse;
@@ -45,10 +55,15 @@ struct MergeParams {
   int64_t output_lse_stride_head, output_lse_stride_token;
   int64_t prefix_lse_stride_head, prefix_lse_stride_token;
   int64_t suffix_lse_stride_head, suffix_lse_stride_token;
+  float lse_scale = 1.f;  // stored lse * lse_scale = natural log (ln 2 for log2); the merged lse is stored / lse_scale
+  // fp8 outputs only: the stored value is output / scale, the scale being
+  // *output_scale_ptr when that is set, else output_scale.
+  float output_scale = 1.f;
+  const float* output_scale_ptr = nullptr;
 };
 
 struct MergeNParams {
-  void* output;            // [tokens, heads, head_dim], float32 states may merge into half/bfloat16
+  void* output;            // [tokens, heads, head_dim]: float32 states may merge into half/bfloat16, any into fp8
   float* output_lse;       // [heads, tokens], or nullptr
   const void* states;      // [states, tokens, heads, head_dim]
   const float* lses;       // [states, heads, tokens]
@@ -60,6 +75,61 @@ struct MergeNParams {
   int64_t states_stride_state, states_stride_token, states_stride_head;
   int64_t output_lse_stride_head, output_lse_stride_token;
   int64_t lses_stride_state, lses_stride_head, lses_stride_token;
+  float lse_scale = 1.f;  // as in MergeParams
+  float output_scale = 1.f;  // as in MergeParams
+  const float* output_scale_ptr = nullptr;
+};
+
+// Backward of the two-state merge: with w the merge weights,
+//   d prefix_output = w_prefix * d output,
+//   d prefix_lse = w_prefix * (lse_scale * <d output, prefix_output - output> + d output_lse),
+// the same for the suffix; output and the weights are recomputed from the inputs.
+struct MergeBackwardParams {
+  void* grad_prefix_output;  // [tokens, heads, head_dim], written
+  float* grad_prefix_lse;    // [heads, tokens], written
+  void* grad_suffix_output;
+  float* grad_suffix_lse;
+  const void* grad_output;  // [tokens, heads, head_dim]
+  const float* grad_lse;    // [heads, tokens], or nullptr when the merged lse is unused
+  const void* prefix_output;
+  const float* prefix_lse;
+  const void* suffix_output;
+  const float* suffix_lse;
+  int64_t num_tokens, num_heads, head_dim;
+  int64_t grad_prefix_stride_token, grad_prefix_stride_head;
+  int64_t grad_suffix_stride_token, grad_suffix_stride_head;
+  int64_t grad_output_stride_token, grad_output_stride_head;
+  int64_t prefix_stride_token, prefix_stride_head;
+  int64_t suffix_stride_token, suffix_stride_head;
+  int64_t grad_prefix_lse_stride_head, grad_prefix_lse_stride_token;
+  int64_t grad_suffix_lse_stride_head, grad_suffix_lse_stride_token;
+  int64_t grad_lse_stride_head, grad_lse_stride_token;
+  int64_t prefix_lse_stride_head, prefix_lse_stride_token;
+  int64_t suffix_lse_stride_head, suffix_lse_stride_token;
+  float lse_scale = 1.f;
+};
+
+// Backward of the N-way merge, in one pass over the states: the weights come from
+// the merged lse and <d output, output> from the merged output of the forward.
+struct MergeNBackwardParams {
+  void* grad_states;        // [states, tokens, heads, head_dim] (the states' dtype), written
+  float* grad_lses;         // [states, heads, tokens], written
+  const void* grad_output;  // [tokens, heads, head_dim] (the output's dtype)
+  const float* grad_lse;    // [heads, tokens], or nullptr
+  const void* states;
+  const float* lses;
+  const void* output;       // the merged output and lse that the forward returned
+  const float* output_lse;
+  int64_t num_states, num_tokens, num_heads, head_dim;
+  int64_t grad_states_stride_state, grad_states_stride_token, grad_states_stride_head;
+  int64_t grad_output_stride_token, grad_output_stride_head;
+  int64_t states_stride_state, states_stride_token, states_stride_head;
+  int64_t output_stride_token, output_stride_head;
+  int64_t grad_lses_stride_state, grad_lses_stride_head, grad_lses_stride_token;
+  int64_t grad_lse_stride_head, grad_lse_stride_token;
+  int64_t lses_stride_state, lses_stride_head, lses_stride_token;
+  int64_t output_lse_stride_head, output_lse_stride_token;
+  float lse_scale = 1.f;
 };
 
 namespace detail {
@@ -94,6 +164,40 @@ struct Convert<__nv_bfloat16> {
   __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
 };
 
+// fp8 is only ever written.
+template <>
+struct Convert<Fp8E4M3> {
+  __device__ __forceinline__ static Fp8E4M3 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3)}; }
+};
+
+template <>
+struct Convert<Fp8E5M2> {
+  __device__ __forceinline__ static Fp8E5M2 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2)}; }
+};
+
+template <typename T>
+constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
+
+// The factor an output value is multiplied by before its conversion to TOut:
+// 1 / output scale for fp8, 1 (and not applied) otherwise.
+template <typename TOut, typename Params>
+__device__ __forceinline__ float output_factor(const Params& p) {
+  if constexpr (kIsFp8<TOut>) {
+    return 1.f / (p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale);
+  } else {
+    return 1.f;
+  }
+}
+
+template <typename TOut>
+__device__ __forceinline__ TOut to_output(float x, float factor) {
+  if constexpr (kIsFp8<TOut>) {
+    return Convert<TOut>::from_float(x * factor);
+  } else {
+    return Convert<TOut>::from_float(x);
+  }
+}
+
 // The machine word moved by one load or store of BYTES bytes.
 template <int BYTES>
 struct Word;
@@ -105,6 +209,8 @@ template <>
 struct Word<4> { using type = unsigned int; };
 template <>
 struct Word<2> { using type = unsigned short; };
+template <>
+struct Word<1> { using type = unsigned char; };
 
 template <typename T, int ELEMS>
 union Vec {
@@ -130,16 +236,80 @@ __device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, ELEMS>& v) 
 // flash-attn 2 reports +inf for a row that saw no key; both infinities mean "empty".
 __device__ __forceinline__ bool is_empty_state(float lse) { return isinf(lse); }
 
+// The two-state merge of one row's natural-log lses: the weights of both outputs and
+// the merged lse. The empty side drops out exactly (weight 0); both empty give
+// weights 0 and lse -inf; a NaN lse gives NaN weights and lse (fmaxf would drop it).
+struct TwoStateWeights {
+  bool prefix_empty, suffix_empty;
+  float prefix_weight = 0.f, suffix_weight = 0.f, lse = -INFINITY;
+
+  __device__ __forceinline__ TwoStateWeights(float prefix_lse, float suffix_lse)
+      : prefix_empty(is_empty_state(prefix_lse)), suffix_empty(is_empty_state(suffix_lse)) {
+    if (prefix_empty && suffix_empty) return;
+    const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
+    const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
+    const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
+    const float total = prefix_scale + suffix_scale;
+    const float inv_total = __fdividef(1.f, total);
+    prefix_weight = prefix_scale * inv_total;
+    suffix_weight = suffix_scale * inv_total;
+    lse = m + logf(total);
+    if (isnan(prefix_lse) || isnan(suffix_lse)) prefix_weight = suffix_weight = lse = NAN;
+  }
+};
+
+// The two-state weights of row (token, head) of a forward or backward merge's inputs.
+template <typename Params>
+__device__ __forceinline__ TwoStateWeights row_weights(const Params& p, int token, int head) {
+  return TwoStateWeights(
+      __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale,
+      __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale);
+}
+
+// The (token, head) row of a backward kernel's warp, or false past the last row.
+constexpr int kWarp = 32;
+constexpr int kBackwardThreads = 256;  // the backward kernels give each row one warp
+
+__device__ __forceinline__ bool backward_row(int64_t num_tokens, int64_t num_heads, int& token, int& head) {
+  // rows = tokens * heads < 2^31 is checked on the host.
+  const int row = blockIdx.x * (kBackwardThreads / kWarp) + threadIdx.x / kWarp;
+  if (row >= num_tokens * num_heads) return false;
+  token = row / static_cast<int>(num_heads);
+  head = row - token * static_cast<int>(num_heads);
+  return true;
+}
+
 struct RowLayout {
   int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
   int slices = 1;  // thread groups that split one row's states (merge_states_sliced_kernel)
+  // Row order: heads outermost (a block's rows are consecutive tokens of one head)
+  // when the lse tensors are [heads, tokens] with unit token stride, so that the
+  // rows' lse loads and stores fill whole 32-byte sectors; else tokens outermost.
+  // Scattered 4-byte lse stores cost the H200 a read-modify-write of a sector each.
+  bool heads_outer = false;
 };
+
+// The (token, head) of a row in the layout's order.
+__device__ __forceinline__ void row_position(int row, const RowLayout& layout, int64_t num_tokens, int64_t num_heads,
+                                             int& token, int& head) {
+  if (layout.heads_outer) {
+    head = row / static_cast<int>(num_tokens);
+    token = row - head * static_cast<int>(num_tokens);
+  } else {
+    token = row / static_cast<int>(num_heads);
+    head = row - token * static_cast<int>(num_heads);
+  }
+}
 
 }  // namespace detail
 
-// Two-state merge; each thread moves ELEMS elements per access.
-template <typename T, int ELEMS>
+// Two-state merge; each thread moves ELEMS elements per access and VECS such
+// vectors of its row per turn (all loaded before any is combined, so that their
+// round trips to memory overlap: 16 bytes per input per thread in flight left the
+// H200's memory under-used, see benchmarks/NOTES.md).
+// TOut: T, or an fp8 type (then the output does not alias an input).
+template <typename T, typename TOut, int ELEMS, int VECS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
@@ -151,8 +321,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
   // rows = tokens * heads < 2^31 is checked on the host.
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
 
   float merged_lse = 0.f;
   if (active) {
@@ -160,57 +330,53 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
                           head * p.prefix_stride_head;
     const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
                           head * p.suffix_stride_head;
-    T* output_row =
-        static_cast<T*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    // lane < vectors per row, so every thread owns at least this first vector.
-    // Its loads are issued before the lse arithmetic so that the data and the
-    // lse round trips to memory overlap instead of running back to back.
+    TOut* output_row =
+        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+    const float output_factor = detail::output_factor<TOut>(p);
+    // lane < threads per row, so every thread owns at least its first vector.
+    // The first turn's loads are issued before the lse arithmetic so that the data
+    // and the lse round trips to memory overlap instead of running back to back.
     const int64_t first = static_cast<int64_t>(lane) * kElems;
     const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
-    V a = detail::load_streaming<T, ELEMS>(prefix_row + first);
-    V b = detail::load_streaming<T, ELEMS>(suffix_row + first);
+    V a[VECS], b[VECS];
+    const auto load_turn = [&](int64_t base) {
+#pragma unroll
+      for (int v = 0; v < VECS; ++v) {
+        const int64_t d = base + v * step;
+        if (v == 0 || d < p.head_dim) {
+          a[v] = detail::load_streaming<T, ELEMS>(prefix_row + d);
+          b[v] = detail::load_streaming<T, ELEMS>(suffix_row + d);
+        }
+      }
+    };
+    load_turn(first);
 
-    const float prefix_lse =
-        __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token);
-    const float suffix_lse =
-        __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token);
-    const bool prefix_empty = detail::is_empty_state(prefix_lse);
-    const bool suffix_empty = detail::is_empty_state(suffix_lse);
-
-    float prefix_weight = 0.f, suffix_weight = 0.f;
-    if (prefix_empty && suffix_empty) {
-      merged_lse = -INFINITY;
-    } else {
-      // The empty side drops out exactly; a NaN lse stays NaN through exp.
-      const float m = prefix_empty ? suffix_lse : (suffix_empty ? prefix_lse : fmaxf(prefix_lse, suffix_lse));
-      const float prefix_scale = prefix_empty ? 0.f : expf(prefix_lse - m);
-      const float suffix_scale = suffix_empty ? 0.f : expf(suffix_lse - m);
-      const float total = prefix_scale + suffix_scale;
-      const float inv_total = __fdividef(1.f, total);
-      prefix_weight = prefix_scale * inv_total;
-      suffix_weight = suffix_scale * inv_total;
-      merged_lse = m + logf(total);
-      // fmaxf drops a NaN operand; put it back so a NaN lse is never hidden.
-      if (isnan(prefix_lse) || isnan(suffix_lse)) merged_lse = NAN;
-    }
+    const detail::TwoStateWeights w = detail::row_weights(p, token, head);
+    const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
+    const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
+    merged_lse = w.lse / p.lse_scale;
 
     // An empty state contributes nothing, not 0 * (whatever its output holds).
-    auto combine = [&](const V& x, const V& y) {
-      V out;
+    const auto store_turn = [&](int64_t base) {
 #pragma unroll
-      for (int i = 0; i < kElems; ++i) {
-        const float from_prefix = prefix_empty ? 0.f : Conv::to_float(x.elems[i]) * prefix_weight;
-        const float from_suffix = suffix_empty ? 0.f : Conv::to_float(y.elems[i]) * suffix_weight;
-        out.elems[i] = Conv::from_float(from_prefix + from_suffix);
+      for (int v = 0; v < VECS; ++v) {
+        const int64_t d = base + v * step;
+        if (v > 0 && d >= p.head_dim) continue;
+        detail::Vec<TOut, ELEMS> out;
+#pragma unroll
+        for (int i = 0; i < kElems; ++i) {
+          const float from_prefix = prefix_empty ? 0.f : Conv::to_float(a[v].elems[i]) * prefix_weight;
+          const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
+          out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_factor);
+        }
+        detail::store_streaming<TOut, ELEMS>(output_row + d, out);
       }
-      return out;
     };
-    detail::store_streaming<T, ELEMS>(output_row + first, combine(a, b));
-    // Only head dims wider than a whole block of vectors get here.
-    for (int64_t d = first + step; d < p.head_dim; d += step) {
-      a = detail::load_streaming<T, ELEMS>(prefix_row + d);
-      b = detail::load_streaming<T, ELEMS>(suffix_row + d);
-      detail::store_streaming<T, ELEMS>(output_row + d, combine(a, b));
+    store_turn(first);
+    // Only head dims wider than a whole block of turns get here.
+    for (int64_t base = first + VECS * step; base < p.head_dim; base += VECS * step) {
+      load_turn(base);
+      store_turn(base);
     }
   }
 
@@ -262,7 +428,7 @@ struct RunningMerge {
 #pragma unroll
     for (int u = 0; u < kMergeGroup; ++u) {
       const bool present = s0 + u < p.num_states;
-      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
+      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) * p.lse_scale : -INFINITY;
       if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
     }
     // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
@@ -297,15 +463,15 @@ struct RunningMerge {
     for (int i = 0; i < ELEMS; ++i) acc[i] += other_acc[i] * w;
   }
 
-  // Stores the merged vector at out_vec and returns the merged lse: 0 and -inf
-  // when every state is empty, NaN for both when any lse is NaN.
+  // Stores the merged vector at out_vec and returns the merged natural-log lse: 0
+  // and -inf when every state is empty, NaN for both when any lse is NaN.
   template <typename TOut>
-  __device__ __forceinline__ float finish(TOut* out_vec) const {
+  __device__ __forceinline__ float finish(TOut* out_vec, float output_factor) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
     const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
     Vec<TOut, ELEMS> out;
 #pragma unroll
-    for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<TOut>::from_float(acc[i] * inv_total);
+    for (int i = 0; i < ELEMS; ++i) out.elems[i] = to_output<TOut>(acc[i] * inv_total, output_factor);
     store_streaming<TOut, ELEMS>(out_vec, out);
     return all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
   }
@@ -331,8 +497,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   const int lane = threadIdx.x - local_row * layout.threads_per_row;
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
 
   float merged_lse = 0.f;
   if (active) {
@@ -346,7 +512,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
          d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
       detail::RunningMerge<TIn, ELEMS> merge;
       for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
-      merged_lse = merge.finish(output_row + d);
+      merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
     }
   }
 
@@ -354,7 +520,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     // Every thread of the block has read its input lse before any merged lse is written.
     __syncthreads();
     if (active && lane == 0) {
-      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
     }
   }
 }
@@ -382,8 +548,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   const int lane = within_row - slice * layout.threads_per_row;
   const int row = blockIdx.x * layout.rows_per_block + local_row;
   const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
-  const int token = active ? row / static_cast<int>(p.num_heads) : 0;
-  const int head = active ? row - token * static_cast<int>(p.num_heads) : 0;
+  int token = 0, head = 0;
+  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
   const int64_t d = static_cast<int64_t>(lane) * ELEMS;
 
   detail::RunningMerge<TIn, ELEMS> merge;
@@ -413,9 +579,141 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     }
     TOut* output_row =
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    const float merged_lse = merge.finish(output_row + d);
+    const float merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
     if (lane == 0 && p.output_lse != nullptr)
-      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
+      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
+  }
+}
+
+namespace detail {
+
+// The backward kernels give each (token, head) row one warp: its lanes split the
+// row's vectors, and the dot products over head_dim are summed with shuffles.
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ float dot_vec(const Vec<T, ELEMS>& x, const float* y) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) sum += Convert<T>::to_float(x.elems[i]) * y[i];
+  return sum;
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ void store_scaled(T* ptr, const float* values, float scale) {
+  Vec<T, ELEMS> out;
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<T>::from_float(values[i] * scale);
+  store_streaming<T, ELEMS>(ptr, out);
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ void load_floats(const T* ptr, float* values) {
+  const Vec<T, ELEMS> v = load_streaming<T, ELEMS>(ptr);
+#pragma unroll
+  for (int i = 0; i < ELEMS; ++i) values[i] = Convert<T>::to_float(v.elems[i]);
+}
+
+}  // namespace detail
+
+template <typename T, int ELEMS>
+__global__ void __launch_bounds__(detail::kBackwardThreads)
+    merge_attn_states_backward_kernel(const MergeBackwardParams p) {
+  const int lane = threadIdx.x % detail::kWarp;
+  int token, head;
+  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
+  const detail::TwoStateWeights w = detail::row_weights(p, token, head);
+  const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
+  const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
+
+  const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
+                        head * p.prefix_stride_head;
+  const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
+                        head * p.suffix_stride_head;
+  const T* grad_row = static_cast<const T*>(p.grad_output) + token * p.grad_output_stride_token +
+                      head * p.grad_output_stride_head;
+  T* grad_prefix_row = static_cast<T*>(p.grad_prefix_output) + token * p.grad_prefix_stride_token +
+                       head * p.grad_prefix_stride_head;
+  T* grad_suffix_row = static_cast<T*>(p.grad_suffix_output) + token * p.grad_suffix_stride_token +
+                       head * p.grad_suffix_stride_head;
+  float prefix_dot = 0.f, suffix_dot = 0.f;
+  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+    float grad[ELEMS];
+    detail::load_floats<T, ELEMS>(grad_row + d, grad);
+    // An empty state's output may hold anything (NaN): it stays out of the dot products.
+    if (!prefix_empty) prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(prefix_row + d), grad);
+    if (!suffix_empty) suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(suffix_row + d), grad);
+    detail::store_scaled<T, ELEMS>(grad_prefix_row + d, grad, prefix_weight);
+    detail::store_scaled<T, ELEMS>(grad_suffix_row + d, grad, suffix_weight);
+  }
+  prefix_dot = detail::warp_sum(prefix_dot);
+  suffix_dot = detail::warp_sum(suffix_dot);
+  if (lane == 0) {
+    const float grad_lse =
+        p.grad_lse == nullptr ? 0.f : p.grad_lse[head * p.grad_lse_stride_head + token * p.grad_lse_stride_token];
+    const float merged_dot = prefix_weight * prefix_dot + suffix_weight * suffix_dot;  // <d output, output>
+    p.grad_prefix_lse[head * p.grad_prefix_lse_stride_head + token * p.grad_prefix_lse_stride_token] =
+        prefix_weight * (p.lse_scale * (prefix_dot - merged_dot) + grad_lse);
+    p.grad_suffix_lse[head * p.grad_suffix_lse_stride_head + token * p.grad_suffix_lse_stride_token] =
+        suffix_weight * (p.lse_scale * (suffix_dot - merged_dot) + grad_lse);
+  }
+}
+
+// TIn: the states' (and their gradient's) dtype; TOut: the output's (and d output's).
+template <typename TIn, typename TOut, int ELEMS>
+__global__ void __launch_bounds__(detail::kBackwardThreads)
+    merge_states_backward_kernel(const MergeNBackwardParams p) {
+  const int lane = threadIdx.x % detail::kWarp;
+  int token, head;
+  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
+
+  float merged_lse =
+      __ldg(p.output_lse + head * p.output_lse_stride_head + token * p.output_lse_stride_token) * p.lse_scale;
+  // Every state is empty where the merged lse is -inf (their weights are 0 then).
+  if (merged_lse == -INFINITY) merged_lse = 0.f;
+  const TOut* grad_row = static_cast<const TOut*>(p.grad_output) + token * p.grad_output_stride_token +
+                         head * p.grad_output_stride_head;
+  const TOut* output_row =
+      static_cast<const TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
+  float merged_dot = 0.f;
+  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+    float grad[ELEMS];
+    detail::load_floats<TOut, ELEMS>(grad_row + d, grad);
+    merged_dot += detail::dot_vec<TOut, ELEMS>(detail::load_streaming<TOut, ELEMS>(output_row + d), grad);
+  }
+  merged_dot = detail::warp_sum(merged_dot);
+  const float grad_lse =
+      p.grad_lse == nullptr ? 0.f : __ldg(p.grad_lse + head * p.grad_lse_stride_head + token * p.grad_lse_stride_token);
+
+  for (int64_t s = 0; s < p.num_states; ++s) {
+    const float lse =
+        __ldg(p.lses + s * p.lses_stride_state + head * p.lses_stride_head + token * p.lses_stride_token) *
+        p.lse_scale;
+    const bool empty = detail::is_empty_state(lse);
+    const float weight = empty ? 0.f : expf(lse - merged_lse);  // NaN when either is NaN
+    const TIn* state_row = static_cast<const TIn*>(p.states) + s * p.states_stride_state +
+                           token * p.states_stride_token + head * p.states_stride_head;
+    TIn* grad_state_row = static_cast<TIn*>(p.grad_states) + s * p.grad_states_stride_state +
+                          token * p.grad_states_stride_token + head * p.grad_states_stride_head;
+    float dot = 0.f;
+    for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+      float grad[ELEMS];
+      // d output is read once per state; after the first it comes from the caches.
+      detail::Vec<TOut, ELEMS> g;
+      g.word = __ldg(reinterpret_cast<const typename detail::Vec<TOut, ELEMS>::WordType*>(grad_row + d));
+#pragma unroll
+      for (int i = 0; i < ELEMS; ++i) grad[i] = detail::Convert<TOut>::to_float(g.elems[i]);
+      if (!empty) dot += detail::dot_vec<TIn, ELEMS>(detail::load_streaming<TIn, ELEMS>(state_row + d), grad);
+      detail::store_scaled<TIn, ELEMS>(grad_state_row + d, grad, weight);
+    }
+    dot = detail::warp_sum(dot);
+    if (lane == 0)
+      p.grad_lses[s * p.grad_lses_stride_state + head * p.grad_lses_stride_head + token * p.grad_lses_stride_token] =
+          weight * (p.lse_scale * (dot - merged_dot) + grad_lse);
   }
 }
 
@@ -485,9 +783,11 @@ inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t strea
   const int64_t rows = p.num_tokens * p.num_heads;
   const int64_t few_blocks = 2 * static_cast<int64_t>(multiprocessor_count());
   RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
+  layout.heads_outer = p.lses_stride_token == 1 && (p.output_lse == nullptr || p.output_lse_stride_token == 1);
   while (2 * layout.slices * kMergeGroup <= p.num_states && row_blocks(layout, rows) < few_blocks) {
-    const RowLayout wider = row_layout(p.head_dim, ELEMS, kThreads, 2 * layout.slices);
+    RowLayout wider = row_layout(p.head_dim, ELEMS, kThreads, 2 * layout.slices);
     if (wider.rows_per_block == 0) break;
+    wider.heads_outer = layout.heads_outer;
     layout = wider;
   }
   if (layout.slices == 1) return launch_rows(merge_states_kernel<TIn, TOut, ELEMS>, p, layout, stream);
@@ -517,17 +817,32 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 
 // Host entry points. The caller has validated shapes, dtypes and devices and
 // guarantees tokens * heads < 2^31. Returns the launch status.
-template <typename T>
+// Vectors per row from which each thread of the two-state merge moves two per turn.
+constexpr int64_t kVecsFrom = 8;
+
+// TOut: T, or Fp8E4M3 / Fp8E5M2.
+template <typename T, typename TOut = T>
 cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0 || p.head_dim == 0) return cudaSuccess;
-  const void* ptrs[] = {p.output, p.prefix_output, p.suffix_output};
-  const int64_t strides[] = {p.output_stride_token, p.output_stride_head, p.prefix_stride_token,
-                             p.prefix_stride_head,  p.suffix_stride_token, p.suffix_stride_head};
-  const uint64_t bits = detail::alignment_bits(ptrs, 3, strides, 6, p.head_dim, sizeof(T));
-  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
+  const void* in_ptrs[] = {p.prefix_output, p.suffix_output};
+  const int64_t in_strides[] = {p.prefix_stride_token, p.prefix_stride_head, p.suffix_stride_token,
+                                p.suffix_stride_head};
+  const void* out_ptrs[] = {p.output};
+  const int64_t out_strides[] = {p.output_stride_token, p.output_stride_head};
+  const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 4, p.head_dim, sizeof(T));
+  const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, TOut>(in_bits, out_bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
-    const detail::RowLayout layout = detail::row_layout(p.head_dim, kElems, detail::kThreadsPerBlock<MergeParams>);
-    return detail::launch_rows(merge_attn_states_kernel<T, kElems>, p, layout, stream);
+    constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
+    const bool heads_outer = p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
+                             (p.output_lse == nullptr || p.output_lse_stride_token == 1);
+    // Two vectors per thread once a row has 8 (head_dim 64 in 16-bit types), else one.
+    const int64_t vecs_per_row = p.head_dim / kElems;
+    const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
+    detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
+    layout.heads_outer = heads_outer;
+    if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 2>, p, layout, stream);
+    return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 1>, p, layout, stream);
   });
 }
 
@@ -542,6 +857,45 @@ cudaError_t merge_states(const MergeNParams& p, cudaStream_t stream) {
   const uint64_t out_bits = detail::alignment_bits(out_ptrs, 1, out_strides, 2, p.head_dim, sizeof(TOut));
   return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
     return detail::launch_merge_states<TIn, TOut, decltype(e)::value>(p, stream);
+  });
+}
+
+
+template <typename T>
+cudaError_t merge_attn_states_backward(const MergeBackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.num_tokens * p.num_heads;
+  if (rows == 0 || p.head_dim == 0) return cudaSuccess;
+  const void* ptrs[] = {p.grad_prefix_output, p.grad_suffix_output, p.grad_output, p.prefix_output, p.suffix_output};
+  const int64_t strides[] = {p.grad_prefix_stride_token, p.grad_prefix_stride_head, p.grad_suffix_stride_token,
+                             p.grad_suffix_stride_head,  p.grad_output_stride_token, p.grad_output_stride_head,
+                             p.prefix_stride_token,      p.prefix_stride_head,       p.suffix_stride_token,
+                             p.suffix_stride_head};
+  const uint64_t bits = detail::alignment_bits(ptrs, 5, strides, 10, p.head_dim, sizeof(T));
+  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
+  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
+    merge_attn_states_backward_kernel<T, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+template <typename TIn, typename TOut>
+cudaError_t merge_states_backward(const MergeNBackwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.num_tokens * p.num_heads;
+  if (rows == 0 || p.head_dim == 0) return cudaSuccess;
+  const void* in_ptrs[] = {p.grad_states, p.states};
+  const int64_t in_strides[] = {p.grad_states_stride_state, p.grad_states_stride_token, p.grad_states_stride_head,
+                                p.states_stride_state,      p.states_stride_token,      p.states_stride_head};
+  const void* out_ptrs[] = {p.grad_output, p.output};
+  const int64_t out_strides[] = {p.grad_output_stride_token, p.grad_output_stride_head, p.output_stride_token,
+                                 p.output_stride_head};
+  const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 6, p.head_dim, sizeof(TIn));
+  const uint64_t out_bits = detail::alignment_bits(out_ptrs, 2, out_strides, 4, p.head_dim, sizeof(TOut));
+  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
+  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
+    merge_states_backward_kernel<TIn, TOut, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+    return cudaGetLastError();
   });
 }
 

@@ -6,6 +6,7 @@
 // messages happens in Python (splitkv/merge.py, splitkv/attention.py); the checks
 // here only say whether those would pass, or keep the ops from touching memory
 // they do not own.
+#include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Dtype.h>
@@ -34,6 +35,32 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
   }
 }
 
+bool is_fp8(at::ScalarType dtype) {
+  return dtype == at::ScalarType::Float8_e4m3fn || dtype == at::ScalarType::Float8_e5m2;
+}
+
+// Calls fn with a value of the kernel's output type: fp8 for an fp8 output, else T.
+template <typename T, typename Fn>
+void dispatch_output_dtype(at::ScalarType out_dtype, Fn&& fn) {
+  switch (out_dtype) {
+    case at::ScalarType::Float8_e4m3fn: return fn(splitkv::Fp8E4M3{});
+    case at::ScalarType::Float8_e5m2: return fn(splitkv::Fp8E5M2{});
+    default: return fn(T{});
+  }
+}
+
+// The fp8 output scale: a Python float, or a one-element float32 tensor on the
+// output's device (read by the kernel, so that it may change under graph replay).
+void set_output_scale(float& scale, const float*& scale_ptr, double output_scale,
+                      const std::optional<at::Tensor>& output_scale_tensor, const at::Tensor& output) {
+  scale = static_cast<float>(output_scale);
+  if (!output_scale_tensor) return;
+  const at::Tensor& t = *output_scale_tensor;
+  TORCH_CHECK(t.numel() == 1 && t.scalar_type() == at::kFloat && t.device() == output.device(),
+              "splitkv merge: output_scale must be a one-element float32 tensor on the output's device");
+  scale_ptr = t.data_ptr<float>();
+}
+
 bool has_expanded_dim(const at::Tensor& t) {
   for (int64_t i = 0; i < t.dim(); ++i)
     if (t.stride(i) == 0 && t.size(i) > 1) return true;
@@ -45,16 +72,17 @@ bool has_expanded_dim(const at::Tensor& t) {
 // the raw op and the eager fast path from touching memory they do not own, and
 // sends anything doubtful back to Python for its message.
 bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                     const at::Tensor& suffix_lse, const at::Tensor* output, const at::Tensor* output_lse) {
+                     const at::Tensor& suffix_lse, const at::Tensor* output, const at::Tensor* output_lse,
+                     bool fp8_output_allowed = false) {
   if (prefix_output.dim() != 3 || !prefix_output.is_cuda()) return false;
   const auto dtype = prefix_output.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   const auto device = prefix_output.device();
   const int64_t tokens = prefix_output.size(0), heads = prefix_output.size(1), head_dim = prefix_output.size(2);
   if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
-  const auto like_output = [&](const at::Tensor& t) {
-    return t.sizes() == prefix_output.sizes() && t.scalar_type() == dtype && t.device() == device &&
-           (head_dim <= 1 || t.stride(2) == 1);
+  const auto like_output = [&](const at::Tensor& t, bool fp8_allowed = false) {
+    return t.sizes() == prefix_output.sizes() && (t.scalar_type() == dtype || (fp8_allowed && is_fp8(t.scalar_type()))) &&
+           t.device() == device && (head_dim <= 1 || t.stride(2) == 1);
   };
   const auto like_lse = [&](const at::Tensor& t) {
     return t.dim() == 2 && t.size(0) == heads && t.size(1) == tokens && t.scalar_type() == at::kFloat &&
@@ -62,15 +90,18 @@ bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_l
   };
   if (!like_output(prefix_output) || !like_output(suffix_output) || !like_lse(prefix_lse) || !like_lse(suffix_lse))
     return false;
-  if (output != nullptr && (!like_output(*output) || has_expanded_dim(*output))) return false;
+  if (output != nullptr && (!like_output(*output, fp8_output_allowed) || has_expanded_dim(*output))) return false;
   if (output_lse != nullptr && (!like_lse(*output_lse) || has_expanded_dim(*output_lse))) return false;
   return true;
 }
 
 void launch_merge_attn_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& prefix_output,
                               const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                              const at::Tensor& suffix_lse) {
+                              const at::Tensor& suffix_lse, double lse_scale = 1.0, double output_scale = 1.0,
+                              const std::optional<at::Tensor>& output_scale_tensor = std::nullopt) {
   splitkv::MergeParams p{};
+  p.lse_scale = static_cast<float>(lse_scale);
+  set_output_scale(p.output_scale, p.output_scale_ptr, output_scale, output_scale_tensor, output);
   p.output = output.data_ptr();
   p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.prefix_output = prefix_output.data_ptr();
@@ -99,17 +130,90 @@ void launch_merge_attn_states(const at::Tensor& output, const at::Tensor* output
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_dtype(prefix_output.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(splitkv::merge_attn_states<T>(p, stream));
+    dispatch_output_dtype<T>(output.scalar_type(), [&](auto out_tag) {
+      using TOut = decltype(out_tag);
+      C10_CUDA_CHECK((splitkv::merge_attn_states<T, TOut>(p, stream)));
+    });
   });
 }
 
 void merge_attn_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& prefix_output,
                        const at::Tensor& prefix_lse, const at::Tensor& suffix_output,
-                       const at::Tensor& suffix_lse) {
+                       const at::Tensor& suffix_lse, double lse_scale, double output_scale,
+                       const std::optional<at::Tensor>& output_scale_tensor) {
   const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
-  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &output, lse_out),
+  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &output, lse_out, true),
               "splitkv::merge_attn_states: invalid arguments (splitkv.merge_attn_states says which)");
-  launch_merge_attn_states(output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse);
+  launch_merge_attn_states(output, lse_out, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale,
+                           output_scale, output_scale_tensor);
+}
+
+// Backward of the two-state merge into fresh gradient buffers (splitkv/merge.py
+// allocates them, contiguous, and has checked the inputs).
+void merge_attn_states_backward(at::Tensor& grad_prefix_output, at::Tensor& grad_prefix_lse,
+                                at::Tensor& grad_suffix_output, at::Tensor& grad_suffix_lse,
+                                const at::Tensor& grad_output, const std::optional<at::Tensor>& grad_lse,
+                                const at::Tensor& prefix_output, const at::Tensor& prefix_lse,
+                                const at::Tensor& suffix_output, const at::Tensor& suffix_lse, double lse_scale) {
+  TORCH_CHECK(merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &grad_prefix_output,
+                              &grad_prefix_lse) &&
+                  merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &grad_suffix_output,
+                                  &grad_suffix_lse) &&
+                  merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, &grad_output,
+                                  grad_lse ? &*grad_lse : nullptr),
+              "splitkv::merge_attn_states_backward: invalid arguments");
+  splitkv::MergeBackwardParams p{};
+  p.grad_prefix_output = grad_prefix_output.data_ptr();
+  p.grad_prefix_lse = grad_prefix_lse.data_ptr<float>();
+  p.grad_suffix_output = grad_suffix_output.data_ptr();
+  p.grad_suffix_lse = grad_suffix_lse.data_ptr<float>();
+  p.grad_output = grad_output.data_ptr();
+  p.grad_lse = grad_lse ? grad_lse->data_ptr<float>() : nullptr;
+  p.prefix_output = prefix_output.data_ptr();
+  p.prefix_lse = prefix_lse.data_ptr<float>();
+  p.suffix_output = suffix_output.data_ptr();
+  p.suffix_lse = suffix_lse.data_ptr<float>();
+  p.num_tokens = prefix_output.size(0);
+  p.num_heads = prefix_output.size(1);
+  p.head_dim = prefix_output.size(2);
+  p.grad_prefix_stride_token = grad_prefix_output.stride(0);
+  p.grad_prefix_stride_head = grad_prefix_output.stride(1);
+  p.grad_suffix_stride_token = grad_suffix_output.stride(0);
+  p.grad_suffix_stride_head = grad_suffix_output.stride(1);
+  p.grad_output_stride_token = grad_output.stride(0);
+  p.grad_output_stride_head = grad_output.stride(1);
+  p.prefix_stride_token = prefix_output.stride(0);
+  p.prefix_stride_head = prefix_output.stride(1);
+  p.suffix_stride_token = suffix_output.stride(0);
+  p.suffix_stride_head = suffix_output.stride(1);
+  p.grad_prefix_lse_stride_head = grad_prefix_lse.stride(0);
+  p.grad_prefix_lse_stride_token = grad_prefix_lse.stride(1);
+  p.grad_suffix_lse_stride_head = grad_suffix_lse.stride(0);
+  p.grad_suffix_lse_stride_token = grad_suffix_lse.stride(1);
+  if (grad_lse) {
+    p.grad_lse_stride_head = grad_lse->stride(0);
+    p.grad_lse_stride_token = grad_lse->stride(1);
+  }
+  p.prefix_lse_stride_head = prefix_lse.stride(0);
+  p.prefix_lse_stride_token = prefix_lse.stride(1);
+  p.suffix_lse_stride_head = suffix_lse.stride(0);
+  p.suffix_lse_stride_token = suffix_lse.stride(1);
+  p.lse_scale = static_cast<float>(lse_scale);
+  const c10::cuda::CUDAGuard guard(prefix_output.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_dtype(prefix_output.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(splitkv::merge_attn_states_backward<T>(p, stream));
+  });
+}
+
+// Whether autograd must see this call (an input requires grad): the eager fast
+// paths leave it to the differentiable Python path.
+bool grad_required(std::initializer_list<const at::Tensor*> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : inputs)
+    if (t->requires_grad()) return true;
+  return false;
 }
 
 bool cuda_disabled_by_env() {
@@ -140,7 +244,7 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
     return py::none();
   if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
                        has_output_lse ? &output_lse : nullptr) ||
-      cuda_disabled_by_env())
+      cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}))
     return py::none();
   if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options());
   if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
@@ -151,13 +255,15 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
 }
 
 // Whether the N-way kernel may run these arguments (same role as merge_inputs_ok).
-// float32 states may merge into a float16/bfloat16 output.
+// float32 states may merge into a float16/bfloat16 output, any states into fp8.
 bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, const at::Tensor& output,
                             const at::Tensor* output_lse) {
   if (states.dim() != 4 || !states.is_cuda() || states.size(0) == 0) return false;
   const auto dtype = states.scalar_type(), out_dtype = output.scalar_type();
   const auto is_float = [](at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16; };
-  if (!is_float(dtype) || !is_float(out_dtype) || (out_dtype != dtype && dtype != at::kFloat)) return false;
+  if (!is_float(dtype) || !(is_float(out_dtype) || is_fp8(out_dtype)) ||
+      (out_dtype != dtype && dtype != at::kFloat && !is_fp8(out_dtype)))
+    return false;
   const auto device = states.device();
   const int64_t num_states = states.size(0), tokens = states.size(1), heads = states.size(2),
                 head_dim = states.size(3);
@@ -177,8 +283,11 @@ bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, co
 }
 
 void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse, const at::Tensor& states,
-                         const at::Tensor& lses) {
+                         const at::Tensor& lses, double lse_scale = 1.0, double output_scale = 1.0,
+                         const std::optional<at::Tensor>& output_scale_tensor = std::nullopt) {
   splitkv::MergeNParams p{};
+  p.lse_scale = static_cast<float>(lse_scale);
+  set_output_scale(p.output_scale, p.output_scale_ptr, output_scale, output_scale_tensor, output);
   p.output = output.data_ptr();
   p.output_lse = output_lse != nullptr ? output_lse->data_ptr<float>() : nullptr;
   p.states = states.data_ptr();
@@ -202,6 +311,15 @@ void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse,
 
   const c10::cuda::CUDAGuard guard(states.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (is_fp8(output.scalar_type())) {
+    dispatch_dtype(states.scalar_type(), [&](auto tag) {
+      using TIn = decltype(tag);
+      dispatch_output_dtype<TIn>(output.scalar_type(), [&](auto out_tag) {
+        C10_CUDA_CHECK((splitkv::merge_states<TIn, decltype(out_tag)>(p, stream)));
+      });
+    });
+    return;
+  }
   const bool float_states = states.scalar_type() == at::kFloat;
   dispatch_dtype(output.scalar_type(), [&](auto out_tag) {
     using TOut = decltype(out_tag);
@@ -214,11 +332,73 @@ void launch_merge_states(const at::Tensor& output, const at::Tensor* output_lse,
 }
 
 void merge_states(at::Tensor& output, const std::optional<at::Tensor>& output_lse, const at::Tensor& states,
-                  const at::Tensor& lses) {
+                  const at::Tensor& lses, double lse_scale, double output_scale,
+                  const std::optional<at::Tensor>& output_scale_tensor) {
   const at::Tensor* lse_out = output_lse ? &*output_lse : nullptr;
   TORCH_CHECK(merge_states_inputs_ok(states, lses, output, lse_out),
               "splitkv::merge_states: invalid arguments (splitkv.merge_states says which)");
-  launch_merge_states(output, lse_out, states, lses);
+  launch_merge_states(output, lse_out, states, lses, lse_scale, output_scale, output_scale_tensor);
+}
+
+// Backward of the N-way merge into fresh gradient buffers (see merge_attn_states_backward).
+void merge_states_backward(at::Tensor& grad_states, at::Tensor& grad_lses, const at::Tensor& grad_output,
+                           const std::optional<at::Tensor>& grad_lse, const at::Tensor& states,
+                           const at::Tensor& lses, const at::Tensor& output, const at::Tensor& output_lse,
+                           double lse_scale) {
+  const bool ok = merge_states_inputs_ok(states, lses, output, &output_lse) &&
+                  merge_states_inputs_ok(states, lses, grad_output, grad_lse ? &*grad_lse : nullptr) &&
+                  grad_output.scalar_type() == output.scalar_type() && grad_states.sizes() == states.sizes() &&
+                  grad_states.scalar_type() == states.scalar_type() && grad_states.device() == states.device() &&
+                  (states.size(3) <= 1 || grad_states.stride(3) == 1) && grad_lses.sizes() == lses.sizes() &&
+                  grad_lses.scalar_type() == at::kFloat && grad_lses.device() == lses.device();
+  TORCH_CHECK(ok, "splitkv::merge_states_backward: invalid arguments");
+  splitkv::MergeNBackwardParams p{};
+  p.grad_states = grad_states.data_ptr();
+  p.grad_lses = grad_lses.data_ptr<float>();
+  p.grad_output = grad_output.data_ptr();
+  p.grad_lse = grad_lse ? grad_lse->data_ptr<float>() : nullptr;
+  p.states = states.data_ptr();
+  p.lses = lses.data_ptr<float>();
+  p.output = output.data_ptr();
+  p.output_lse = output_lse.data_ptr<float>();
+  p.num_states = states.size(0);
+  p.num_tokens = states.size(1);
+  p.num_heads = states.size(2);
+  p.head_dim = states.size(3);
+  p.grad_states_stride_state = grad_states.stride(0);
+  p.grad_states_stride_token = grad_states.stride(1);
+  p.grad_states_stride_head = grad_states.stride(2);
+  p.grad_output_stride_token = grad_output.stride(0);
+  p.grad_output_stride_head = grad_output.stride(1);
+  p.states_stride_state = states.stride(0);
+  p.states_stride_token = states.stride(1);
+  p.states_stride_head = states.stride(2);
+  p.output_stride_token = output.stride(0);
+  p.output_stride_head = output.stride(1);
+  p.grad_lses_stride_state = grad_lses.stride(0);
+  p.grad_lses_stride_head = grad_lses.stride(1);
+  p.grad_lses_stride_token = grad_lses.stride(2);
+  if (grad_lse) {
+    p.grad_lse_stride_head = grad_lse->stride(0);
+    p.grad_lse_stride_token = grad_lse->stride(1);
+  }
+  p.lses_stride_state = lses.stride(0);
+  p.lses_stride_head = lses.stride(1);
+  p.lses_stride_token = lses.stride(2);
+  p.output_lse_stride_head = output_lse.stride(0);
+  p.output_lse_stride_token = output_lse.stride(1);
+  p.lse_scale = static_cast<float>(lse_scale);
+  const c10::cuda::CUDAGuard guard(states.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool float_states = states.scalar_type() == at::kFloat;
+  dispatch_dtype(output.scalar_type(), [&](auto out_tag) {
+    using TOut = decltype(out_tag);
+    if (float_states) {
+      C10_CUDA_CHECK((splitkv::merge_states_backward<float, TOut>(p, stream)));
+    } else {
+      C10_CUDA_CHECK((splitkv::merge_states_backward<TOut, TOut>(p, stream)));
+    }
+  });
 }
 
 // The eager fast path of splitkv.merge_states (see merge_attn_states_eager).
@@ -229,7 +409,8 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
-  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env()) return py::none();
+  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}))
+    return py::none();
   if (!has_output) {
     at::ScalarType out_dtype = states.scalar_type();
     if (!output_dtype_obj.is_none()) {
@@ -295,6 +476,10 @@ bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, p
 // so in Python cost as much host time as the rest of the launch.
 class TritonLaunchCache {
  public:
+  // `scratch_params`: the pointers triton's launcher passes after the kernel's
+  // arguments (its global and profile scratch buffers, null here).
+  explicit TritonLaunchCache(int scratch_params) : scratch_params_(scratch_params) {}
+
   // Launches the kernel known for this specialisation of `args` (the kernel's
   // runtime arguments in order) under `config` (the launcher's number for the
   // constexprs and launch options) on CUDA device `device_index`, on its
@@ -320,7 +505,7 @@ class TritonLaunchCache {
         default: break;  // a constant of the compiled kernel: not passed
       }
     }
-    for (int i = 0; i < entry.trailing; ++i) params.add(static_cast<void*>(nullptr));
+    for (int i = 0; i < scratch_params_; ++i) params.add(static_cast<void*>(nullptr));
     // The kernel was loaded into this device's primary context, which the guard makes current.
     const c10::cuda::CUDAGuard guard(device_index);
     const CUresult result = splitkv::launch_compiled(entry.function, grid_dims, entry.threads, entry.shared,
@@ -335,7 +520,7 @@ class TritonLaunchCache {
   // splitkv/_triton_launch.py builds it, or None for a kernel that needs triton's
   // runner. The kernel is launched from C++ only if the kinds fit the arguments'
   // specialisation and the driver confirms that the kernel's parameters are those
-  // kinds, byte for byte, plus triton's trailing pointers; else triton keeps it.
+  // kinds, byte for byte, plus the scratch pointers; else triton keeps it.
   void add(int64_t config, c10::DeviceIndex device_index, py::tuple args, py::object entry) {
     Args values;
     std::string key;
@@ -345,14 +530,12 @@ class TritonLaunchCache {
       const auto fields = entry.cast<py::tuple>();
       const auto function = reinterpret_cast<CUfunction>(fields[0].cast<uintptr_t>());
       const std::string kinds = fields[3].cast<std::string>();
-      const int trailing =
-          fits(kinds, values, args.size()) ? splitkv::trailing_pointer_params(function, kinds.data(), kinds.size()) : -1;
-      if (trailing >= 0) {
+      if (fits(kinds, values, args.size()) &&
+          splitkv::params_match(function, kinds.data(), kinds.size(), scratch_params_)) {
         kept.function = function;
         kept.threads = fields[1].cast<unsigned>();
         kept.shared = fields[2].cast<unsigned>();
         kept.kinds = kinds;
-        kept.trailing = trailing;
       }
     }
     entries_[key] = std::move(kept);
@@ -372,7 +555,6 @@ class TritonLaunchCache {
     CUfunction function = nullptr;  // null: triton's runner launches it
     unsigned threads = 0, shared = 0;
     std::string kinds;
-    int trailing = 0;
   };
 
   // Specialisation codes of the arguments (what triton compiles a kernel for):
@@ -454,21 +636,36 @@ class TritonLaunchCache {
     return true;
   }
 
+  int scratch_params_;
   std::unordered_map<std::string, Entry> entries_;
 };
 
 }  // namespace
 
 TORCH_LIBRARY(splitkv, m) {
+  // lse_scale: the stored lse times lse_scale is the natural log (ln 2 for log2).
+  // output_scale (or the one float of output_scale_tensor): an fp8 output stores
+  // output / scale, saturated; ignored for other outputs.
   m.def(
       "merge_attn_states(Tensor(a!) output, Tensor(b!)? output_lse, Tensor prefix_output, Tensor prefix_lse, "
-      "Tensor suffix_output, Tensor suffix_lse) -> ()");
-  m.def("merge_states(Tensor(a!) output, Tensor(b!)? output_lse, Tensor states, Tensor lses) -> ()");
+      "Tensor suffix_output, Tensor suffix_lse, float lse_scale=1.0, float output_scale=1.0, "
+      "Tensor? output_scale_tensor=None) -> ()");
+  m.def("merge_states(Tensor(a!) output, Tensor(b!)? output_lse, Tensor states, Tensor lses, "
+        "float lse_scale=1.0, float output_scale=1.0, Tensor? output_scale_tensor=None) -> ()");
+  m.def(
+      "merge_attn_states_backward(Tensor(a!) grad_prefix_output, Tensor(b!) grad_prefix_lse, "
+      "Tensor(c!) grad_suffix_output, Tensor(d!) grad_suffix_lse, Tensor grad_output, Tensor? grad_lse, "
+      "Tensor prefix_output, Tensor prefix_lse, Tensor suffix_output, Tensor suffix_lse, float lse_scale) -> ()");
+  m.def(
+      "merge_states_backward(Tensor(a!) grad_states, Tensor(b!) grad_lses, Tensor grad_output, Tensor? grad_lse, "
+      "Tensor states, Tensor lses, Tensor output, Tensor output_lse, float lse_scale) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(splitkv, CUDA, m) {
   m.impl("merge_attn_states", &merge_attn_states);
   m.impl("merge_states", &merge_states);
+  m.impl("merge_attn_states_backward", &merge_attn_states_backward);
+  m.impl("merge_states_backward", &merge_states_backward);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -480,7 +677,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether the varlen attention arguments pass splitkv's checks (False: not sure, check in Python)");
   py::class_<TritonLaunchCache>(m, "TritonLaunchCache",
                                 "Kernels compiled by triton, launched from C++ (splitkv/_triton_launch.py)")
-      .def(py::init<>())
+      .def(py::init<int>(), py::arg("scratch_params") = 2)
       .def("launch", &TritonLaunchCache::launch)
       .def("add", &TritonLaunchCache::add)
       .def("function", &TritonLaunchCache::function)

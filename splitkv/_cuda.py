@@ -84,7 +84,8 @@ def _register_fakes() -> None:
         return
     # The ops only mutate their outputs, so under FakeTensor (torch.compile,
     # opcheck) they have nothing to compute: shapes are already fixed.
-    for op in ("splitkv::merge_attn_states", "splitkv::merge_states"):
+    for op in ("splitkv::merge_attn_states", "splitkv::merge_states", "splitkv::merge_attn_states_backward",
+               "splitkv::merge_states_backward"):  # fmt: skip
         torch.library.register_fake(op)(lambda *args: None)
     _fakes_registered = True
 

@@ -15,7 +15,9 @@ current stream. That takes kernels that need none of the runner's extras (no
 scratch memory, one CTA per cluster, no cooperative or programmatic launch, no
 launch hooks set when first launched), and only after the driver confirms,
 parameter by parameter, that the kernel takes the arguments as triton's signature
-of the specialisation says (``cuFuncGetParamInfo``). Any other kernel, and every
+of the specialisation says, followed by triton's two scratch pointers
+(``cuFuncGetParamInfo`` on those parameters only: a query past the last one would
+fail, which compute-sanitizer reports). Any other kernel, and every
 kernel when the CUDA extension cannot load (splitkv/_cuda.py; it is built on the
 first launch, as the merges build it) or ``SPLITKV_DISABLE_CUDA=1``, keeps
 triton's own launch. tests/test_attention_kernels.py checks on the GPU that the
@@ -39,6 +41,9 @@ from ._triton_support import interpreter_enabled
 # on the GPU; the 3.9 source is the same); other versions keep triton's own launch.
 _VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 _RUNNER_TESTED = (3, 6) <= _VERSION <= (3, 9)
+# Pointers triton 3.6 to 3.9's launcher passes after the kernel's arguments (its global
+# and profile scratch buffers): the C++ cache checks exactly these with the driver.
+_SCRATCH_PARAMS = 2
 # Argument kinds of csrc/compiled_launch.h, by triton's signature type.
 _KINDS = {"i32": "i", "i64": "l", "fp32": "f", "constexpr": "x"}
 
@@ -107,5 +112,5 @@ class CompiledLauncher:
         if _cuda.env_flag("SPLITKV_DISABLE_CUDA") or _cuda.load_error():
             self.enabled = False
             return None
-        self.cache = _cuda.eager_ops.TritonLaunchCache()
+        self.cache = _cuda.eager_ops.TritonLaunchCache(_SCRATCH_PARAMS)
         return self.cache

@@ -116,6 +116,41 @@ def bench_n_states(num_states, tokens, heads, head_dim, dtype_name, copy_tbs) ->
     return row
 
 
+def bench_training(tokens: int, heads: int, head_dim: int, copy_tbs: float) -> dict:
+    """The two-state merge's backward (the op autograd calls, gradient buffers allocated
+    as there) and the fp8 (e4m3) forward beside the bf16 one, bf16 inputs."""
+    states, lses = _inputs(2, tokens, heads, head_dim, torch.bfloat16)
+    args = (states[0], lses[0], states[1], lses[1])
+    grad_output, grad_lse = torch.randn_like(states[0]), torch.randn_like(lses[0])
+    row = {"tokens": tokens, "heads": heads, "head_dim": head_dim, "dtype": "bfloat16"}
+    rows = tokens * heads
+    # read prefix, suffix and d output, write both output gradients; lses, d lse and d lses
+    backward_bytes = rows * (5 * head_dim * states.element_size() + 5 * 4)
+    grad_op = torch.ops.splitkv.merge_attn_states_grad.default
+    for backend in ("triton", "cuda"):
+        row[f"backward_{backend}_ms"] = median_ms(
+            lambda b=backend: grad_op(grad_output, grad_lse, *args, 1.0, "ht", b)
+        )
+        row[f"backward_{backend}_tbs"] = backward_bytes / (row[f"backward_{backend}_ms"] * 1e-3) / 1e12
+    row["backward_cuda_pct_copy"] = 100 * row["backward_cuda_tbs"] / copy_tbs
+    got = grad_op(grad_output, grad_lse, *args, 1.0, "ht", "cuda")
+    want = grad_op(grad_output, grad_lse, *args, 1.0, "ht", "triton")
+    row["backward_diff_cuda_triton"] = max(_max_diff(g, w) for g, w in zip(got, want))
+    fp8 = torch.float8_e4m3fn
+    out8 = torch.empty(states[0].shape, dtype=fp8, device="cuda")
+    out_lse = torch.empty_like(lses[0])
+    out16 = torch.empty_like(states[0])
+    for backend in ("triton", "cuda"):
+        row[f"fp8_{backend}_ms"] = median_ms(
+            lambda b=backend: splitkv.merge_attn_states(*args, output=out8, output_lse=out_lse, output_scale=0.5,
+                                                        backend=b)  # fmt: skip
+        )
+        row[f"bf16_{backend}_ms"] = median_ms(
+            lambda b=backend: splitkv.merge_attn_states(*args, output=out16, output_lse=out_lse, backend=b)
+        )
+    return row
+
+
 def bench_host_overhead() -> dict:
     states, lses = _inputs(2, 1, 8, 128, torch.bfloat16)
     args = (states[0], lses[0], states[1], lses[1])
@@ -171,6 +206,7 @@ def main(argv=None) -> None:
         graphs = tokens <= 1024
         rows.append(bench_two_states(tokens, heads, head_dim, dtype_name, copy_tbs, graphs))
     n_rows = [bench_n_states(s, 4096, 32, 128, "bfloat16", copy_tbs) for s in (2, 4, 8, 16)]
+    t_rows = [bench_training(t, 32, 128, copy_tbs) for t in (4096, 65536)]
     overhead = bench_host_overhead()
 
     header = ["tokens", "heads", "headsize", "dtype", "device", "torch", "triton", "cuda", "speedup",
@@ -192,6 +228,17 @@ def main(argv=None) -> None:
          f"{r['diff_cuda_torch']:.3g}"]
         for r in n_rows
     ]  # fmt: skip
+    t_header = ["tokens", "heads", "headsize", "dtype", "backward triton", "backward cuda", "backward cuda TB/s",
+                "% copy", "fp8 fwd triton", "bf16 fwd triton", "fp8 fwd cuda", "bf16 fwd cuda",
+                "max diff bwd cuda/triton"]  # fmt: skip
+    t_table = [
+        [r["tokens"], r["heads"], r["head_dim"], r["dtype"], f"{r['backward_triton_ms']:.5f}ms",
+         f"{r['backward_cuda_ms']:.5f}ms", f"{r['backward_cuda_tbs']:.3f}", f"{r['backward_cuda_pct_copy']:.1f}%",
+         f"{r['fp8_triton_ms']:.5f}ms", f"{r['bf16_triton_ms']:.5f}ms", f"{r['fp8_cuda_ms']:.5f}ms",
+         f"{r['bf16_cuda_ms']:.5f}ms",
+         f"{r['backward_diff_cuda_triton']:.3g}"]
+        for r in t_rows
+    ]  # fmt: skip
     o_table = [[k, f"{v:.2f}" if isinstance(v, float) else v] for k, v in overhead.items()]
 
     preface = (
@@ -204,14 +251,18 @@ def main(argv=None) -> None:
         preface
         + "## Two-state merge\n\n" + markdown_table(header, table)
         + "\n## N-way merge\n\n" + markdown_table(n_header, n_table)
+        + "\n## Backward (two-state) and fp8 output\n\n" + markdown_table(t_header, t_table)
         + "\n## Host overhead per call (µs)\n\n" + markdown_table(["call", "µs"], o_table)
     )  # fmt: skip
-    payload = {"env": env, "copy_tbs": copy_tbs, "two_states": rows, "n_states": n_rows, "host_overhead": overhead}
+    payload = {"env": env, "copy_tbs": copy_tbs, "two_states": rows, "n_states": n_rows, "training": t_rows,
+               "host_overhead": overhead}  # fmt: skip
     write_outputs(args.out, "merge", payload, markdown)
     plot(rows, copy_tbs, env, args.out / "merge.png")
     print(text_table(header, table))
     print()
     print(text_table(n_header, n_table))
+    print()
+    print(text_table(t_header, t_table))
     print()
     print(text_table(["call", "µs"], o_table))
     print(f"\nwrote {args.out}/merge.json, merge.md, merge.png")

@@ -1,0 +1,162 @@
+"""LSE conventions (base e / 2, layout [heads, tokens] / [tokens, heads]) and fp8 outputs of
+both merges, against the float64 reference of tests/merge_reference.py."""
+
+import math
+
+import pytest
+import torch
+from merge_reference import random_states, reference_merge
+
+import splitkv
+
+ON_CUDA = torch.cuda.is_available()
+BACKENDS = ["torch", "triton"] + (["cuda"] if ON_CUDA else [])
+DEVICE = "cuda" if ON_CUDA else "cpu"
+
+
+def _device(backend):
+    return "cpu" if backend == "torch" else DEVICE
+
+
+def _to_convention(lse_ht: torch.Tensor, lse_base: str, lse_layout: str) -> torch.Tensor:
+    """A natural-log [.., heads, tokens] LSE stored in the given convention (a strided view for "th")."""
+    lse = lse_ht / math.log(2.0) if lse_base == "2" else lse_ht
+    return lse.transpose(-1, -2).contiguous().transpose(-1, -2).transpose(-1, -2) if lse_layout == "th" else lse
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lse_base,lse_layout", [("2", "ht"), ("e", "th"), ("2", "th")])
+def test_conventions_match_reference(backend, lse_base, lse_layout):
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(11)
+    states, lses = random_states(3, 5, 3, 24, torch.float32, device, gen)
+    want_out, want_lse = reference_merge(list(states), list(lses))
+    lses_conv = _to_convention(lses, lse_base, lse_layout)
+    assert lse_layout == "ht" or lses_conv.shape == (3, 5, 3)
+    factor = 1 / math.log(2.0) if lse_base == "2" else 1.0
+    want_lse_conv = want_lse * factor if lse_layout == "ht" else (want_lse * factor).t()
+    convention = {"lse_base": lse_base, "lse_layout": lse_layout, "backend": backend}
+
+    out, lse = splitkv.merge_states(states, lses_conv, **convention)
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-5, equal_nan=True)
+    torch.testing.assert_close(lse.double(), want_lse_conv, atol=1e-4, rtol=1e-5)
+    out2, lse2 = splitkv.merge_attn_states(states[0], lses_conv[0], states[1], lses_conv[1], **convention)
+    want2_out, want2_lse = reference_merge([states[0], states[1]], [lses[0], lses[1]])
+    torch.testing.assert_close(out2.double(), want2_out, atol=2e-5, rtol=2e-5)
+    want2 = want2_lse * factor if lse_layout == "ht" else (want2_lse * factor).t()
+    torch.testing.assert_close(lse2.double(), want2, atol=1e-4, rtol=1e-5)
+    # in place into a buffer of the convention's layout
+    buffer = torch.full_like(lses_conv[0], float("nan"))
+    splitkv.merge_attn_states(states[0], lses_conv[0], states[1], lses_conv[1], output_lse=buffer, **convention)
+    torch.testing.assert_close(buffer.double(), want2, atol=1e-4, rtol=1e-5)
+
+
+def test_bad_conventions_name_the_argument():
+    states = torch.randn(2, 3, 2, 8)
+    lses = torch.randn(2, 2, 3)
+    with pytest.raises(ValueError, match="lse_base must be 'e'"):
+        splitkv.merge_states(states, lses, lse_base="10")
+    with pytest.raises(ValueError, match="lse_layout must be 'ht'"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], lse_layout="TH")
+    with pytest.raises(ValueError, match=r"prefix_lse must be \[tokens, heads\]"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], lse_layout="th")
+
+
+def _quantised_reference(out64: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    limit = torch.finfo(dtype).max
+    return (out64 / scale).clamp(-limit, limit).to(dtype)
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                not ON_CUDA, reason="the Triton interpreter's fp8 cast rounds some values a binade low (-124 -> -64)"
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_fp8_output(backend, dtype, scale_kind):
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(12)
+    states, lses = random_states(2, 6, 2, 16, torch.bfloat16, device, gen)
+    states = states * 300  # some values beyond e4m3's 448 after the scale: saturated, not NaN
+    want_out, want_lse = reference_merge(list(states), list(lses))
+    scale = 0.5
+    output_scale = scale if scale_kind == "float" else torch.tensor([scale], device=device)
+    want = _quantised_reference(want_out, dtype, scale).float()
+    for out, lse in (
+        splitkv.merge_states(states, lses, output_dtype=dtype, output_scale=output_scale, backend=backend),
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=dtype,
+                                  output_scale=output_scale, backend=backend),  # fmt: skip
+    ):
+        assert out.dtype == dtype
+        got = out.float()
+        # one fp8 step apart at most (the merge rounds through float32 and bf16 inputs)
+        step = torch.where(want.abs() > 0, want.abs() * (2**-3 if dtype == torch.float8_e4m3fn else 2**-2), 1e-2)
+        assert ((got - want).abs() <= step).all()
+        assert not torch.isnan(got).any()
+        torch.testing.assert_close(lse.double(), want_lse, atol=1e-4, rtol=1e-5)
+    limit = torch.finfo(dtype).max
+    saturated, _ = splitkv.merge_states(states, lses, output_dtype=dtype, output_scale=1e-3, backend=backend)
+    assert saturated.float().abs().max() == limit
+    # without a scale: divided by 1, still saturated (a plain cast would give NaN for e4m3fn)
+    unscaled, _ = splitkv.merge_states(states * (limit / 100), lses, output_dtype=dtype, backend=backend)
+    assert unscaled.float().abs().max() == limit and not torch.isnan(unscaled.float()).any()
+
+
+def test_fp8_bad_scales():
+    states = torch.randn(2, 3, 2, 8)
+    lses = torch.randn(2, 2, 3)
+    fp8 = torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="output_scale must be finite and positive"):
+        splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=0.0)
+    with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor"):
+        splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=torch.ones(2))
+    with pytest.raises(ValueError, match="output_scale applies to an fp8 output only"):
+        splitkv.merge_states(states, lses, output_scale=2.0)
+    with pytest.raises(TypeError, match="the output dtype must be"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=torch.float16)
+    with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor on cpu"):
+        splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the CUDA ops need a CUDA device")
+def test_cuda_ops_opcheck_with_scales():
+    """The mutating CUDA ops with an LSE scale and an fp8 output scale (float and tensor)."""
+    from splitkv import _cuda
+
+    assert _cuda.load_error() == ""
+    gen = torch.Generator().manual_seed(13)
+    states, lses = random_states(2, 8, 2, 64, torch.bfloat16, "cuda", gen, inf_fraction=0)
+    out = torch.empty(8, 2, 64, dtype=torch.float8_e4m3fn, device="cuda")
+    out_lse = torch.empty(2, 8, device="cuda")
+    torch.library.opcheck(torch.ops.splitkv.merge_states.default, (out, out_lse, states, lses, math.log(2.0), 0.5, None))
+    scale = torch.tensor([0.5], device="cuda")
+    args = (out, out_lse, states[0], lses[0], states[1], lses[1], math.log(2.0), 1.0, scale)
+    torch.library.opcheck(torch.ops.splitkv.merge_attn_states.default, args)
+
+
+def test_compile_fullgraph_with_conventions_and_fp8():
+    """torch.compile(fullgraph=True) of the in-place (mutating op) path with log2 [tokens,
+    heads] LSEs and an fp8 output, against eager."""
+    gen = torch.Generator().manual_seed(14)
+    states, lses = random_states(3, 4, 2, 8, torch.float32, "cpu", gen)
+    lses_th = (lses / math.log(2.0)).transpose(1, 2).contiguous()
+
+    def merge(s, l):  # noqa: E741
+        out = torch.empty(4, 2, 8, dtype=torch.float8_e4m3fn)
+        lse = torch.empty(4, 2)
+        splitkv.merge_states(s, l, output=out, output_lse=lse, lse_base="2", lse_layout="th", output_scale=0.25,
+                             backend="torch")  # fmt: skip
+        return out.float(), lse
+
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(states, lses_th), merge(states, lses_th)):
+        torch.testing.assert_close(got, want, equal_nan=True)
