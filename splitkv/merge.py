@@ -383,7 +383,16 @@ def _merge_n_setup(ctx, inputs, output) -> None:
 
 
 def _merge_n_backward(ctx, grad_output, grad_lse):
-    grads = _merge_n_grad(grad_output, grad_lse, *ctx.saved_tensors, ctx.lse_scale, ctx.lse_layout, ctx.backend)
+    states, lses, output, output_lse = ctx.saved_tensors
+    if output.dtype != states.dtype:
+        # float32 partials merged into a float16/bfloat16 result: the backward's
+        # <grad_output, states_i - output> would read the rounded result and carry its
+        # rounding into the lses gradient (0.04-0.08 off at head_dim 128 in bf16, seen on
+        # the H200), so the backward reads the merge recomputed in the partials' dtype.
+        output, _ = _merge_n_differentiable(states, lses, states.dtype, ctx.lse_scale, ctx.lse_layout, ctx.backend)
+        grad_output = grad_output.to(states.dtype)
+    grads = _merge_n_grad(grad_output, grad_lse, states, lses, output, output_lse, ctx.lse_scale, ctx.lse_layout,
+                          ctx.backend)  # fmt: skip
     return (*grads, None, None, None, None)
 
 
@@ -509,9 +518,10 @@ def merge_states(
     """Merge ``num_states`` partial attention states in one pass (no chain of pairwise merges).
 
     Differentiable with respect to ``outputs`` and ``lses``, through the merged output
-    and LSE, on every backend (as :func:`merge_attn_states`; the CUDA and Triton
-    backwards read the merged output, so a float16/bfloat16 result rounds their
-    ``lses`` gradient to its precision; the torch backward recomputes it).
+    and LSE, on every backend (as :func:`merge_attn_states`). The backward reads the
+    merged output; where float32 partials were merged into a float16/bfloat16 result,
+    it recomputes that output in float32 first (one more forward pass), so the
+    rounding of the result does not reach the ``lses`` gradient.
 
     Args:
         outputs: ``[num_states, tokens, heads, head_dim]`` float32, float16 or

@@ -168,7 +168,7 @@ def test_bad_inputs_name_the_argument():
         splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, too_long, cu_seqlens_q, 1, 99,
                                          check_values=True)  # fmt: skip
     with pytest.raises(ValueError, match="max_seqlen_k"):
-        splitkv.paged_attention_with_lse(*args[:7], 5)
+        splitkv.paged_attention_with_lse(*args[:7], 5, check_values=True)
     with pytest.raises(ValueError, match="v_cache"):
         splitkv.paged_attention_with_lse(q, k_cache, v_cache[:, :2], *args[3:])
     with pytest.raises(TypeError, match="block_table"):
@@ -275,7 +275,13 @@ def test_plan_finds_the_tree_and_matches_float64(name):
     assert sorted((r.members, r.first_page, r.end_page) for r in plan.runs) == sorted(expected_runs)
     assert plan.shared and plan.kv_bytes_plan < plan.kv_bytes_plain
     wide = plan.launch_tables[0].reshape(-1, 9)[:, 8].tolist()
-    assert any(wide) == (name == "a run of wide tiles")
+    if CUDA:
+        # The GPU's row tiles come from launch_config's device sizes (a narrow tile of
+        # 16 rows), so other trees may take wide tiles too (on the H200 the 24-row item
+        # of "queries overlap the run" did); the interpreter's fixed tiles pin the rest.
+        assert any(wide) or name != "a run of wide tiles"
+    else:
+        assert any(wide) == (name == "a run of wide tiles")
     expected = float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, True)
     out = torch.full_like(q, math.nan)
     out, lse = splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton")
