@@ -10,13 +10,11 @@ split, so the count is chosen to fill the GPU about twice, no more.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
 from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from ._checks import expect_bool, expect_count
+from ._planning import choose_num_splits
 from .attention import (
     ATTENTION_BACKENDS,
     check_attention_inputs,
@@ -30,34 +28,9 @@ from .merge import merge_states
 
 __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 
-# A split shorter than this spends more on its partial state than it saves.
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 128
 # The kernel's grid names a split in 16 bits (triton_attention_with_lse).
 _MAX_USER_SPLITS = 65535
-# Query rows (query tokens x query heads of one KV head) one Triton program owns.
-_ROWS_PER_PROGRAM = 64
 _FLASH_BACKENDS = ("flash_attn", "torch")
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_num_splits(
-    num_sequences: int, heads_kv: int, rows_per_sequence: int, max_seqlen_k: int, device: torch.device
-) -> int:
-    """Split count that gives about two waves of programs on ``device``'s multiprocessors.
-
-    ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV head).
-    """
-    if max_seqlen_k <= _MIN_KEYS_PER_SPLIT or device.type != "cuda":
-        return 1
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / _ROWS_PER_PROGRAM))
-    wanted = math.ceil(2 * sms / programs)
-    return max(1, min(wanted, max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
 def triton_can_run(q: torch.Tensor) -> bool:
