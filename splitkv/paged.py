@@ -44,8 +44,14 @@ from ._checks import (
     expect_tensor,
 )
 from ._registry import Backend, BackendRegistry
-from .attention import _expect_seqlens, _flash_why_not, _seqlen_values_ok, _varlen_api, _varlen_attn_kwargs
-from .attention import _triton_why_not as _attention_triton_why_not
+from .attention import (
+    ATTENTION_BACKENDS,
+    _expect_seqlens,
+    _flash_why_not,
+    _seqlen_values_ok,
+    _varlen_api,
+    _varlen_attn_kwargs,
+)
 from .merge import merge_states
 
 __all__ = [
@@ -183,11 +189,12 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
 
 def _triton_why_not(q, k_cache, causal) -> str | None:
     # The paged kernel has the limits of the packed one (triton importable, head_dim <= 256, CUDA or interpreter).
-    return _attention_triton_why_not(q, k_cache, k_cache, causal, None, 0, 0)
+    return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, k_cache, causal, None, 0, 0)
 
 
 def _triton_why_not_auto(q, k_cache, causal) -> str | None:
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
+    if (not PAGED_BACKENDS["triton"].differentiable and torch.is_grad_enabled()
+            and (q.requires_grad or k_cache.requires_grad)):  # fmt: skip
         return "a gradient is required and the Triton kernel has no backward (the reference has)"
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
@@ -231,11 +238,21 @@ def _run_triton(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_s
 PAGED_BACKENDS = BackendRegistry(
     "paged_attention_with_lse",
     [
-        Backend("torch", _run_torch, _torch_why_not),
-        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto),
-        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None),
+        # flash attention's paged varlen_attn, in a torch that has it (not run yet: see
+        # _run_torch, which turns its +inf LSE of empty rows into -inf itself).
+        Backend("torch", _run_torch, _torch_why_not, dtypes=ATTENTION_BACKENDS["torch"].dtypes,
+                max_head_dim=ATTENTION_BACKENDS["torch"].max_head_dim, takes_seqused_k=True, takes_block_table=True,
+                empty_row_lse=-math.inf, differentiable=True),
+        # The Triton kernel is a torch custom op without a backward (auto keeps away under grad).
+        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto,
+                dtypes=ATTENTION_BACKENDS["triton"].dtypes, max_head_dim=ATTENTION_BACKENDS["triton"].max_head_dim,
+                writes_partial_states=True,
+                takes_seqused_k=True, takes_block_table=True, empty_row_lse=-math.inf),
+        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None,
+                dtypes=ATTENTION_BACKENDS["reference"].dtypes, takes_seqused_k=True, takes_block_table=True,
+                empty_row_lse=-math.inf, differentiable=True),
     ],
-)
+)  # fmt: skip
 
 
 def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,7 +400,9 @@ def explain_paged_attention(
 
     Returns:
         One line naming the chosen backend, then one line per backend with the reason
-        it was not chosen. Not differentiable (a report).
+        it was not chosen, each followed by a ``declares:`` line with its declared
+        facts (dtypes, head_dim limit, partial states, ``seqused_k``, block table,
+        differentiable, the LSE of a row that saw no key). Not differentiable (a report).
 
     Example:
         >>> import torch, splitkv

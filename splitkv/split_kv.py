@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from ._checks import expect_bool, expect_count
 from ._planning import choose_num_splits
 from .attention import (
@@ -30,14 +29,12 @@ __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 
 # The kernel's grid names a split in 16 bits (triton_attention_with_lse).
 _MAX_USER_SPLITS = 65535
-_FLASH_BACKENDS = ("flash_attn", "torch")
 
 
 def triton_can_run(q: torch.Tensor) -> bool:
-    """Whether the in-project Triton kernel (the only one that writes split states) runs ``q``."""
-    if TRITON_IMPORT_ERROR or q.shape[-1] > 256:
-        return False
-    return q.is_cuda or (q.device.type == "cpu" and interpreter_enabled())
+    """Whether the attention backend that writes split partial states (the in-project
+    Triton kernel, the one that declares it) runs ``q``: its ``why_not`` reads only ``q``."""
+    return ATTENTION_BACKENDS.first_with("writes_partial_states").why_not(q, q, q, False, None, 0, 0) is None
 
 
 def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
@@ -55,7 +52,8 @@ def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
         return False
     num_sequences = cu_seqlens_q.shape[0] - 1
     auto = ATTENTION_BACKENDS.select("auto", q, k, k, False, None, num_sequences, max_seqlen_q)
-    if max_seqlen_q <= 1 and auto.name in _FLASH_BACKENDS:
+    # The flash kernels write no partial states: they split a decode's keys themselves.
+    if max_seqlen_q <= 1 and not auto.writes_partial_states:
         return False
     return _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
 
