@@ -28,6 +28,7 @@ import functools
 import torch
 
 from ._checks import expect_bool, expect_count, expect_tensor
+from ._planning import CascadeEstimate, cascade_splits, estimate_cascade
 from .attention import (
     check_attention_inputs,
     check_sequence_values,
@@ -36,10 +37,10 @@ from .attention import (
     run_checked_attention,
 )
 from .merge import merge_attn_states, merge_states
-from ._planning import CascadeEstimate, cascade_splits, estimate_cascade
 from .split_kv import triton_can_run
 
 __all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_cascade", "use_cascade"]
+
 
 def use_cascade(
     num_sequences: int,
