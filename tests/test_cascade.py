@@ -260,7 +260,7 @@ def test_cost_model_bandwidth_follows_the_device(monkeypatch):
 
     devices = {
         0: SimpleNamespace(name="NVIDIA H100 80GB HBM3", memory_clock_rate=2_619_000, memory_bus_width=5120),
-        1: SimpleNamespace(name="NVIDIA H200", memory_clock_rate=3_201_000, memory_bus_width=6144),
+        1: SimpleNamespace(name="NVIDIA H200", memory_clock_rate=3_125_000, memory_bus_width=6144),  # 4.8 TB/s peak
         2: SimpleNamespace(name="NVIDIA H200"),  # a torch that does not report the memory clock
         3: SimpleNamespace(name="Some Future GPU"),
     }
@@ -273,7 +273,7 @@ def test_cost_model_bandwidth_follows_the_device(monkeypatch):
     fitted = _planning.FITTED_BYTES_PER_US
     # 2 x 2.619 GHz x 640 bytes = 3.35 TB/s peak, 90% of it copied: the H100's measured 3.0 TB/s.
     assert abs(rate[0] - 2 * 2.619e3 * 640 * 0.9 * fitted / 3.0e6) < 1 and abs(rate[0] / fitted - 1) < 0.01
-    assert abs(rate[1] - 2 * 3.201e3 * 768 * 0.9 * fitted / 3.0e6) < 1
+    assert abs(rate[1] - 2 * 3.125e3 * 768 * 0.9 * fitted / 3.0e6) < 1
     assert abs(rate[2] - 4.3e6 * fitted / 3.0e6) < 1 and rate[3] == fitted
     assert _planning.device_bytes_per_us(torch.device("cpu")) == _planning.device_bytes_per_us(None) == fitted
     # A faster memory makes the memory-bound estimates shorter.
@@ -281,6 +281,20 @@ def test_cost_model_bandwidth_follows_the_device(monkeypatch):
     monkeypatch.setattr(_planning, "device_bytes_per_us", lambda device: rate[1] if device is not None else fitted)
     on_h200 = _planning.estimate_cascade(*shape, device=torch.device("cuda", 1))
     assert on_h200.plain_us < estimate_cascade(*shape).plain_us
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a CUDA device's memory clock and bus width")
+def test_cost_model_bandwidth_of_this_gpu():
+    """On a device with a measured copy figure (H100, H200), the bandwidth derived from its
+    properties is within 10% of the one that figure gives."""
+    from splitkv import _planning
+
+    name = torch.cuda.get_device_properties(0).name
+    measured = [copy for known, copy in _planning._MEASURED_COPY_BYTES_PER_US.items() if known in name]
+    if not measured:
+        pytest.skip(f"no measured copy bandwidth for {name}")
+    want = _planning.FITTED_BYTES_PER_US * measured[0] / _planning._MEASURED_COPY_BYTES_PER_US["H100"]
+    assert abs(_planning.device_bytes_per_us(torch.device("cuda", 0)) / want - 1) < 0.1
 
 
 SPLIT_COUNTS = [None, 1, 3, 8]
