@@ -188,7 +188,16 @@ class CascadeEstimate(NamedTuple):
 def estimate_cascade(num_sequences: int, prefix_len: int, total_suffix_len: int, total_query_len: int, heads_q: int,
                      heads_kv: int, head_dim: int, element_size: int = 2,
                      device: torch.device | None = None) -> CascadeEstimate:  # fmt: skip
-    """Roofline estimate (bytes over ``device``'s bandwidth, flops over tensor-core rate, plus launches)."""
+    """Roofline estimate (bytes over ``device``'s bandwidth, flops over tensor-core rate, plus launches).
+
+    The counts are those of :func:`splitkv.use_cascade`; ``device`` (where the attention
+    runs) sets the bandwidth (:func:`device_bytes_per_us`): ``None`` or a CPU device
+    gives the H100 figures the model was fitted with. Not differentiable (it returns
+    floats).
+
+    Returns:
+        A :class:`CascadeEstimate` of µs.
+    """
     bytes_per_us = device_bytes_per_us(device)
     kv_token = 2 * heads_kv * head_dim * element_size  # one token of K and V
     out_bytes = total_query_len * heads_q * head_dim * element_size

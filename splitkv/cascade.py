@@ -62,7 +62,8 @@ def use_cascade(
     tokens, or in a long prefill, where the attention arithmetic (the same either
     way) dominates. The cost model (:func:`estimate_cascade`) is a roofline
     calibrated on an H100: on a CPU, or where host time dominates, its answer is
-    only indicative. Not differentiable (it returns a bool).
+    only indicative. It takes no device, so it answers with the H100's bandwidth;
+    :func:`cascade_attention` scales it to the device it runs on. Not differentiable (it returns a bool).
 
     What the answer means depends on the caller: :func:`cascade_attention` with
     ``cascade="auto"`` makes its own choice (counting the copy the plain path needs
