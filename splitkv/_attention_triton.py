@@ -23,12 +23,11 @@ import triton
 import triton.language as tl
 
 from ._triton_launch import CompiledLauncher
-from ._triton_support import interpreter_enabled
+from ._triton_support import TRITON_MAX_HEAD_DIM, interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
-_MAX_HEAD_DIM = 256
 _MIN_BLOCK_M = 16
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -541,8 +540,8 @@ def triton_attention_with_lse(
         raise ValueError(f"expected q [tokens, heads, head_dim] and k, v alike, got {q.shape}, {k.shape}, {v.shape}")
     total_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[1]
-    if k.shape[2] != head_dim or head_dim > _MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must match across q, k, v and be <= {_MAX_HEAD_DIM}")
+    if k.shape[2] != head_dim or head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match across q, k, v and be <= {TRITON_MAX_HEAD_DIM}")
     if heads_q % heads_kv != 0:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

@@ -42,7 +42,6 @@ from ._triton_support import interpreter_enabled
 _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 _LN2 = tl.constexpr(math.log(2.0))
-MAX_HEAD_DIM = 256
 
 # A plan's item table is int32 [items, ITEM_FIELDS]: block-table row, offset and count of
 # its tokens in the token list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key

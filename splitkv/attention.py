@@ -43,13 +43,14 @@ from ._checks import (
 )
 from ._lse import LOG2E, expect_lse_convention
 from ._registry import Backend, BackendRegistry
-from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
+from ._triton_support import TRITON_IMPORT_ERROR, TRITON_MAX_HEAD_DIM, interpreter_enabled
 
 __all__ = ["ATTENTION_BACKENDS", "attention_with_lse", "explain_attention"]
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
-_TRITON_MAX_HEAD_DIM = 256
+# flash-attn 2's largest head_dim, and the one of the copy bundled with PyTorch.
+_FLASH_MAX_HEAD_DIM = 256
 _TORCH_HAS_FLASH = hasattr(torch.ops.aten, "_flash_attention_forward")
 
 
@@ -78,8 +79,8 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sequen
     if q.dtype not in _HALF_DTYPES:
         return f"flash attention takes float16/bfloat16, got {q.dtype}"
     head_dim = q.shape[-1]
-    if head_dim > 256 or head_dim % 8 != 0:
-        return f"flash attention needs head_dim a multiple of 8 and <= 256, got {head_dim}"
+    if head_dim > _FLASH_MAX_HEAD_DIM or head_dim % 8 != 0:
+        return f"flash attention needs head_dim a multiple of 8 and <= {_FLASH_MAX_HEAD_DIM}, got {head_dim}"
     # Its kernels load rows 16 bytes at a time and fault on a misaligned view.
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.data_ptr() % 16 or t.stride(0) % 8 or t.stride(1) % 8:
@@ -98,7 +99,7 @@ def _flash_why_not(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_sequen
 def _flash_attn_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     if not _FLASH_ATTN_INSTALLED:
         return "the flash-attn package is not installed (pip install 'splitkv[flash]')"
-    if seqused_k is not None:
+    if seqused_k is not None and not ATTENTION_BACKENDS["flash_attn"].takes_seqused_k:
         return "flash-attn 2's flash_attn_varlen_func takes no seqused_k"
     return _flash_why_not(q, k, v, num_sequences, max_seqlen_q)
 
@@ -112,8 +113,9 @@ def _torch_flash_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q
 def _triton_why_not(q, k, v, causal, seqused_k, num_sequences, max_seqlen_q) -> str | None:
     if TRITON_IMPORT_ERROR:
         return f"triton is not importable ({TRITON_IMPORT_ERROR})"
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        return f"the Triton kernel takes head_dim <= {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}"
+    max_head_dim = ATTENTION_BACKENDS["triton"].max_head_dim
+    if q.shape[-1] > max_head_dim:
+        return f"the Triton kernel takes head_dim <= {max_head_dim}, got {q.shape[-1]}"
     if q.is_cuda or (q.device.type == "cpu" and interpreter_enabled()):
         return None
     return f"tensors are on {q.device.type}; Triton runs CUDA tensors (CPU ones under TRITON_INTERPRET=1)"
@@ -198,19 +200,25 @@ def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, seqused_k=seqused_k)  # fmt: skip
 
 
-# Backends whose kernels give a row that saw no key LSE +inf (flash-attn's convention).
-_POS_INF_EMPTY_ROWS = frozenset(("flash_attn", "torch"))
+_ALL_DTYPES = (*_HALF_DTYPES, torch.float32)
 
-#: The partial-attention backends in order of preference.
+#: The partial-attention backends in order of preference. Each is differentiable
+#: through attention_with_lse's custom op, whose backward recomputes the scores in
+#: torch math whichever backend ran the forward (register_attention_autograd).
 ATTENTION_BACKENDS = BackendRegistry(
     "attention_with_lse",
     [
-        Backend("flash_attn", _run_flash_attn, _flash_attn_why_not),
-        Backend("torch", _run_torch_flash, _torch_flash_why_not),
-        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto),
-        Backend("reference", reference_attention_with_lse, _no_reason),
+        Backend("flash_attn", _run_flash_attn, _flash_attn_why_not, dtypes=_HALF_DTYPES,
+                max_head_dim=_FLASH_MAX_HEAD_DIM, empty_row_lse=math.inf, differentiable=True),
+        Backend("torch", _run_torch_flash, _torch_flash_why_not, dtypes=_HALF_DTYPES, max_head_dim=_FLASH_MAX_HEAD_DIM,
+                takes_seqused_k=True, empty_row_lse=math.inf, differentiable=True),
+        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto, dtypes=_ALL_DTYPES,
+                max_head_dim=TRITON_MAX_HEAD_DIM, writes_partial_states=True, takes_seqused_k=True,
+                empty_row_lse=-math.inf, differentiable=True),
+        Backend("reference", reference_attention_with_lse, _no_reason, dtypes=_ALL_DTYPES, takes_seqused_k=True,
+                empty_row_lse=-math.inf, differentiable=True),
     ],
-)
+)  # fmt: skip
 
 
 def _expect_seqlens(name: str, cu_seqlens, device: torch.device, max_seqlen: int, max_name: str) -> None:
@@ -455,7 +463,7 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
         return out, lse
     out, lse = impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
-    if normalise_lse and impl.name in _POS_INF_EMPTY_ROWS:
+    if normalise_lse and impl.empty_row_lse == math.inf:
         lse = _empty_rows_to_neg_inf(lse)
     return out, lse
 
@@ -555,7 +563,10 @@ def explain_attention(
 
     Returns:
         One line naming the chosen backend, then one line per backend saying
-        ``chosen`` or why not.
+        ``chosen`` or why not, each followed by a ``declares:`` line with the facts
+        the backend declares (dtypes, head_dim limit, whether it writes split partial
+        states, takes ``seqused_k`` or a block table, is differentiable, and the LSE
+        its kernel gives a row that saw no key).
 
     Example:
         >>> import torch, splitkv

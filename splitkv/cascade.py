@@ -24,12 +24,11 @@ plain path itself when the model predicts it faster.
 from __future__ import annotations
 
 import functools
-import math
-from typing import NamedTuple
 
 import torch
 
 from ._checks import expect_bool, expect_count, expect_tensor
+from ._planning import CascadeEstimate, cascade_splits, estimate_cascade
 from .attention import (
     check_attention_inputs,
     check_sequence_values,
@@ -38,80 +37,9 @@ from .attention import (
     run_checked_attention,
 )
 from .merge import merge_attn_states, merge_states
-from .split_kv import (
-    _MAX_SPLITS,
-    _MIN_KEYS_PER_SPLIT,
-    _ROWS_PER_PROGRAM,
-    _multiprocessors,
-    choose_num_splits,
-    triton_can_run,
-)
+from .split_kv import triton_can_run
 
 __all__ = ["CascadeEstimate", "cascade_attention", "cascade_splits", "estimate_cascade", "use_cascade"]
-
-# Constants of the cost model, fitted on an H100 by earlier sessions: copy bandwidth
-# (read + write), the attention kernels' achieved tensor-core rate, a kernel's fixed
-# cost on the GPU timeline, and host time per call: a Triton launch and a torch op. A
-# call costs the larger of its GPU time and its host time, since the two overlap. The
-# Triton launch's host time predates its launch from C++ (splitkv/_triton_launch.py),
-# which shortened it, and has not been refitted since (benchmarks/NOTES.md).
-_BYTES_PER_US = 2.9e6
-_FLOPS_PER_US = 3.0e8
-_KERNEL_US = 3.0
-_TRITON_HOST_US = 40.0
-_TORCH_OP_HOST_US = 8.0
-# A prefix chunk holds at least this many times a suffix program's keys (cascade_splits).
-_PREFIX_CHUNK_FACTOR = 4
-# The single-launch cascade (no prefix chunks, no merge) is taken for an eager call
-# when its estimated GPU time fits in its host time (a Triton launch and two
-# allocations): it then costs that host time, below the split cascade's (two more
-# torch ops). Its GPU time, fitted to a sweep on the H100 (benchmarks/NOTES.md): each
-# program streams its prefix + suffix KV at up to _INLINE_PROGRAM_BYTES_PER_US, and a
-# multiprocessor's programs share _INLINE_SM_BYTES_PER_US (from L2: every sequence
-# reads the same prefix) after a fixed _INLINE_PROGRAM_US each.
-_INLINE_HOST_US = _TRITON_HOST_US + 2 * _TORCH_OP_HOST_US
-_INLINE_START_US = 5.0
-_INLINE_PROGRAM_US = 3.0
-_INLINE_PROGRAM_BYTES_PER_US = 3.3e4
-_INLINE_SM_BYTES_PER_US = 5.1e4
-
-
-class CascadeEstimate(NamedTuple):
-    """Predicted times (µs) of the ways to compute one shared-prefix batch."""
-
-    cascade_us: float  # shared prefix pass + suffix pass + N-way merge
-    plain_us: float  # one attention pass over per-sequence [prefix ; suffix_i] KV that already exists
-    materialise_us: float  # building that per-sequence KV from the prefix and the suffixes
-
-
-def estimate_cascade(
-    num_sequences: int,
-    prefix_len: int,
-    total_suffix_len: int,
-    total_query_len: int,
-    heads_q: int,
-    heads_kv: int,
-    head_dim: int,
-    element_size: int = 2,
-) -> CascadeEstimate:
-    """Roofline estimate (bytes over bandwidth, flops over tensor-core rate, plus launches)."""
-    kv_token = 2 * heads_kv * head_dim * element_size  # one token of K and V
-    out_bytes = total_query_len * heads_q * head_dim * element_size
-    # Both ways do the same attention arithmetic: 4 flops per query head, key and dim.
-    mean_keys = prefix_len + total_suffix_len / max(num_sequences, 1)
-    flops_us = 4.0 * total_query_len * heads_q * head_dim * mean_keys / _FLOPS_PER_US
-    # Cascade reads the prefix once and writes + reads float32 partial states (about
-    # two per pass) for the merge.
-    partial = 2 * 4 * total_query_len * heads_q * (head_dim + 1) * 4
-    cascade_bytes = (prefix_len + total_suffix_len) * kv_token + partial + out_bytes
-    cascade_gpu = max(cascade_bytes / _BYTES_PER_US, flops_us) + 2 * _KERNEL_US
-    # One Triton launch runs both passes; then two allocations and the merge.
-    cascade_us = max(cascade_gpu, _TRITON_HOST_US + 3 * _TORCH_OP_HOST_US)
-    plain_bytes = (num_sequences * prefix_len + total_suffix_len) * kv_token + out_bytes
-    plain_us = max(max(plain_bytes / _BYTES_PER_US, flops_us) + _KERNEL_US, 2 * _TORCH_OP_HOST_US)
-    built = (num_sequences * prefix_len + total_suffix_len) * kv_token
-    materialise_us = max((prefix_len * kv_token + 2 * built) / _BYTES_PER_US + 6 * _KERNEL_US, 8 * _TORCH_OP_HOST_US)
-    return CascadeEstimate(cascade_us, plain_us, materialise_us)
 
 
 def use_cascade(
@@ -134,7 +62,8 @@ def use_cascade(
     tokens, or in a long prefill, where the attention arithmetic (the same either
     way) dominates. The cost model (:func:`estimate_cascade`) is a roofline
     calibrated on an H100: on a CPU, or where host time dominates, its answer is
-    only indicative. Not differentiable (it returns a bool).
+    only indicative. It takes no device, so it answers with the H100's bandwidth;
+    :func:`cascade_attention` scales it to the device it runs on. Not differentiable (it returns a bool).
 
     What the answer means depends on the caller: :func:`cascade_attention` with
     ``cascade="auto"`` makes its own choice (counting the copy the plain path needs
@@ -340,7 +269,7 @@ def _cascade_impl(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_se
     if cascade == "auto":
         # The inputs come as prefix + suffixes, so the plain way must build [prefix ; suffix_i] first.
         estimate = estimate_cascade(num_sequences, prefix_len, suffix_k.shape[0], total_q, heads_q, heads_kv,
-                                    head_dim, q.element_size())  # fmt: skip
+                                    head_dim, q.element_size(), q.device)  # fmt: skip
         cascade = estimate.cascade_us <= estimate.plain_us + estimate.materialise_us
 
     if not cascade:
@@ -387,66 +316,6 @@ _cascade_op.register_fake(_cascade_fake)
 def _single_sequence_bounds(total: int, like: torch.Tensor) -> torch.Tensor:
     # [0, total] built on the device by a kernel (no host-to-device copy: graph-capturable).
     return torch.arange(2, device=like.device, dtype=torch.int32) * total
-
-
-def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: int, total_q: int, max_seqlen_q: int,
-                   max_seqlen_k: int, prefix_len: int, device: torch.device,
-                   element_size: int = 2) -> tuple[int, int]:  # fmt: skip
-    """``(prefix_splits, suffix_splits)``: key chunks of the shared prefix and of each suffix.
-
-    ``(0, 1)`` is the single-launch cascade: when the suffixes need no split and the
-    prefix is short enough that each sequence's programs can walk it themselves
-    within the launch's host time (the shapes where an eager call is host-bound),
-    they do, and write the final output; no partial states, no merge. Not while a
-    CUDA graph is being captured: a replay has no host time to save. Not for one
-    sequence either: its split launch merges its own states (:func:`cascade_stages`),
-    so the single launch would save it an allocation, and its few programs (one per
-    KV head) walk the prefix slower than the split ones.
-
-    Otherwise the suffix count is split-KV's (:func:`~splitkv.split_kv.choose_num_splits`). The
-    prefix pass runs in the same launch, so its programs share the GPU with the
-    suffix programs: the prefix gets enough chunks that both passes together fill
-    about two waves; beyond that, chunks of at least four times a suffix program's
-    keys (a prefix tile packs many queries' rows, so it streams its keys as fast as
-    a suffix program streams fewer), and only as many as keep the float32 partial
-    states they write (and the merge reads) within half the prefix KV's bytes.
-    Every chunk is one more state for the merge to read and one more float32 state
-    for the passes to write; on the H100 this rule's count was the fastest of a
-    sweep around it, or within 1% of it, in the headline decode cases
-    (benchmarks/NOTES.md). ``element_size``: bytes per K/V element.
-    """
-    group = heads_q // heads_kv
-    suffix_splits = choose_num_splits(num_sequences, heads_kv, max_seqlen_q * group, max_seqlen_k, device)
-    if device.type != "cuda":
-        return 1, suffix_splits
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    suffix_programs = num_sequences * heads_kv * math.ceil(max_seqlen_q * group / _ROWS_PER_PROGRAM) * suffix_splits
-    # A graph replay has no host time to save, and on the GPU alone the split launch was
-    # the faster in most shapes of the sweep the model was fitted to (benchmarks/NOTES.md).
-    if (suffix_splits == 1 and num_sequences > 1
-            and _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
-            <= _INLINE_HOST_US and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
-        return 0, 1
-    if prefix_len <= _MIN_KEYS_PER_SPLIT:
-        return 1, suffix_splits
-    prefix_tiles = heads_kv * math.ceil(total_q * group / _ROWS_PER_PROGRAM)
-    fill = math.ceil(max(0, 2 * sms - suffix_programs) / prefix_tiles)
-    suffix_chunk = max(_MIN_KEYS_PER_SPLIT, math.ceil(max_seqlen_k / suffix_splits))
-    balance = math.ceil(prefix_len / (_PREFIX_CHUNK_FACTOR * suffix_chunk))
-    # Per chunk: one [total_q, heads_q, head_dim + 1] float32 state written and read
-    # back; the prefix KV is 2 x prefix_len x heads_kv x head_dim elements.
-    prefix_kv_bytes = 2 * prefix_len * heads_kv * head_dim * element_size
-    state_cap = (prefix_kv_bytes // 2) // (total_q * heads_q * (head_dim + 1) * 4 * 2)
-    wanted = max(fill, min(balance, state_cap))
-    return max(1, min(wanted, _MAX_SPLITS, prefix_len // _MIN_KEYS_PER_SPLIT)), suffix_splits
-
-
-def _inline_prefix_gpu_us(programs: int, keys_per_program: int, head_dim: int, element_size: int, sms: int) -> float:
-    """Estimated GPU time of the single-launch cascade (see _INLINE_* above)."""
-    program_bytes = keys_per_program * 2 * head_dim * element_size
-    alone = program_bytes / _INLINE_PROGRAM_BYTES_PER_US
-    shared = programs / sms * (_INLINE_PROGRAM_US + program_bytes / _INLINE_SM_BYTES_PER_US)
-    return _INLINE_START_US + max(alone, shared)
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from . import split_kv as _split_kv
+from . import _planning
 from ._attention_reference import reference_attention_with_lse
 from ._checks import (
     expect_bool,
@@ -44,9 +44,14 @@ from ._checks import (
     expect_tensor,
 )
 from ._registry import Backend, BackendRegistry
-from .attention import _expect_seqlens, _flash_why_not, _seqlen_values_ok, _varlen_api, _varlen_attn_kwargs
-from .attention import _triton_why_not as _attention_triton_why_not
-from .cascade import _PREFIX_CHUNK_FACTOR
+from .attention import (
+    ATTENTION_BACKENDS,
+    _expect_seqlens,
+    _flash_why_not,
+    _seqlen_values_ok,
+    _varlen_api,
+    _varlen_attn_kwargs,
+)
 from .merge import merge_states
 
 __all__ = [
@@ -60,9 +65,6 @@ __all__ = [
 
 # flash-attn's paged KV takes pages of a multiple of this many tokens.
 _FLASH_PAGE_MULTIPLE = 256
-# Bytes a kept shared level must save beyond its partial states: its programs' fixed
-# cost and the merge's extra state per token, about 0.3 us of HBM time on an H200.
-_LEVEL_OVERHEAD_BYTES = 1 << 20
 # An item's first empty state slot when it writes none (past any state count).
 _NO_PADDING = 1 << 30
 # Rows of a shared run's tile, at most.
@@ -187,11 +189,12 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
 
 def _triton_why_not(q, k_cache, causal) -> str | None:
     # The paged kernel has the limits of the packed one (triton importable, head_dim <= 256, CUDA or interpreter).
-    return _attention_triton_why_not(q, k_cache, k_cache, causal, None, 0, 0)
+    return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, k_cache, causal, None, 0, 0)
 
 
 def _triton_why_not_auto(q, k_cache, causal) -> str | None:
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad):
+    if (not PAGED_BACKENDS["triton"].differentiable and torch.is_grad_enabled()
+            and (q.requires_grad or k_cache.requires_grad)):  # fmt: skip
         return "a gradient is required and the Triton kernel has no backward (the reference has)"
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
@@ -224,7 +227,7 @@ def _run_triton(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_s
                 softmax_scale, num_splits=None):  # fmt: skip
     if num_splits is None:
         group = q.shape[1] // k_cache.shape[2]
-        num_splits = _split_kv.choose_num_splits(block_table.shape[0], k_cache.shape[2], max_seqlen_q * group,
+        num_splits = _planning.choose_num_splits(block_table.shape[0], k_cache.shape[2], max_seqlen_q * group,
                                                  max_seqlen_k, q.device)  # fmt: skip
     run = _paged_attention_op if torch.compiler.is_compiling() else _paged_attention_impl
     return run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
@@ -235,11 +238,21 @@ def _run_triton(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_s
 PAGED_BACKENDS = BackendRegistry(
     "paged_attention_with_lse",
     [
-        Backend("torch", _run_torch, _torch_why_not),
-        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto),
-        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None),
+        # flash attention's paged varlen_attn, in a torch that has it (not run yet: see
+        # _run_torch, which turns its +inf LSE of empty rows into -inf itself).
+        Backend("torch", _run_torch, _torch_why_not, dtypes=ATTENTION_BACKENDS["torch"].dtypes,
+                max_head_dim=ATTENTION_BACKENDS["torch"].max_head_dim, takes_seqused_k=True, takes_block_table=True,
+                empty_row_lse=-math.inf, differentiable=True),
+        # The Triton kernel is a torch custom op without a backward (auto keeps away under grad).
+        Backend("triton", _run_triton, _triton_why_not, _triton_why_not_auto,
+                dtypes=ATTENTION_BACKENDS["triton"].dtypes, max_head_dim=ATTENTION_BACKENDS["triton"].max_head_dim,
+                writes_partial_states=True,
+                takes_seqused_k=True, takes_block_table=True, empty_row_lse=-math.inf),
+        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None,
+                dtypes=ATTENTION_BACKENDS["reference"].dtypes, takes_seqused_k=True, takes_block_table=True,
+                empty_row_lse=-math.inf, differentiable=True),
     ],
-)
+)  # fmt: skip
 
 
 def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -387,7 +400,9 @@ def explain_paged_attention(
 
     Returns:
         One line naming the chosen backend, then one line per backend with the reason
-        it was not chosen. Not differentiable (a report).
+        it was not chosen, each followed by a ``declares:`` line with its declared
+        facts (dtypes, head_dim limit, partial states, ``seqused_k``, block table,
+        differentiable, the LSE of a row that saw no key). Not differentiable (a report).
 
     Example:
         >>> import torch, splitkv
@@ -519,10 +534,11 @@ class CascadePlan:
         """
         lines = [f"cascade plan: {len(self.runs)} shared runs, {sum(r.kept for r in self.runs)} kept, "
                  f"{self.num_states} states per query; KV bytes {self.kv_bytes_plan} (plain {self.kv_bytes_plain})"]
+        overhead = _planning.LEVEL_OVERHEAD_BYTES
         for run in self.runs:
             verdict = "shared" if run.kept else "not shared"
             lines.append(f"  run pages [{run.first_page}, {run.end_page}) of sequences {run.members}: {verdict} "
-                         f"(saves {run.saved_bytes} B, states cost {run.state_bytes} B + {_LEVEL_OVERHEAD_BYTES} B)")
+                         f"(saves {run.saved_bytes} B, states cost {run.state_bytes} B + {overhead} B)")
         return "\n".join(lines)
 
 
@@ -552,30 +568,22 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates: list[int]) -> 
 
 
 def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, device: torch.device) -> int:
-    return _split_kv.choose_num_splits(1, heads_kv, tokens * rows_per_token, keys, device)
+    return _planning.choose_num_splits(1, heads_kv, tokens * rows_per_token, keys, device)
 
 
 def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: int, heads_kv: int, head_dim: int,
                    element_size: int, device: torch.device, num_splits: int | None) -> list[int]:  # fmt: skip
     """Key chunks of each kept run, ``runs`` as ``(keys, tokens, row_blocks)``, by the rule
-    of the packed cascade's prefix (:func:`splitkv.cascade.cascade_splits`, swept on an
-    H100): the runs share one launch with the sequences' own programs
-    (``last_programs``), so they get enough chunks that all together fill the GPU about
-    twice; beyond that, chunks of at least four times an own-level program's keys
-    (``suffix_chunk``), and only as many as keep their float32 states within half the
-    run's KV bytes."""
+    of the packed cascade's prefix (``_planning.shared_level_splits``, swept on an H100):
+    the runs share one launch with the sequences' own programs (``last_programs``), so
+    together they fill the GPU about twice; ``suffix_chunk`` is an own-level program's keys."""
     if num_splits is not None or device.type != "cuda":
         return [num_splits or 1 for _ in runs]
-    sms = _split_kv._multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    sms = _planning.multiprocessors(_planning.device_index(device))
     tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
-    fill = -(-max(0, 2 * sms - last_programs) // max(tiles, 1))
-    splits = []
-    for keys, tokens, _row_blocks in runs:
-        balance = -(-keys // (_PREFIX_CHUNK_FACTOR * suffix_chunk))
-        state_cap = (keys * heads_kv * head_dim * element_size) // (tokens * heads_q * (head_dim + 1) * 4 * 2)
-        wanted = max(fill, min(balance, state_cap))
-        splits.append(max(1, min(wanted, _split_kv._MAX_SPLITS, keys // _split_kv._MIN_KEYS_PER_SPLIT)))
-    return splits
+    fill = _planning.fill_chunks(sms, last_programs, tiles)
+    return [_planning.shared_level_splits(keys, tokens, fill, suffix_chunk, heads_q, heads_kv, head_dim, element_size)
+            for keys, tokens, _row_blocks in runs]  # fmt: skip
 
 
 def plan_cascade(
@@ -715,7 +723,7 @@ def plan_cascade(
         # adds a float32 state per token, written and read back by the merge.
         saved = (len(members) - row_blocks) * keys * kv_token
         cost = tokens * state_token * (num_splits or _level_splits(tokens, group, keys, heads_kv, device))
-        kept = user_runs or share == "always" or saved > cost + _LEVEL_OVERHEAD_BYTES
+        kept = user_runs or share == "always" or saved > cost + _planning.LEVEL_OVERHEAD_BYTES
         runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
         if kept and keys > 0:
             kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
@@ -726,7 +734,7 @@ def plan_cascade(
     if num_splits is not None:
         last_splits = num_splits
     else:
-        last_splits = _split_kv.choose_num_splits(len(with_queries), heads_kv, max_q * group, max(suffix_keys, 1),
+        last_splits = _planning.choose_num_splits(len(with_queries), heads_kv, max_q * group, max(suffix_keys, 1),
                                                   device)  # fmt: skip
     # One launch: the sequences' own programs take the narrow row tile of their
     # queries; runs with more rows than it the wide tile of the largest run.
@@ -738,7 +746,7 @@ def plan_cascade(
     run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
                   for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
     last_programs = sum(-(-int(q_lens[i]) * group // narrow[1]) for i in with_queries) * heads_kv * last_splits
-    suffix_chunk = max(_split_kv._MIN_KEYS_PER_SPLIT, -(-suffix_keys // last_splits))
+    suffix_chunk = _planning.suffix_chunk_keys(suffix_keys, last_splits)
     splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
                                num_splits)  # fmt: skip
     items = []  # (block_m, row, tokens, key_lo, key_hi, first state, splits, first empty state)

@@ -10,13 +10,10 @@ split, so the count is chosen to fill the GPU about twice, no more.
 
 from __future__ import annotations
 
-import functools
-import math
-
 import torch
 
-from ._triton_support import TRITON_IMPORT_ERROR, interpreter_enabled
 from ._checks import expect_bool, expect_count
+from ._planning import choose_num_splits
 from .attention import (
     ATTENTION_BACKENDS,
     check_attention_inputs,
@@ -30,41 +27,14 @@ from .merge import merge_states
 
 __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 
-# A split shorter than this spends more on its partial state than it saves.
-_MIN_KEYS_PER_SPLIT = 256
-_MAX_SPLITS = 128
 # The kernel's grid names a split in 16 bits (triton_attention_with_lse).
 _MAX_USER_SPLITS = 65535
-# Query rows (query tokens x query heads of one KV head) one Triton program owns.
-_ROWS_PER_PROGRAM = 64
-_FLASH_BACKENDS = ("flash_attn", "torch")
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def choose_num_splits(
-    num_sequences: int, heads_kv: int, rows_per_sequence: int, max_seqlen_k: int, device: torch.device
-) -> int:
-    """Split count that gives about two waves of programs on ``device``'s multiprocessors.
-
-    ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV head).
-    """
-    if max_seqlen_k <= _MIN_KEYS_PER_SPLIT or device.type != "cuda":
-        return 1
-    sms = _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
-    programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / _ROWS_PER_PROGRAM))
-    wanted = math.ceil(2 * sms / programs)
-    return max(1, min(wanted, max_seqlen_k // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
 def triton_can_run(q: torch.Tensor) -> bool:
-    """Whether the in-project Triton kernel (the only one that writes split states) runs ``q``."""
-    if TRITON_IMPORT_ERROR or q.shape[-1] > 256:
-        return False
-    return q.is_cuda or (q.device.type == "cpu" and interpreter_enabled())
+    """Whether the attention backend that writes split partial states (the in-project
+    Triton kernel, the one that declares it) runs ``q``: its ``why_not`` reads only ``q``."""
+    return ATTENTION_BACKENDS.first_with("writes_partial_states").why_not(q, q, q, False, None, 0, 0) is None
 
 
 def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
@@ -82,7 +52,8 @@ def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
         return False
     num_sequences = cu_seqlens_q.shape[0] - 1
     auto = ATTENTION_BACKENDS.select("auto", q, k, k, False, None, num_sequences, max_seqlen_q)
-    if max_seqlen_q <= 1 and auto.name in _FLASH_BACKENDS:
+    # The flash kernels write no partial states: they split a decode's keys themselves.
+    if max_seqlen_q <= 1 and not auto.writes_partial_states:
         return False
     return _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
 

@@ -171,6 +171,30 @@ def test_auto_choice_and_explain():
         assert first.endswith("-> flash_attn" if _FLASH_ATTN_INSTALLED else "-> torch"), report
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_backends_declare_what_they_do(backend, generator):
+    """A backend's declared facts hold: its run gives a row that saw no key the declared
+    LSE, a head_dim above its declared limit is refused, and explain_attention prints them."""
+    from splitkv.attention import ATTENTION_BACKENDS
+
+    declared = ATTENTION_BACKENDS[backend]
+    dtype = declared.dtypes[-1]
+    q = random_tokens(3, 4, 16, dtype, DEVICE, generator)
+    k = v = random_tokens(2, 2, 16, dtype, DEVICE, generator)
+    cu_q, cu_k = cu_seqlens([1, 2], DEVICE), cu_seqlens([0, 2], DEVICE)  # the first sequence has no key
+    _, raw_lse = declared.run(q, k, v, cu_q, cu_k, 2, 2, False, 0.25, None)
+    assert (raw_lse[:, 0] == declared.empty_row_lse).all() and raw_lse[:, 1:].isfinite().all()
+    _, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 2, 2, softmax_scale=0.25, backend=backend)
+    assert (lse[:, 0] == float("-inf")).all()
+    if declared.max_head_dim is not None:
+        wide = q.new_zeros((3, 4, declared.max_head_dim + 8))
+        reason = declared.why_not(wide, wide, wide, False, None, 2, 2)
+        assert reason is not None and "head_dim" in reason
+    report = splitkv.explain_attention(q, k, v, cu_q, cu_k, 2, 2)
+    assert f"  {backend}: " in report and f"    declares: {declared.declared()}" in report
+    assert ("partial states" in declared.declared()) == declared.writes_partial_states
+
+
 def test_old_flash_attn_padded_lse_layout():
     """flash-attn < 2.6 returned LSE as [batch, heads, max_seqlen_q]; it is unpadded to [heads, total_q]."""
     lens = [2, 0, 3]

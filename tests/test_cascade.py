@@ -161,10 +161,9 @@ def test_cascade_split_counts(monkeypatch):
     alongside the suffix programs, and otherwise never more partial-state bytes than
     half the prefix KV; the headline cases get the counts measured fastest on the H100;
     short prefixes run as the single-launch cascade, except under graph capture."""
-    from splitkv import split_kv
+    from splitkv import _planning
 
-    for module in (cascade_module, split_kv):
-        monkeypatch.setattr(module, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(_planning, "multiprocessors", lambda index: 132)
     capturing = False
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     gpu = torch.device("cuda", 0)
@@ -249,6 +248,53 @@ def test_cost_model():
     assert not splitkv.use_cascade(64, 2, 64 * 4096, 64, heads_q=32, heads_kv=8, head_dim=128)
     # A long prefill is bound by the same arithmetic either way.
     assert not splitkv.use_cascade(4, 1024, 4 * 4096, 4 * 4096, heads_q=32, heads_kv=8, head_dim=128)
+
+
+def test_cost_model_bandwidth_follows_the_device(monkeypatch):
+    """The model's bandwidth: the H100 fit scaled by the device's copy bandwidth, from its
+    memory clock and bus width, else from a table of measured devices by name, else the
+    H100's; the H100 fit itself on a CPU device or for no device."""
+    from types import SimpleNamespace
+
+    from splitkv import _planning
+
+    devices = {
+        0: SimpleNamespace(name="NVIDIA H100 80GB HBM3", memory_clock_rate=2_619_000, memory_bus_width=5120),
+        1: SimpleNamespace(name="NVIDIA H200", memory_clock_rate=3_125_000, memory_bus_width=6144),  # 4.8 TB/s peak
+        2: SimpleNamespace(name="NVIDIA H200"),  # a torch that does not report the memory clock
+        3: SimpleNamespace(name="Some Future GPU"),
+    }
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: devices[index])
+    _planning._bytes_per_us_of.cache_clear()
+    try:
+        rate = {index: _planning.device_bytes_per_us(torch.device("cuda", index)) for index in devices}
+    finally:
+        _planning._bytes_per_us_of.cache_clear()
+    fitted = _planning.FITTED_BYTES_PER_US
+    # 2 x 2.619 GHz x 640 bytes = 3.35 TB/s peak, 90% of it copied: the H100's measured 3.0 TB/s.
+    assert abs(rate[0] - 2 * 2.619e3 * 640 * 0.9 * fitted / 3.0e6) < 1 and abs(rate[0] / fitted - 1) < 0.01
+    assert abs(rate[1] - 2 * 3.125e3 * 768 * 0.9 * fitted / 3.0e6) < 1
+    assert abs(rate[2] - 4.3e6 * fitted / 3.0e6) < 1 and rate[3] == fitted
+    assert _planning.device_bytes_per_us(torch.device("cpu")) == _planning.device_bytes_per_us(None) == fitted
+    # A faster memory makes the memory-bound estimates shorter.
+    shape = (64, 8192, 64 * 512, 64, 32, 8, 128)
+    monkeypatch.setattr(_planning, "device_bytes_per_us", lambda device: rate[1] if device is not None else fitted)
+    on_h200 = _planning.estimate_cascade(*shape, device=torch.device("cuda", 1))
+    assert on_h200.plain_us < estimate_cascade(*shape).plain_us
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="reads a CUDA device's memory clock and bus width")
+def test_cost_model_bandwidth_of_this_gpu():
+    """On a device with a measured copy figure (H100, H200), the bandwidth derived from its
+    properties is within 10% of the one that figure gives."""
+    from splitkv import _planning
+
+    name = torch.cuda.get_device_properties(0).name
+    measured = [copy for known, copy in _planning._MEASURED_COPY_BYTES_PER_US.items() if known in name]
+    if not measured:
+        pytest.skip(f"no measured copy bandwidth for {name}")
+    want = _planning.FITTED_BYTES_PER_US * measured[0] / _planning._MEASURED_COPY_BYTES_PER_US["H100"]
+    assert abs(_planning.device_bytes_per_us(torch.device("cuda", 0)) / want - 1) < 0.1
 
 
 SPLIT_COUNTS = [None, 1, 3, 8]
