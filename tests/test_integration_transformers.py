@@ -247,6 +247,25 @@ def test_refusals():
         mask = torch.ones((2, shared.shape[0] + 1), dtype=torch.long)
         mask[0, 0] = 0
         ours(torch.tensor([[1], [2]]), attention_mask=mask, **{CACHE: cache})
+    # Left-padded rows: the mask must come at every step, with the padding of the cached tokens unchanged.
+    for later_mask, match in ((None, "every step"), ("moved", "changes the padding")):
+        cache = SharedPrefixCache(ours.config)
+        ours(shared[None], **{CACHE: cache})
+        cache.share_prefix(2)
+        mask = torch.ones((2, shared.shape[0] + 2), dtype=torch.long)
+        mask[0, shared.shape[0]] = 0
+        ours(torch.tensor([[0, 1], [2, 3]]), attention_mask=mask, **{CACHE: cache})
+        later = None if later_mask is None else torch.ones((2, shared.shape[0] + 3), dtype=torch.long)
+        if later is not None:
+            later[1, shared.shape[0]] = 0  # row 0's padded token attended, row 1's first token padded
+        with pytest.raises(ValueError, match=match):
+            ours(torch.tensor([[4], [5]]), attention_mask=later, **{CACHE: cache})
+    cache = SharedPrefixCache(ours.config)
+    padded = torch.ones((1, shared.shape[0]), dtype=torch.long)
+    padded[0, 0] = 0
+    ours(shared[None], attention_mask=padded, **{CACHE: cache})
+    with pytest.raises(ValueError, match="cannot be padded"):
+        cache.share_prefix(2)
     # The model features cascade attention does not compute.
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match="soft-capping"):
