@@ -20,6 +20,14 @@ about one document does the same. This module runs transformers' own model code
   ValueError, never ignored.
 - :class:`SharedPrefixCache`: a transformers ``Cache`` holding the shared prefix's KV
   once (batch 1) and each sequence's KV after it, in token-major rows with room to grow.
+  Each layer writes only its new (attended) tokens' K/V into those rows, and the
+  attention reads the prefix and the rows in place (``seqused_k``: the rows as
+  ``[batch * capacity, heads_kv, head_dim]`` slots, the capacity as ``max_seqlen_k``,
+  so a decode step's kernel shapes stay the same while the sequences grow); the rows
+  are copied only when they regrow. The step's layout is computed once per forward,
+  at its first layer (host syncs only there, to check a padding mask). The queries
+  are packed (a copy of the new tokens'); with transformers' own caches their
+  ``[batch, heads_kv, keys, head_dim]`` KV is packed token-major per layer (a copy).
 - :func:`generate_shared`: prefill the shared prompt once, then the suffixes, then
   ``generate()``.
 
@@ -286,10 +294,9 @@ class _SharedPrefixLayer(CacheLayerMixin):
         if plan.query_rows is not None:
             new_keys = new_keys[plan.query_rows, plan.query_cols]
             new_values = new_values[plan.query_rows, plan.query_cols]
-        heads_kv, head_dim = self.row_keys.shape[2:]
-        self.row_keys.view(-1, heads_kv, head_dim).index_copy_(0, plan.write_rows, new_keys.reshape(-1, heads_kv, head_dim))
-        self.row_values.view(-1, heads_kv, head_dim).index_copy_(0, plan.write_rows,
-                                                                  new_values.reshape(-1, heads_kv, head_dim))
+        slots = (-1,) + tuple(self.row_keys.shape[2:])  # [batch * capacity, heads_kv, head_dim]
+        self.row_keys.view(slots).index_copy_(0, plan.write_rows, new_keys.reshape(slots))
+        self.row_values.view(slots).index_copy_(0, plan.write_rows, new_values.reshape(slots))
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         # transformers < 5 passes cache_position (a tensor of the new positions) instead.
@@ -568,7 +575,8 @@ def splitkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         _, heads_kv, columns, head_dim = key.shape
         prefix_keys = prefix_values = key.new_empty((0, heads_kv, head_dim))
         plan = _STOCK_CACHE_MEMO.get(attention_mask, (columns, query_len, batch, device),
-                                     lambda: _plan_packed(attention_mask, columns, query_len, batch, device))  # fmt: skip
+                                     lambda: _plan_packed(attention_mask, columns, query_len, batch,
+                                                          device))  # fmt: skip
         # transformers' caches hold [batch, heads_kv, keys, head_dim]: packed token-major (a copy).
         keys, values = key.transpose(1, 2), value.transpose(1, 2)
         if plan.key_rows is None:
