@@ -162,6 +162,20 @@ def test_teacher_forced_logits_rows_grow_past_powers_of_two(device):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_cascade_path_in_the_triton_interpreter(monkeypatch):
+    """The CUDA path (cascade_attention over the cache's slots, seqused_k, capacities as
+    max_seqlen_*) run on the CPU by the Triton interpreter: left-padded rows, regrowth, logits as stock's."""
+    import splitkv.integrations.transformers as integration
+
+    monkeypatch.setattr(integration, "_runs_cascade", lambda device: True)
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts(suffix_lens=(13, 1, 7))
+    forced = torch.randint(1, 96, (3, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_forced_splitkv(ours, shared, suffixes, forced),
+                                   teacher_forced_stock(stock, shared, suffixes, forced), atol=1e-4, rtol=0)  # fmt: skip
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_attention_reads_the_cache_in_place(monkeypatch, device):
     """Every layer's attention op is handed the SharedPrefixCache's own storage (its data_ptr and

@@ -140,9 +140,16 @@ def _query_layout(valid_keys: torch.Tensor, query_len: int, batch: int, device: 
     return query_rows, query_cols, cu_seqlens_q
 
 
+def _runs_cascade(device: torch.device) -> bool:
+    """Whether attention on ``device`` runs :func:`splitkv.cascade_attention` (CUDA), else two
+    :func:`splitkv.attention_with_lse` passes and the merge (CPU: the cascade's Triton kernel
+    would run in the slow interpreter)."""
+    return device.type == "cuda"
+
+
 def _prefix_bounds(prefix_len: int, total_q: int, device: torch.device):
     """``[0, total_q]`` and ``[0, prefix_len]``: the CPU prefix pass as one non-causal sequence."""
-    if device.type == "cuda" or not prefix_len:
+    if _runs_cascade(device) or not prefix_len:
         return None
     return (torch.tensor([0, total_q], dtype=torch.int32, device=device),
             torch.tensor([0, prefix_len], dtype=torch.int32, device=device))  # fmt: skip
@@ -493,7 +500,7 @@ def _attend(query, prefix_keys, prefix_values, keys, values, plan: _StepPlan, sc
         q = query_tokens.reshape(batch * query_len, heads_q, head_dim)
     else:
         q = query_tokens[plan.query_rows, plan.query_cols]
-    if q.is_cuda:
+    if _runs_cascade(q.device):
         out = cascade_attention(q, plan.cu_seqlens_q, prefix_keys, prefix_values, keys, values, plan.cu_seqlens_k,
                                 softmax_scale=scale, max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k,
                                 seqused_k=plan.seqused_k)  # fmt: skip
