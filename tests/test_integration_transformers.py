@@ -172,8 +172,9 @@ def test_cascade_path_in_the_triton_interpreter(monkeypatch):
     shared, suffixes = prompts(suffix_lens=(13, 1, 7))
     forced = torch.randint(1, 96, (3, 3), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(teacher_forced_splitkv(ours, shared, suffixes, forced),
-                                   teacher_forced_stock(stock, shared, suffixes, forced), atol=1e-4, rtol=0)  # fmt: skip
+        got = teacher_forced_splitkv(ours, shared, suffixes, forced)
+        want = teacher_forced_stock(stock, shared, suffixes, forced)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("device", ["cpu", CUDA])
