@@ -347,8 +347,12 @@ class SharedPrefixCache(Cache):
     through ``attn_implementation="splitkv"``. The attention mask the model is given
     covers ``prefix_len + columns`` columns; the prefix columns must be all ones, and a
     row may be left-padded after them (its own tokens a contiguous run ending at the
-    last column). Beam search (``reorder_cache``), cropping and batch reshuffles are
-    refused with a ValueError. Eager mode only (it marks the tensors it returns for
+    last column); once a row is padded, the mask must come with every later call,
+    its padding unchanged (else a ValueError). Padded tokens are not stored: each
+    layer keeps a row's attended tokens compact in its preallocated slots, which the
+    attention reads in place (see the module docstring). Beam search
+    (``reorder_cache``), cropping and batch reshuffles are refused with a
+    ValueError; so is sharing a padded prompt. Eager mode only (it marks the tensors it returns for
     the attention function; not for torch.compile). The cache checks on every update
     that the model runs ``attn_implementation="splitkv"``: another attention function
     would see only the new tokens.
