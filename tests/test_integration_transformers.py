@@ -181,7 +181,7 @@ def test_cascade_path_in_the_triton_interpreter(monkeypatch):
 def test_attention_reads_the_cache_in_place(monkeypatch, device):
     """Every layer's attention op is handed the SharedPrefixCache's own storage (its data_ptr and
     its whole size: no gather or copy of the cache per layer or step) and the prefix as stored,
-    once per layer per forward."""
+    once per layer per forward; on the GPU, cascade_attention runs without a host sync."""
     import splitkv.integrations.transformers as integration
 
     ours, _ = model_pair("llama", device=device)
@@ -208,7 +208,13 @@ def test_attention_reads_the_cache_in_place(monkeypatch, device):
                 calls["prefix"] += 1
             else:
                 raise AssertionError(f"the attention op got KV that is not the cache's storage: {kv}")
-            return real(q, *args, **kwargs)
+            if not cascade:
+                return real(q, *args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")  # the per-layer path must not sync with the host
+            try:
+                return real(q, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
 
         return wrapper
 
