@@ -102,10 +102,10 @@ def test_generate_shared_eos_right_pads():
     assert got.shape[1] == max(lengths) and lengths[0] < len(shared) + len(suffixes[0]) + 16  # one stopped early
 
 
-def teacher_forced_splitkv(model, shared, suffixes, forced):
+def teacher_forced_splitkv(model, shared, suffixes, forced, cache=None):
     """Logits [R, T, vocab] of the shared-prefix path: prefill shared once, the suffixes as one
     left-padded batch, then T - 1 forced tokens one at a time (decode steps)."""
-    cache = SharedPrefixCache(model.config)
+    cache = SharedPrefixCache(model.config) if cache is None else cache
     prefix_len = shared.shape[0]
     model(shared[None], **{CACHE: cache})
     rows, longest = len(suffixes), max(s.shape[0] for s in suffixes)
@@ -141,6 +141,91 @@ def test_teacher_forced_logits_cpu():
     forced = torch.randint(1, 96, (3, 6), generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(teacher_forced_splitkv(ours, shared, suffixes, forced),
                                teacher_forced_stock(stock, shared, suffixes, forced), atol=1e-4, rtol=0)  # fmt: skip
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                     reason="cascade_attention's Triton path needs CUDA"))  # fmt: skip
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_teacher_forced_logits_rows_grow_past_powers_of_two(device):
+    """Decode steps past 16 and 32 own keys (20 + 13 .. 20 + 36 keys in all) while the rows regrow
+    twice (no reserve: 13, 26, then 52 slots), left-padded rows among them: logits as stock's."""
+    ours, stock = model_pair("llama", device=device)
+    shared, suffixes = prompts(suffix_lens=(13, 1, 7), device=device)
+    forced = torch.randint(1, 96, (3, 24), generator=torch.Generator().manual_seed(5)).to(device)
+    cache = SharedPrefixCache(ours.config)
+    with torch.no_grad():
+        got = teacher_forced_splitkv(ours, shared, suffixes, forced, cache)
+        want = teacher_forced_stock(stock, shared, suffixes, forced)
+    assert cache.layers[0].row_keys.shape[1] == 52  # it did regrow
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_cascade_path_in_the_triton_interpreter(monkeypatch):
+    """The CUDA path (cascade_attention over the cache's slots, seqused_k, capacities as
+    max_seqlen_*) run on the CPU by the Triton interpreter: left-padded rows, regrowth, logits as stock's."""
+    import splitkv.integrations.transformers as integration
+
+    monkeypatch.setattr(integration, "_runs_cascade", lambda device: True)
+    ours, stock = model_pair("llama")
+    shared, suffixes = prompts(suffix_lens=(13, 1, 7))
+    forced = torch.randint(1, 96, (3, 3), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = teacher_forced_splitkv(ours, shared, suffixes, forced)
+        want = teacher_forced_stock(stock, shared, suffixes, forced)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_attention_reads_the_cache_in_place(monkeypatch, device):
+    """Every layer's attention op is handed the SharedPrefixCache's own storage (its data_ptr and
+    its whole size: no gather or copy of the cache per layer or step) and the prefix as stored,
+    once per layer per forward; on the GPU, cascade_attention runs without a host sync."""
+    import splitkv.integrations.transformers as integration
+
+    ours, _ = model_pair("llama", device=device)
+    shared, suffixes = prompts(suffix_lens=(4, 1, 7), device=device)
+    forced = torch.randint(1, 96, (3, 5), generator=torch.Generator().manual_seed(2)).to(device)
+    cache = SharedPrefixCache(ours.config)
+    calls = {"rows": 0, "prefix": 0}
+
+    def stored(kind):
+        # (data_ptr, numel) of a layer's stored K and V of that kind, the whole tensor.
+        return [[(t.data_ptr(), t.numel()) for t in (getattr(la, f"{kind}_keys"), getattr(la, f"{kind}_values"))]
+                for la in cache.layers if la.is_initialized]  # fmt: skip
+
+    def storage_check(real, cascade):
+        def wrapper(q, *args, **kwargs):
+            # cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, ...); attention_with_lse(q, k, v, ...)
+            kv = [(t.data_ptr(), t.numel()) for t in (args[3:5] if cascade else args[:2])]
+            if kv in stored("row"):
+                calls["rows"] += 1
+                if cascade:
+                    prefix = [(t.data_ptr(), t.numel()) for t in args[1:3]]
+                    assert prefix in stored("prefix") or prefix[0][1] == 0, prefix
+            elif not cascade and kv in stored("prefix"):  # the CPU path's prefix pass
+                calls["prefix"] += 1
+            else:
+                raise AssertionError(f"the attention op got KV that is not the cache's storage: {kv}")
+            if not cascade:
+                return real(q, *args, **kwargs)
+            torch.cuda.set_sync_debug_mode("error")  # the per-layer path must not sync with the host
+            try:
+                return real(q, *args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+        return wrapper
+
+    monkeypatch.setattr(integration, "attention_with_lse", storage_check(integration.attention_with_lse, False))
+    monkeypatch.setattr(integration, "cascade_attention", storage_check(integration.cascade_attention, True))
+    with torch.no_grad():
+        teacher_forced_splitkv(ours, shared, suffixes, forced, cache)
+    layers, forwards = len(cache.layers), 2 + forced.shape[1] - 1  # prefix, suffixes, decode steps
+    assert calls["rows"] == layers * forwards
+    # On the CPU the prefix is its own pass in every forward after share_prefix.
+    assert calls["prefix"] == (0 if device == "cuda" else layers * (forwards - 1))
 
 
 def test_stock_cache_left_padding_and_refusals():
@@ -183,6 +268,25 @@ def test_refusals():
         mask = torch.ones((2, shared.shape[0] + 1), dtype=torch.long)
         mask[0, 0] = 0
         ours(torch.tensor([[1], [2]]), attention_mask=mask, **{CACHE: cache})
+    # Left-padded rows: the mask must come at every step, with the padding of the cached tokens unchanged.
+    for later_mask, match in ((None, "every step"), ("moved", "changes the padding")):
+        cache = SharedPrefixCache(ours.config)
+        ours(shared[None], **{CACHE: cache})
+        cache.share_prefix(2)
+        mask = torch.ones((2, shared.shape[0] + 2), dtype=torch.long)
+        mask[0, shared.shape[0]] = 0
+        ours(torch.tensor([[0, 1], [2, 3]]), attention_mask=mask, **{CACHE: cache})
+        later = None if later_mask is None else torch.ones((2, shared.shape[0] + 3), dtype=torch.long)
+        if later is not None:
+            later[1, shared.shape[0]] = 0  # row 0's padded token attended, row 1's first token padded
+        with pytest.raises(ValueError, match=match):
+            ours(torch.tensor([[4], [5]]), attention_mask=later, **{CACHE: cache})
+    cache = SharedPrefixCache(ours.config)
+    padded = torch.ones((1, shared.shape[0]), dtype=torch.long)
+    padded[0, 0] = 0
+    ours(shared[None], attention_mask=padded, **{CACHE: cache})
+    with pytest.raises(ValueError, match="cannot be padded"):
+        cache.share_prefix(2)
     # The model features cascade attention does not compute.
     q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16)
     with pytest.raises(ValueError, match="soft-capping"):

@@ -89,9 +89,12 @@ def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dic
     """Time to first token, decode step time and tokens/s, peak memory above the weights, KV bytes,
     the tokens and the first step's logits."""
     device = prompt.device
-    # Warm-up; splitkv's at the full length, so that every Triton specialisation the timed run
-    # needs (they change with the key count) is compiled before the timing.
+    # Warm-up: the timed runs' own shapes, so that every Triton specialisation they use is
+    # compiled before the timing. splitkv's kernels see the cache's capacity (prompt + new
+    # tokens), not the growing key count, as max_seqlen_k, so the full-length run and the
+    # one-token (TTFT) run are the only two shapes; stock sdpa has no JIT kernels.
     _run(model, prompt, sequences, new_tokens if shared else 2, shared)
+    _run(model, prompt, sequences, 1, shared)
     _sync(device)
     start = time.perf_counter()
     first = _run(model, prompt, sequences, 1, shared, output_logits=True)
@@ -142,16 +145,38 @@ def same_tokens_check(device, quick: bool) -> dict:
             "prompt": prompt.shape[0], "sequences": 4, "new_tokens": 16, "size": size}  # fmt: skip
 
 
-def _profile(model, prompt, sequences: int) -> None:
+class _DecodeProfiler:
+    """A generate() streamer that runs torch.profiler over the decode steps only: from the first
+    token's arrival (after the prefill) to the end."""
+
+    def __init__(self, prof):
+        self.prof, self.puts = prof, 0
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the prefill's token: decoding starts now
+            self.prof.start()
+
+    def end(self):
+        if self.puts >= 2:
+            self.prof.stop()
+
+
+def _profile(model, prompt, sequences: int, shared: bool, steps: int = 16, rows: int = 12) -> None:
+    """Prints torch.profiler's top ops (by self device time, then host time) over ``steps - 1``
+    decode steps of one run (after a warm-up run of the same length)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if prompt.is_cuda else [])
-    with profile(activities=activities) as prof:
-        _run(model, prompt, sequences, 8, True)
-        _sync(prompt.device)
-    sort = "self_cuda_time_total" if prompt.is_cuda else "self_cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=15))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    _run(model, prompt, sequences, steps, shared)
+    prof = profile(activities=activities)
+    _run(model, prompt, sequences, steps, shared, streamer=_DecodeProfiler(prof))
+    _sync(prompt.device)
+    averages = prof.key_averages()
+    print(f"profile of {steps - 1} decode steps, {'splitkv' if shared else 'stock'} (totals over the steps):")
+    if prompt.is_cuda:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=rows))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main(argv=None) -> None:
@@ -163,7 +188,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sequences", type=int, default=32, help="num_return_sequences")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--profile", action="store_true",
-                        help="also print torch.profiler's top ops of 8 splitkv decode steps")  # fmt: skip
+                        help="also print torch.profiler's top ops over 15 decode steps of each run")  # fmt: skip
     args = parser.parse_args(argv)
     out_dir = args.out
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -192,7 +217,9 @@ def main(argv=None) -> None:
             torch.cuda.empty_cache()
     stock, ours = runs.values()
     if args.profile:
-        _profile(model, prompt, args.sequences)
+        for attn, shared in (("sdpa", False), ("splitkv", True)):
+            model.set_attn_implementation(attn)
+            _profile(model, prompt, args.sequences, shared)
     agree = (stock["tokens"] == ours["tokens"]).float().mean().item()
     first_diff = (stock["first_logits"] - ours["first_logits"]).abs().max().item()
     first_scale = stock["first_logits"].abs().max().item()

@@ -20,6 +20,14 @@ about one document does the same. This module runs transformers' own model code
   ValueError, never ignored.
 - :class:`SharedPrefixCache`: a transformers ``Cache`` holding the shared prefix's KV
   once (batch 1) and each sequence's KV after it, in token-major rows with room to grow.
+  Each layer writes only its new (attended) tokens' K/V into those rows, and the
+  attention reads the prefix and the rows in place (``seqused_k``: the rows as
+  ``[batch * capacity, heads_kv, head_dim]`` slots, the capacity as ``max_seqlen_k``,
+  so a decode step's kernel shapes stay the same while the sequences grow); the rows
+  are copied only when they regrow. The step's layout is computed once per forward,
+  at its first layer (host syncs only there, to check a padding mask). The queries
+  are packed (a copy of the new tokens'); with transformers' own caches their
+  ``[batch, heads_kv, keys, head_dim]`` KV is packed token-major per layer (a copy).
 - :func:`generate_shared`: prefill the shared prompt once, then the suffixes, then
   ``generate()``.
 
@@ -75,85 +83,162 @@ def _refuse_config(config) -> None:
         raise ValueError("attn_implementation='splitkv' does not support ALiBi position biases")
 
 
-class _Packing(NamedTuple):
-    """Where each row's valid keys and queries sit, and their packed varlen bounds."""
+class _StepPlan(NamedTuple):
+    """One forward's attention layout: computed by its first layer, shared by all the others."""
 
-    key_rows: torch.Tensor | None  # [total_k] row (sequence) index of each packed key; None: no padding
-    key_cols: torch.Tensor  # [total_k] column of each packed key in its row
-    query_rows: torch.Tensor  # [total_q]
-    query_cols: torch.Tensor  # [total_q]
-    cu_seqlens_q: torch.Tensor  # int32 [batch + 1]
-    cu_seqlens_k: torch.Tensor  # int32 [batch + 1]
-    dense_queries: bool  # every row's queries are all valid: q packs by a reshape
+    query_rows: torch.Tensor | None  # [attended_q] row of each attended query; None: every query attended
+    query_cols: torch.Tensor | None  # [attended_q] its column among the new tokens
+    cu_seqlens_q: torch.Tensor  # int32 [batch + 1] bounds of each row's attended queries
+    max_seqlen_q: int  # the new-token count (a bound, static in decode)
+    key_rows: torch.Tensor | None  # transformers' caches, padded: [total_k] row of each attended key (a gather)
+    key_cols: torch.Tensor | None  # [total_k] its column; None: the keys are read as they lie
+    write_rows: torch.Tensor | None  # SharedPrefixCache, padded: [attended_q] storage row of each new token
+    cu_seqlens_k: torch.Tensor  # int32 [batch + 1]; a SharedPrefixCache's: arange(batch + 1) * capacity
+    seqused_k: torch.Tensor | None  # int32 [batch] keys each row uses (SharedPrefixCache), None for a packed KV
+    max_seqlen_k: int  # a SharedPrefixCache's capacity (static between regrowths), else the key count
+    prefix_bounds: tuple[torch.Tensor, torch.Tensor] | None  # CPU prefix pass: [0, total_q] and [0, prefix_len]
 
 
-def _compute_packing(padding_mask, prefix_len: int, columns: int, query_len: int, batch: int,
-                     device: torch.device) -> _Packing:  # fmt: skip
-    """Per-row valid key / query positions from a 2-D padding mask ``[batch, prefix_len + columns]``
-    (None: no padding). Only left padding after the shared prefix is accepted."""
-    if padding_mask is None and query_len <= columns:
-        # Nothing padded: every row's columns and queries, bounds built without a host sync.
-        bounds = torch.arange(batch + 1, dtype=torch.int32, device=device)
-        return _Packing(None, None, None, None, bounds * query_len, bounds * columns, True)
-    cols = torch.arange(columns, device=device)
+def _left_padding_starts(padding_mask, prefix_len: int, columns: int, batch: int,
+                         device: torch.device) -> torch.Tensor | None:  # fmt: skip
+    """``[batch]`` int64 column (among the ``columns`` after the prefix) where each row's attended
+    tokens begin, from a 2-D padding mask ``[batch, prefix_len + columns]``; None for no mask.
+    Refuses any padding other than left padding after the shared prefix (host syncs: once per step)."""
     if padding_mask is None:
-        starts = torch.zeros(batch, dtype=torch.long, device=device)
-    else:
-        if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2:
-            shape = tuple(getattr(padding_mask, "shape", ()))
-            raise ValueError("attn_implementation='splitkv' takes a 2-D padding mask [batch, keys], got "
-                             f"{type(padding_mask).__name__} of shape {shape}")  # fmt: skip
-        if tuple(padding_mask.shape) != (batch, prefix_len + columns):
-            raise ValueError(f"attention_mask has shape {tuple(padding_mask.shape)}, but the cache holds "
-                             f"{batch} sequences of {prefix_len} shared + {columns} own columns")  # fmt: skip
-        padding_mask = padding_mask.to(device=device, dtype=torch.bool)
-        if prefix_len and not bool(padding_mask[:, :prefix_len].all()):
-            raise ValueError("attention_mask masks tokens of the shared prefix: the prefix is shared by every "
-                             "sequence and cannot be padded")  # fmt: skip
-        own = padding_mask[:, prefix_len:]
-        starts = columns - own.sum(1)
-        if not torch.equal(own, cols[None, :] >= starts[:, None]):
-            raise ValueError(
-                "attn_implementation='splitkv' honours left padding only (each row's attended tokens one "
-                "contiguous run ending at the last column); this attention_mask has right padding or holes"
-            )
-    valid_keys = columns - starts
-    valid_queries = valid_keys.clamp(max=query_len)
-    key_rows, key_cols = (cols[None, :] >= starts[:, None]).nonzero(as_tuple=True)
-    query_pos = torch.arange(query_len, device=device)
-    query_rows, query_cols = (query_pos[None, :] >= (query_len - valid_queries)[:, None]).nonzero(as_tuple=True)
-    cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-    cu_seqlens_k[1:] = valid_keys.cumsum(0)
+        return None
+    if not isinstance(padding_mask, torch.Tensor) or padding_mask.dim() != 2:
+        shape = tuple(getattr(padding_mask, "shape", ()))
+        raise ValueError("attn_implementation='splitkv' takes a 2-D padding mask [batch, keys], got "
+                         f"{type(padding_mask).__name__} of shape {shape}")  # fmt: skip
+    if tuple(padding_mask.shape) != (batch, prefix_len + columns):
+        raise ValueError(f"attention_mask has shape {tuple(padding_mask.shape)}, but the cache holds "
+                         f"{batch} sequences of {prefix_len} shared + {columns} own columns")  # fmt: skip
+    padding_mask = padding_mask.to(device=device, dtype=torch.bool)
+    if prefix_len and not bool(padding_mask[:, :prefix_len].all()):
+        raise ValueError("attention_mask masks tokens of the shared prefix: the prefix is shared by every "
+                         "sequence and cannot be padded")  # fmt: skip
+    own = padding_mask[:, prefix_len:]
+    starts = columns - own.sum(1)
+    if not torch.equal(own, torch.arange(columns, device=device)[None, :] >= starts[:, None]):
+        raise ValueError(
+            "attn_implementation='splitkv' honours left padding only (each row's attended tokens one "
+            "contiguous run ending at the last column); this attention_mask has right padding or holes"
+        )
+    return starts
+
+
+def _query_layout(valid_keys: torch.Tensor, query_len: int, batch: int, device: torch.device):
+    """The attended queries (each row's last ``min(valid_keys, query_len)`` new tokens): their rows
+    and columns (None, None when all are attended) and int32 ``cu_seqlens_q``."""
+    valid_queries = valid_keys.clamp(min=0, max=query_len)
+    attended = torch.arange(query_len, device=device)[None, :] >= (query_len - valid_queries)[:, None]
+    query_rows, query_cols = attended.nonzero(as_tuple=True)
     cu_seqlens_q = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     cu_seqlens_q[1:] = valid_queries.cumsum(0)
-    dense = query_rows.shape[0] == batch * query_len
-    return _Packing(key_rows, key_cols, query_rows, query_cols, cu_seqlens_q, cu_seqlens_k, dense)
+    if query_rows.shape[0] == batch * query_len:
+        query_rows = query_cols = None
+    return query_rows, query_cols, cu_seqlens_q
 
 
-class _PackingMemo:
-    """Holds the last packing: computed once per forward (at the first layer), reused by the others."""
+def _runs_cascade(device: torch.device) -> bool:
+    """Whether attention on ``device`` runs :func:`splitkv.cascade_attention` (CUDA), else two
+    :func:`splitkv.attention_with_lse` passes and the merge (CPU: the cascade's Triton kernel
+    would run in the slow interpreter)."""
+    return device.type == "cuda"
+
+
+def _prefix_bounds(prefix_len: int, total_q: int, device: torch.device):
+    """``[0, total_q]`` and ``[0, prefix_len]``: the CPU prefix pass as one non-causal sequence."""
+    if _runs_cascade(device) or not prefix_len:
+        return None
+    return (torch.tensor([0, total_q], dtype=torch.int32, device=device),
+            torch.tensor([0, prefix_len], dtype=torch.int32, device=device))  # fmt: skip
+
+
+def _plan_packed(padding_mask, columns: int, query_len: int, batch: int, device: torch.device) -> _StepPlan:
+    """The plan for transformers' own caches (or none): their ``[batch, heads_kv, keys, head_dim]``
+    KV is packed token-major (a copy per layer), the padded keys left out."""
+    starts = _left_padding_starts(padding_mask, 0, columns, batch, device)
+    bounds = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    if starts is None and query_len <= columns:
+        # Nothing padded: bounds built without a host sync.
+        return _StepPlan(None, None, bounds * query_len, query_len, None, None, None, bounds * columns, None, columns,
+                         None)  # fmt: skip
+    if starts is None:
+        starts = torch.zeros(batch, dtype=torch.long, device=device)
+    valid_keys = columns - starts
+    query_rows, query_cols, cu_seqlens_q = _query_layout(valid_keys, query_len, batch, device)
+    cols = torch.arange(columns, device=device)
+    key_rows, key_cols = (cols[None, :] >= starts[:, None]).nonzero(as_tuple=True)
+    cu_seqlens_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    cu_seqlens_k[1:] = valid_keys.cumsum(0)
+    return _StepPlan(query_rows, query_cols, cu_seqlens_q, query_len, key_rows, key_cols, None, cu_seqlens_k, None,
+                     columns, None)  # fmt: skip
+
+
+def _plan_shared(owner: SharedPrefixCache, padding_mask, prefix_len: int, columns: int, query_len: int,
+                 capacity: int, batch: int, device: torch.device) -> _StepPlan:  # fmt: skip
+    """The plan for a :class:`SharedPrefixCache` step: each row's tokens lie compact at the start
+    of its ``capacity`` slots of the layer's ``[batch * capacity, heads_kv, head_dim]`` storage
+    (the padded ones never stored), read in place through ``seqused_k``. Updates the cache's
+    per-row counts (once per step: this runs at the step's first layer)."""
+    starts = _left_padding_starts(padding_mask, prefix_len, columns, batch, device)
+    slots = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    cu_seqlens_k = slots * capacity
+    if starts is None:
+        if owner.row_used is not None:
+            raise ValueError("this SharedPrefixCache holds left-padded rows: pass the attention_mask (with their "
+                             "padding) at every step")  # fmt: skip
+        seqused_k = torch.full((batch,), columns, dtype=torch.int32, device=device)
+        return _StepPlan(None, None, slots * query_len, query_len, None, None, None, cu_seqlens_k, seqused_k, capacity,
+                         _prefix_bounds(prefix_len, batch * query_len, device))  # fmt: skip
+    valid_keys = (columns - starts).clamp(min=0)
+    stored = owner.row_used
+    if stored is None:
+        stored = torch.full((batch,), columns - query_len, dtype=torch.long, device=device)
+    if not torch.equal((columns - query_len - starts).clamp(min=0), stored):
+        raise ValueError("attention_mask changes the padding of tokens the SharedPrefixCache already holds "
+                         "(a token padded before is attended now, or the reverse)")  # fmt: skip
+    owner.row_used = valid_keys
+    query_rows, query_cols, cu_seqlens_q = _query_layout(valid_keys, query_len, batch, device)
+    # Each attended new token goes after its row's stored ones: slot (used after the step) - new + column.
+    if query_rows is None:
+        rows = torch.arange(batch, device=device)[:, None]
+        write_rows = (rows * capacity + (valid_keys[:, None] - query_len)
+                      + torch.arange(query_len, device=device)[None, :]).flatten()  # fmt: skip
+    else:
+        write_rows = query_rows * capacity + (valid_keys - query_len)[query_rows] + query_cols
+    total_q = batch * query_len if query_rows is None else query_rows.shape[0]
+    return _StepPlan(query_rows, query_cols, cu_seqlens_q, query_len, None, None, write_rows, cu_seqlens_k,
+                     valid_keys.to(torch.int32), capacity, _prefix_bounds(prefix_len, total_q, device))  # fmt: skip
+
+
+class _PlanMemo:
+    """Holds the last plan: computed once per forward (at the first layer), reused by the others."""
 
     def __init__(self):
         self.key = None
-        self.packing = None
+        self.plan = None
 
-    def get(self, padding_mask, prefix_len, columns, query_len, batch, device) -> _Packing:
+    def get(self, padding_mask, sizes: tuple, build) -> _StepPlan:
         # The mask object itself is part of the key (held here, so its id is not reused).
-        key = (padding_mask, prefix_len, columns, query_len, batch, device)
-        if self.key is None or self.key[0] is not padding_mask or self.key[1:] != key[1:]:
-            self.packing = _compute_packing(padding_mask, prefix_len, columns, query_len, batch, device)
-            self.key = key
-        return self.packing
+        if self.key is None or self.key[0] is not padding_mask or self.key[1] != sizes:
+            self.plan = build()
+            self.key = (padding_mask, sizes)
+        return self.plan
 
 
 # For transformers' own caches (and no cache): plain causal attention over their KV.
-_STOCK_CACHE_MEMO = _PackingMemo()
+_STOCK_CACHE_MEMO = _PlanMemo()
 
 
 class _SharedPrefixLayer(CacheLayerMixin):
     """One layer of :class:`SharedPrefixCache`: ``prefix_keys/values [prefix_len, heads_kv, head_dim]``
-    (stored once) and ``row_keys/values [batch, capacity, heads_kv, head_dim]``, of which the
-    first ``columns`` columns are used (each row's own tokens, left-padded)."""
+    (stored once) and ``row_keys/values [batch, capacity, heads_kv, head_dim]`` (contiguous, so
+    also ``[batch * capacity, heads_kv, head_dim]`` slots for :func:`splitkv.cascade_attention`'s
+    ``seqused_k``): row ``i`` holds its attended own tokens compact from column 0 (the padded
+    ones are not stored). ``columns`` counts the row's columns, padded ones included, as
+    transformers' positions and masks do."""
 
     is_sliding = False
 
@@ -186,8 +271,9 @@ class _SharedPrefixLayer(CacheLayerMixin):
             setattr(self, name, new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Appends ``key/value_states [batch, heads_kv, new, head_dim]`` to each row; returns them
-        (marked for :func:`splitkv_attention`, which reads this layer's whole KV itself)."""
+        """Makes room for ``key/value_states [batch, heads_kv, new, head_dim]`` and returns them, marked
+        for :func:`splitkv_attention`, which stores them (:meth:`store`: only it knows from the
+        padding mask which are attended) and reads this layer's whole KV in place."""
         if self.owner.config._attn_implementation != ATTN_IMPLEMENTATION:
             raise ValueError(
                 "SharedPrefixCache works only with attn_implementation='splitkv' (other attention functions "
@@ -199,11 +285,25 @@ class _SharedPrefixLayer(CacheLayerMixin):
         if batch != self.row_keys.shape[0]:
             raise ValueError(f"the cache holds {self.row_keys.shape[0]} sequences, the model was called with {batch}")
         self._grow(self.columns + new)
-        self.row_keys[:, self.columns : self.columns + new] = key_states.transpose(1, 2)
-        self.row_values[:, self.columns : self.columns + new] = value_states.transpose(1, 2)
         self.columns += new
         key_states._splitkv_layer = self
         return key_states, value_states
+
+    def store(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: _StepPlan) -> None:
+        """Writes the attended new tokens of ``key/value_states [batch, heads_kv, new, head_dim]`` after
+        each row's stored ones (the only copy of this layer's KV a step makes)."""
+        new = key_states.shape[2]
+        new_keys, new_values = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, heads_kv, dim]
+        if plan.write_rows is None:  # nothing padded: every row's next `new` columns
+            self.row_keys[:, self.columns - new : self.columns] = new_keys
+            self.row_values[:, self.columns - new : self.columns] = new_values
+            return
+        if plan.query_rows is not None:
+            new_keys = new_keys[plan.query_rows, plan.query_cols]
+            new_values = new_values[plan.query_rows, plan.query_cols]
+        slots = (-1,) + tuple(self.row_keys.shape[2:])  # [batch * capacity, heads_kv, head_dim]
+        self.row_keys.view(slots).index_copy_(0, plan.write_rows, new_keys.reshape(slots))
+        self.row_values.view(slots).index_copy_(0, plan.write_rows, new_values.reshape(slots))
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         # transformers < 5 passes cache_position (a tensor of the new positions) instead.
@@ -221,11 +321,14 @@ class _SharedPrefixLayer(CacheLayerMixin):
         self.prefix_keys = self.prefix_values = self.row_keys = self.row_values = None
         self.columns = 0
         self.is_initialized = False
+        self.owner.row_used, self.owner.plan_memo = None, _PlanMemo()
 
     def share_rows(self, batch_size: int) -> None:
         """Moves row 0 (the only one) onto the shared prefix; leaves ``batch_size`` empty rows."""
         if self.row_keys.shape[0] != 1:
             raise ValueError(f"only a batch of one sequence can become the shared prefix, got {self.row_keys.shape[0]}")
+        if self.owner.row_used is not None:
+            raise ValueError("the shared prefix cannot be padded: prefill it without padding (attention_mask all ones)")
         used_keys, used_values = self.row_keys[0, : self.columns], self.row_values[0, : self.columns]
         self.prefix_keys = torch.cat([self.prefix_keys, used_keys]) if self.prefix_keys.shape[0] else used_keys.clone()
         self.prefix_values = (torch.cat([self.prefix_values, used_values]) if self.prefix_values.shape[0]
@@ -244,8 +347,12 @@ class SharedPrefixCache(Cache):
     through ``attn_implementation="splitkv"``. The attention mask the model is given
     covers ``prefix_len + columns`` columns; the prefix columns must be all ones, and a
     row may be left-padded after them (its own tokens a contiguous run ending at the
-    last column). Beam search (``reorder_cache``), cropping and batch reshuffles are
-    refused with a ValueError. Eager mode only (it marks the tensors it returns for
+    last column); once a row is padded, the mask must come with every later call,
+    its padding unchanged (else a ValueError). Padded tokens are not stored: each
+    layer keeps a row's attended tokens compact in its preallocated slots, which the
+    attention reads in place (see the module docstring). Beam search
+    (``reorder_cache``), cropping and batch reshuffles are refused with a
+    ValueError; so is sharing a padded prompt. Eager mode only (it marks the tensors it returns for
     the attention function; not for torch.compile). The cache checks on every update
     that the model runs ``attn_implementation="splitkv"``: another attention function
     would see only the new tokens.
@@ -279,7 +386,10 @@ class SharedPrefixCache(Cache):
         _refuse_config(text_config)
         self.config = text_config
         self.reserved_columns = 0
-        self.packing_memo = _PackingMemo()
+        self.plan_memo = _PlanMemo()
+        # int64 [batch] tokens each row has stored (its attended ones), on the device; None while
+        # no row was padded (every row then stores all its columns).
+        self.row_used = None
         super().__init__(layers=[_SharedPrefixLayer(self) for _ in range(text_config.num_hidden_layers)])
 
     @property
@@ -306,6 +416,7 @@ class SharedPrefixCache(Cache):
                              "(run the model on it with this cache)")  # fmt: skip
         for layer in self.layers:
             layer.share_rows(batch_size)
+        self.plan_memo = _PlanMemo()
 
     def _refuse(self, what: str):
         raise ValueError(f"SharedPrefixCache does not support {what}")
@@ -382,40 +493,35 @@ def _refuse_call(module, dropout, attention_mask, kwargs) -> None:
                          f"got a {getattr(attention_mask, 'dim', lambda: '?')()}-D mask")  # fmt: skip
 
 
-def _attend(query, prefix_keys, prefix_values, row_keys, row_values, packing: _Packing, columns: int, scale):
+def _attend(query, prefix_keys, prefix_values, keys, values, plan: _StepPlan, scale):
     """Cascade attention of ``query [batch, heads_q, new, head_dim]`` over the prefix KV
-    ``[prefix_len, heads_kv, head_dim]`` and each row's valid KV in ``row_keys [batch, capacity,
-    heads_kv, head_dim]``; returns ``[batch, new, heads_q, head_dim]`` (zeros for padded queries)."""
+    ``[prefix_len, heads_kv, head_dim]`` and each row's KV in ``keys`` / ``values [slots,
+    heads_kv, head_dim]`` as ``plan`` lays it out (read as they lie, no copy); returns ``[batch,
+    new, heads_q, head_dim]`` (zeros for padded queries)."""
     batch, heads_q, query_len, head_dim = query.shape
     query_tokens = query.transpose(1, 2)  # [batch, new, heads_q, head_dim]
-    if packing.dense_queries:
+    if plan.query_rows is None:
         q = query_tokens.reshape(batch * query_len, heads_q, head_dim)
     else:
-        q = query_tokens[packing.query_rows, packing.query_cols]
-    if packing.key_rows is None:  # no padding: each row's first `columns` columns, one strided copy
-        k = row_keys[:, :columns].reshape((-1,) + tuple(row_keys.shape[2:]))  # [total_k, heads_kv, head_dim]
-        v = row_values[:, :columns].reshape((-1,) + tuple(row_values.shape[2:]))
+        q = query_tokens[plan.query_rows, plan.query_cols]
+    if _runs_cascade(q.device):
+        out = cascade_attention(q, plan.cu_seqlens_q, prefix_keys, prefix_values, keys, values, plan.cu_seqlens_k,
+                                softmax_scale=scale, max_seqlen_q=plan.max_seqlen_q, max_seqlen_k=plan.max_seqlen_k,
+                                seqused_k=plan.seqused_k)  # fmt: skip
     else:
-        k = row_keys[packing.key_rows, packing.key_cols]
-        v = row_values[packing.key_rows, packing.key_cols]
-    if q.is_cuda:
-        out = cascade_attention(q, packing.cu_seqlens_q, prefix_keys, prefix_values, k, v, packing.cu_seqlens_k,
-                                softmax_scale=scale, max_seqlen_q=query_len, max_seqlen_k=columns)  # fmt: skip
-    else:
-        out, lse = attention_with_lse(q, k, v, packing.cu_seqlens_q, packing.cu_seqlens_k, query_len, columns,
-                                      causal=True, softmax_scale=scale)  # fmt: skip
-        prefix_len = prefix_keys.shape[0]
-        if prefix_len:
+        out, lse = attention_with_lse(q, keys, values, plan.cu_seqlens_q, plan.cu_seqlens_k, plan.max_seqlen_q,
+                                      plan.max_seqlen_k, causal=True, softmax_scale=scale,
+                                      seqused_k=plan.seqused_k)  # fmt: skip
+        if plan.prefix_bounds is not None:
             # Every query sees the whole prefix: one sequence of all queries, non-causal.
-            bounds_q = torch.tensor([0, q.shape[0]], dtype=torch.int32)
-            bounds_k = torch.tensor([0, prefix_len], dtype=torch.int32)
+            bounds_q, bounds_k = plan.prefix_bounds
             prefix_out, prefix_lse = attention_with_lse(q, prefix_keys, prefix_values, bounds_q, bounds_k, q.shape[0],
-                                                        prefix_len, softmax_scale=scale)  # fmt: skip
+                                                        prefix_keys.shape[0], softmax_scale=scale)  # fmt: skip
             out, _ = merge_attn_states(prefix_out, prefix_lse, out, lse, return_lse=False)
-    if packing.dense_queries:
+    if plan.query_rows is None:
         return out.view(batch, query_len, heads_q, head_dim)
     full = out.new_zeros((batch, query_len, heads_q, head_dim))
-    full[packing.query_rows, packing.query_cols] = out
+    full[plan.query_rows, plan.query_cols] = out
     return full
 
 
@@ -464,15 +570,31 @@ def splitkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     _refuse_call(module, dropout, attention_mask, kwargs)
     layer = getattr(key, "_splitkv_layer", None)
     batch, _, query_len, _ = query.shape
+    device = query.device
     if layer is not None:
-        prefix_keys, prefix_values = layer.prefix_keys, layer.prefix_values
-        row_keys, row_values, columns, memo = layer.row_keys, layer.row_values, layer.columns, layer.owner.packing_memo
+        # The cache's storage, read in place: [batch * capacity, heads_kv, head_dim] slots.
+        prefix_keys, prefix_values, owner = layer.prefix_keys, layer.prefix_values, layer.owner
+        prefix_len, columns, capacity = prefix_keys.shape[0], layer.columns, layer.row_keys.shape[1]
+        plan = owner.plan_memo.get(attention_mask, (prefix_len, columns, capacity, query_len, batch, device),
+                                   lambda: _plan_shared(owner, attention_mask, prefix_len, columns, query_len,
+                                                        capacity, batch, device))  # fmt: skip
+        layer.store(key, value, plan)
+        heads_kv, head_dim = layer.row_keys.shape[2:]
+        keys = layer.row_keys.view(-1, heads_kv, head_dim)
+        values = layer.row_values.view(-1, heads_kv, head_dim)
     else:
         _, heads_kv, columns, head_dim = key.shape
         prefix_keys = prefix_values = key.new_empty((0, heads_kv, head_dim))
-        row_keys, row_values, memo = key.transpose(1, 2), value.transpose(1, 2), _STOCK_CACHE_MEMO
-    packing = memo.get(attention_mask, prefix_keys.shape[0], columns, query_len, batch, query.device)
-    out = _attend(query, prefix_keys, prefix_values, row_keys, row_values, packing, columns, scaling)
+        plan = _STOCK_CACHE_MEMO.get(attention_mask, (columns, query_len, batch, device),
+                                     lambda: _plan_packed(attention_mask, columns, query_len, batch,
+                                                          device))  # fmt: skip
+        # transformers' caches hold [batch, heads_kv, keys, head_dim]: packed token-major (a copy).
+        keys, values = key.transpose(1, 2), value.transpose(1, 2)
+        if plan.key_rows is None:
+            keys, values = keys.reshape(-1, heads_kv, head_dim), values.reshape(-1, heads_kv, head_dim)
+        else:
+            keys, values = keys[plan.key_rows, plan.key_cols], values[plan.key_rows, plan.key_cols]
+    out = _attend(query, prefix_keys, prefix_values, keys, values, plan, scaling)
     return out, None
 
 
