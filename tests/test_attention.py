@@ -1,5 +1,6 @@
 """attention_with_lse: every available backend against the float64 reference, and its argument checks."""
 
+import importlib.util
 import zlib
 
 import pytest
@@ -9,9 +10,12 @@ from grids import grid, rotate
 
 import splitkv
 from splitkv._triton_support import TRITON_IMPORT_ERROR
-from splitkv.attention import _FLASH_ATTN_INSTALLED, _unpad_lse
+
+# Internal on purpose: test_old_flash_attn_padded_lse_layout tests this helper itself.
+from splitkv.attention import _unpad_lse
 
 HAS_CUDA = torch.cuda.is_available()
+FLASH_ATTN_INSTALLED = importlib.util.find_spec("flash_attn") is not None
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
@@ -21,7 +25,7 @@ def backends():
         names.append("triton")
     names.append(pytest.param("torch", marks=pytest.mark.skipif(not HAS_CUDA, reason="torch's flash attention needs CUDA")))
     names.append(pytest.param("flash_attn", marks=pytest.mark.skipif(
-        not (HAS_CUDA and _FLASH_ATTN_INSTALLED), reason="needs CUDA and the flash-attn package")))  # fmt: skip
+        not (HAS_CUDA and FLASH_ATTN_INSTALLED), reason="needs CUDA and the flash-attn package")))  # fmt: skip
     return names
 
 
@@ -67,6 +71,37 @@ def test_matches_reference(backend, dtype, heads_q, heads_kv, head_dim, causal, 
     assert lse.shape == (heads_q, q.shape[0]) and lse.dtype == torch.float32
     ref_out, ref_lse = reference64(*args, causal, head_dim**-0.5)
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("with_seqused_k", [False, True])
+@pytest.mark.parametrize("heads_q,heads_kv", HEADS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend_matches_float64_on_random_batches(causal, heads_q, heads_kv, with_seqused_k, generator):
+    """The package's reference backend is a backend like the others: on random batches
+    (random lengths, among them an empty query sequence, an empty key sequence with
+    queries and Lq > Lk, in random order; GQA / MQA; causal or not; seqused_k or not) it
+    matches the float64 softmax of the test helpers at every dtype."""
+    # (Lq, Lk) pairs: three edges, then random ones; a random order.
+    pairs = [(0, 5), (4, 0), (9, 3)] + [tuple(pair) for pair in torch.randint(1, 24, (4, 2), generator=generator).tolist()]
+    pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=generator).tolist()]
+    lens_q, lens_k = [lq for lq, _ in pairs], [lk for _, lk in pairs]
+    head_dim = int(torch.randint(8, 40, (), generator=generator))
+    scale = float(torch.empty(()).uniform_(0.05, 1.0, generator=generator))
+    seqused_k = None
+    if with_seqused_k:  # each sequence uses a random prefix (possibly empty, possibly all) of its keys
+        seqused_k = torch.tensor([int(torch.randint(n + 1, (), generator=generator)) for n in lens_k], dtype=torch.int32)
+    cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
+    for dtype in DTYPES:
+        q = random_tokens(sum(lens_q), heads_q, head_dim, dtype, "cpu", generator)
+        k = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, "cpu", generator)
+        v = random_tokens(sum(lens_k), heads_kv, head_dim, dtype, "cpu", generator)
+        args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
+        out, lse = splitkv.attention_with_lse(*args, causal=causal, softmax_scale=scale, seqused_k=seqused_k,
+                                              backend="reference")  # fmt: skip
+        ref_out, ref_lse = reference64(*args, causal, scale, seqused_k=seqused_k)
+        assert out.dtype == dtype and out.shape == q.shape and lse.shape == (heads_q, q.shape[0])
+        assert (out.transpose(0, 1)[torch.isneginf(ref_lse)] == 0).all(), "a row that sees no key has output 0"
+        assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -168,7 +203,7 @@ def test_auto_choice_and_explain():
         assert first == "attention_with_lse(backend='auto') -> reference", report
         assert "flash_attn: " in report and "torch: tensors are on cpu" in report
     else:
-        assert first.endswith("-> flash_attn" if _FLASH_ATTN_INSTALLED else "-> torch"), report
+        assert first.endswith("-> flash_attn" if FLASH_ATTN_INSTALLED else "-> torch"), report
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -196,6 +231,7 @@ def test_backends_declare_what_they_do(backend, generator):
 
 
 def test_old_flash_attn_padded_lse_layout():
+    # Tests the internal _unpad_lse itself: flash-attn >= 2.6 (the only one CI can install) never takes it.
     """flash-attn < 2.6 returned LSE as [batch, heads, max_seqlen_q]; it is unpadded to [heads, total_q]."""
     lens = [2, 0, 3]
     cu_q = cu_seqlens(lens, "cpu")

@@ -9,7 +9,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_reference import reference64
 
+# Internal on purpose: test_reference_* below test the package's reference implementation itself.
 from splitkv._attention_reference import reference_attention_with_lse
 
 if not torch.cuda.is_available():
@@ -74,10 +76,6 @@ def _run_triton(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, num_splits=1):
         return triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, num_splits=num_splits)
 
 
-def _reference64(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    return reference_attention_with_lse(q.double(), k.double(), v.double(), cu_q, cu_k, max_q, max_k, causal, scale)
-
-
 def _assert_matches(out, lse, ref_out, ref_lse, dtype):
     """Close to the reference, with rows the reference leaves empty exactly 0 / -inf."""
     empty = torch.isneginf(ref_lse)  # [heads, tokens]
@@ -121,7 +119,7 @@ def _chunk_reference(q, k, v, cu_q, cu_k, causal, scale, num_splits, split):
     index = torch.tensor(key_index, dtype=torch.long, device=q.device)
     cu_rows = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     cu_keys = torch.tensor([0] + key_counts, device=q.device).cumsum(0).to(torch.int32)
-    return _reference64(q, k[index], v[index], cu_rows, cu_keys, 1, max(key_counts, default=0), False, scale)
+    return reference64(q, k[index], v[index], cu_rows, cu_keys, 1, max(key_counts, default=0), False, scale)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -205,7 +203,7 @@ def test_triton_matches_reference(dtype, head_dim, heads_q, heads_kv, causal):
 
     assert out.shape == inputs[0].shape and out.dtype == dtype
     assert lse.shape == (heads_q, inputs[0].shape[0]) and lse.dtype == torch.float32
-    _assert_matches(out, lse, *_reference64(*inputs, causal, scale), dtype)
+    _assert_matches(out, lse, *reference64(*inputs, causal, scale), dtype)
 
 
 @requires_triton
@@ -222,7 +220,7 @@ def test_triton_random_batches(seed):
 
     out, lse = _run_triton(*inputs, causal, 0.125)
 
-    _assert_matches(out, lse, *_reference64(*inputs, causal, 0.125), dtype)
+    _assert_matches(out, lse, *reference64(*inputs, causal, 0.125), dtype)
 
 
 @requires_triton
@@ -239,7 +237,7 @@ def test_triton_decode(dtype, num_splits):
 
     if num_splits > 1:
         out, lse = _merge_splits(out.double(), lse.double())
-    _assert_matches(out, lse, *_reference64(*inputs, True, 128**-0.5), dtype)
+    _assert_matches(out, lse, *reference64(*inputs, True, 128**-0.5), dtype)
 
 
 @requires_triton
@@ -269,7 +267,7 @@ def test_triton_splits(num_splits, dtype, head_dim, heads_q, heads_kv, causal):
         _assert_matches(out_splits[split].cpu(), lse_splits[split].cpu(), ref_out, ref_lse, dtype)
 
     merged_out, merged_lse = _merge_splits(out_splits.double(), lse_splits.double())
-    _assert_matches(merged_out, merged_lse, *_reference64(*inputs, causal, scale), dtype)
+    _assert_matches(merged_out, merged_lse, *reference64(*inputs, causal, scale), dtype)
     out, lse = _run_triton(*inputs, causal, scale)
     torch.testing.assert_close(merged_out.to(dtype), out, **TOLERANCES[dtype])
     torch.testing.assert_close(merged_lse.float(), lse, **TOLERANCES[dtype])
@@ -292,7 +290,7 @@ def test_triton_strided_inputs(num_splits):
     torch.testing.assert_close(out, dense_out, atol=0, rtol=0)
     torch.testing.assert_close(lse, dense_lse, atol=0, rtol=0)
     if num_splits == 1:
-        _assert_matches(out, lse, *_reference64(*inputs, causal, 0.1), dtype)
+        _assert_matches(out, lse, *reference64(*inputs, causal, 0.1), dtype)
 
 
 @requires_triton
@@ -424,7 +422,7 @@ def test_compiled_launcher_picks_tritons_kernel():
                 for first, second in zip(*results):
                     torch.testing.assert_close(second, first, atol=0, rtol=0)
                 if num_splits == 1:
-                    _assert_matches(*results[1], *_reference64(*inputs, True, 0.125), dtype)
+                    _assert_matches(*results[1], *reference64(*inputs, True, 0.125), dtype)
     assert misaligned[0].data_ptr() % 16 != 0 and len(launches) == 16
     for grid, args, constexprs, num_warps, num_stages, device_index in launches:
         assert device_index == torch.cuda.current_device()
