@@ -82,14 +82,16 @@ def test_reference_backend_matches_float64_on_random_batches(causal, heads_q, he
     queries and Lq > Lk, in random order; GQA / MQA; causal or not; seqused_k or not) it
     matches the float64 softmax of the test helpers at every dtype."""
     # (Lq, Lk) pairs: three edges, then random ones; a random order.
-    pairs = [(0, 5), (4, 0), (9, 3)] + [tuple(pair) for pair in torch.randint(1, 24, (4, 2), generator=generator).tolist()]
+    random_pairs = torch.randint(1, 24, (4, 2), generator=generator).tolist()
+    pairs = [(0, 5), (4, 0), (9, 3)] + [tuple(pair) for pair in random_pairs]
     pairs = [pairs[i] for i in torch.randperm(len(pairs), generator=generator).tolist()]
     lens_q, lens_k = [lq for lq, _ in pairs], [lk for _, lk in pairs]
     head_dim = int(torch.randint(8, 40, (), generator=generator))
     scale = float(torch.empty(()).uniform_(0.05, 1.0, generator=generator))
     seqused_k = None
     if with_seqused_k:  # each sequence uses a random prefix (possibly empty, possibly all) of its keys
-        seqused_k = torch.tensor([int(torch.randint(n + 1, (), generator=generator)) for n in lens_k], dtype=torch.int32)
+        used = [int(torch.randint(n + 1, (), generator=generator)) for n in lens_k]
+        seqused_k = torch.tensor(used, dtype=torch.int32)
     cu_q, cu_k = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     for dtype in DTYPES:
         q = random_tokens(sum(lens_q), heads_q, head_dim, dtype, "cpu", generator)

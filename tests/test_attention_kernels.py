@@ -2,6 +2,9 @@
 
 Without CUDA the Triton kernel runs under the Triton interpreter on CPU tensors, so the
 shapes here stay small; with CUDA the same tests run on the GPU with longer sequences.
+These tests are about the internal kernel and its launch path (splitkv._attention_triton,
+the C++ launcher), so they use its private names; the public functions are tested in
+test_attention.py and test_cascade.py.
 """
 
 import os

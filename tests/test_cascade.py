@@ -11,6 +11,7 @@ from grids import grid, rotate
 
 import splitkv
 from splitkv import cascade as cascade_module
+from splitkv.attention import ATTENTION_BACKENDS
 from splitkv.cascade import estimate_cascade
 
 HAS_CUDA = torch.cuda.is_available()
@@ -90,14 +91,24 @@ def test_cascade_equals_full_attention(dtype, case, cascade, rng):
     assert_attention_close(out, lse, ref_out, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("why", ["head_dim above the Triton limit", "CPU tensors without TRITON_INTERPRET"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cascade_without_triton_uses_two_passes(dtype, rng, monkeypatch):
-    """Where the Triton kernel cannot run, cascade goes through attention_with_lse and the two-state merge."""
-    monkeypatch.setattr(cascade_module, "triton_can_run", lambda q: False)
-    batch = _shared_prefix_batch(rng, 4, 37, 20, False, 8, 2, 64, dtype)
+def test_cascade_without_triton_uses_two_passes(dtype, why, rng, monkeypatch):
+    """Where the Triton kernel cannot run, cascade goes through attention_with_lse and the two-state merge.
+    Both ways a user gets there, through public means: a head_dim above the kernel's
+    declared limit (on any device), and CPU tensors without the interpreter."""
+    if why.startswith("head_dim"):
+        head_dim = ATTENTION_BACKENDS["triton"].max_head_dim + 8
+        batch = _shared_prefix_batch(rng, 4, 37, 20, False, 8, 2, head_dim, dtype)
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        batch = [t.cpu() if torch.is_tensor(t) else t for t in _shared_prefix_batch(rng, 4, 37, 20, False, 8, 2, 64,
+                                                                                      dtype)]  # fmt: skip
     q, lens_q, prefix_k, prefix_v, suffix_k, suffix_v, lens_k = batch
-    out = splitkv.cascade_attention(q, cu_seqlens(lens_q, DEVICE), prefix_k, prefix_v, suffix_k, suffix_v,
-                                    cu_seqlens(lens_k, DEVICE), cascade=True)  # fmt: skip
+    cu_q, cu_k = cu_seqlens(lens_q, q.device), cu_seqlens(lens_k, q.device)
+    report = splitkv.explain_attention(q, suffix_k, suffix_v, cu_q, cu_k, max(lens_q), max(lens_k), backend="triton")
+    assert report.splitlines()[0].endswith("-> no backend"), report  # the premise: Triton cannot run q
+    out = splitkv.cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k, cascade=True)
     ref_out, _ = _full_attention_reference(*batch, q.shape[-1] ** -0.5)
     torch.testing.assert_close(out.double(), ref_out, atol=1.6e-2, rtol=1.6e-2)
 
@@ -153,6 +164,7 @@ def test_one_sequence_cascade_merges_in_its_launch(dtype, decode, prefix_splits,
         assert [name for name, _ in stages] == ["passes"]
         out, lse = stages[0][1]()
         assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+    # Internal on purpose: the test is about the fused merge's counters resetting themselves.
     assert all((counters == 0).all() for counters in cascade_module._MERGE_COUNTERS.values())
 
 
@@ -161,6 +173,7 @@ def test_cascade_split_counts(monkeypatch):
     alongside the suffix programs, and otherwise never more partial-state bytes than
     half the prefix KV; the headline cases get the counts measured fastest on the H100;
     short prefixes run as the single-launch cascade, except under graph capture."""
+    # Internal on purpose: the test is about the planner on a given GPU, faked through its multiprocessor count.
     from splitkv import _planning
 
     monkeypatch.setattr(_planning, "multiprocessors", lambda index: 132)
@@ -256,6 +269,7 @@ def test_cost_model_bandwidth_follows_the_device(monkeypatch):
     H100's; the H100 fit itself on a CPU device or for no device."""
     from types import SimpleNamespace
 
+    # Internal on purpose: the test is about the planner's bandwidth model and its cache.
     from splitkv import _planning
 
     devices = {
@@ -287,6 +301,7 @@ def test_cost_model_bandwidth_follows_the_device(monkeypatch):
 def test_cost_model_bandwidth_of_this_gpu():
     """On a device with a measured copy figure (H100, H200), the bandwidth derived from its
     properties is within 10% of the one that figure gives."""
+    # Internal on purpose: the test is about the planner's table of measured devices.
     from splitkv import _planning
 
     name = torch.cuda.get_device_properties(0).name

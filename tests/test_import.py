@@ -42,6 +42,7 @@ def test_load_error_is_marked_constant_as_the_decorator_marks():
 def test_load_error_under_torch_compile_fullgraph(monkeypatch):
     # The first call may come while tracing (it decides, and may build, the CUDA
     # ops: nothing a graph can hold); as a constant it runs once in Python instead.
+    # Internal on purpose: the test is about the loader's cached answer (_load_error) under tracing.
     monkeypatch.setattr(_cuda, "_load_error", None)
 
     def uses_it(x):

@@ -167,6 +167,7 @@ def test_cascade_path_in_the_triton_interpreter(monkeypatch):
     max_seqlen_*) run on the CPU by the Triton interpreter: left-padded rows, regrowth, logits as stock's."""
     import splitkv.integrations.transformers as integration
 
+    # Internal on purpose: the CUDA path is chosen by device alone, so no public switch runs it on a CPU.
     monkeypatch.setattr(integration, "_runs_cascade", lambda device: True)
     ours, stock = model_pair("llama")
     shared, suffixes = prompts(suffix_lens=(13, 1, 7))

@@ -274,6 +274,7 @@ def test_build_failure_falls_back_or_raises(monkeypatch):
     def broken_build(verbose=False):
         raise OSError("nvcc not found")
 
+    # Internal on purpose: the test is about the loader itself, with a build that fails and its cache reset.
     monkeypatch.setattr(_cuda, "build", broken_build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_cuda, "_load_error", None)
