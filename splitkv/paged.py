@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -542,29 +542,56 @@ class CascadePlan:
         return "\n".join(lines)
 
 
-def _find_runs(table: np.ndarray, limits: np.ndarray, candidates: list[int]) -> list[tuple[tuple[int, ...], int, int]]:
+def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[tuple[int, ...], int, int]]:
     """The tree of shared runs as ``(members, first_page, end_page)``, parents first:
     sequences that hold the same page id at each position ``< end_page``, each
     sequence's run limited to its first ``limits[i]`` pages. Insensitive to order."""
     runs = []
-    stack = [(sorted(candidates), 0)]
+    # Depth first; a node's children are found in order of their page id, members ascending.
+    stack = [(np.sort(np.asarray(candidates, dtype=np.int64)), 0)]
     while stack:
         members, depth = stack.pop()
-        groups = defaultdict(list)
-        for i in members:
-            if limits[i] > depth:
-                groups[int(table[i, depth])].append(i)
-        for page in sorted(groups):
-            group = groups[page]
-            if len(group) < 2:
-                continue
+        members = members[limits[members] > depth]
+        if members.size < 2:
+            continue
+        # Group the members by their page at this depth (a stable sort keeps each group ascending).
+        pages = table[members, depth]
+        order = np.argsort(pages, kind="stable")
+        members, pages = members[order], pages[order]
+        starts = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1])))
+        ends = np.append(starts[1:], members.size)
+        shared = ends - starts >= 2
+        for first, last in zip(starts[shared].tolist(), ends[shared].tolist()):
+            group = members[first:last]
             limit = int(limits[group].min())
             segment = table[group, depth:limit]
             same = (segment == segment[0]).all(axis=0)
             end = depth + (int(np.argmin(same)) if not same.all() else limit - depth)
-            runs.append((tuple(group), depth, end))
+            runs.append((tuple(group.tolist()), depth, end))
             stack.append((group, end))
     return runs
+
+
+def _token_ranges(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The query tokens of sequences ``rows`` in that order: ``bounds[i]`` up to ``bounds[i + 1]`` each."""
+    counts = bounds[rows + 1] - bounds[rows]
+    shift = bounds[rows] - (np.cumsum(counts) - counts)
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(shift, counts)
+
+
+class _Items(NamedTuple):
+    """A launch's work items, one entry per item in each field (int64 ``[items]``) but
+    ``tokens``: every item's query tokens one after the other (``token_count`` each)."""
+
+    block_m: np.ndarray
+    row: np.ndarray  # a block-table row of its sequences (the kernel reads its pages)
+    token_count: np.ndarray
+    key_lo: np.ndarray
+    key_hi: np.ndarray  # -1: up to the sequence's end, causally
+    base: np.ndarray  # first state slot
+    splits: np.ndarray
+    pad: np.ndarray  # first state slot it marks empty (_NO_PADDING: none)
+    tokens: np.ndarray
 
 
 def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, device: torch.device) -> int:
@@ -694,8 +721,8 @@ def plan_cascade(
     # A page is shareable for sequence i if full and every query of i sees all its
     # keys: query 0 sees keys j <= used - q_len.
     limits = np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
-    with_queries = [i for i in range(batch) if q_lens[i] > 0]
-    element = torch.empty((), dtype=dtype).element_size()
+    with_queries = np.flatnonzero(q_lens > 0)
+    element = dtype.itemsize
     kv_token = 2 * heads_kv * head_dim * element
     state_token = heads_q * (head_dim + 1) * 4 * 2  # a float32 state written and read back
     from ._paged_triton import launch_config
@@ -729,7 +756,7 @@ def plan_cascade(
             kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
             pending[idx] = end
     own_start = pending.copy()
-    suffix_keys = max([max_seqlen_k - int(own_start[i]) * page_size for i in with_queries], default=0)
+    suffix_keys = int((max_seqlen_k - own_start[with_queries] * page_size).max()) if with_queries.size else 0
     shared = any(r.kept for r in runs)
     if num_splits is not None:
         last_splits = num_splits
@@ -745,21 +772,26 @@ def plan_cascade(
     tile_of = [wide_m if config[1] > narrow[1] else narrow[1] for *_, config, _rb in kept_runs]
     run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
                   for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
-    last_programs = sum(-(-int(q_lens[i]) * group // narrow[1]) for i in with_queries) * heads_kv * last_splits
+    last_programs = int((-(-q_lens[with_queries] * group // narrow[1])).sum()) * heads_kv * last_splits
     suffix_chunk = _planning.suffix_chunk_keys(suffix_keys, last_splits)
     splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
                                num_splits)  # fmt: skip
-    items = []  # (block_m, row, tokens, key_lo, key_hi, first state, splits, first empty state)
+    # Work items: the kept runs, then every sequence's own level (in batch order).
+    run_fields, run_tokens = [], []  # (block_m, row, token count, key_lo, key_hi, base, splits, pad)
     for (idx, key_lo, key_hi, _c, _rb), splits, tile in zip(kept_runs, splits_of, tile_of):
         base = int(offset[idx].max())
-        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
+        run_tokens.append(_token_ranges(bounds, idx))
         # No empty states to write: its sequences' own level does that.
-        items.append((tile, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
+        run_fields.append((tile, int(idx[0]), run_tokens[-1].size, key_lo, key_hi, base, splits, _NO_PADDING))
         offset[idx] = base + splits
-    num_states = int(max([offset[i] for i in with_queries], default=0)) + last_splits
-    for i in with_queries:
-        items.append((narrow[1], i, np.arange(bounds[i], bounds[i + 1]), int(own_start[i]) * page_size, -1,
-                      int(offset[i]), last_splits, int(offset[i]) + last_splits))  # fmt: skip
+    num_states = (int(offset[with_queries].max()) if with_queries.size else 0) + last_splits
+    own_base = offset[with_queries]
+    own_fields = np.stack([np.full(with_queries.size, narrow[1]), with_queries, q_lens[with_queries],
+                           own_start[with_queries] * page_size, np.full(with_queries.size, -1), own_base,
+                           np.full(with_queries.size, last_splits), own_base + last_splits])  # fmt: skip
+    fields = np.concatenate([np.array(run_fields, dtype=np.int64).reshape(-1, 8).T, own_fields], axis=1)
+    # The own levels' tokens in batch order are all the tokens (a sequence without queries has none).
+    items = _Items(*fields, tokens=np.concatenate([*run_tokens, np.arange(total_q, dtype=np.int64)]))
     # A token whose slots below its own level are not all written (explicit levels of
     # uneven depth) needs the states cleared first.
     needs_fill = user_runs and _has_gaps(items)
@@ -767,7 +799,7 @@ def plan_cascade(
     pages_used = -(-used // page_size)
     live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
     max_page_id = int(table[live].max()) if live.any() else -1
-    kv_plain = int(used[with_queries].sum()) * kv_token if with_queries else 0
+    kv_plain = int(used[with_queries].sum()) * kv_token
     saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
     plan = CascadePlan(
         page_size=page_size, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
@@ -795,10 +827,9 @@ def plan_cascade(
     return plan
 
 
-def _retile(items: list, narrow_m: int, wide_m: int, group: int) -> list:
+def _retile(items: _Items, narrow_m: int, wide_m: int, group: int) -> _Items:
     """Items with the tile they take in a launch of these two row tiles."""
-    # An item is (tile, row, tokens, key_lo, key_hi, first state, splits, first empty state).
-    return [(narrow_m if len(item[2]) * group <= narrow_m else wide_m, *item[1:]) for item in items]
+    return items._replace(block_m=np.where(items.token_count * group <= narrow_m, narrow_m, wide_m))
 
 
 def _launch_into_plan(plan: CascadePlan, items: list, narrow: tuple, wide: tuple, heads_kv: int, group: int,
@@ -849,13 +880,18 @@ def _write_into(into: CascadePlan, plan: CascadePlan, items: list, group: int) -
     return into
 
 
-def _has_gaps(items) -> bool:
+def _has_gaps(items: _Items) -> bool:
     """Whether some token's states below its last written slot are left unwritten."""
-    written = defaultdict(set)
-    for _config, _row, tokens, _lo, _hi, base, splits, _pad in items:
-        for token in tokens.tolist():
-            written[token].update(range(base, base + splits))
-    return any(slots != set(range(max(slots) + 1)) for slots in written.values())
+    if not items.tokens.size:
+        return False
+    item_of = np.repeat(np.arange(items.row.size), items.token_count)
+    written = np.zeros((int(items.tokens.max(initial=-1)) + 1, int((items.base + items.splits).max(initial=0))), bool)
+    for item in range(items.row.size):
+        written[items.tokens[item_of == item], items.base[item]: items.base[item] + items.splits[item]] = True
+    touched = written.any(axis=1)
+    # Written slots of a token must be 0, 1, ..., its highest.
+    highest = written.shape[1] - 1 - np.argmax(written[:, ::-1], axis=1)
+    return bool((written != (np.arange(written.shape[1])[None, :] <= highest[:, None]))[touched].any())
 
 
 def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> list:
@@ -891,33 +927,44 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     return checked
 
 
-def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
+def _build_launch(items: _Items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
                   max_programs: int | None = None) -> tuple:  # fmt: skip
     """``(grid, item table, token list, program table)`` of one plan launch. With
     ``max_programs`` the tables are padded to that many programs (and as many items,
     and tokens for full tiles of all of them): padding programs run an item of no
     tokens, which returns at once."""
-    table, tokens, programs = [], [], []
-    for index, (block_m, row, item_tokens, lo, hi, base, splits, pad) in enumerate(items):
-        table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad, int(block_m != narrow_m)])
-        tokens.extend(item_tokens.tolist())
-        row_blocks = -(-len(item_tokens) * group // block_m)
-        # Row blocks innermost: those reading the same key chunk run side by side.
-        programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
+    counts = items.token_count
+    # int64 [items, 9]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
+    table = np.stack([items.row, np.cumsum(counts) - counts, counts, items.key_lo, items.key_hi, items.base,
+                      items.splits, items.pad, items.block_m != narrow_m], axis=1)  # fmt: skip
+    tokens = items.tokens
+    row_blocks = -(-counts * group // items.block_m)
+    # int64 [programs, 3]: item, row block, split; row blocks innermost, so that those
+    # reading the same key chunk run side by side.
+    per_item = items.splits * row_blocks
+    local = np.arange(int(per_item.sum())) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    item_blocks = np.repeat(row_blocks, per_item)
+    programs = np.stack([np.repeat(np.arange(counts.size), per_item), local % np.maximum(item_blocks, 1),
+                         local // np.maximum(item_blocks, 1)], axis=1)  # fmt: skip
 
     if max_programs is not None:
         if len(programs) > max_programs or len(table) >= max_programs:
             raise ValueError(f"max_programs: the tree needs {len(programs)} work items (and {len(table) + 1} items), "
                              f"the capacity is {max_programs}")  # fmt: skip
         empty = len(table)
-        table += [[0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0]] * (max_programs - len(table))
-        programs += [[empty, 0, 0]] * (max_programs - len(programs))
-        tokens += [0] * (max_programs * max(narrow_m, 64) - len(tokens))
+        table = np.concatenate([table, np.tile([0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0], (max_programs - empty, 1))])
+        programs = np.concatenate([programs, np.tile([empty, 0, 0], (max_programs - len(programs), 1))])
+        tokens = np.concatenate([tokens, np.zeros(max(0, max_programs * max(narrow_m, 64) - len(tokens)), np.int64)])
 
-    def as_tensor(rows):
-        return torch.tensor(rows or [0], dtype=torch.int32).reshape(-1).to(device)
-
-    return len(programs) * heads_kv, as_tensor(table), as_tensor(tokens), as_tensor(programs)
+    # One host buffer and one copy to the device; each table starts 16-byte aligned.
+    parts = [part.reshape(-1) if part.size else np.zeros(1, np.int64) for part in (table, tokens, programs)]
+    starts = np.cumsum([0] + [-(-part.size // 4) * 4 for part in parts])
+    buffer = np.zeros(int(starts[-1]), dtype=np.int32)
+    for part, begin in zip(parts, starts):
+        buffer[begin: begin + part.size] = part
+    uploaded = torch.from_numpy(buffer).to(device)
+    views = [uploaded[begin: begin + part.size] for part, begin in zip(parts, starts.tolist())]
+    return len(programs) * heads_kv, *views
 
 
 def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
