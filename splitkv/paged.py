@@ -26,7 +26,9 @@ queries attend to it without mask, the own pages causally, and one N-way merge
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections import defaultdict
 from typing import NamedTuple
 
 import numpy as np
@@ -546,29 +548,50 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
     """The tree of shared runs as ``(members, first_page, end_page)``, parents first:
     sequences that hold the same page id at each position ``< end_page``, each
     sequence's run limited to its first ``limits[i]`` pages. Insensitive to order."""
-    runs = []
-    # Depth first; a node's children are found in order of their page id, members ascending.
-    stack = [(np.sort(np.asarray(candidates, dtype=np.int64)), 0)]
-    while stack:
-        members, depth = stack.pop()
-        members = members[limits[members] > depth]
-        if members.size < 2:
-            continue
-        # Group the members by their page at this depth (a stable sort keeps each group ascending).
+    # One tree depth at a time, every node of it at once. Per member: the run whose
+    # children it may start (-1: the root) and the page position they start at.
+    members = np.sort(np.asarray(candidates, dtype=np.int64))
+    node = np.full(members.size, -1, dtype=np.int64)
+    depth = np.zeros(members.size, dtype=np.int64)
+    found, children = [], defaultdict(list)
+    while members.size:
+        alive = limits[members] > depth
+        members, node, depth = members[alive], node[alive], depth[alive]
+        if not members.size:
+            break
+        # A child run: the members of one node holding the same page at its depth;
+        # children in order of that page id, members ascending.
         pages = table[members, depth]
-        order = np.argsort(pages, kind="stable")
-        members, pages = members[order], pages[order]
-        starts = np.flatnonzero(np.concatenate(([True], pages[1:] != pages[:-1])))
-        ends = np.append(starts[1:], members.size)
-        shared = ends - starts >= 2
-        for first, last in zip(starts[shared].tolist(), ends[shared].tolist()):
-            group = members[first:last]
+        order = np.lexsort((members, pages, node))
+        members, node, depth, pages = members[order], node[order], depth[order], pages[order]
+        starts = np.flatnonzero(np.concatenate(([True], (node[1:] != node[:-1]) | (pages[1:] != pages[:-1]))))
+        sizes = np.diff(np.append(starts, members.size))
+        in_run = np.repeat(sizes >= 2, sizes)
+        starts, sizes = starts[sizes >= 2], sizes[sizes >= 2]
+        if not starts.size:
+            break
+        members, node, depth = members[in_run], node[in_run], depth[in_run]
+        offsets = np.cumsum(sizes) - sizes
+        run_ids = np.arange(len(found), len(found) + starts.size)
+        ends = []
+        for run, parent, group, first in zip(run_ids.tolist(), node[offsets].tolist(), np.split(members, offsets[1:]),
+                                             depth[offsets].tolist()):  # fmt: skip
+            # The run ends at the first page where its members differ, or the first
+            # page one of them does not share (its limit).
             limit = int(limits[group].min())
-            segment = table[group, depth:limit]
+            segment = table[group, first:limit]
             same = (segment == segment[0]).all(axis=0)
-            end = depth + (int(np.argmin(same)) if not same.all() else limit - depth)
-            runs.append((tuple(group.tolist()), depth, end))
-            stack.append((group, end))
+            ends.append(first + (int(np.argmin(same)) if not same.all() else limit - first))
+            found.append((tuple(group.tolist()), first, ends[-1]))
+            children[parent].append(run)
+        node, depth = np.repeat(run_ids, sizes), np.repeat(ends, sizes)
+    # Parents first, in the order of a depth-first walk that lists a node's children
+    # (by page id) when it reaches the node and then descends from the last of them.
+    runs, stack = [], [-1]
+    while stack:
+        kids = children.get(stack.pop(), [])
+        runs += [found[run] for run in kids]
+        stack += kids
     return runs
 
 
@@ -738,11 +761,16 @@ def plan_cascade(
     # to its sequences' own level), which then start where it started.
     pending = np.zeros(batch, dtype=np.int64)  # first page not yet in a kept run
     offset = np.zeros(batch, dtype=np.int64)  # first state slot free for the sequence
-    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config)
-    for members, first, end in found:
-        idx = np.array(members)
-        lo = int(pending[idx].max()) if user_runs else int(pending[idx[0]])
-        tokens = int(q_lens[idx].sum())
+    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config, row blocks, tokens)
+    # Every run's members one after the other, and each run's query tokens.
+    run_sizes = [len(members) for members, _first, _end in found]
+    run_offsets = np.cumsum(run_sizes) - run_sizes
+    run_members = np.fromiter(itertools.chain.from_iterable(members for members, _first, _end in found),
+                              dtype=np.int64, count=sum(run_sizes))  # fmt: skip
+    run_tokens = np.add.reduceat(q_lens[run_members], run_offsets).tolist() if found else []
+    for (members, _first, end), tokens, start, size in zip(found, run_tokens, run_offsets.tolist(), run_sizes):
+        idx = run_members[start: start + size]
+        lo = int(pending[idx].max()) if user_runs else int(pending[members[0]])
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
         row_blocks = -(-tokens * group // min(config[1], _WIDE_MAX_ROWS))
@@ -753,7 +781,7 @@ def plan_cascade(
         kept = user_runs or share == "always" or saved > cost + _planning.LEVEL_OVERHEAD_BYTES
         runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
         if kept and keys > 0:
-            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
+            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks, tokens))
             pending[idx] = end
     own_start = pending.copy()
     suffix_keys = int((max_seqlen_k - own_start[with_queries] * page_size).max()) if with_queries.size else 0
@@ -768,22 +796,22 @@ def plan_cascade(
     narrow = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
     # The wide tile stops at 64 rows: its shape then keeps the narrow one's 4 warps, the
     # configuration the plain kernel streamed its KV with (benchmarks/NOTES.md).
-    wide_m = min(max([config[1] for *_, config, _rb in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
-    tile_of = [wide_m if config[1] > narrow[1] else narrow[1] for *_, config, _rb in kept_runs]
-    run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
-                  for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
+    wide_m = min(max([run[3][1] for run in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
+    tile_of = [wide_m if run[3][1] > narrow[1] else narrow[1] for run in kept_runs]
+    run_shapes = [(key_hi - key_lo, tokens, -(-tokens * group // tile))
+                  for (_idx, key_lo, key_hi, _c, _rb, tokens), tile in zip(kept_runs, tile_of)]  # fmt: skip
     last_programs = int((-(-q_lens[with_queries] * group // narrow[1])).sum()) * heads_kv * last_splits
     suffix_chunk = _planning.suffix_chunk_keys(suffix_keys, last_splits)
     splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
                                num_splits)  # fmt: skip
     # Work items: the kept runs, then every sequence's own level (in batch order).
-    run_fields, run_tokens = [], []  # (block_m, row, token count, key_lo, key_hi, base, splits, pad)
-    for (idx, key_lo, key_hi, _c, _rb), splits, tile in zip(kept_runs, splits_of, tile_of):
+    run_fields = []  # (block_m, row, token count, key_lo, key_hi, base, splits, pad)
+    for (idx, key_lo, key_hi, _c, _rb, tokens), splits, tile in zip(kept_runs, splits_of, tile_of):
         base = int(offset[idx].max())
-        run_tokens.append(_token_ranges(bounds, idx))
         # No empty states to write: its sequences' own level does that.
-        run_fields.append((tile, int(idx[0]), run_tokens[-1].size, key_lo, key_hi, base, splits, _NO_PADDING))
+        run_fields.append((tile, int(idx[0]), tokens, key_lo, key_hi, base, splits, _NO_PADDING))
         offset[idx] = base + splits
+    kept_members = np.concatenate([run[0] for run in kept_runs]) if kept_runs else np.zeros(0, np.int64)
     num_states = (int(offset[with_queries].max()) if with_queries.size else 0) + last_splits
     own_base = offset[with_queries]
     own_fields = np.stack([np.full(with_queries.size, narrow[1]), with_queries, q_lens[with_queries],
@@ -791,14 +819,15 @@ def plan_cascade(
                            np.full(with_queries.size, last_splits), own_base + last_splits])  # fmt: skip
     fields = np.concatenate([np.array(run_fields, dtype=np.int64).reshape(-1, 8).T, own_fields], axis=1)
     # The own levels' tokens in batch order are all the tokens (a sequence without queries has none).
-    items = _Items(*fields, tokens=np.concatenate([*run_tokens, np.arange(total_q, dtype=np.int64)]))
+    items = _Items(*fields, tokens=np.concatenate([_token_ranges(bounds, kept_members),
+                                                   np.arange(total_q, dtype=np.int64)]))  # fmt: skip
     # A token whose slots below its own level are not all written (explicit levels of
     # uneven depth) needs the states cleared first.
     needs_fill = user_runs and _has_gaps(items)
 
     pages_used = -(-used // page_size)
     live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
-    max_page_id = int(table[live].max()) if live.any() else -1
+    max_page_id = int(table.max(where=live, initial=-1))
     kv_plain = int(used[with_queries].sum()) * kv_token
     saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
     plan = CascadePlan(
