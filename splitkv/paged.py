@@ -595,6 +595,16 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
     return runs
 
 
+def _max_live_page(table: np.ndarray, pages_used: np.ndarray) -> int:
+    """The largest page id among each row's first ``pages_used[i]`` entries (-1 for none)."""
+    if not table.size:
+        return -1
+    # Columns every row uses need no mask; only the ragged ends do.
+    lo, hi = int(pages_used.min()), int(pages_used.max())
+    ragged = np.arange(lo, hi)[None, :] < pages_used[:, None]
+    return max(int(table[:, :lo].max(initial=-1)), int(table[:, lo:hi].max(where=ragged, initial=-1)))
+
+
 def _token_ranges(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The query tokens of sequences ``rows`` in that order: ``bounds[i]`` up to ``bounds[i + 1]`` each."""
     counts = bounds[rows + 1] - bounds[rows]
@@ -826,8 +836,7 @@ def plan_cascade(
     needs_fill = user_runs and _has_gaps(items)
 
     pages_used = -(-used // page_size)
-    live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
-    max_page_id = int(table.max(where=live, initial=-1))
+    max_page_id = _max_live_page(table, pages_used)
     kv_plain = int(used[with_queries].sum()) * kv_token
     saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
     plan = CascadePlan(
