@@ -556,29 +556,33 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
     found, children = [], defaultdict(list)
     while members.size:
         alive = limits[members] > depth
-        members, node, depth = members[alive], node[alive], depth[alive]
-        if not members.size:
+        if not alive.all():
+            members, node, depth = members[alive], node[alive], depth[alive]
+        if members.size < 2:
             break
         # A child run: the members of one node holding the same page at its depth;
         # children in order of that page id, members ascending.
-        pages = table[members, depth]
-        order = np.lexsort((members, pages, node))
-        members, node, depth, pages = members[order], node[order], depth[order], pages[order]
-        starts = np.flatnonzero(np.concatenate(([True], (node[1:] != node[:-1]) | (pages[1:] != pages[:-1]))))
+        # Each node's members are ascending: a stable sort by (node, page) keeps them so.
+        key = ((node + 1) << 32) | (table[members, depth].astype(np.int64) + (1 << 31))
+        order = np.argsort(key, kind="stable")
+        members, node, depth, key = members[order], node[order], depth[order], key[order]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
         sizes = np.diff(np.append(starts, members.size))
-        in_run = np.repeat(sizes >= 2, sizes)
-        starts, sizes = starts[sizes >= 2], sizes[sizes >= 2]
-        if not starts.size:
+        big = sizes >= 2
+        if not big.any():
             break
-        members, node, depth = members[in_run], node[in_run], depth[in_run]
+        if not big.all():
+            in_run = np.repeat(big, sizes)
+            members, node, depth, sizes = members[in_run], node[in_run], depth[in_run], sizes[big]
         offsets = np.cumsum(sizes) - sizes
-        run_ids = np.arange(len(found), len(found) + starts.size)
+        run_ids = np.arange(len(found), len(found) + sizes.size)
         ends = []
-        for run, parent, group, first in zip(run_ids.tolist(), node[offsets].tolist(), np.split(members, offsets[1:]),
-                                             depth[offsets].tolist()):  # fmt: skip
+        group_limits = np.minimum.reduceat(limits[members], offsets).tolist()
+        for run, parent, start, size, first, limit in zip(run_ids.tolist(), node[offsets].tolist(), offsets.tolist(),
+                                                          sizes.tolist(), depth[offsets].tolist(), group_limits):  # fmt: skip
             # The run ends at the first page where its members differ, or the first
             # page one of them does not share (its limit).
-            limit = int(limits[group].min())
+            group = members[start: start + size]
             segment = table[group, first:limit]
             same = (segment == segment[0]).all(axis=0)
             ends.append(first + (int(np.argmin(same)) if not same.all() else limit - first))
@@ -971,38 +975,46 @@ def _build_launch(items: _Items, narrow_m: int, heads_kv: int, group: int, devic
     ``max_programs`` the tables are padded to that many programs (and as many items,
     and tokens for full tiles of all of them): padding programs run an item of no
     tokens, which returns at once."""
-    counts = items.token_count
-    # int64 [items, 9]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
-    table = np.stack([items.row, np.cumsum(counts) - counts, counts, items.key_lo, items.key_hi, items.base,
-                      items.splits, items.pad, items.block_m != narrow_m], axis=1)  # fmt: skip
-    tokens = items.tokens
+    counts, num_items, num_tokens = items.token_count, items.row.size, items.tokens.size
     row_blocks = -(-counts * group // items.block_m)
-    # int64 [programs, 3]: item, row block, split; row blocks innermost, so that those
-    # reading the same key chunk run side by side.
     per_item = items.splits * row_blocks
-    local = np.arange(int(per_item.sum())) - np.repeat(np.cumsum(per_item) - per_item, per_item)
-    item_blocks = np.repeat(row_blocks, per_item)
-    programs = np.stack([np.repeat(np.arange(counts.size), per_item), local % np.maximum(item_blocks, 1),
-                         local // np.maximum(item_blocks, 1)], axis=1)  # fmt: skip
-
+    num_programs = int(per_item.sum())
+    table_rows, program_rows, token_slots = num_items, num_programs, num_tokens
     if max_programs is not None:
-        if len(programs) > max_programs or len(table) >= max_programs:
-            raise ValueError(f"max_programs: the tree needs {len(programs)} work items (and {len(table) + 1} items), "
+        if num_programs > max_programs or num_items >= max_programs:
+            raise ValueError(f"max_programs: the tree needs {num_programs} work items (and {num_items + 1} items), "
                              f"the capacity is {max_programs}")  # fmt: skip
-        empty = len(table)
-        table = np.concatenate([table, np.tile([0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0], (max_programs - empty, 1))])
-        programs = np.concatenate([programs, np.tile([empty, 0, 0], (max_programs - len(programs), 1))])
-        tokens = np.concatenate([tokens, np.zeros(max(0, max_programs * max(narrow_m, 64) - len(tokens)), np.int64)])
-
-    # One host buffer and one copy to the device; each table starts 16-byte aligned.
-    parts = [part.reshape(-1) if part.size else np.zeros(1, np.int64) for part in (table, tokens, programs)]
-    starts = np.cumsum([0] + [-(-part.size // 4) * 4 for part in parts])
-    buffer = np.zeros(int(starts[-1]), dtype=np.int32)
-    for part, begin in zip(parts, starts):
-        buffer[begin: begin + part.size] = part
+        table_rows = program_rows = max_programs
+        token_slots = max(num_tokens, max_programs * max(narrow_m, 64))
+    # One host buffer (int32) and one copy to the device; each table starts 16-byte
+    # aligned and holds at least one entry.
+    sizes = [max(1, 9 * table_rows), max(1, token_slots), max(1, 3 * program_rows)]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // 4) * 4)
+    buffer = np.zeros(starts[-1], dtype=np.int32)
+    # Item table [items, 9]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
+    table = buffer[: 9 * table_rows].reshape(table_rows, 9)
+    for column, values in enumerate((items.row, np.cumsum(counts) - counts, counts, items.key_lo, items.key_hi,
+                                     items.base, items.splits, items.pad, items.block_m != narrow_m)):  # fmt: skip
+        table[:num_items, column] = values
+    # Padding items have no tokens and write no state.
+    table[num_items:, 6] = 1
+    table[num_items:, 7] = _NO_PADDING
+    buffer[starts[1]: starts[1] + num_tokens] = items.tokens
+    # Program table [programs, 3]: item, row block, split; row blocks innermost, so that
+    # those reading the same key chunk run side by side. Padding programs run the first
+    # padding item.
+    programs = buffer[starts[2]: starts[2] + 3 * program_rows].reshape(program_rows, 3)
+    local = np.arange(num_programs) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    item_blocks = np.repeat(row_blocks, per_item)
+    programs[:num_programs, 0] = np.repeat(np.arange(num_items), per_item)
+    programs[:num_programs, 1] = local % np.maximum(item_blocks, 1)
+    programs[:num_programs, 2] = local // np.maximum(item_blocks, 1)
+    programs[num_programs:, 0] = num_items
     uploaded = torch.from_numpy(buffer).to(device)
-    views = [uploaded[begin: begin + part.size] for part, begin in zip(parts, starts.tolist())]
-    return len(programs) * heads_kv, *views
+    views = [uploaded[begin: begin + size] for begin, size in zip(starts, sizes)]
+    return program_rows * heads_kv, *views
 
 
 def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
