@@ -576,17 +576,22 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
             members, node, depth, sizes = members[in_run], node[in_run], depth[in_run], sizes[big]
         offsets = np.cumsum(sizes) - sizes
         run_ids = np.arange(len(found), len(found) + sizes.size)
-        ends = []
-        group_limits = np.minimum.reduceat(limits[members], offsets).tolist()
-        for run, parent, start, size, first, limit in zip(run_ids.tolist(), node[offsets].tolist(), offsets.tolist(),
-                                                          sizes.tolist(), depth[offsets].tolist(), group_limits):  # fmt: skip
-            # The run ends at the first page where its members differ, or the first
-            # page one of them does not share (its limit).
-            group = members[start: start + size]
-            segment = table[group, first:limit]
-            same = (segment == segment[0]).all(axis=0)
-            ends.append(first + (int(np.argmin(same)) if not same.all() else limit - first))
-            found.append((tuple(group.tolist()), first, ends[-1]))
+        # A run ends at the first page where two of its members differ, or at the
+        # least limit of its members. A node's members agree on every page before its
+        # depth, so one window from this level's least depth serves all its runs; the
+        # members of a run are adjacent, so comparing neighbours finds where they differ.
+        lo, hi = int(depth.min()), int(limits[members].max())
+        window = table[members, lo:hi]
+        differ = window[1:] != window[:-1]  # [members - 1, hi - lo]
+        first_differ = differ.argmax(axis=1)
+        pair_end = np.where(differ[np.arange(differ.shape[0]), first_differ], first_differ + lo, hi)
+        # Neighbours from two runs (each run's last member and the next run's first) do not count.
+        pair_end[offsets[1:] - 1] = hi
+        ends = np.minimum(np.minimum.reduceat(pair_end, offsets), np.minimum.reduceat(limits[members], offsets))
+        groups = np.split(members, offsets[1:])
+        for run, parent, group, first, end in zip(run_ids.tolist(), node[offsets].tolist(), groups,
+                                                  depth[offsets].tolist(), ends.tolist()):  # fmt: skip
+            found.append((tuple(group.tolist()), first, end))
             children[parent].append(run)
         node, depth = np.repeat(run_ids, sizes), np.repeat(ends, sizes)
     # Parents first, in the order of a depth-first walk that lists a node's children
