@@ -561,19 +561,23 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
         if members.size < 2:
             break
         # A child run: the members of one node holding the same page at its depth;
-        # children in order of that page id, members ascending.
-        # Each node's members are ascending: a stable sort by (node, page) keeps them so.
-        key = ((node + 1) << 32) | (table[members, depth].astype(np.int64) + (1 << 31))
+        # children in order of that page id, members ascending. Each node's members
+        # are ascending, so a stable sort by (node, page) keeps them so (page ids are
+        # int32: node * 2**32 + page orders by node first).
+        key = (node << 32) + table[members, depth]
         order = np.argsort(key, kind="stable")
         members, node, depth, key = members[order], node[order], depth[order], key[order]
+        # Members whose key a neighbour shares are in a run.
+        same_next = key[1:] == key[:-1]
+        in_run = np.zeros(members.size, dtype=bool)
+        in_run[1:] = same_next
+        in_run[:-1] |= same_next
+        if not in_run.any():
+            break
+        if not in_run.all():
+            members, node, depth, key = members[in_run], node[in_run], depth[in_run], key[in_run]
         starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
         sizes = np.diff(np.append(starts, members.size))
-        big = sizes >= 2
-        if not big.any():
-            break
-        if not big.all():
-            in_run = np.repeat(big, sizes)
-            members, node, depth, sizes = members[in_run], node[in_run], depth[in_run], sizes[big]
         offsets = np.cumsum(sizes) - sizes
         run_ids = np.arange(len(found), len(found) + sizes.size)
         # A run ends at the first page where two of its members differ, or at the
