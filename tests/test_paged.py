@@ -377,6 +377,16 @@ def test_bench_plan_stages_compose_the_cascade():
     torch.testing.assert_close(lse, expected[1])
 
 
+def test_bench_plan_host_times_run_without_a_gpu():
+    """``python -m splitkv.bench paged --plan-host`` plans every benchmark case on CPU tables."""
+    from splitkv.bench.paged import plan_host_times
+
+    rows = plan_host_times(calls=1)
+    assert [(r["page_size"], r["runs"], r["kept_runs"]) for r in rows] == [
+        (page_size, runs, runs) for page_size in (16, 128) for runs in (1, 8, 9, 0)]
+    assert all(r["plan_host_us"] > 0 for r in rows)
+
+
 def test_plan_with_capacity_takes_another_tree_in_place():
     """A plan built with spare capacity runs one fixed-size launch; a different tree of
     the same batch written into it (into=) reuses its tensors and gives that tree's result."""
