@@ -26,8 +26,10 @@ queries attend to it without mask, the own pages causally, and one N-way merge
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections import defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -542,29 +544,100 @@ class CascadePlan:
         return "\n".join(lines)
 
 
-def _find_runs(table: np.ndarray, limits: np.ndarray, candidates: list[int]) -> list[tuple[tuple[int, ...], int, int]]:
+def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[tuple[int, ...], int, int]]:
     """The tree of shared runs as ``(members, first_page, end_page)``, parents first:
     sequences that hold the same page id at each position ``< end_page``, each
     sequence's run limited to its first ``limits[i]`` pages. Insensitive to order."""
-    runs = []
-    stack = [(sorted(candidates), 0)]
+    # One tree depth at a time, every node of it at once. Per member: the run whose
+    # children it may start (-1: the root) and the page position they start at.
+    members = np.sort(np.asarray(candidates, dtype=np.int64))
+    node = np.full(members.size, -1, dtype=np.int64)
+    depth = np.zeros(members.size, dtype=np.int64)
+    found, children = [], defaultdict(list)
+    while members.size:
+        alive = limits[members] > depth
+        if not alive.all():
+            members, node, depth = members[alive], node[alive], depth[alive]
+        if members.size < 2:
+            break
+        # A child run: the members of one node holding the same page at its depth;
+        # children in order of that page id, members ascending. Each node's members
+        # are ascending, so a stable sort by (node, page) keeps them so (page ids are
+        # int32: node * 2**32 + page orders by node first).
+        key = (node << 32) + table[members, depth]
+        order = np.argsort(key, kind="stable")
+        members, node, depth, key = members[order], node[order], depth[order], key[order]
+        # Members whose key a neighbour shares are in a run.
+        same_next = key[1:] == key[:-1]
+        in_run = np.zeros(members.size, dtype=bool)
+        in_run[1:] = same_next
+        in_run[:-1] |= same_next
+        if not in_run.any():
+            break
+        if not in_run.all():
+            members, node, depth, key = members[in_run], node[in_run], depth[in_run], key[in_run]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+        sizes = np.diff(np.append(starts, members.size))
+        offsets = np.cumsum(sizes) - sizes
+        run_ids = np.arange(len(found), len(found) + sizes.size)
+        # A run ends at the first page where two of its members differ, or at the
+        # least limit of its members. A node's members agree on every page before its
+        # depth, so one window from this level's least depth serves all its runs; the
+        # members of a run are adjacent, so comparing neighbours finds where they differ.
+        lo, hi = int(depth.min()), int(limits[members].max())
+        window = table[members, lo:hi]
+        differ = window[1:] != window[:-1]  # [members - 1, hi - lo]
+        first_differ = differ.argmax(axis=1)
+        pair_end = np.where(differ[np.arange(differ.shape[0]), first_differ], first_differ + lo, hi)
+        # Neighbours from two runs (each run's last member and the next run's first) do not count.
+        pair_end[offsets[1:] - 1] = hi
+        ends = np.minimum(np.minimum.reduceat(pair_end, offsets), np.minimum.reduceat(limits[members], offsets))
+        groups = np.split(members, offsets[1:])
+        for run, parent, group, first, end in zip(run_ids.tolist(), node[offsets].tolist(), groups,
+                                                  depth[offsets].tolist(), ends.tolist()):  # fmt: skip
+            found.append((tuple(group.tolist()), first, end))
+            children[parent].append(run)
+        node, depth = np.repeat(run_ids, sizes), np.repeat(ends, sizes)
+    # Parents first, in the order of a depth-first walk that lists a node's children
+    # (by page id) when it reaches the node and then descends from the last of them.
+    runs, stack = [], [-1]
     while stack:
-        members, depth = stack.pop()
-        groups = defaultdict(list)
-        for i in members:
-            if limits[i] > depth:
-                groups[int(table[i, depth])].append(i)
-        for page in sorted(groups):
-            group = groups[page]
-            if len(group) < 2:
-                continue
-            limit = int(limits[group].min())
-            segment = table[group, depth:limit]
-            same = (segment == segment[0]).all(axis=0)
-            end = depth + (int(np.argmin(same)) if not same.all() else limit - depth)
-            runs.append((tuple(group), depth, end))
-            stack.append((group, end))
+        kids = children.get(stack.pop(), [])
+        runs += [found[run] for run in kids]
+        stack += kids
     return runs
+
+
+def _max_live_page(table: np.ndarray, pages_used: np.ndarray) -> int:
+    """The largest page id among each row's first ``pages_used[i]`` entries (-1 for none)."""
+    if not table.size:
+        return -1
+    # Columns every row uses need no mask; only the ragged ends do.
+    lo, hi = int(pages_used.min()), int(pages_used.max())
+    ragged = np.arange(lo, hi)[None, :] < pages_used[:, None]
+    return max(int(table[:, :lo].max(initial=-1)), int(table[:, lo:hi].max(where=ragged, initial=-1)))
+
+
+def _token_ranges(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The query tokens of sequences ``rows`` in that order: ``bounds[i]`` up to ``bounds[i + 1]`` each."""
+    counts = bounds[rows + 1] - bounds[rows]
+    shift = bounds[rows] - (np.cumsum(counts) - counts)
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(shift, counts)
+
+
+class _Items(NamedTuple):
+    """A launch's work items, one entry per item in each field (int64 ``[items]``) but
+    ``tokens``: every item's query tokens one after the other (``token_count`` each)."""
+
+    block_m: np.ndarray
+    row: np.ndarray  # a block-table row of its sequences (the kernel reads its pages)
+    token_count: np.ndarray
+    key_lo: np.ndarray
+    key_hi: np.ndarray  # -1: up to the sequence's end, causally
+    base: np.ndarray  # first state slot
+    splits: np.ndarray
+    pad: np.ndarray  # first state slot it marks empty (_NO_PADDING: none)
+    tokens: np.ndarray
 
 
 def _level_splits(tokens: int, rows_per_token: int, keys: int, heads_kv: int, device: torch.device) -> int:
@@ -694,8 +767,8 @@ def plan_cascade(
     # A page is shareable for sequence i if full and every query of i sees all its
     # keys: query 0 sees keys j <= used - q_len.
     limits = np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
-    with_queries = [i for i in range(batch) if q_lens[i] > 0]
-    element = torch.empty((), dtype=dtype).element_size()
+    with_queries = np.flatnonzero(q_lens > 0)
+    element = dtype.itemsize
     kv_token = 2 * heads_kv * head_dim * element
     state_token = heads_q * (head_dim + 1) * 4 * 2  # a float32 state written and read back
     from ._paged_triton import launch_config
@@ -711,11 +784,16 @@ def plan_cascade(
     # to its sequences' own level), which then start where it started.
     pending = np.zeros(batch, dtype=np.int64)  # first page not yet in a kept run
     offset = np.zeros(batch, dtype=np.int64)  # first state slot free for the sequence
-    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config)
-    for members, first, end in found:
-        idx = np.array(members)
-        lo = int(pending[idx].max()) if user_runs else int(pending[idx[0]])
-        tokens = int(q_lens[idx].sum())
+    runs, kept_runs = [], []  # kept_runs: (members array, first key, end key, config, row blocks, tokens)
+    # Every run's members one after the other, and each run's query tokens.
+    run_sizes = [len(members) for members, _first, _end in found]
+    run_offsets = np.cumsum(run_sizes) - run_sizes
+    run_members = np.fromiter(itertools.chain.from_iterable(members for members, _first, _end in found),
+                              dtype=np.int64, count=sum(run_sizes))  # fmt: skip
+    run_tokens = np.add.reduceat(q_lens[run_members], run_offsets).tolist() if found else []
+    for (members, _first, end), tokens, start, size in zip(found, run_tokens, run_offsets.tolist(), run_sizes):
+        idx = run_members[start: start + size]
+        lo = int(pending[idx].max()) if user_runs else int(pending[members[0]])
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
         row_blocks = -(-tokens * group // min(config[1], _WIDE_MAX_ROWS))
@@ -726,10 +804,10 @@ def plan_cascade(
         kept = user_runs or share == "always" or saved > cost + _planning.LEVEL_OVERHEAD_BYTES
         runs.append(SharedRun(tuple(members), lo, end, kept, int(saved), int(cost)))
         if kept and keys > 0:
-            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks))
+            kept_runs.append((idx, lo * page_size, end * page_size, config, row_blocks, tokens))
             pending[idx] = end
     own_start = pending.copy()
-    suffix_keys = max([max_seqlen_k - int(own_start[i]) * page_size for i in with_queries], default=0)
+    suffix_keys = int((max_seqlen_k - own_start[with_queries] * page_size).max()) if with_queries.size else 0
     shared = any(r.kept for r in runs)
     if num_splits is not None:
         last_splits = num_splits
@@ -741,33 +819,38 @@ def plan_cascade(
     narrow = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
     # The wide tile stops at 64 rows: its shape then keeps the narrow one's 4 warps, the
     # configuration the plain kernel streamed its KV with (benchmarks/NOTES.md).
-    wide_m = min(max([config[1] for *_, config, _rb in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
-    tile_of = [wide_m if config[1] > narrow[1] else narrow[1] for *_, config, _rb in kept_runs]
-    run_shapes = [(key_hi - key_lo, int(q_lens[idx].sum()), -(-int(q_lens[idx].sum()) * group // tile))
-                  for (idx, key_lo, key_hi, _c, _rb), tile in zip(kept_runs, tile_of)]  # fmt: skip
-    last_programs = sum(-(-int(q_lens[i]) * group // narrow[1]) for i in with_queries) * heads_kv * last_splits
+    wide_m = min(max([run[3][1] for run in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
+    tile_of = [wide_m if run[3][1] > narrow[1] else narrow[1] for run in kept_runs]
+    run_shapes = [(key_hi - key_lo, tokens, -(-tokens * group // tile))
+                  for (_idx, key_lo, key_hi, _c, _rb, tokens), tile in zip(kept_runs, tile_of)]  # fmt: skip
+    last_programs = int((-(-q_lens[with_queries] * group // narrow[1])).sum()) * heads_kv * last_splits
     suffix_chunk = _planning.suffix_chunk_keys(suffix_keys, last_splits)
     splits_of = _shared_splits(run_shapes, last_programs, suffix_chunk, heads_q, heads_kv, head_dim, element, device,
                                num_splits)  # fmt: skip
-    items = []  # (block_m, row, tokens, key_lo, key_hi, first state, splits, first empty state)
-    for (idx, key_lo, key_hi, _c, _rb), splits, tile in zip(kept_runs, splits_of, tile_of):
+    # Work items: the kept runs, then every sequence's own level (in batch order).
+    run_fields = []  # (block_m, row, token count, key_lo, key_hi, base, splits, pad)
+    for (idx, key_lo, key_hi, _c, _rb, tokens), splits, tile in zip(kept_runs, splits_of, tile_of):
         base = int(offset[idx].max())
-        item_tokens = np.concatenate([np.arange(bounds[i], bounds[i + 1]) for i in idx])
         # No empty states to write: its sequences' own level does that.
-        items.append((tile, int(idx[0]), item_tokens, key_lo, key_hi, base, splits, _NO_PADDING))
+        run_fields.append((tile, int(idx[0]), tokens, key_lo, key_hi, base, splits, _NO_PADDING))
         offset[idx] = base + splits
-    num_states = int(max([offset[i] for i in with_queries], default=0)) + last_splits
-    for i in with_queries:
-        items.append((narrow[1], i, np.arange(bounds[i], bounds[i + 1]), int(own_start[i]) * page_size, -1,
-                      int(offset[i]), last_splits, int(offset[i]) + last_splits))  # fmt: skip
+    kept_members = np.concatenate([run[0] for run in kept_runs]) if kept_runs else np.zeros(0, np.int64)
+    num_states = (int(offset[with_queries].max()) if with_queries.size else 0) + last_splits
+    own_base = offset[with_queries]
+    own_fields = np.stack([np.full(with_queries.size, narrow[1]), with_queries, q_lens[with_queries],
+                           own_start[with_queries] * page_size, np.full(with_queries.size, -1), own_base,
+                           np.full(with_queries.size, last_splits), own_base + last_splits])  # fmt: skip
+    fields = np.concatenate([np.array(run_fields, dtype=np.int64).reshape(-1, 8).T, own_fields], axis=1)
+    # The own levels' tokens in batch order are all the tokens (a sequence without queries has none).
+    items = _Items(*fields, tokens=np.concatenate([_token_ranges(bounds, kept_members),
+                                                   np.arange(total_q, dtype=np.int64)]))  # fmt: skip
     # A token whose slots below its own level are not all written (explicit levels of
     # uneven depth) needs the states cleared first.
     needs_fill = user_runs and _has_gaps(items)
 
     pages_used = -(-used // page_size)
-    live = np.arange(table.shape[1])[None, :] < pages_used[:, None]
-    max_page_id = int(table[live].max()) if live.any() else -1
-    kv_plain = int(used[with_queries].sum()) * kv_token if with_queries else 0
+    max_page_id = _max_live_page(table, pages_used)
+    kv_plain = int(used[with_queries].sum()) * kv_token
     saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
     plan = CascadePlan(
         page_size=page_size, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
@@ -795,10 +878,9 @@ def plan_cascade(
     return plan
 
 
-def _retile(items: list, narrow_m: int, wide_m: int, group: int) -> list:
+def _retile(items: _Items, narrow_m: int, wide_m: int, group: int) -> _Items:
     """Items with the tile they take in a launch of these two row tiles."""
-    # An item is (tile, row, tokens, key_lo, key_hi, first state, splits, first empty state).
-    return [(narrow_m if len(item[2]) * group <= narrow_m else wide_m, *item[1:]) for item in items]
+    return items._replace(block_m=np.where(items.token_count * group <= narrow_m, narrow_m, wide_m))
 
 
 def _launch_into_plan(plan: CascadePlan, items: list, narrow: tuple, wide: tuple, heads_kv: int, group: int,
@@ -849,13 +931,18 @@ def _write_into(into: CascadePlan, plan: CascadePlan, items: list, group: int) -
     return into
 
 
-def _has_gaps(items) -> bool:
+def _has_gaps(items: _Items) -> bool:
     """Whether some token's states below its last written slot are left unwritten."""
-    written = defaultdict(set)
-    for _config, _row, tokens, _lo, _hi, base, splits, _pad in items:
-        for token in tokens.tolist():
-            written[token].update(range(base, base + splits))
-    return any(slots != set(range(max(slots) + 1)) for slots in written.values())
+    if not items.tokens.size:
+        return False
+    item_of = np.repeat(np.arange(items.row.size), items.token_count)
+    written = np.zeros((int(items.tokens.max(initial=-1)) + 1, int((items.base + items.splits).max(initial=0))), bool)
+    for item in range(items.row.size):
+        written[items.tokens[item_of == item], items.base[item]: items.base[item] + items.splits[item]] = True
+    touched = written.any(axis=1)
+    # Written slots of a token must be 0, 1, ..., its highest.
+    highest = written.shape[1] - 1 - np.argmax(written[:, ::-1], axis=1)
+    return bool((written != (np.arange(written.shape[1])[None, :] <= highest[:, None]))[touched].any())
 
 
 def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> list:
@@ -891,33 +978,52 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     return checked
 
 
-def _build_launch(items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
+def _build_launch(items: _Items, narrow_m: int, heads_kv: int, group: int, device: torch.device,
                   max_programs: int | None = None) -> tuple:  # fmt: skip
     """``(grid, item table, token list, program table)`` of one plan launch. With
     ``max_programs`` the tables are padded to that many programs (and as many items,
     and tokens for full tiles of all of them): padding programs run an item of no
     tokens, which returns at once."""
-    table, tokens, programs = [], [], []
-    for index, (block_m, row, item_tokens, lo, hi, base, splits, pad) in enumerate(items):
-        table.append([row, len(tokens), len(item_tokens), lo, hi, base, splits, pad, int(block_m != narrow_m)])
-        tokens.extend(item_tokens.tolist())
-        row_blocks = -(-len(item_tokens) * group // block_m)
-        # Row blocks innermost: those reading the same key chunk run side by side.
-        programs.extend([index, rb, split] for split in range(splits) for rb in range(row_blocks))
-
+    counts, num_items, num_tokens = items.token_count, items.row.size, items.tokens.size
+    row_blocks = -(-counts * group // items.block_m)
+    per_item = items.splits * row_blocks
+    num_programs = int(per_item.sum())
+    table_rows, program_rows, token_slots = num_items, num_programs, num_tokens
     if max_programs is not None:
-        if len(programs) > max_programs or len(table) >= max_programs:
-            raise ValueError(f"max_programs: the tree needs {len(programs)} work items (and {len(table) + 1} items), "
+        if num_programs > max_programs or num_items >= max_programs:
+            raise ValueError(f"max_programs: the tree needs {num_programs} work items (and {num_items + 1} items), "
                              f"the capacity is {max_programs}")  # fmt: skip
-        empty = len(table)
-        table += [[0, 0, 0, 0, 0, 0, 1, _NO_PADDING, 0]] * (max_programs - len(table))
-        programs += [[empty, 0, 0]] * (max_programs - len(programs))
-        tokens += [0] * (max_programs * max(narrow_m, 64) - len(tokens))
-
-    def as_tensor(rows):
-        return torch.tensor(rows or [0], dtype=torch.int32).reshape(-1).to(device)
-
-    return len(programs) * heads_kv, as_tensor(table), as_tensor(tokens), as_tensor(programs)
+        table_rows = program_rows = max_programs
+        token_slots = max(num_tokens, max_programs * max(narrow_m, 64))
+    # One host buffer (int32) and one copy to the device; each table starts 16-byte
+    # aligned and holds at least one entry.
+    sizes = [max(1, 9 * table_rows), max(1, token_slots), max(1, 3 * program_rows)]
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + -(-size // 4) * 4)
+    buffer = np.zeros(starts[-1], dtype=np.int32)
+    # Item table [items, 9]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
+    table = buffer[: 9 * table_rows].reshape(table_rows, 9)
+    for column, values in enumerate((items.row, np.cumsum(counts) - counts, counts, items.key_lo, items.key_hi,
+                                     items.base, items.splits, items.pad, items.block_m != narrow_m)):  # fmt: skip
+        table[:num_items, column] = values
+    # Padding items have no tokens and write no state.
+    table[num_items:, 6] = 1
+    table[num_items:, 7] = _NO_PADDING
+    buffer[starts[1]: starts[1] + num_tokens] = items.tokens
+    # Program table [programs, 3]: item, row block, split; row blocks innermost, so that
+    # those reading the same key chunk run side by side. Padding programs run the first
+    # padding item.
+    programs = buffer[starts[2]: starts[2] + 3 * program_rows].reshape(program_rows, 3)
+    local = np.arange(num_programs) - np.repeat(np.cumsum(per_item) - per_item, per_item)
+    item_blocks = np.repeat(row_blocks, per_item)
+    programs[:num_programs, 0] = np.repeat(np.arange(num_items), per_item)
+    programs[:num_programs, 1] = local % np.maximum(item_blocks, 1)
+    programs[:num_programs, 2] = local // np.maximum(item_blocks, 1)
+    programs[num_programs:, 0] = num_items
+    uploaded = torch.from_numpy(buffer).to(device)
+    views = [uploaded[begin: begin + size] for begin, size in zip(starts, sizes)]
+    return program_rows * heads_kv, *views
 
 
 def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,

@@ -377,6 +377,16 @@ def test_bench_plan_stages_compose_the_cascade():
     torch.testing.assert_close(lse, expected[1])
 
 
+def test_bench_plan_host_times_run_without_a_gpu():
+    """``python -m splitkv.bench paged --plan-host`` plans every benchmark case on CPU tables."""
+    from splitkv.bench.paged import plan_host_times
+
+    rows = plan_host_times(calls=1)
+    assert [(r["page_size"], r["runs"], r["kept_runs"]) for r in rows] == [
+        (page_size, runs, runs) for page_size in (16, 128) for runs in (1, 8, 9, 0)]
+    assert all(r["plan_host_us"] > 0 for r in rows)
+
+
 def test_plan_with_capacity_takes_another_tree_in_place():
     """A plan built with spare capacity runs one fixed-size launch; a different tree of
     the same batch written into it (into=) reuses its tensors and gives that tree's result."""
@@ -404,6 +414,148 @@ def test_plan_with_capacity_takes_another_tree_in_place():
         plan_cascade(block_table, seqused_k, cu_seqlens_q, share="always", max_programs=2, max_states=6, **kwargs)
     with pytest.raises(ValueError, match="into"):
         plan_cascade(block_table.clone(), seqused_k, cu_seqlens_q, into=plan, **kwargs)
+
+
+def random_tree_batch(seed: int, page_size: int):
+    """A random tree of shared page runs: up to 3 levels, 1-24 sequences in shuffled
+    order, used lengths ending mid-page, queries 0..many (prefill chunks that overlap
+    runs), padding holding garbage. Returns block_table, seqused_k, cu_seqlens_q and
+    the page count."""
+    rng = random.Random(seed)
+    next_page, nodes = 0, {}
+    rows, used, q_lens = [], [], []
+    for _ in range(rng.randint(1, 24)):
+        row, path = [], ()
+        for _level in range(rng.randint(0, 3)):
+            path += (rng.randint(0, 2),)
+            if path not in nodes:
+                count = rng.randint(1, 6)
+                nodes[path] = list(range(next_page, next_page + count))
+                next_page += count
+            row += nodes[path]
+        row += list(range(next_page, next_page + rng.randint(1, 6)))
+        next_page = max(row) + 1
+        keys = min(len(row) * page_size, max(0, (len(row) - 1) * page_size + rng.randint(-page_size, page_size)))
+        rows.append(row)
+        used.append(keys)
+        q_lens.append(min(keys, rng.choice([0, 1, 1, 1, 2, 3, 7, keys // 2 + 1])) if keys else rng.choice([0, 1]))
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    rename = list(range(next_page))
+    rng.shuffle(rename)
+    width = max(len(row) for row in rows) + rng.randint(0, 2)
+    table = [[rename[p] for p in rows[i]] + [rng.choice([-7, 0, 10**6]) for _ in range(width - len(rows[i]))]
+             for i in order]  # fmt: skip
+    cu = [0]
+    for i in order:
+        cu.append(cu[-1] + q_lens[i])
+    return (torch.tensor(table, dtype=torch.int32), torch.tensor([used[i] for i in order], dtype=torch.int32),
+            torch.tensor(cu, dtype=torch.int32), next_page)  # fmt: skip
+
+
+def python_tree(rows: list, limits: list, candidates: list) -> list:
+    """The shared runs by a plain recursive search over Python lists: members holding
+    the same page at a depth share it, up to the first page they differ or one's limit."""
+    runs = []
+
+    def visit(members, depth):
+        groups = {}
+        for i in members:
+            if limits[i] > depth:
+                groups.setdefault(rows[i][depth], []).append(i)
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            end, limit = depth, min(limits[i] for i in group)
+            while end < limit and all(rows[i][end] == rows[group[0]][end] for i in group):
+                end += 1
+            runs.append((tuple(sorted(group)), depth, end))
+            visit(group, end)
+
+    visit(candidates, 0)
+    return runs
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_plan_tables_on_random_trees(page_size):
+    """On many random trees the plan's runs are the tree a plain search finds (parents
+    first), and its launch tables say exactly what the tree needs: each item's tokens,
+    key range and state slots; every (item, row block, split) program once, row blocks
+    innermost; every token's states written once each, 0 .. num_states - 1."""
+    for seed in range(40):
+        block_table, seqused_k, cu_seqlens_q, num_pages = random_tree_batch(seed, page_size)
+        heads_q, heads_kv = [(4, 1), (8, 2), (2, 2)][seed % 3]
+        group = heads_q // heads_kv
+        kwargs = dict(page_size=page_size, heads_q=heads_q, heads_kv=heads_kv, head_dim=32, dtype=torch.float16)
+        rows, used, bounds = block_table.tolist(), seqused_k.tolist(), cu_seqlens_q.tolist()
+        q_lens = [b - a for a, b in zip(bounds, bounds[1:])]
+        limits = [max(0, (u - q + 1) // page_size) if q else 0 for u, q in zip(used, q_lens)]
+        with_queries = [i for i, q in enumerate(q_lens) if q]
+        for share, num_splits in (("always", 1 + seed % 3), ("auto", None)):
+            plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, share=share, num_splits=num_splits,
+                                num_pages=num_pages, **kwargs)  # fmt: skip
+            runs = [(r.members, r.first_page, r.end_page) for r in plan.runs]
+            if share == "always":
+                assert sorted(runs) == sorted(python_tree(rows, limits, with_queries)), seed
+            for k, (members, first, _end) in enumerate(runs):
+                parents = [r for r in runs if set(members) < set(r[0]) and r[2] <= first]
+                assert all(runs.index(r) < k for r in parents), seed
+            live = [p for row, u in zip(rows, used) for p in row[: -(-u // page_size)]]
+            assert plan.max_page_id == max(live, default=-1)
+            kv_token = 2 * heads_kv * 32 * 2
+            assert plan.kv_bytes_plain == sum(used[i] for i in with_queries) * kv_token
+            saved = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token
+                        for r in plan.runs if r.kept)  # fmt: skip
+            assert plan.kv_bytes_plan == plan.kv_bytes_plain - saved
+            if not plan.shared:
+                assert plan.launch_tables == [] and plan.num_states == plan.last_splits
+                continue
+            items = plan.launch_tables[0].reshape(-1, 9).tolist()
+            tokens = plan.launch_tables[1].tolist()
+            programs = [tuple(p) for p in plan.launch_tables[2].reshape(-1, 3).tolist()]
+            narrow_m, wide_m, grid = plan.launch_configs[1], plan.launch_configs[5], plan.launch_configs[6]
+            kept = [r for r in plan.runs if r.kept and r.end_page > r.first_page]
+            assert len(items) == len(kept) + len(with_queries)
+            slots = {t: [] for t in range(bounds[-1])}
+            expected_programs = []
+            for k, (row, tok0, count, key_lo, key_hi, base, splits, pad, wide) in enumerate(items):
+                if k < len(kept):  # a kept run, in tree order
+                    run = kept[k]
+                    members = run.members
+                    assert (row, key_lo, key_hi, pad) == (members[0], run.first_page * page_size,
+                                                          run.end_page * page_size, 1 << 30)  # fmt: skip
+                else:  # the sequences' own levels, in batch order
+                    members = (with_queries[k - len(kept)],)
+                    assert (row, key_lo, key_hi) == (members[0], plan.own_start_page[row] * page_size, -1)
+                    assert pad == base + splits and splits == plan.last_splits
+                assert splits == (num_splits or 1)
+                item_tokens = [t for m in members for t in range(bounds[m], bounds[m + 1])]
+                assert tokens[tok0: tok0 + count] == item_tokens
+                block_m = wide_m if wide else narrow_m
+                assert wide == (block_m != narrow_m)
+                for t in item_tokens:
+                    slots[t] += range(base, base + splits)
+                expected_programs += [(k, rb, split) for split in range(splits)
+                                      for rb in range(-(-count * group // block_m))]  # fmt: skip
+            assert programs == expected_programs and grid == len(programs) * heads_kv
+            # Each token's items write slots 0, 1, ... once each; its own level marks
+            # the rest (from pad on) empty.
+            assert all(sorted(written) == list(range(len(written))) for written in slots.values()), seed
+            assert plan.num_states == max(map(len, slots.values()), default=0)
+
+
+@pytest.mark.parametrize("seed, page_size", [(3, 5), (7, 1), (11, 16), (19, 5)])
+def test_plan_of_a_random_tree_matches_float64(seed, page_size):
+    block_table, seqused_k, cu_seqlens_q, num_pages = random_tree_batch(seed, page_size)
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(num_pages, 2, page_size, 1, 16, generator=gen)
+    q = torch.randn(int(cu_seqlens_q[-1]), 2, 16, generator=gen)
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=page_size, heads_q=2, heads_kv=1,
+                        head_dim=16, dtype=torch.float32, share="always")  # fmt: skip
+    assert plan.shared
+    out, lse = splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan, backend="triton")
+    expected = float64_paged_attention(q, kv[:, 0], kv[:, 1], block_table, seqused_k, cu_seqlens_q, True)
+    assert_close(out, lse, *expected, torch.float32)
 
 
 def test_cascade_compiles_fullgraph():

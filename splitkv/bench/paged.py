@@ -6,6 +6,7 @@ takes no block_table) and, where the tree is one prefix, against the packed
 :func:`splitkv.cascade_attention`.
 
     python -m splitkv.bench paged [--out DIR] [--quick] [--sweep]
+    python -m splitkv.bench paged --plan-host   # plan_cascade's host time alone, no GPU
 
 Without ``--out`` the JSON and the table go to a fresh folder (printed; see ``--help``).
 """
@@ -45,9 +46,9 @@ def tree_cases(quick: bool) -> dict[str, list[tuple[tuple[int, ...], int]]]:
 NODE_KEYS = {0: 8192, **{p + 1: 4096 for p in range(8)}, 100: 4096, **{101 + f: 2048 for f in range(8)}}
 
 
-def build(case: list, page_size: int, seed: int = 0):
-    """Paged cache (page ids shuffled), block table, seqused_k and q for ``case``; plus the
-    packed prefix/suffix layout when every sequence has one shared node."""
+def build_tables(case: list, page_size: int, seed: int = 0, device: str = "cpu"):
+    """``(block_table, seqused_k, cu_seqlens_q)`` of ``case`` on ``device`` (page ids
+    shuffled), and the page count: what the plan reads."""
     gen = torch.Generator().manual_seed(seed)
     node_pages = {}
     next_page = 0
@@ -65,16 +66,21 @@ def build(case: list, page_size: int, seed: int = 0):
         next_page += own_pages
         rows.append(row)
         used.append(sum(NODE_KEYS[n] for n in path) + own)
-    num_pages = next_page
-    permutation = torch.randperm(num_pages, generator=gen).tolist()
+    permutation = torch.randperm(next_page, generator=gen).tolist()
     width = max(len(r) for r in rows)
     table = [[permutation[p] for p in r] + [0] * (width - len(r)) for r in rows]
+    block_table = torch.tensor(table, dtype=torch.int32, device=device)
+    seqused_k = torch.tensor(used, dtype=torch.int32, device=device)
+    cu_seqlens_q = torch.arange(len(case) + 1, dtype=torch.int32, device=device)
+    return block_table, seqused_k, cu_seqlens_q, next_page
+
+
+def build(case: list, page_size: int, seed: int = 0):
+    """Paged cache, block table, seqused_k, cu_seqlens_q and q for ``case`` on the GPU
+    (:func:`build_tables`)."""
+    block_table, seqused_k, cu_seqlens_q, num_pages = build_tables(case, page_size, seed, "cuda")
     kv = torch.randn(num_pages, 2, page_size, HEADS_KV, HEAD_DIM, device="cuda", dtype=DTYPE)
-    block_table = torch.tensor(table, dtype=torch.int32, device="cuda")
-    seqused_k = torch.tensor(used, dtype=torch.int32, device="cuda")
-    batch = len(case)
-    cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, HEADS_Q, HEAD_DIM, device="cuda", dtype=DTYPE)
+    q = torch.randn(len(case), HEADS_Q, HEAD_DIM, device="cuda", dtype=DTYPE)
     return q, kv[:, 0], kv[:, 1], block_table, seqused_k, cu_seqlens_q
 
 
@@ -207,12 +213,38 @@ def sweep_plain(page_size: int) -> list[dict]:
     return rows
 
 
+def plan_host_times(calls: int = 200) -> list[dict]:
+    """Host time of :func:`splitkv.plan_cascade` alone (median of ``calls`` calls) on
+    CPU tables of every case: what a serving engine pays per step before its upload."""
+    rows = []
+    for page_size in (16, 128):
+        for name, case in tree_cases(False).items():
+            block_table, seqused_k, cu_seqlens_q, _pages = build_tables(case, page_size)
+            kwargs = dict(page_size=page_size, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype=DTYPE)
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                plan = splitkv.plan_cascade(block_table, seqused_k, cu_seqlens_q, **kwargs)
+                times.append((time.perf_counter() - start) * 1e6)
+            rows.append({"case": name, "page_size": page_size, "plan_host_us": statistics.median(times),
+                         "kept_runs": sum(r.kept for r in plan.runs), "runs": len(plan.runs)})  # fmt: skip
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench paged", description=__doc__.splitlines()[0])
     add_out_argument(parser, "paged")
     parser.add_argument("--quick", action="store_true", help="fewer samples in case 1, page size 16 only")
     parser.add_argument("--sweep", action="store_true", help="also sweep the plain kernel's launch configuration")
+    parser.add_argument("--plan-host", action="store_true",
+                        help="only time plan_cascade's host side on CPU tables (runs without a GPU)")
     args = parser.parse_args(argv)
+    if args.plan_host:
+        header = ["case", "page", "runs (kept)", "plan host us (median)"]
+        table = [[r["case"], r["page_size"], f"{r['runs']} ({r['kept_runs']})", f"{r['plan_host_us']:.0f}"]
+                 for r in plan_host_times()]  # fmt: skip
+        print(text_table(header, table))
+        return
     out_dir = args.out
     env = environment()
     rows = []
