@@ -59,6 +59,30 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr
 
 
 @triton.jit
+def _online_softmax(s, m_i, l_i):
+    """One key tile's step of the online softmax over scores ``s [rows, keys]`` (log2
+    domain, ``-inf`` where masked), running max ``m_i`` and sum ``l_i``: returns the
+    tile's weights ``p``, the rescale ``alpha`` of what came before, and the new sum and
+    max. The caller rescales its accumulator by ``alpha`` and adds ``p @ v``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead
+    # avoids exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for that row.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_shift[:, None])
+    alpha = tl.exp2(m_i - m_shift)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _finish_state(acc, l_i, m_i):
+    """``(out, lse)`` of a finished online softmax, lse in natural log. Rows that saw no
+    visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing by 1 instead gives
+    them out = 0 and lse = -inf."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None], (m_i + tl.log2(l_safe)) * _LN2
+
+
+@triton.jit
 def _attend_key_range(
     acc,
     l_i,
@@ -98,13 +122,7 @@ def _attend_key_range(
         if MASK_KEYS:
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead
-        # avoids exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for that row.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
 
         v = _load_kv_tile(v_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
         acc = acc * alpha[:, None]
@@ -238,11 +256,7 @@ def _attend_rows(
             True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
 
-        # Rows that saw no visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing
-        # by 1 instead stores out = 0 and lse = -inf for them.
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = (m_i + tl.log2(l_safe)) * _LN2
+        out, lse = _finish_state(acc, l_i, m_i)
 
         state_offset = tl.cast(state, tl.int64)
         o_ptrs = Out + state_offset * stride_os + q_rows[:, None] * stride_ot + head[:, None] * stride_oh

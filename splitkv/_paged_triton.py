@@ -35,13 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_triton import _block_rows, _dot
+from ._attention_triton import _block_rows, _dot, _finish_state, _online_softmax
 from ._triton_launch import CompiledLauncher
 from ._triton_support import interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
-_LN2 = tl.constexpr(math.log(2.0))
 
 # A plan's item table is int32 [items, ITEM_FIELDS]: block-table row, offset and count of
 # its tokens in the token list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key
@@ -112,20 +111,12 @@ def _attend_item(
             k = tl.load(k_head + (page * stride_kp + slot * stride_ks)[:, None], mask=tile_mask, other=0.0)
             s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no visible key keeps m = -inf; shifting by 0 avoids
-            # exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for it.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_shift[:, None])
-            alpha = tl.exp2(m_i - m_shift)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
             v = tl.load(v_head + (page * stride_vp + slot * stride_vs)[:, None], mask=tile_mask, other=0.0)
             acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
             m_i = m_new
 
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = (m_i + tl.log2(l_safe)) * _LN2
+        out, lse = _finish_state(acc, l_i, m_i)
         state = tl.cast(state_base + split, tl.int64)
         o_ptrs = Out + state * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
