@@ -5,6 +5,7 @@
 #                         options in $PYTEST_ARGS, e.g. "-n 8" or "-m slow" or test paths)
 #   "bench NAME [ARGS]"   python -m splitkv.bench NAME --out $OUT/results ARGS
 #   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
+#   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
 # The exit status is non-zero if any step failed; later steps run regardless.
 set -uo pipefail
 OUT=${OUT:-/tmp/splitkv-device}
@@ -28,6 +29,8 @@ for spec in "$@"; do
     tests) python -m pytest -q -ra --durations=15 -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
     bench) python -m splitkv.bench "$name" --out "$OUT/results" $args 2>&1 | tee -a "$log" ;;
     example) python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
+    sweep) { nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
+             /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }

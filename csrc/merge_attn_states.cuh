@@ -279,6 +279,8 @@ __device__ __forceinline__ bool backward_row(int64_t num_tokens, int64_t num_hea
   return true;
 }
 
+enum class LseStoreOrder { kNone, kWarpBarrier, kBlockBarrier };
+
 struct RowLayout {
   int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
@@ -288,7 +290,22 @@ struct RowLayout {
   // rows' lse loads and stores fill whole 32-byte sectors; else tokens outermost.
   // Scattered 4-byte lse stores cost the H200 a read-modify-write of a sector each.
   bool heads_outer = false;
+  // How the merged lse store waits for the input lse reads of its row (output_lse may
+  // alias an input lse; a row's lse is read and written by that row's threads alone):
+  // not at all when output_lse overlaps no input lse; a warp barrier when every row's
+  // threads lie in one warp; else a block barrier. Measured in benchmarks/NOTES.md.
+  LseStoreOrder lse_order = LseStoreOrder::kBlockBarrier;
 };
+
+// Waits, as the layout says, until this thread's row has read its input lse values.
+// Uniform over the block: every thread of it reaches the same barrier.
+__device__ __forceinline__ void order_lse_store(const RowLayout& layout) {
+  if (layout.lse_order == LseStoreOrder::kBlockBarrier) {
+    __syncthreads();
+  } else if (layout.lse_order == LseStoreOrder::kWarpBarrier) {
+    __syncwarp();
+  }
+}
 
 // The (token, head) of a row in the layout's order.
 __device__ __forceinline__ void row_position(int row, const RowLayout& layout, int64_t num_tokens, int64_t num_heads,
@@ -381,8 +398,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
   }
 
   if (p.output_lse != nullptr) {
-    // Every thread of the block has read its input lse before any merged lse is written.
-    __syncthreads();
+    detail::order_lse_store(layout);
     if (active && lane == 0) {
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
     }
@@ -517,8 +533,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   }
 
   if (p.output_lse != nullptr) {
-    // Every thread of the block has read its input lse before any merged lse is written.
-    __syncthreads();
+    detail::order_lse_store(layout);
     if (active && lane == 0) {
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
     }
@@ -750,6 +765,34 @@ inline RowLayout row_layout(int64_t head_dim, int elems, int max_threads, int sl
   return layout;
 }
 
+// Whether two float32 tensors of up to three axes (sizes and non-negative strides in
+// elements) share any bytes: their spans from first to last element overlap.
+struct LseExtent {
+  const float* base;
+  int64_t sizes[3], strides[3];
+};
+
+inline bool extents_overlap(const LseExtent& a, const LseExtent& b) {
+  const auto span_end = [](const LseExtent& e) {
+    int64_t last = 0;
+    for (int i = 0; i < 3; ++i) {
+      if (e.sizes[i] == 0) return e.base;  // empty: spans nothing
+      last += (e.sizes[i] - 1) * e.strides[i];
+    }
+    return e.base + last + 1;
+  };
+  const float* a_end = span_end(a);
+  const float* b_end = span_end(b);
+  return a.base < b_end && b.base < a_end && a_end != a.base && b_end != b.base;
+}
+
+// The barrier the merged lse store needs (RowLayout::lse_order).
+inline LseStoreOrder lse_store_order(bool output_lse_overlaps_input, const RowLayout& layout) {
+  if (!output_lse_overlaps_input) return LseStoreOrder::kNone;
+  return kWarp % (layout.threads_per_row * layout.slices) == 0 ? LseStoreOrder::kWarpBarrier
+                                                                : LseStoreOrder::kBlockBarrier;
+}
+
 inline int64_t row_blocks(const RowLayout& layout, int64_t rows) {
   return (rows + layout.rows_per_block - 1) / layout.rows_per_block;
 }
@@ -792,7 +835,15 @@ inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t strea
     if (wider.rows_per_block == 0) break;
     layout = wider;
   }
-  if (layout.slices == 1) return launch_rows(merge_states_kernel<TIn, TOut, ELEMS>, p, layout, stream);
+  if (layout.slices == 1) {
+    const bool overlaps =
+        p.output_lse != nullptr &&
+        extents_overlap({p.output_lse, {1, p.num_heads, p.num_tokens}, {0, p.output_lse_stride_head, p.output_lse_stride_token}},
+                        {p.lses, {p.num_states, p.num_heads, p.num_tokens},
+                         {p.lses_stride_state, p.lses_stride_head, p.lses_stride_token}});
+    layout.lse_order = lse_store_order(overlaps, layout);
+    return launch_rows(merge_states_kernel<TIn, TOut, ELEMS>, p, layout, stream);
+  }
   return launch_rows(merge_states_sliced_kernel<TIn, TOut, ELEMS>, p, layout, stream);
 }
 
@@ -843,6 +894,16 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
     const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
     detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
     layout.heads_outer = heads_outer;
+    const auto lse_extent = [&](const float* base, int64_t stride_head, int64_t stride_token) {
+      return detail::LseExtent{base, {1, p.num_heads, p.num_tokens}, {0, stride_head, stride_token}};
+    };
+    const detail::LseExtent output_lse =
+        lse_extent(p.output_lse, p.output_lse_stride_head, p.output_lse_stride_token);
+    const bool overlaps =
+        p.output_lse != nullptr &&
+        (detail::extents_overlap(output_lse, lse_extent(p.prefix_lse, p.prefix_lse_stride_head, p.prefix_lse_stride_token)) ||
+         detail::extents_overlap(output_lse, lse_extent(p.suffix_lse, p.suffix_lse_stride_head, p.suffix_lse_stride_token)));
+    layout.lse_order = detail::lse_store_order(overlaps, layout);
     if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 2>, p, layout, stream);
     return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 1>, p, layout, stream);
   });

@@ -1,0 +1,180 @@
+// Launch-shape sweep of the CUDA two-state merge, torch-free: the header's kernel
+// launched with other row layouts (threads per block, vectors per thread, row order,
+// the lse store's barrier) beside the header's own choice, on the same inputs.
+// Build and run on a GPU machine (benchmarks/device_run.sh step "sweep"):
+//   nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep && /tmp/merge_sweep
+// Prints one line per (shape, layout): median microseconds over 50 launches, each
+// after an L2 flush, and TB/s of the counted bytes (2 inputs + 1 output + 3 lse);
+// then CUDA-graph replay per launch (L2 warm) for the small shapes.
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "merge_attn_states.cuh"
+
+#define CHECK(x)                                                                          \
+  do {                                                                                    \
+    cudaError_t err_ = (x);                                                               \
+    if (err_ != cudaSuccess) {                                                            \
+      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(err_)); \
+      std::exit(1);                                                                       \
+    }                                                                                     \
+  } while (0)
+
+using T = __nv_bfloat16;
+using splitkv::detail::LseStoreOrder;
+using splitkv::detail::RowLayout;
+
+struct Variant {
+  const char* name;
+  int threads;  // 0: the header's own launch (splitkv::merge_attn_states)
+  int vecs;
+  bool heads_outer;
+  LseStoreOrder order;
+};
+
+static cudaError_t launch(const Variant& v, const splitkv::MergeParams& p, cudaStream_t stream) {
+  if (v.threads == 0) return splitkv::merge_attn_states<T>(p, stream);
+  RowLayout layout = splitkv::detail::row_layout(p.head_dim, v.vecs * 8, v.threads);
+  layout.heads_outer = v.heads_outer;
+  layout.lse_order = v.order;
+  if (v.vecs == 2) return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2>, p, layout, stream);
+  return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 1>, p, layout, stream);
+}
+
+static float median(std::vector<float> x) {
+  std::sort(x.begin(), x.end());
+  return x[x.size() / 2];
+}
+
+int main() {
+  const Variant variants[] = {
+      {"header", 0, 0, false, LseStoreOrder::kNone},
+      {"t256 v1 tokens-outer block-barrier", 256, 1, false, LseStoreOrder::kBlockBarrier},
+      {"t256 v1 tokens-outer none", 256, 1, false, LseStoreOrder::kNone},
+      {"t256 v2 heads-outer block-barrier", 256, 2, true, LseStoreOrder::kBlockBarrier},
+      {"t256 v2 heads-outer warp-barrier", 256, 2, true, LseStoreOrder::kWarpBarrier},
+      {"t256 v2 heads-outer none", 256, 2, true, LseStoreOrder::kNone},
+      {"t256 v2 tokens-outer none", 256, 2, false, LseStoreOrder::kNone},
+      {"t256 v1 heads-outer none", 256, 1, true, LseStoreOrder::kNone},
+      {"t128 v1 tokens-outer none", 128, 1, false, LseStoreOrder::kNone},
+      {"t128 v1 heads-outer none", 128, 1, true, LseStoreOrder::kNone},
+      {"t128 v2 heads-outer none", 128, 2, true, LseStoreOrder::kNone},
+      {"t128 v2 heads-outer warp-barrier", 128, 2, true, LseStoreOrder::kWarpBarrier},
+      {"t64 v1 heads-outer none", 64, 1, true, LseStoreOrder::kNone},
+      {"t64 v2 heads-outer none", 64, 2, true, LseStoreOrder::kNone},
+  };
+  struct Shape {
+    int64_t tokens, heads, head_dim;
+  };
+  const Shape shapes[] = {{65536, 32, 128}, {16384, 32, 128}, {4096, 32, 128}, {4096, 48, 128},
+                          {4096, 32, 256},  {4096, 32, 64},   {1024, 32, 128}, {512, 32, 128}, {256, 16, 128}};
+
+  cudaStream_t stream;
+  CHECK(cudaStreamCreate(&stream));
+  const size_t max_elems = 65536ull * 32 * 128;
+  const size_t max_rows = 65536ull * 32;
+  T *a, *b, *out;
+  float *lse_a, *lse_b, *lse_out;
+  CHECK(cudaMalloc(&a, max_elems * sizeof(T)));
+  CHECK(cudaMalloc(&b, max_elems * sizeof(T)));
+  CHECK(cudaMalloc(&out, max_elems * sizeof(T)));
+  CHECK(cudaMalloc(&lse_a, max_rows * 4));
+  CHECK(cudaMalloc(&lse_b, max_rows * 4));
+  CHECK(cudaMalloc(&lse_out, max_rows * 4));
+  CHECK(cudaMemset(a, 0x3c, max_elems * sizeof(T)));  // bf16 0x3c3c: about 0.0115
+  CHECK(cudaMemset(b, 0x3d, max_elems * sizeof(T)));
+  CHECK(cudaMemset(lse_a, 0, max_rows * 4));  // lse 0 for both states
+  CHECK(cudaMemset(lse_b, 0, max_rows * 4));
+  const size_t flush_bytes = 256ull << 20;  // over the H200's 60 MB L2
+  void* flush;
+  CHECK(cudaMalloc(&flush, flush_bytes));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+
+  // Device-to-device copy of the largest shape's bytes, the ceiling the merge is held to.
+  {
+    std::vector<float> times;
+    for (int i = 0; i < 20; ++i) {
+      CHECK(cudaMemsetAsync(flush, i, flush_bytes, stream));
+      CHECK(cudaEventRecord(start, stream));
+      CHECK(cudaMemcpyAsync(out, a, max_elems * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+      CHECK(cudaEventRecord(stop, stream));
+      CHECK(cudaEventSynchronize(stop));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      times.push_back(ms * 1000.f);
+    }
+    const float us = median(times);
+    std::printf("copy %zu MB: %.1f us, %.3f TB/s (read + write)\n", max_elems * sizeof(T) >> 20, us,
+                2.0 * max_elems * sizeof(T) / us / 1e6);
+  }
+
+  for (const Shape& s : shapes) {
+    splitkv::MergeParams p{};
+    p.output = out;
+    p.output_lse = lse_out;
+    p.prefix_output = a;
+    p.suffix_output = b;
+    p.prefix_lse = lse_a;
+    p.suffix_lse = lse_b;
+    p.num_tokens = s.tokens;
+    p.num_heads = s.heads;
+    p.head_dim = s.head_dim;
+    p.output_stride_token = p.prefix_stride_token = p.suffix_stride_token = s.heads * s.head_dim;
+    p.output_stride_head = p.prefix_stride_head = p.suffix_stride_head = s.head_dim;
+    p.output_lse_stride_head = p.prefix_lse_stride_head = p.suffix_lse_stride_head = s.tokens;
+    p.output_lse_stride_token = p.prefix_lse_stride_token = p.suffix_lse_stride_token = 1;
+    const double bytes = 3.0 * s.tokens * s.heads * s.head_dim * sizeof(T) + 3.0 * s.tokens * s.heads * 4;
+    for (const Variant& v : variants) {
+      if (v.threads != 0 && s.head_dim / 8 / v.vecs > v.threads) continue;
+      CHECK(launch(v, p, stream));  // warm-up
+      std::vector<float> times;
+      for (int i = 0; i < 50; ++i) {
+        CHECK(cudaMemsetAsync(flush, i, flush_bytes, stream));
+        CHECK(cudaEventRecord(start, stream));
+        CHECK(launch(v, p, stream));
+        CHECK(cudaEventRecord(stop, stream));
+        CHECK(cudaEventSynchronize(stop));
+        float ms;
+        CHECK(cudaEventElapsedTime(&ms, start, stop));
+        times.push_back(ms * 1000.f);
+      }
+      const float us = median(times);
+      float graph_us = 0.f;
+      if (s.tokens * s.heads <= 1024 * 32) {
+        // Graph replay, L2 warm: 200 launches captured back to back, per launch.
+        constexpr int kLaunches = 200;
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        for (int i = 0; i < kLaunches; ++i) CHECK(launch(v, p, stream));
+        CHECK(cudaStreamEndCapture(stream, &graph));
+        CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        CHECK(cudaGraphLaunch(exec, stream));
+        std::vector<float> replays;
+        for (int i = 0; i < 20; ++i) {
+          CHECK(cudaEventRecord(start, stream));
+          CHECK(cudaGraphLaunch(exec, stream));
+          CHECK(cudaEventRecord(stop, stream));
+          CHECK(cudaEventSynchronize(stop));
+          float ms;
+          CHECK(cudaEventElapsedTime(&ms, start, stop));
+          replays.push_back(ms * 1000.f / kLaunches);
+        }
+        graph_us = median(replays);
+        CHECK(cudaGraphExecDestroy(exec));
+        CHECK(cudaGraphDestroy(graph));
+      }
+      std::printf("%6lld x %2lld x %3lld  %-36s %8.2f us  %5.3f TB/s", static_cast<long long>(s.tokens),
+                  static_cast<long long>(s.heads), static_cast<long long>(s.head_dim), v.name, us, bytes / us / 1e6);
+      if (graph_us > 0.f) std::printf("  graph %6.2f us", graph_us);
+      std::printf("\n");
+    }
+  }
+  return 0;
+}
