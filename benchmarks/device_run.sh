@@ -6,6 +6,7 @@
 #   "bench NAME [ARGS]"   python -m splitkv.bench NAME --out $OUT/results ARGS
 #   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
 #   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
+#   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
 # The exit status is non-zero if any step failed; later steps run regardless.
 set -uo pipefail
 OUT=${OUT:-/tmp/splitkv-device}
@@ -31,6 +32,7 @@ for spec in "$@"; do
     example) python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
     sweep) { nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
              /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
+    decode-sweep) python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }

@@ -1,0 +1,104 @@
+"""Tile sweep of splitkv's Triton attention kernel on decode shapes (issue 19).
+
+For each decode shape (one query per sequence, bf16, 32 query / 8 KV heads, head_dim
+128), times ``split_kv_attention`` (backend Triton, its own split count and twice it)
+under each (BLOCK_N, num_warps, num_stages), with L2 flushed, and prints the KV
+bytes' rate against the device's read-only stream rate (a reduction over 2 GiB).
+Run on a GPU machine: ``python benchmarks/decode_sweep.py`` (device_run.sh step
+``decode-sweep``); writes ``decode_sweep.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+import splitkv
+from splitkv import _attention_triton
+from splitkv.bench.common import environment, median_ms
+
+SHAPES = [  # (sequences, keys per sequence)
+    (256, 256),
+    (64, 512),
+    (16, 1024),
+    (64, 8704),
+    (256, 4352),
+    (1, 1 << 20),
+]
+HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
+
+
+def read_bandwidth_tbs(num_bytes: int = 2 << 30) -> float:
+    """Bytes read per second by a reduction over ``num_bytes`` (its write is 4 bytes)."""
+    x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    ms = median_ms(lambda: torch.amax(x))
+    return num_bytes / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("."))
+    args = parser.parse_args()
+    read_tbs = read_bandwidth_tbs()
+    print(f"read-only stream: {read_tbs:.3f} TB/s", flush=True)
+    default_config = _attention_triton._launch_config
+    rows = []
+    for seqs, keys in SHAPES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(seqs, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(seqs * keys, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+        cu_k = cu_q * keys
+        kv_bytes = 2 * k.numel() * k.element_size()
+        floor_us = kv_bytes / (read_tbs * 1e6)
+        splits = splitkv.split_kv._default_num_splits(q, k, cu_q, 1, keys)
+        configs = [("default", None)] + [
+            (f"n{bn} w{w} s{s}", (bn, w, s)) for bn, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
+        ]
+        for num_splits in sorted({splits, 2 * splits}):
+            for name, config in configs:
+                def launch_config(head_dim_pad, dtype, rows_pow2, keys_pow2, config=config):
+                    block_m, block_n, warps, stages = default_config(head_dim_pad, dtype, rows_pow2, keys_pow2)
+                    if config is None:
+                        return block_m, block_n, warps, stages
+                    return (block_m, *config)
+
+                _attention_triton._launch_config = launch_config
+
+                def call(num_splits=num_splits):
+                    return splitkv.split_kv_attention(q, k, v, cu_q, cu_k, 1, keys, num_splits=num_splits)
+
+                try:
+                    call()
+                    us = median_ms(call, rep_ms=100) * 1e3
+                except Exception as error:  # a tile that does not fit shared memory
+                    print(f"{seqs} x {keys} splits {num_splits} {name}: {type(error).__name__}", flush=True)
+                    continue
+                finally:
+                    _attention_triton._launch_config = default_config
+                rows.append({"seqs": seqs, "keys": keys, "splits": num_splits, "config": name, "us": us,
+                             "kv_mb": kv_bytes / 1e6, "floor_us": floor_us, "of_floor": floor_us / us})  # fmt: skip
+                print(f"{seqs:4d} x {keys:8d} splits {num_splits:3d} {name:12s} {us:9.1f} us "
+                      f"{100 * floor_us / us:5.1f}% of the read floor ({floor_us:.1f} us)", flush=True)  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "decode_sweep.json").write_text(
+        json.dumps({"environment": environment(), "read_tbs": read_tbs, "rows": rows}, indent=2) + "\n"
+    )
+    best = {}
+    for row in rows:
+        key = (row["seqs"], row["keys"])
+        if key not in best or row["us"] < best[key]["us"]:
+            best[key] = row
+    for (seqs, keys), row in best.items():
+        default = min(r["us"] for r in rows if (r["seqs"], r["keys"]) == (seqs, keys) and r["config"] == "default")
+        print(f"best {seqs} x {keys}: {row['config']} splits {row['splits']} {row['us']:.1f} us "
+              f"({100 * row['of_floor']:.0f}% of floor), default {default:.1f} us")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
