@@ -63,6 +63,7 @@ def main() -> None:
         ]
         for num_splits in sorted({splits, 2 * splits}):
             for name, config in configs:
+
                 def launch_config(head_dim_pad, dtype, rows_pow2, keys_pow2, config=config):
                     block_m, block_n, warps, stages = default_config(head_dim_pad, dtype, rows_pow2, keys_pow2)
                     if config is None:
