@@ -1,9 +1,10 @@
 """The CUDA merge kernels: compiled just in time on first GPU use and cached across processes.
 
-``torch.utils.cpp_extension`` builds ``csrc/ops.cu`` (the torch binding around
-the headers ``csrc/merge_attn_states.cuh`` and ``csrc/compiled_launch.h``, the
-launch of triton's compiled kernels from C++: splitkv/_triton_launch.py) with
-ninja into the torch extensions cache (``$TORCH_EXTENSIONS_DIR``, default
+``torch.utils.cpp_extension`` builds the torch binding in ``csrc/`` (one file per
+job: ``merge_ops.cu`` around the header ``merge_attn_states.cuh``,
+``attention_checks.cpp``, ``triton_launch.cpp`` around ``compiled_launch.h`` (the
+launch of triton's compiled kernels from C++: splitkv/_triton_launch.py), and
+``module.cpp``, compiled in parallel) with ninja into the torch extensions cache (``$TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``). The
 library name carries a hash of the sources, so an edited kernel is rebuilt and a
 built one is loaded in milliseconds. ``python -m splitkv build`` builds ahead of
@@ -27,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("ops.cu",)
-_HEADERS = ("merge_attn_states.cuh", "compiled_launch.h")
+_SOURCES = ("module.cpp", "merge_ops.cu", "attention_checks.cpp", "triton_launch.cpp")
+_HEADERS = ("bindings.h", "merge_attn_states.cuh", "compiled_launch.h")
 _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 
 # None: not tried yet; "": loaded; otherwise why it could not be loaded.

@@ -7,7 +7,7 @@ constexprs) that is more host time than the GPU time of a small decode step.
 
 :class:`CompiledLauncher` launches each kernel that triton compiled from C++ once
 it has been launched through ``JITFunction.run`` (``TritonLaunchCache`` in
-csrc/ops.cu): one call reads the arguments, builds a key of what triton
+csrc/triton_launch.cpp): one call reads the arguments, builds a key of what triton
 specialises on (each tensor's dtype and 16-byte alignment, each integer's being
 1, its divisibility by 16 and its 32/64-bit width, the constexprs and the launch
 options), finds the compiled kernel and calls ``cuLaunchKernel`` on the device's

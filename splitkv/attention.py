@@ -281,7 +281,7 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Validates the varlen attention arguments (and, when given, cascade's shared prefix
     KV ``prefix_k``, ``prefix_v [prefix_len, heads_kv, head_dim]``); returns the softmax
     scale to use. Once the CUDA extension is loaded, one C++ call (``attention_inputs_ok``
-    in csrc/ops.cu) runs the same checks on CUDA inputs for a fraction of their Python
+    in csrc/attention_checks.cpp) runs the same checks on CUDA inputs for a fraction of their Python
     host time; where it is not sure, these checks run and name the argument. Under
     ``torch.compile`` only the Python checks of shapes, dtypes and devices run (the
     C++ call is not traceable); :func:`check_sequence_values` covers the values."""

@@ -1,29 +1,25 @@
-// The torch binding: registers the merge kernels as custom ops
-// (torch.ops.splitkv.*, for torch.compile and CUDA graphs), exposes the eager
-// fast paths of the merges as Python functions, launches kernels that triton
-// compiled (splitkv/_triton_launch.py) without triton's Python runner, and runs
-// the attention argument checks in one call. Validation with user-facing
-// messages happens in Python (splitkv/merge.py, splitkv/attention.py); the checks
-// here only say whether those would pass, or keep the ops from touching memory
-// they do not own.
+// The merge kernels' torch binding: registers them as custom ops
+// (torch.ops.splitkv.merge_*, for torch.compile and CUDA graphs) and adds their
+// eager fast paths to the Python module. Validation with user-facing messages
+// happens in Python (splitkv/merge.py); the checks here only say whether those
+// would pass, and keep the ops from touching memory they do not own.
 #include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/Dtype.h>
-#include <torch/csrc/autograd/python_variable.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <limits>
 #include <optional>
-#include <string>
-#include <unordered_map>
 
-#include "compiled_launch.h"
+#include "bindings.h"
 #include "merge_attn_states.cuh"
 
 namespace {
+
+using splitkv_binding::unpack_tensor;
+
 
 template <typename Fn>
 void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
@@ -221,11 +217,6 @@ bool cuda_disabled_by_env() {
   return flag != nullptr && flag[0] != '\0' && !(flag[0] == '0' && flag[1] == '\0');
 }
 
-bool unpack_tensor(py::handle obj, at::Tensor& out) {
-  if (!THPVariable_Check(obj.ptr())) return false;
-  out = THPVariable_Unpack(obj.ptr());
-  return true;
-}
 
 // The eager fast path of splitkv.merge_attn_states(backend="auto"): one Python
 // call that checks, allocates and launches, because the dispatcher and the
@@ -426,220 +417,6 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
-// Whether the varlen attention arguments pass every check of
-// check_attention_inputs in splitkv/attention.py (with prefix_k and prefix_v,
-// also its checks of cascade's shared prefix KV), for CUDA tensors whose
-// cu_seqlens are on the GPU too (their values are then trusted). The checks are
-// the same; this one C++ call costs a fraction of their Python host time. False
-// means "not sure": Python runs its checks and raises the error that names the
-// argument.
-bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, py::handle cu_seqlens_q_obj,
-                         py::handle cu_seqlens_k_obj, py::handle max_seqlen_q, py::handle max_seqlen_k,
-                         py::handle softmax_scale, py::handle prefix_k_obj, py::handle prefix_v_obj) {
-  at::Tensor q, k, v, cu_seqlens_q, cu_seqlens_k;
-  if (!unpack_tensor(q_obj, q) || !unpack_tensor(k_obj, k) || !unpack_tensor(v_obj, v) ||
-      !unpack_tensor(cu_seqlens_q_obj, cu_seqlens_q) || !unpack_tensor(cu_seqlens_k_obj, cu_seqlens_k))
-    return false;
-  if (q.dim() != 3 || !q.is_cuda()) return false;
-  const auto dtype = q.scalar_type();
-  if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
-  const auto device = q.device();
-  const auto contiguous_last = [](const at::Tensor& t) { return t.stride(-1) == 1 || t.size(-1) <= 1; };
-  if (!contiguous_last(q)) return false;
-  if (k.dim() != 3 || k.size(2) != q.size(2) || k.size(1) == 0 || q.size(1) % k.size(1) != 0) return false;
-  const auto like = [&](const at::Tensor& t, int64_t tokens) {
-    return t.dim() == 3 && t.size(0) == tokens && t.size(1) == k.size(1) && t.size(2) == k.size(2) &&
-           t.scalar_type() == dtype && t.device() == device && contiguous_last(t);
-  };
-  if (!like(k, k.size(0)) || !like(v, k.size(0))) return false;
-  const auto seqlens_ok = [&](const at::Tensor& cu_seqlens, py::handle max_seqlen) {
-    if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || cu_seqlens.scalar_type() != at::kInt ||
-        cu_seqlens.device() != device || !PyLong_CheckExact(max_seqlen.ptr()))
-      return false;
-    int overflow = 0;
-    return PyLong_AsLongLongAndOverflow(max_seqlen.ptr(), &overflow) >= 0 && overflow == 0;
-  };
-  if (!seqlens_ok(cu_seqlens_q, max_seqlen_q) || !seqlens_ok(cu_seqlens_k, max_seqlen_k) ||
-      cu_seqlens_k.size(0) != cu_seqlens_q.size(0))
-    return false;
-  if (!softmax_scale.is_none() && !PyFloat_CheckExact(softmax_scale.ptr()) && !PyLong_CheckExact(softmax_scale.ptr()))
-    return false;
-  if (prefix_k_obj.is_none() && prefix_v_obj.is_none()) return true;
-  at::Tensor prefix_k, prefix_v;
-  if (!unpack_tensor(prefix_k_obj, prefix_k) || !unpack_tensor(prefix_v_obj, prefix_v)) return false;
-  return prefix_k.dim() == 3 && like(prefix_k, prefix_k.size(0)) && like(prefix_v, prefix_k.size(0));
-}
-
-// Python side of compiled_launch.h: the kernels that triton compiled, each kept
-// under what triton specialises a launch on (splitkv/_triton_launch.py says which
-// launches come here). The key is built from the arguments in C++ because doing
-// so in Python cost as much host time as the rest of the launch.
-class TritonLaunchCache {
- public:
-  // `scratch_params`: the pointers triton's launcher passes after the kernel's
-  // arguments (its global and profile scratch buffers, null here).
-  explicit TritonLaunchCache(int scratch_params) : scratch_params_(scratch_params) {}
-
-  // Launches the kernel known for this specialisation of `args` (the kernel's
-  // runtime arguments in order) under `config` (the launcher's number for the
-  // constexprs and launch options) on CUDA device `device_index`, on its
-  // current stream. Returns 1 if it launched, 0 if no kernel is known for the
-  // specialisation, -1 if the known kernel needs triton's runner.
-  int launch(int64_t config, c10::DeviceIndex device_index, py::tuple grid, py::tuple args) {
-    Args values;
-    const Entry* found = find(config, device_index, args, values);
-    if (found == nullptr) return 0;
-    const Entry& entry = *found;
-    if (entry.function == nullptr) return -1;
-    unsigned grid_dims[3] = {1, 1, 1};
-    const size_t grid_size = grid.size();
-    if (grid_size < 1 || grid_size > 3) throw py::value_error("TritonLaunchCache.launch: a grid of 1 to 3 dimensions expected");
-    for (size_t i = 0; i < grid_size; ++i) grid_dims[i] = grid[i].cast<unsigned>();
-    splitkv::LaunchParams params;
-    for (size_t i = 0; i < entry.kinds.size(); ++i) {
-      switch (entry.kinds[i]) {
-        case splitkv::kPointer: params.add(values.pointer[i]); break;
-        case splitkv::kInt32: params.add(static_cast<int32_t>(values.integer[i])); break;
-        case splitkv::kInt64: params.add(values.integer[i]); break;
-        case splitkv::kFloat32: params.add(static_cast<float>(values.real[i])); break;
-        default: break;  // a constant of the compiled kernel: not passed
-      }
-    }
-    for (int i = 0; i < scratch_params_; ++i) params.add(static_cast<void*>(nullptr));
-    // The kernel was loaded into this device's primary context, which the guard makes current.
-    const c10::cuda::CUDAGuard guard(device_index);
-    const CUresult result = splitkv::launch_compiled(entry.function, grid_dims, entry.threads, entry.shared,
-                                                     c10::cuda::getCurrentCUDAStream(device_index).stream(), params);
-    if (result != CUDA_SUCCESS)
-      throw std::runtime_error("TritonLaunchCache.launch: cuLaunchKernel failed with CUresult " + std::to_string(result));
-    return 1;
-  }
-
-  // Keeps the kernel that triton launched for these arguments: `entry` is
-  // (function handle, threads per block, dynamic shared bytes, kinds) as
-  // splitkv/_triton_launch.py builds it, or None for a kernel that needs triton's
-  // runner. The kernel is launched from C++ only if the kinds fit the arguments'
-  // specialisation and the driver confirms that the kernel's parameters are those
-  // kinds, byte for byte, plus the scratch pointers; else triton keeps it.
-  void add(int64_t config, c10::DeviceIndex device_index, py::tuple args, py::object entry) {
-    Args values;
-    std::string key;
-    if (!specialise(config, device_index, args, values, key)) return;
-    Entry kept;
-    if (!entry.is_none()) {
-      const auto fields = entry.cast<py::tuple>();
-      const auto function = reinterpret_cast<CUfunction>(fields[0].cast<uintptr_t>());
-      const std::string kinds = fields[3].cast<std::string>();
-      if (fits(kinds, values, args.size()) &&
-          splitkv::params_match(function, kinds.data(), kinds.size(), scratch_params_)) {
-        kept.function = function;
-        kept.threads = fields[1].cast<unsigned>();
-        kept.shared = fields[2].cast<unsigned>();
-        kept.kinds = kinds;
-      }
-    }
-    entries_[key] = std::move(kept);
-  }
-
-  // The function handle launched from C++ for these arguments, 0 if none (for the tests).
-  uintptr_t function(int64_t config, c10::DeviceIndex device_index, py::tuple args) {
-    Args values;
-    const Entry* found = find(config, device_index, args, values);
-    return found == nullptr ? 0 : reinterpret_cast<uintptr_t>(found->function);
-  }
-
-  size_t size() const { return entries_.size(); }
-
- private:
-  struct Entry {
-    CUfunction function = nullptr;  // null: triton's runner launches it
-    unsigned threads = 0, shared = 0;
-    std::string kinds;
-  };
-
-  // Specialisation codes of the arguments (what triton compiles a kernel for):
-  // an int is 1 (code 4), or else divisible by 16 (+1) and within 32 bits (+2); a
-  // float is always float32; a tensor is its dtype and whether its data pointer
-  // is 16-byte aligned.
-  static constexpr uint8_t kIsOne = 4, kFloat = 8, kTensor = 0x80;
-  struct Args {
-    uint8_t code[splitkv::kMaxLaunchParams];
-    void* pointer[splitkv::kMaxLaunchParams];
-    int64_t integer[splitkv::kMaxLaunchParams];
-    double real[splitkv::kMaxLaunchParams];
-  };
-
-  // The entry kept for this specialisation of `args` (whose values it reads into
-  // `values`), or null.
-  const Entry* find(int64_t config, c10::DeviceIndex device_index, const py::tuple& args, Args& values) const {
-    std::string key;
-    if (!specialise(config, device_index, args, values, key)) return nullptr;
-    const auto found = entries_.find(key);
-    return found == entries_.end() ? nullptr : &found->second;
-  }
-
-  // Fills `values` and `key`; false for arguments the key does not describe
-  // (other types, ints beyond 64 bits, too many), which triton then launches.
-  static bool specialise(int64_t config, c10::DeviceIndex device_index, const py::tuple& args, Args& values,
-                         std::string& key) {
-    const size_t n = args.size();
-    if (n > static_cast<size_t>(splitkv::kMaxLaunchParams)) return false;
-    key.reserve(sizeof(config) + sizeof(device_index) + n);
-    key.append(reinterpret_cast<const char*>(&config), sizeof(config));
-    key.append(reinterpret_cast<const char*>(&device_index), sizeof(device_index));
-    for (size_t i = 0; i < n; ++i) {
-      PyObject* arg = PyTuple_GET_ITEM(args.ptr(), i);
-      uint8_t code;
-      if (PyLong_CheckExact(arg)) {
-        int overflow = 0;
-        const long long value = PyLong_AsLongLongAndOverflow(arg, &overflow);
-        if (overflow != 0) return false;
-        const bool fits_32 = value >= std::numeric_limits<int32_t>::min() && value <= std::numeric_limits<int32_t>::max();
-        code = value == 1 ? kIsOne : static_cast<uint8_t>(((value & 15) == 0) + 2 * fits_32);
-        values.integer[i] = value;
-      } else if (PyFloat_CheckExact(arg)) {
-        code = kFloat;
-        values.real[i] = PyFloat_AS_DOUBLE(arg);
-      } else if (THPVariable_Check(arg)) {
-        const at::Tensor& tensor = THPVariable_Unpack(arg);
-        const int dtype = static_cast<int>(tensor.scalar_type());
-        if (dtype < 0 || dtype >= 64) return false;
-        void* data = tensor.data_ptr();
-        code = static_cast<uint8_t>(kTensor | (dtype << 1) |
-                                    ((reinterpret_cast<uintptr_t>(data) & 15) == 0));
-        values.pointer[i] = data;
-      } else {
-        return false;
-      }
-      values.code[i] = code;
-      key.push_back(static_cast<char>(code));
-    }
-    return true;
-  }
-
-  // Whether triton's kinds of a specialisation agree with the codes of its arguments.
-  static bool fits(const std::string& kinds, const Args& values, size_t n) {
-    if (kinds.size() != n) return false;
-    for (size_t i = 0; i < n; ++i) {
-      const uint8_t code = values.code[i];
-      bool ok;
-      switch (kinds[i]) {
-        case splitkv::kPointer: ok = (code & kTensor) != 0; break;
-        case splitkv::kInt32: ok = code < kIsOne && (code & 2) != 0; break;
-        case splitkv::kInt64: ok = code < kIsOne; break;
-        case splitkv::kFloat32: ok = code == kFloat; break;
-        case splitkv::kConstant: ok = code == kIsOne; break;
-        default: ok = false;
-      }
-      if (!ok) return false;
-    }
-    return true;
-  }
-
-  int scratch_params_;
-  std::unordered_map<std::string, Entry> entries_;
-};
-
 }  // namespace
 
 TORCH_LIBRARY(splitkv, m) {
@@ -668,18 +445,9 @@ TORCH_LIBRARY_IMPL(splitkv, CUDA, m) {
   m.impl("merge_states_backward", &merge_states_backward);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+void splitkv_binding::add_merge_functions(pybind11::module_& m) {
   m.def("merge_attn_states", &merge_attn_states_eager,
         "Eager fast path of splitkv.merge_attn_states; returns None for what it does not run");
   m.def("merge_states", &merge_states_eager,
         "Eager fast path of splitkv.merge_states; returns None for what it does not run");
-  m.def("attention_inputs_ok", &attention_inputs_ok,
-        "Whether the varlen attention arguments pass splitkv's checks (False: not sure, check in Python)");
-  py::class_<TritonLaunchCache>(m, "TritonLaunchCache",
-                                "Kernels compiled by triton, launched from C++ (splitkv/_triton_launch.py)")
-      .def(py::init<int>(), py::arg("scratch_params") = 2)
-      .def("launch", &TritonLaunchCache::launch)
-      .def("add", &TritonLaunchCache::add)
-      .def("function", &TritonLaunchCache::function)
-      .def("__len__", &TritonLaunchCache::size);
 }

@@ -1,0 +1,26 @@
+// What the extension module's source files share: the functions each adds to the
+// Python module (csrc/module.cpp builds it from them), and unpacking a Python
+// object into a tensor without pybind's casters (host time on the eager paths).
+#pragma once
+
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/extension.h>
+
+namespace splitkv_binding {
+
+// The merges' eager fast paths (csrc/merge_ops.cu; the merge ops themselves are
+// registered with the dispatcher there).
+void add_merge_functions(pybind11::module_& m);
+// attention_inputs_ok (csrc/attention_checks.cpp).
+void add_attention_checks(pybind11::module_& m);
+// TritonLaunchCache (csrc/triton_launch.cpp).
+void add_triton_launch(pybind11::module_& m);
+
+// False when obj is not a tensor.
+inline bool unpack_tensor(pybind11::handle obj, at::Tensor& out) {
+  if (!THPVariable_Check(obj.ptr())) return false;
+  out = THPVariable_Unpack(obj.ptr());
+  return true;
+}
+
+}  // namespace splitkv_binding
