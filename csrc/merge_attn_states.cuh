@@ -266,17 +266,40 @@ __device__ __forceinline__ TwoStateWeights row_weights(const Params& p, int toke
       __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale);
 }
 
-// The (token, head) row of a backward kernel's warp, or false past the last row.
 constexpr int kWarp = 32;
-constexpr int kBackwardThreads = 256;  // the backward kernels give each row one warp
+constexpr int kBackwardThreads = 256;
 
-__device__ __forceinline__ bool backward_row(int64_t num_tokens, int64_t num_heads, int& token, int& head) {
+// The backward kernels give each (token, head) row a segment of `lanes` lanes of
+// one warp (a power of two up to 32: one vector of the row each where it has at
+// most 32), so that a row of 16 vectors (head_dim 128 in 16-bit types) does not
+// leave half a warp idle; the dot products over head_dim are summed with shuffles
+// inside the segment.
+struct BackwardRow {
+  int token = 0, head = 0;
+  int lane = 0;              // within the row's segment
+  unsigned segment_mask = 0;  // the segment's lanes in the warp
+  bool valid = false;        // false past the last row
+};
+
+__device__ __forceinline__ BackwardRow backward_row(int64_t num_tokens, int64_t num_heads, int lanes) {
+  BackwardRow r;
   // rows = tokens * heads < 2^31 is checked on the host.
-  const int row = blockIdx.x * (kBackwardThreads / kWarp) + threadIdx.x / kWarp;
-  if (row >= num_tokens * num_heads) return false;
-  token = row / static_cast<int>(num_heads);
-  head = row - token * static_cast<int>(num_heads);
-  return true;
+  const int row = blockIdx.x * (kBackwardThreads / lanes) + threadIdx.x / lanes;
+  r.lane = threadIdx.x % lanes;
+  const int first_lane = (threadIdx.x % kWarp) - r.lane;
+  r.segment_mask = (lanes == kWarp ? 0xffffffffu : ((1u << lanes) - 1u)) << first_lane;
+  r.valid = row < num_tokens * num_heads;
+  r.token = row / static_cast<int>(num_heads);
+  r.head = row - r.token * static_cast<int>(num_heads);
+  return r;
+}
+
+// Lanes per row for a row of head_dim / elems vectors.
+inline int backward_lanes(int64_t head_dim, int elems) {
+  const int64_t vecs = (head_dim + elems - 1) / elems;
+  int lanes = 1;
+  while (lanes < kWarp && lanes < vecs) lanes *= 2;
+  return lanes;
 }
 
 enum class LseStoreOrder { kNone, kWarpBarrier, kBlockBarrier };
@@ -604,9 +627,9 @@ namespace detail {
 
 // The backward kernels give each (token, head) row one warp: its lanes split the
 // row's vectors, and the dot products over head_dim are summed with shuffles.
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+// The sum of x over a row's segment (BackwardRow), every lane of it getting the sum.
+__device__ __forceinline__ float segment_sum(float x, const BackwardRow& r, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(r.segment_mask, x, offset);
   return x;
 }
 
@@ -637,12 +660,11 @@ __device__ __forceinline__ void load_floats(const T* ptr, float* values) {
 
 template <typename T, int ELEMS>
 __global__ void __launch_bounds__(detail::kBackwardThreads)
-    merge_attn_states_backward_kernel(const MergeBackwardParams p) {
-  const int lane = threadIdx.x % detail::kWarp;
-  int token, head;
-  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
+    merge_attn_states_backward_kernel(const MergeBackwardParams p, const int lanes) {
+  const detail::BackwardRow r = detail::backward_row(p.num_tokens, p.num_heads, lanes);
+  if (!r.valid) return;  // the whole segment: its shuffles name its own lanes only
+  const int token = r.token, head = r.head;
   const detail::TwoStateWeights w = detail::row_weights(p, token, head);
-  const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
   const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
 
   const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
@@ -656,18 +678,20 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
   T* grad_suffix_row = static_cast<T*>(p.grad_suffix_output) + token * p.grad_suffix_stride_token +
                        head * p.grad_suffix_stride_head;
   float prefix_dot = 0.f, suffix_dot = 0.f;
-  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+  for (int64_t d = static_cast<int64_t>(r.lane) * ELEMS; d < p.head_dim; d += static_cast<int64_t>(lanes) * ELEMS) {
+    // Both outputs are read whether or not their state is empty, so that these loads
+    // need not wait for the lse values (an empty state's dot product is dropped below).
     float grad[ELEMS];
     detail::load_floats<T, ELEMS>(grad_row + d, grad);
-    // An empty state's output may hold anything (NaN): it stays out of the dot products.
-    if (!prefix_empty) prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(prefix_row + d), grad);
-    if (!suffix_empty) suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(suffix_row + d), grad);
+    prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(prefix_row + d), grad);
+    suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(suffix_row + d), grad);
     detail::store_scaled<T, ELEMS>(grad_prefix_row + d, grad, prefix_weight);
     detail::store_scaled<T, ELEMS>(grad_suffix_row + d, grad, suffix_weight);
   }
-  prefix_dot = detail::warp_sum(prefix_dot);
-  suffix_dot = detail::warp_sum(suffix_dot);
-  if (lane == 0) {
+  // An empty state's output may hold anything (NaN): it stays out of the dot products.
+  prefix_dot = w.prefix_empty ? 0.f : detail::segment_sum(prefix_dot, r, lanes);
+  suffix_dot = w.suffix_empty ? 0.f : detail::segment_sum(suffix_dot, r, lanes);
+  if (r.lane == 0) {
     const float grad_lse =
         p.grad_lse == nullptr ? 0.f : p.grad_lse[head * p.grad_lse_stride_head + token * p.grad_lse_stride_token];
     const float merged_dot = prefix_weight * prefix_dot + suffix_weight * suffix_dot;  // <d output, output>
@@ -679,12 +703,16 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
 }
 
 // TIn: the states' (and their gradient's) dtype; TOut: the output's (and d output's).
+// The states go kMergeGroup at a time: a group's loads are all issued before any of
+// its dot products is summed, so that their round trips to memory overlap.
 template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kBackwardThreads)
-    merge_states_backward_kernel(const MergeNBackwardParams p) {
-  const int lane = threadIdx.x % detail::kWarp;
-  int token, head;
-  if (!detail::backward_row(p.num_tokens, p.num_heads, token, head)) return;
+    merge_states_backward_kernel(const MergeNBackwardParams p, const int lanes) {
+  constexpr int kGroup = detail::kMergeGroup;
+  const detail::BackwardRow r = detail::backward_row(p.num_tokens, p.num_heads, lanes);
+  if (!r.valid) return;  // the whole segment: its shuffles name its own lanes only
+  const int token = r.token, head = r.head;
+  const int64_t first = static_cast<int64_t>(r.lane) * ELEMS, step = static_cast<int64_t>(lanes) * ELEMS;
 
   float merged_lse =
       __ldg(p.output_lse + head * p.output_lse_stride_head + token * p.output_lse_stride_token) * p.lse_scale;
@@ -695,40 +723,58 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
   const TOut* output_row =
       static_cast<const TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
   float merged_dot = 0.f;
-  for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
+  for (int64_t d = first; d < p.head_dim; d += step) {
     float grad[ELEMS];
     detail::load_floats<TOut, ELEMS>(grad_row + d, grad);
     merged_dot += detail::dot_vec<TOut, ELEMS>(detail::load_streaming<TOut, ELEMS>(output_row + d), grad);
   }
-  merged_dot = detail::warp_sum(merged_dot);
+  merged_dot = detail::segment_sum(merged_dot, r, lanes);
   const float grad_lse =
       p.grad_lse == nullptr ? 0.f : __ldg(p.grad_lse + head * p.grad_lse_stride_head + token * p.grad_lse_stride_token);
 
-  for (int64_t s = 0; s < p.num_states; ++s) {
-    const float lse =
-        __ldg(p.lses + s * p.lses_stride_state + head * p.lses_stride_head + token * p.lses_stride_token) *
-        p.lse_scale;
-    const bool empty = detail::is_empty_state(lse);
-    const float weight = empty ? 0.f : expf(lse - merged_lse);  // NaN when either is NaN
-    const TIn* state_row = static_cast<const TIn*>(p.states) + s * p.states_stride_state +
-                           token * p.states_stride_token + head * p.states_stride_head;
-    TIn* grad_state_row = static_cast<TIn*>(p.grad_states) + s * p.grad_states_stride_state +
-                          token * p.grad_states_stride_token + head * p.grad_states_stride_head;
-    float dot = 0.f;
-    for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim; d += detail::kWarp * ELEMS) {
-      float grad[ELEMS];
-      // d output is read once per state; after the first it comes from the caches.
+  const TIn* state_base = static_cast<const TIn*>(p.states) + token * p.states_stride_token + head * p.states_stride_head;
+  TIn* grad_state_base = static_cast<TIn*>(p.grad_states) + token * p.grad_states_stride_token +
+                         head * p.grad_states_stride_head;
+  const float* lse_base = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
+  for (int64_t s0 = 0; s0 < p.num_states; s0 += kGroup) {
+    float weight[kGroup], dot[kGroup];
+    bool empty[kGroup];
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      const bool present = s0 + u < p.num_states;
+      const float lse = present ? __ldg(lse_base + (s0 + u) * p.lses_stride_state) * p.lse_scale : -INFINITY;
+      empty[u] = detail::is_empty_state(lse);
+      weight[u] = empty[u] ? 0.f : expf(lse - merged_lse);  // NaN when either is NaN
+      dot[u] = 0.f;
+    }
+    for (int64_t d = first; d < p.head_dim; d += step) {
+      // d output is read once per group; after the first it comes from the caches.
       detail::Vec<TOut, ELEMS> g;
       g.word = __ldg(reinterpret_cast<const typename detail::Vec<TOut, ELEMS>::WordType*>(grad_row + d));
+      float grad[ELEMS];
 #pragma unroll
       for (int i = 0; i < ELEMS; ++i) grad[i] = detail::Convert<TOut>::to_float(g.elems[i]);
-      if (!empty) dot += detail::dot_vec<TIn, ELEMS>(detail::load_streaming<TIn, ELEMS>(state_row + d), grad);
-      detail::store_scaled<TIn, ELEMS>(grad_state_row + d, grad, weight);
+      // Read whether or not the state is empty (no wait for its lse); its dot is dropped below.
+      detail::Vec<TIn, ELEMS> v[kGroup];
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u)
+        if (s0 + u < p.num_states) v[u] = detail::load_streaming<TIn, ELEMS>(state_base + (s0 + u) * p.states_stride_state + d);
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u) {
+        if (s0 + u >= p.num_states) continue;
+        dot[u] += detail::dot_vec<TIn, ELEMS>(v[u], grad);
+        detail::store_scaled<TIn, ELEMS>(grad_state_base + (s0 + u) * p.grad_states_stride_state + d, grad, weight[u]);
+      }
     }
-    dot = detail::warp_sum(dot);
-    if (lane == 0)
-      p.grad_lses[s * p.grad_lses_stride_state + head * p.grad_lses_stride_head + token * p.grad_lses_stride_token] =
-          weight * (p.lse_scale * (dot - merged_dot) + grad_lse);
+#pragma unroll
+    for (int u = 0; u < kGroup; ++u) {
+      if (s0 + u >= p.num_states) break;  // uniform over the segment
+      // An empty state's output may hold anything (NaN): it stays out of its dot product.
+      const float row_dot = empty[u] ? 0.f : detail::segment_sum(dot[u], r, lanes);
+      if (r.lane == 0)
+        p.grad_lses[(s0 + u) * p.grad_lses_stride_state + head * p.grad_lses_stride_head +
+                    token * p.grad_lses_stride_token] = weight[u] * (p.lse_scale * (row_dot - merged_dot) + grad_lse);
+    }
   }
 }
 
@@ -934,10 +980,12 @@ cudaError_t merge_attn_states_backward(const MergeBackwardParams& p, cudaStream_
                              p.prefix_stride_token,      p.prefix_stride_head,       p.suffix_stride_token,
                              p.suffix_stride_head};
   const uint64_t bits = detail::alignment_bits(ptrs, 5, strides, 10, p.head_dim, sizeof(T));
-  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
-  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  return detail::launch_with_vector_elems<T>(detail::vector_elems<T, T>(bits, bits), [&](auto e) {
-    merge_attn_states_backward_kernel<T, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+  const int elems = detail::vector_elems<T, T>(bits, bits);
+  const int lanes = detail::backward_lanes(p.head_dim, elems);
+  const int64_t rows_per_block = detail::kBackwardThreads / lanes;
+  const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+  return detail::launch_with_vector_elems<T>(elems, [&](auto e) {
+    merge_attn_states_backward_kernel<T, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p, lanes);
     return cudaGetLastError();
   });
 }
@@ -954,10 +1002,12 @@ cudaError_t merge_states_backward(const MergeNBackwardParams& p, cudaStream_t st
                                  p.output_stride_head};
   const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 6, p.head_dim, sizeof(TIn));
   const uint64_t out_bits = detail::alignment_bits(out_ptrs, 2, out_strides, 4, p.head_dim, sizeof(TOut));
-  constexpr int kRowsPerBlock = detail::kBackwardThreads / detail::kWarp;
-  const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  return detail::launch_with_vector_elems<TIn>(detail::vector_elems<TIn, TOut>(in_bits, out_bits), [&](auto e) {
-    merge_states_backward_kernel<TIn, TOut, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p);
+  const int elems = detail::vector_elems<TIn, TOut>(in_bits, out_bits);
+  const int lanes = detail::backward_lanes(p.head_dim, elems);
+  const int64_t rows_per_block = detail::kBackwardThreads / lanes;
+  const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+  return detail::launch_with_vector_elems<TIn>(elems, [&](auto e) {
+    merge_states_backward_kernel<TIn, TOut, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p, lanes);
     return cudaGetLastError();
   });
 }
