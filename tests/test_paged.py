@@ -546,10 +546,12 @@ def test_plan_tables_on_random_trees(page_size):
 
 @pytest.mark.parametrize("seed, page_size", [(3, 5), (7, 1), (11, 16), (19, 5)])
 def test_plan_of_a_random_tree_matches_float64(seed, page_size):
+    # On DEVICE: a GPU machine runs Triton on CUDA tensors only (the interpreter is for CPU machines).
     block_table, seqused_k, cu_seqlens_q, num_pages = random_tree_batch(seed, page_size)
+    block_table, seqused_k, cu_seqlens_q = (t.to(DEVICE) for t in (block_table, seqused_k, cu_seqlens_q))
     gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(num_pages, 2, page_size, 1, 16, generator=gen)
-    q = torch.randn(int(cu_seqlens_q[-1]), 2, 16, generator=gen)
+    kv = torch.randn(num_pages, 2, page_size, 1, 16, generator=gen).to(DEVICE)
+    q = torch.randn(int(cu_seqlens_q[-1]), 2, 16, generator=gen).to(DEVICE)
     plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=page_size, heads_q=2, heads_kv=1,
                         head_dim=16, dtype=torch.float32, share="always")  # fmt: skip
     assert plan.shared
