@@ -95,21 +95,28 @@ int main() {
   cudaEvent_t start, stop;
   CHECK(cudaEventCreate(&start));
   CHECK(cudaEventCreate(&stop));
-
-  // Device-to-device copy of the largest shape's bytes, the ceiling the merge is held to.
-  {
+  // Median microseconds of `reps` runs of `work` (which enqueues on `stream`), each
+  // after an L2 flush and timed alone; `per_run` divides each time (launches per run).
+  const auto median_us = [&](int reps, bool flush_l2, int per_run, auto work) {
     std::vector<float> times;
-    for (int i = 0; i < 20; ++i) {
-      CHECK(cudaMemsetAsync(flush, i, flush_bytes, stream));
+    for (int i = 0; i < reps; ++i) {
+      if (flush_l2) CHECK(cudaMemsetAsync(flush, i, flush_bytes, stream));
       CHECK(cudaEventRecord(start, stream));
-      CHECK(cudaMemcpyAsync(out, a, max_elems * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+      work();
       CHECK(cudaEventRecord(stop, stream));
       CHECK(cudaEventSynchronize(stop));
       float ms;
       CHECK(cudaEventElapsedTime(&ms, start, stop));
-      times.push_back(ms * 1000.f);
+      times.push_back(ms * 1000.f / per_run);
     }
-    const float us = median(times);
+    return median(times);
+  };
+
+  // Device-to-device copy of the largest shape's bytes, the ceiling the merge is held to.
+  {
+    const float us = median_us(20, true, 1, [&] {
+      CHECK(cudaMemcpyAsync(out, a, max_elems * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+    });
     std::printf("copy %zu MB: %.1f us, %.3f TB/s (read + write)\n", max_elems * sizeof(T) >> 20, us,
                 2.0 * max_elems * sizeof(T) / us / 1e6);
   }
@@ -133,18 +140,7 @@ int main() {
     for (const Variant& v : variants) {
       if (v.threads != 0 && s.head_dim / 8 / v.vecs > v.threads) continue;
       CHECK(launch(v, p, stream));  // warm-up
-      std::vector<float> times;
-      for (int i = 0; i < 50; ++i) {
-        CHECK(cudaMemsetAsync(flush, i, flush_bytes, stream));
-        CHECK(cudaEventRecord(start, stream));
-        CHECK(launch(v, p, stream));
-        CHECK(cudaEventRecord(stop, stream));
-        CHECK(cudaEventSynchronize(stop));
-        float ms;
-        CHECK(cudaEventElapsedTime(&ms, start, stop));
-        times.push_back(ms * 1000.f);
-      }
-      const float us = median(times);
+      const float us = median_us(50, true, 1, [&] { CHECK(launch(v, p, stream)); });
       float graph_us = 0.f;
       if (s.tokens * s.heads <= 1024 * 32) {
         // Graph replay, L2 warm: 200 launches captured back to back, per launch.
@@ -156,17 +152,7 @@ int main() {
         CHECK(cudaStreamEndCapture(stream, &graph));
         CHECK(cudaGraphInstantiate(&exec, graph, 0));
         CHECK(cudaGraphLaunch(exec, stream));
-        std::vector<float> replays;
-        for (int i = 0; i < 20; ++i) {
-          CHECK(cudaEventRecord(start, stream));
-          CHECK(cudaGraphLaunch(exec, stream));
-          CHECK(cudaEventRecord(stop, stream));
-          CHECK(cudaEventSynchronize(stop));
-          float ms;
-          CHECK(cudaEventElapsedTime(&ms, start, stop));
-          replays.push_back(ms * 1000.f / kLaunches);
-        }
-        graph_us = median(replays);
+        graph_us = median_us(20, false, kLaunches, [&] { CHECK(cudaGraphLaunch(exec, stream)); });
         CHECK(cudaGraphExecDestroy(exec));
         CHECK(cudaGraphDestroy(graph));
       }
