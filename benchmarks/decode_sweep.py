@@ -2,7 +2,8 @@
 
 For each decode shape (one query per sequence, bf16, 32 query / 8 KV heads, head_dim
 128), times ``split_kv_attention`` (backend Triton, its own split count and twice it)
-under each (BLOCK_N, num_warps, num_stages), with L2 flushed, and prints each time
+under each (BLOCK_N, num_warps, num_stages), with L2 flushed (the tiles of a shape
+taking turns over 3 rounds, the median kept), and prints each time
 against the KV bytes' floor at the measured device-to-device copy rate (read +
 write), as issue 19 counts it. ``torch.amax`` over 2 GiB is timed too, as a lower
 bound of the read-only rate: on the H200 at 405302a it read 3.48 TB/s while the
@@ -24,7 +25,7 @@ import torch
 import splitkv
 from splitkv import _attention_triton
 from splitkv._planning import varlen_num_splits
-from splitkv.bench.common import copy_bandwidth_tbs, environment, median_ms
+from splitkv.bench.common import copy_bandwidth_tbs, environment, interleaved, median_ms
 
 SHAPES = [  # (sequences, keys per sequence)
     (256, 256),
@@ -42,6 +43,21 @@ def amax_read_tbs(num_bytes: int = 2 << 30) -> float:
     x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     ms = median_ms(lambda: torch.amax(x))
     return num_bytes / (ms * 1e-3) / 1e12
+
+
+def with_tile(default_config, config, fn):
+    """``fn()`` with the attention kernel's (BLOCK_N, num_warps, num_stages) set to
+    ``config`` (None: the default tile), BLOCK_M kept."""
+
+    def launch_config(head_dim_pad, dtype, rows_pow2, keys_pow2):
+        block_m, block_n, warps, stages = default_config(head_dim_pad, dtype, rows_pow2, keys_pow2)
+        return (block_m, block_n, warps, stages) if config is None else (block_m, *config)
+
+    _attention_triton._launch_config = launch_config
+    try:
+        return fn()
+    finally:
+        _attention_triton._launch_config = default_config
 
 
 def main() -> None:
@@ -69,27 +85,22 @@ def main() -> None:
         # Every tile at the default split count; the default tile at 2x and 4x the splits.
         runs = [(splits, name, config) for name, config in configs]
         runs += [(n * splits, "default", None) for n in (2, 4)]
+        timed = {}
         for num_splits, name, config in runs:
-
-            def launch_config(head_dim_pad, dtype, rows_pow2, keys_pow2, config=config):
-                block_m, block_n, warps, stages = default_config(head_dim_pad, dtype, rows_pow2, keys_pow2)
-                if config is None:
-                    return block_m, block_n, warps, stages
-                return (block_m, *config)
-
-            _attention_triton._launch_config = launch_config
-
             call = functools.partial(splitkv.split_kv_attention, q, k, v, cu_q, cu_k, 1, keys,
                                      num_splits=num_splits)  # fmt: skip
-
             try:
-                call()
-                us = median_ms(call, rep_ms=50) * 1e3
+                with_tile(default_config, config, call)  # compiles the tile
             except Exception as error:  # noqa: BLE001 (a tile that does not fit shared memory: report, go on)
                 print(f"{seqs} x {keys} splits {num_splits} {name}: {type(error).__name__}", flush=True)
                 continue
-            finally:
-                _attention_triton._launch_config = default_config
+            timed[(num_splits, name)] = functools.partial(
+                with_tile, default_config, config, functools.partial(median_ms, call, rep_ms=20)
+            )
+        # The tiles take turns, 3 rounds: a single pass timed the same tile 52 and 99 us on
+        # 64 x 512 keys (the first tile of a shape was often slow).
+        medians = interleaved(lambda time_it: time_it() * 1e3, timed, rounds=3)
+        for (num_splits, name), us in medians.items():
             rows.append({"seqs": seqs, "keys": keys, "splits": num_splits, "config": name, "us": us,
                          "kv_mb": kv_bytes / 1e6, "floor_us": floor_us, "of_floor": floor_us / us})  # fmt: skip
             print(f"{seqs:4d} x {keys:8d} splits {num_splits:3d} {name:12s} {us:9.1f} us "

@@ -7,6 +7,7 @@
 #   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
 #   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
+#   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
 # The exit status is non-zero if any step failed; later steps run regardless.
 set -uo pipefail
 OUT=${OUT:-/tmp/splitkv-device}
@@ -33,6 +34,10 @@ for spec in "$@"; do
     sweep) { nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
              /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
     decode-sweep) python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
+    ncu-nway) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
+                ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+                    --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \
+                    /tmp/merge_sweep nway; } 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }

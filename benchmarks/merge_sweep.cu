@@ -5,12 +5,16 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep && /tmp/merge_sweep
 // Prints one line per (shape, layout): median microseconds over 50 launches, each
 // after an L2 flush, and TB/s of the counted bytes (2 inputs + 1 output + 3 lse);
-// then CUDA-graph replay per launch (L2 warm) for the small shapes.
+// then CUDA-graph replay per launch (L2 warm) for the small shapes; then the N-way
+// merge through the header's launch (2 to 16 states of 4096 x 32 x 128).
+// `merge_sweep nway` runs one N-way launch of 8 states alone, for ncu
+// (benchmarks/device_run.sh step ncu-nway).
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "merge_attn_states.cuh"
@@ -50,7 +54,8 @@ static float median(std::vector<float> x) {
   return x[x.size() / 2];
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool nway_only = argc > 1 && std::string(argv[1]) == "nway";
   const Variant variants[] = {
       {"header", 0, 0, false, LseStoreOrder::kNone},
       {"t256 v1 tokens-outer block-barrier", 256, 1, false, LseStoreOrder::kBlockBarrier},
@@ -122,6 +127,7 @@ int main() {
   }
 
   for (const Shape& s : shapes) {
+    if (nway_only) break;
     splitkv::MergeParams p{};
     p.output = out;
     p.output_lse = lse_out;
@@ -161,6 +167,37 @@ int main() {
       if (graph_us > 0.f) std::printf("  graph %6.2f us", graph_us);
       std::printf("\n");
     }
+  }
+  // The N-way merge: `states` states of 4096 x 32 x 128 stacked in `a` (16 of them fill it), lses in lse_a.
+  const std::vector<int64_t> state_counts = nway_only ? std::vector<int64_t>{8} : std::vector<int64_t>{2, 4, 8, 16};
+  for (const int64_t states : state_counts) {
+    constexpr int64_t kTokens = 4096, kHeads = 32, kDim = 128;
+    splitkv::MergeNParams p{};
+    p.output = out;
+    p.output_lse = lse_out;
+    p.states = a;
+    p.lses = lse_a;
+    p.num_states = states;
+    p.num_tokens = kTokens;
+    p.num_heads = kHeads;
+    p.head_dim = kDim;
+    p.output_stride_token = p.states_stride_token = kHeads * kDim;
+    p.output_stride_head = p.states_stride_head = kDim;
+    p.states_stride_state = kTokens * kHeads * kDim;
+    p.output_lse_stride_head = p.lses_stride_head = kTokens;
+    p.output_lse_stride_token = p.lses_stride_token = 1;
+    p.lses_stride_state = kHeads * kTokens;
+    const auto merge = [&] { CHECK((splitkv::merge_states<T, T>(p, stream))); };
+    if (nway_only) {
+      merge();
+      CHECK(cudaStreamSynchronize(stream));
+      continue;
+    }
+    merge();  // warm-up
+    const float us = median_us(50, true, 1, merge);
+    const double bytes = (states + 1.0) * kTokens * kHeads * (kDim * sizeof(T) + 4);
+    std::printf("N-way %2lld states of 4096 x 32 x 128 (header)       %8.2f us  %5.3f TB/s\n",
+                static_cast<long long>(states), us, bytes / us / 1e6);
   }
   return 0;
 }
