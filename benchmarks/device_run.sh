@@ -9,6 +9,10 @@
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
 #   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
 # The exit status is non-zero if any step failed; later steps run regardless.
+# STEP_TIMEOUT=S stops any one step after S seconds, so that the later steps still
+# run. PACK=1 leaves one file, $OUT/all.tgz, holding everything the steps wrote (the
+# device tool returns at most 8 files); with STEP_TIMEOUT set it happens even when a
+# step overruns, as long as the whole call stays inside the tool's limit.
 set -uo pipefail
 OUT=${OUT:-/tmp/splitkv-device}
 mkdir -p "$OUT/results"
@@ -20,6 +24,8 @@ status=0
 } > "$OUT/env.txt" 2>&1
 python -m splitkv build 2>&1 | tee "$OUT/build.log" || status=1
 [ $# -gt 0 ] || set -- tests "bench merge"
+limit=()
+[ -z "${STEP_TIMEOUT:-}" ] || limit=(timeout "$STEP_TIMEOUT")
 step=0
 for spec in "$@"; do
   step=$((step + 1))
@@ -28,14 +34,14 @@ for spec in "$@"; do
   echo "=== $spec" | tee "$log"
   start=$SECONDS
   case "$kind" in
-    tests) python -m pytest -q -ra --durations=15 -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
-    bench) python -m splitkv.bench "$name" --out "$OUT/results" $args 2>&1 | tee -a "$log" ;;
-    example) python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
+    tests) "${limit[@]}" python -m pytest -q -ra --durations=15 -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
+    bench) "${limit[@]}" python -m splitkv.bench "$name" --out "$OUT/results" $args 2>&1 | tee -a "$log" ;;
+    example) "${limit[@]}" python examples/shared_prefix_batching.py $name $args 2>&1 | tee -a "$log" ;;
     sweep) { nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
-             /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
-    decode-sweep) python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
+             "${limit[@]}" /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
+    decode-sweep) "${limit[@]}" python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
     ncu-nway) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
-                ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+                "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \
                     /tmp/merge_sweep nway; } 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
@@ -43,4 +49,7 @@ for spec in "$@"; do
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }
   echo "=== $spec: $((SECONDS - start)) s" | tee -a "$log"
 done
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/splitkv-device-all.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/splitkv-device-all.tgz "$OUT/all.tgz"
+fi
 exit $status
