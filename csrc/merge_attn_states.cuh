@@ -294,12 +294,19 @@ __device__ __forceinline__ BackwardRow backward_row(int64_t num_tokens, int64_t 
   return r;
 }
 
-// Lanes per row for a row of head_dim / elems vectors.
-inline int backward_lanes(int64_t head_dim, int elems) {
+// A backward launch over `rows` rows of head_dim / elems vectors: lanes per row (a
+// power of two, one vector each up to a warp) and blocks of kBackwardThreads.
+struct BackwardLaunch {
+  int lanes;
+  unsigned blocks;
+};
+
+inline BackwardLaunch backward_launch(int64_t rows, int64_t head_dim, int elems) {
   const int64_t vecs = (head_dim + elems - 1) / elems;
   int lanes = 1;
   while (lanes < kWarp && lanes < vecs) lanes *= 2;
-  return lanes;
+  const int64_t rows_per_block = kBackwardThreads / lanes;
+  return {lanes, static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block)};
 }
 
 enum class LseStoreOrder { kNone, kWarpBarrier, kBlockBarrier };
@@ -984,11 +991,10 @@ cudaError_t merge_attn_states_backward(const MergeBackwardParams& p, cudaStream_
                              p.suffix_stride_head};
   const uint64_t bits = detail::alignment_bits(ptrs, 5, strides, 10, p.head_dim, sizeof(T));
   const int elems = detail::vector_elems<T, T>(bits, bits);
-  const int lanes = detail::backward_lanes(p.head_dim, elems);
-  const int64_t rows_per_block = detail::kBackwardThreads / lanes;
-  const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+  const detail::BackwardLaunch launch = detail::backward_launch(rows, p.head_dim, elems);
   return detail::launch_with_vector_elems<T>(elems, [&](auto e) {
-    merge_attn_states_backward_kernel<T, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p, lanes);
+    merge_attn_states_backward_kernel<T, decltype(e)::value>
+        <<<launch.blocks, detail::kBackwardThreads, 0, stream>>>(p, launch.lanes);
     return cudaGetLastError();
   });
 }
@@ -1006,11 +1012,10 @@ cudaError_t merge_states_backward(const MergeNBackwardParams& p, cudaStream_t st
   const uint64_t in_bits = detail::alignment_bits(in_ptrs, 2, in_strides, 6, p.head_dim, sizeof(TIn));
   const uint64_t out_bits = detail::alignment_bits(out_ptrs, 2, out_strides, 4, p.head_dim, sizeof(TOut));
   const int elems = detail::vector_elems<TIn, TOut>(in_bits, out_bits);
-  const int lanes = detail::backward_lanes(p.head_dim, elems);
-  const int64_t rows_per_block = detail::kBackwardThreads / lanes;
-  const unsigned blocks = static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
+  const detail::BackwardLaunch launch = detail::backward_launch(rows, p.head_dim, elems);
   return detail::launch_with_vector_elems<TIn>(elems, [&](auto e) {
-    merge_states_backward_kernel<TIn, TOut, decltype(e)::value><<<blocks, detail::kBackwardThreads, 0, stream>>>(p, lanes);
+    merge_states_backward_kernel<TIn, TOut, decltype(e)::value>
+        <<<launch.blocks, detail::kBackwardThreads, 0, stream>>>(p, launch.lanes);
     return cudaGetLastError();
   });
 }

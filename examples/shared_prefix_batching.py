@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import splitkv
+from splitkv.bench.common import capture_graph
 from splitkv.nn import CacheMemory, SharedPrefixKVCache
 
 # attend(layer, q [tokens, heads_q, head_dim], k, v [tokens, heads_kv, head_dim]) -> [tokens, heads_q, head_dim]
@@ -299,21 +300,6 @@ class Generation:
     decode_step: object = None  # the cache's decode step (static, reused by every step), for gpu_phase_ms
 
 
-def capture(fn):
-    """``(graph, result)``: ``fn()`` run once on a side stream (the warm-up that compiles
-    kernels, outside the capture), then captured in a CUDA graph; ``result`` is what the
-    captured call returned, refreshed by each ``graph.replay()``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = fn()
-    return graph, result
-
-
 class DecodeRunner:
     """Runs decode steps ``model(ids, step.positions, step.attention)``: eagerly, compiled
     by ``torch.compile(fullgraph=True)``, captured once in a CUDA graph and replayed, or
@@ -335,7 +321,7 @@ class DecodeRunner:
             return self.fn(step, ids)
         if self.graph is None:
             self.step, self.ids = step, ids.clone()
-            self.graph, self.logits = capture(lambda: self.fn(step, self.ids))
+            self.graph, self.logits = capture_graph(lambda: self.fn(step, self.ids))
         if step is not self.step:
             raise RuntimeError("the decode step changed (the cache grew?): the captured graph no longer applies")
         self.ids.copy_(ids)
@@ -620,7 +606,7 @@ def _use_cascade_report(mode: str, verdict: bool, uses_cascade: bool) -> str:
 
 def _graph_ms(fn, replays: int = 20) -> float:
     """GPU time of ``fn`` captured in a CUDA graph, per replay (host time hidden)."""
-    graph, _ = capture(fn)
+    graph, _ = capture_graph(fn)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -159,7 +159,8 @@ def _paged_fwd_kernel(
         else:
             causal = dynamic & False
         # One launch runs the shared runs' wide row tiles (many queries per KV tile) and
-        # the sequences' own narrow ones, so both fill the GPU together.
+        # the sequences' own narrow ones, so both fill the GPU together. Two calls that
+        # differ only in the row tile: BLOCK_M is a constexpr, fixed per call site.
         if tl.load(fields + 8) != 0:
             _attend_item(
                 Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tl.load(fields + 1), tl.load(fields + 2),

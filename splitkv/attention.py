@@ -475,9 +475,7 @@ def run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max
         # context-parallel prefill rank holding no queries stalled its group inside
         # this call before this early return existed (the flash launch on an empty
         # grid is the likely cause; its own error was never seen).
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-        return out, lse
+        return empty_attention_results(q)
     out, lse = impl.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, seqused_k)
     if normalise_lse and impl.empty_row_lse == math.inf:
         lse = _empty_rows_to_neg_inf(lse)
@@ -498,6 +496,12 @@ def _attention_op_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
                                      softmax_scale, seqused_k, backend)  # fmt: skip
     # The fake implementation promises fresh contiguous results (a no-op for every backend's).
     return out.contiguous(), lse.contiguous()
+
+
+def empty_attention_results(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What attention answers where no query row saw a key: ``out`` zeros, ``lse`` -inf."""
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
 
 
 def fake_attention_results(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -53,6 +53,8 @@ from .attention import (
     _seqlen_values_ok,
     _varlen_api,
     _varlen_attn_kwargs,
+    empty_attention_results,
+    fake_attention_results,
 )
 from .merge import merge_states
 
@@ -257,12 +259,6 @@ PAGED_BACKENDS = BackendRegistry(
 )  # fmt: skip
 
 
-def _empty_result(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
-
-
 def _paged_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                         causal: bool, softmax_scale: float,
@@ -272,7 +268,7 @@ def _paged_attention_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     total_q, heads_q, head_dim = q.shape
     batch, heads_kv = block_table.shape[0], k_cache.shape[2]
     if total_q == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or batch == 0:
-        return _empty_result(q)
+        return empty_attention_results(q)
     group = heads_q // heads_kv
     config = launch_config(head_dim, q.dtype, 1 << max(max_seqlen_q * group - 1, 0).bit_length())
     num_row_blocks = -(-max_seqlen_q * group // config[1])
@@ -293,8 +289,8 @@ _paged_attention_op = torch.library.custom_op("splitkv_paged::paged_attention_wi
 
 
 def _fake_result(q: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
-    """Both ops' fake implementation: ``out`` like q, ``lse [heads_q, total_q]`` float32."""
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    """Both ops' fake implementation (the other arguments are not needed for the shapes)."""
+    return fake_attention_results(q)
 
 
 _paged_attention_op.register_fake(_fake_result)
@@ -376,7 +372,7 @@ def paged_attention_with_lse(
             q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):  # fmt: skip
         raise ValueError("backend='triton' has no backward: a gradient is required (use backend='reference')")
     if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
-        return _empty_result(q)
+        return empty_attention_results(q)
     return impl.run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
                     scale, num_splits)  # fmt: skip
 
@@ -1030,22 +1026,42 @@ def _paged_cascade_impl(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                       seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, tables: list[torch.Tensor],
                       configs: list[int], num_states: int, needs_fill: bool,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    from ._paged_triton import launch_paged
+    states, lses = plan_state_buffers(q, num_states, needs_fill)
+    for launch in range(len(tables) // 3):
+        run_plan_launch(launch, q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, tables,
+                        configs, softmax_scale)  # fmt: skip
+    return merge_states(states, lses, output_dtype=q.dtype)
 
+
+def plan_state_buffers(q: torch.Tensor, num_states: int, needs_fill: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plan's float32 partial states ``[num_states, total_q, heads_q, head_dim]`` and their
+    lses ``[num_states, heads_q, total_q]``, the lses -inf where some state is written by no
+    program (``needs_fill``)."""
     total_q, heads_q, head_dim = q.shape
     states = torch.empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
+    lse_shape = (num_states, heads_q, total_q)
     if needs_fill:
-        lses = torch.full((num_states, heads_q, total_q), float("-inf"), dtype=torch.float32, device=q.device)
-    else:
-        lses = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
-    for launch in range(len(tables) // 3):
-        config = tuple(configs[7 * launch: 7 * launch + 5])
-        wide_block_m, grid = configs[7 * launch + 5: 7 * launch + 7]
-        items, tokens, programs = tables[3 * launch: 3 * launch + 3]
-        launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, True, softmax_scale,
-                     config, grid, items=items, item_tokens=tokens, programs=programs,
-                     wide_block_m=wide_block_m)  # fmt: skip
-    return merge_states(states, lses, output_dtype=q.dtype)
+        return states, torch.full(lse_shape, -math.inf, dtype=torch.float32, device=q.device)
+    return states, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+
+
+def plan_launch_shape(configs: list[int], launch: int) -> tuple[tuple[int, ...], int, int]:
+    """Launch ``launch``'s tile config, wide row tile and grid, from a plan's ``launch_configs``."""
+    config = tuple(configs[7 * launch: 7 * launch + 5])
+    wide_block_m, grid = configs[7 * launch + 5: 7 * launch + 7]
+    return config, wide_block_m, grid
+
+
+def run_plan_launch(launch: int, q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q,
+                    tables: list[torch.Tensor], configs: list[int], softmax_scale: float) -> None:  # fmt: skip
+    """Runs launch ``launch`` of a plan (its tables and configs) into ``states`` / ``lses``."""
+    from ._paged_triton import launch_paged
+
+    config, wide_block_m, grid = plan_launch_shape(configs, launch)
+    items, tokens, programs = tables[3 * launch: 3 * launch + 3]
+    launch_paged(q, k_cache, v_cache, states, lses, block_table, seqused_k, cu_seqlens_q, True, softmax_scale,
+                 config, grid, items=items, item_tokens=tokens, programs=programs,
+                 wide_block_m=wide_block_m)  # fmt: skip
 
 
 _paged_cascade_op = torch.library.custom_op("splitkv_paged::paged_cascade_attention", _paged_cascade_impl,

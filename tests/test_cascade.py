@@ -12,6 +12,7 @@ from grids import grid, rotate
 import splitkv
 from splitkv import cascade as cascade_module
 from splitkv.attention import ATTENTION_BACKENDS
+from splitkv.bench.common import capture_graph
 from splitkv.cascade import estimate_cascade
 
 HAS_CUDA = torch.cuda.is_available()
@@ -225,14 +226,7 @@ def test_cascade_in_cuda_graph(sequences, rng):
         return splitkv.cascade_attention(q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k, return_lse=True,
                                          **lengths)  # fmt: skip
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured_out, captured_lse = call()
+    graph, (captured_out, captured_lse) = capture_graph(call)
     q.copy_(random_tokens(q.shape[0], 8, 64, q.dtype, DEVICE, rng[1]))
     captured_out.fill_(float("nan"))
     graph.replay()

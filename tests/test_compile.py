@@ -10,6 +10,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import splitkv
+from splitkv.bench.common import capture_graph
 from splitkv.nn import SharedPrefixKVCache
 
 from test_attention_autograd import dense_attention64
@@ -221,15 +222,8 @@ def test_cuda_graph_replays_a_multi_layer_decode_step(mode):
     # The first decode step runs eagerly on both caches (on a side stream for the graph's:
     # the warm-up that compiles the kernels before the capture), then is captured.
     step = graph_cache.begin_step([1] * batch)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        layer_stack(step, static_x)
-    torch.cuda.current_stream().wait_stream(stream)
     layer_stack(eager_cache.begin_step([1] * batch), static_x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = layer_stack(step, static_x)
+    graph, static_out = capture_graph(lambda: layer_stack(step, static_x))
     for _ in range(10):  # each replay: new lengths (one more key per sequence), new inputs
         x = randn(batch, heads_q * head_dim)
         assert graph_cache.begin_step([1] * batch) is step

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import splitkv
+from splitkv.bench.common import capture_graph
 from splitkv.paged import PAGED_BACKENDS, plan_cascade
 
 CUDA = torch.cuda.is_available()
@@ -596,17 +597,8 @@ def test_gpu_grid(page_size, dtype, head_dim):
 
 
 def capture_cascade(q, k_cache, v_cache, plan):
-    """A CUDA graph of one paged_cascade_attention call (warmed up on a side stream) and its output buffer."""
-    static_out = torch.empty_like(q)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out.copy_(splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
-    return graph, static_out
+    """A CUDA graph of one paged_cascade_attention call (warmed up on a side stream) and its captured output."""
+    return capture_graph(lambda: splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)[0])
 
 
 @needs_cuda

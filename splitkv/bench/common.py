@@ -49,19 +49,25 @@ def interleaved(measure: Callable[[Callable[[], object]], float], fns: dict[str,
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``(graph, result)``: ``fn()`` run once on a side stream (the warm-up that compiles
+    kernels and allocates, outside the capture), then captured in a CUDA graph; ``result``
+    is what the captured call returned, refreshed by each ``graph.replay()``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def graph_replay_us(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 50) -> float:
     """Median time per call in µs when ``calls_per_graph`` calls replay from one CUDA graph
     (launch gaps shrink to what the GPU itself needs; inputs stay hot in L2)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls_per_graph):
-            fn()
+    graph, _ = capture_graph(lambda: [fn() for _ in range(calls_per_graph)])
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -14,6 +14,7 @@ Without ``--out`` the JSON and the table go to a fresh folder (printed; see ``--
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -106,23 +107,16 @@ def plan_stages(q, k_cache, v_cache, plan) -> list[tuple[str, object]]:
     """The launches of a shared plan and its merge, each as ``(name, fn)``: what
     :func:`splitkv.paged_cascade_attention` runs, to time one at a time. Calling them
     in order leaves the result in the returned merge's output."""
-    from splitkv._paged_triton import launch_paged
+    from splitkv.paged import plan_launch_shape, plan_state_buffers, run_plan_launch
 
-    total_q, heads_q, head_dim = q.shape
-    states = torch.empty((plan.num_states, total_q, heads_q, head_dim), dtype=torch.float32, device=q.device)
-    lses = torch.full((plan.num_states, heads_q, total_q), float("-inf"), dtype=torch.float32, device=q.device)
-    scale = head_dim**-0.5
+    states, lses = plan_state_buffers(q, plan.num_states, needs_fill=True)
+    scale = q.shape[2] ** -0.5
     stages = []
     for index in range(len(plan.launch_tables) // 3):
-        config = tuple(plan.launch_configs[7 * index: 7 * index + 5])
-        wide_block_m, grid = plan.launch_configs[7 * index + 5: 7 * index + 7]
-        items, tokens, programs = plan.launch_tables[3 * index: 3 * index + 3]
-
-        def launch(config=config, grid=grid, items=items, tokens=tokens, programs=programs, wide=wide_block_m):
-            launch_paged(q, k_cache, v_cache, states, lses, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
-                         True, scale, config, grid, items=items, item_tokens=tokens, programs=programs,
-                         wide_block_m=wide)  # fmt: skip
-
+        config, wide_block_m, grid = plan_launch_shape(plan.launch_configs, index)
+        launch = functools.partial(run_plan_launch, index, q, k_cache, v_cache, states, lses, plan.block_table,
+                                   plan.seqused_k, plan.cu_seqlens_q, plan.launch_tables, plan.launch_configs,
+                                   scale)  # fmt: skip
         stages.append((f"launch {index} (BLOCK_M {config[1]} / {wide_block_m}, {grid} programs)", launch))
     stages.append((f"merge of {plan.num_states} states", lambda: splitkv.merge_states(states, lses,
                                                                                        output_dtype=q.dtype)))
