@@ -24,6 +24,7 @@ import torch
 
 import splitkv
 from splitkv import _attention_triton
+from splitkv._planning import varlen_num_splits
 from splitkv.bench.common import copy_bandwidth_tbs, environment, interleaved, median_ms
 
 SHAPES = [  # (sequences, keys per sequence)
@@ -77,7 +78,7 @@ def main() -> None:
         cu_k = cu_q * keys
         kv_bytes = 2 * k.numel() * k.element_size()
         floor_us = kv_bytes / (copy_tbs * 1e6)
-        splits = splitkv.split_kv._default_num_splits(q, k, cu_q, 1, keys)
+        splits = varlen_num_splits(q, k, cu_q, 1, keys)
         configs = [("default", None)] + [
             (f"n{bn} w{w} s{s}", (bn, w, s)) for bn, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))
         ]

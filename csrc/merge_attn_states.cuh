@@ -923,8 +923,11 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 
 // Host entry points. The caller has validated shapes, dtypes and devices and
 // guarantees tokens * heads < 2^31. Returns the launch status.
-// Vectors per row from which each thread of the two-state merge moves two per turn.
-constexpr int64_t kVecsFrom = 8;
+// Vectors per row from which each thread of the two-state merge moves two per turn:
+// at 8 (head_dim 64 in 16-bit types) one was faster on the H200 (19.4 against 20.4 us
+// for 4096 x 32 x 64 bf16), at 16 two (434 against 454 us for 65536 x 32 x 128;
+// benchmarks/results/merge_sweep_h200.log).
+constexpr int64_t kVecsFrom = 16;
 
 // TOut: T, or Fp8E4M3 / Fp8E5M2.
 template <typename T, typename TOut = T>
@@ -942,7 +945,7 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
     constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
     const bool heads_outer = p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
                              (p.output_lse == nullptr || p.output_lse_stride_token == 1);
-    // Two vectors per thread once a row has 8 (head_dim 64 in 16-bit types), else one.
+    // Two vectors per thread once a row has kVecsFrom (head_dim 128 in 16-bit types), else one.
     const int64_t vecs_per_row = p.head_dim / kElems;
     const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
     detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);

@@ -212,6 +212,15 @@ bool grad_required(std::initializer_list<const at::Tensor*> inputs) {
   return false;
 }
 
+// Whether `out` shares its storage with one of `inputs`: the eager fast paths leave
+// that case (an in-place merge, or a view that partly overlaps an input) to
+// splitkv/merge.py, which tells the two apart and refuses the second.
+bool shares_storage(const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs) {
+  for (const at::Tensor* t : inputs)
+    if (out.storage().is_alias_of(t->storage())) return true;
+  return false;
+}
+
 bool cuda_disabled_by_env() {
   const char* flag = std::getenv("SPLITKV_DISABLE_CUDA");
   return flag != nullptr && flag[0] != '\0' && !(flag[0] == '0' && flag[1] == '\0');
@@ -235,7 +244,9 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
     return py::none();
   if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
                        has_output_lse ? &output_lse : nullptr) ||
-      cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}))
+      cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}) ||
+      (has_output && shares_storage(output, {&prefix_output, &suffix_output})) ||
+      (has_output_lse && shares_storage(output_lse, {&prefix_lse, &suffix_lse})))
     return py::none();
   if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options());
   if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
@@ -400,7 +411,8 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
-  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}))
+  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}) ||
+      (has_output && shares_storage(output, {&states})) || (has_output_lse && shares_storage(output_lse, {&lses})))
     return py::none();
   if (!has_output) {
     at::ScalarType out_dtype = states.scalar_type();

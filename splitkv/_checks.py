@@ -66,6 +66,52 @@ def expect_writable(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} must not be an expanded view (stride 0), got strides {t.stride()}")
 
 
+def _dense_span(t: torch.Tensor) -> tuple[int, int] | None:
+    """``[first, end)`` bytes of ``t`` when its elements fill them exactly (a dense view in
+    any axis order), else None (a strided view: its holes may hold another tensor)."""
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    size = t.numel() * t.element_size()
+    if (last + 1) * t.element_size() != size:
+        return None
+    return t.data_ptr(), t.data_ptr() + size
+
+
+def expect_no_partial_overlap(name: str, out: torch.Tensor | None, inputs: dict, *, may_be) -> None:
+    """An output may be exactly one of the tensors ``may_be(out)`` accepts (an in-place
+    merge: each row is read before it is written) or share no memory with the inputs.
+    One that overlaps an input otherwise would have rows written while other rows still
+    read them: a silently wrong result, so it is refused, naming both. Dense views only
+    (a strided view, whose holes may hold the other tensor, is not checked)."""
+    # Traced tensors have no addresses: under torch.compile the overlap is not checked.
+    if out is None or torch.compiler.is_compiling() or out.numel() == 0 or may_be(out):
+        return
+    out_span = _dense_span(out)
+    if out_span is None:
+        return
+    storage = out.untyped_storage().data_ptr()
+    for input_name, t in inputs.items():
+        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
+            continue
+        span = _dense_span(t)
+        if span is not None and out_span[0] < span[1] and span[0] < out_span[1]:
+            raise ValueError(f"{name} overlaps {input_name} without being {input_name} itself: an output may be "
+                             "an input (in place) or share no memory with the inputs")  # fmt: skip
+
+
+def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a`` and ``b`` are the same elements in the same order (one may stand for the other)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def is_entry_of(t: torch.Tensor, stacked: torch.Tensor) -> bool:
+    """``t`` is ``stacked[i]`` for some ``i`` (as a view), found without building the S views."""
+    if stacked.dim() != t.dim() + 1 or t.shape != stacked.shape[1:] or t.stride() != stacked.stride()[1:]:
+        return False
+    step = stacked.stride(0) * stacked.element_size()
+    offset = t.data_ptr() - stacked.data_ptr()
+    return step > 0 and offset % step == 0 and 0 <= offset // step < stacked.shape[0]
+
+
 def expect_bool(name: str, value) -> bool:
     """A flag is a real bool: a string such as ``'False'`` is refused, not taken as truthy.
 

@@ -30,6 +30,11 @@ MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
 # Query rows (query tokens x query heads of one KV head) one Triton program owns.
 ROWS_PER_PROGRAM = 64
+# Query rows per KV head and sequence up to which attention_with_lse's auto takes
+# splitkv's Triton split-KV kernel over flash attention: at 4 rows (one decode query,
+# GQA 32:8, bf16, head_dim 128) it streamed 64 x 8704 keys in 526 against FA2's 927 us
+# on the H200 (benchmarks/NOTES.md); 16 is the kernel's smallest row tile.
+DECODE_ROWS = 16
 # A shared level's chunk holds at least this many times a suffix program's keys (cascade_splits).
 PREFIX_CHUNK_FACTOR = 4
 
@@ -75,6 +80,13 @@ def choose_num_splits(
     programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / ROWS_PER_PROGRAM))
     wanted = math.ceil(2 * sms / programs)
     return max(1, min(wanted, max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+def varlen_num_splits(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int,
+                      max_seqlen_k: int) -> int:  # fmt: skip
+    """:func:`choose_num_splits` for a varlen batch: query rows per KV head are query tokens x GQA group."""
+    group = q.shape[1] // k.shape[1]
+    return choose_num_splits(cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device)
 
 
 def fill_chunks(sms: int, other_programs: int, tiles: int) -> int:

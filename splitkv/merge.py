@@ -36,8 +36,11 @@ from ._checks import (
     expect_contiguous_last,
     expect_float_dtype,
     expect_like,
+    expect_no_partial_overlap,
     expect_rank,
     expect_writable,
+    is_entry_of,
+    same_view,
 )
 from ._lse import as_heads_tokens, expect_lse_convention, lse_to_natural_factor
 from ._merge_torch import (
@@ -227,6 +230,10 @@ def _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, out
     if output_lse is not None:
         expect_like("output_lse", output_lse, lse_shape, lse_dtype, device, lse_name)
         expect_writable("output_lse", output_lse)
+    expect_no_partial_overlap("output", output, {"prefix_output": prefix_output, "suffix_output": suffix_output},
+                              may_be=lambda t: same_view(t, prefix_output) or same_view(t, suffix_output))  # fmt: skip
+    expect_no_partial_overlap("output_lse", output_lse, {"prefix_lse": prefix_lse, "suffix_lse": suffix_lse},
+                              may_be=lambda t: same_view(t, prefix_lse) or same_view(t, suffix_lse))  # fmt: skip
     return output_dtype
 
 
@@ -252,6 +259,8 @@ def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", ou
     if output_lse is not None:
         expect_like("output_lse", output_lse, lse_shape, lse_dtype, device, lse_name)
         expect_writable("output_lse", output_lse)
+    expect_no_partial_overlap("output", output, {"outputs": states}, may_be=lambda t: is_entry_of(t, states))
+    expect_no_partial_overlap("output_lse", output_lse, {"lses": lses}, may_be=lambda t: is_entry_of(t, lses))
     return output_dtype
 
 
@@ -436,10 +445,11 @@ def merge_attn_states(
         suffix_lse: like ``prefix_lse``.
         output: optional ``[tokens, heads, head_dim]`` result buffer (the output dtype;
             any strides, contiguous ``head_dim``). It may be ``prefix_output`` or
-            ``suffix_output`` itself (in-place merge), but must not otherwise
-            overlap an input.
+            ``suffix_output`` itself (in-place merge); a dense view that
+            otherwise overlaps an input is refused (ValueError), and a strided
+            one must not.
         output_lse: optional float32 buffer for the merged LSE (``lse_layout``);
-            it may be ``prefix_lse`` or ``suffix_lse`` itself.
+            it may be ``prefix_lse`` or ``suffix_lse`` itself, the same rules.
         return_lse: with ``output_lse=None``, ``False`` skips computing and
             writing the merged LSE (returned as ``None``).
         backend: ``"auto"`` (CUDA kernel for CUDA tensors, else Triton on the GPU,
@@ -530,7 +540,7 @@ def merge_states(
             with ``lse_layout="th"``), any strides.
         output, output_lse, return_lse, backend, lse_base, lse_layout, output_scale:
             as in :func:`merge_attn_states`; ``output`` may be ``outputs[i]`` itself
-            and ``output_lse`` may be ``lses[i]`` itself.
+            and ``output_lse`` may be ``lses[i]`` itself (other overlaps as there).
         output_dtype: dtype of the result when ``output`` is not given (default:
             that of ``outputs``). float32 partials (what split-KV kernels keep)
             may merge straight into a float16 or bfloat16 result; any input into

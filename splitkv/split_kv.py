@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import expect_bool, expect_count
-from ._planning import choose_num_splits
+from ._planning import choose_num_splits, varlen_num_splits
 from .attention import (
     ATTENTION_BACKENDS,
     check_attention_inputs,
@@ -55,13 +55,7 @@ def splits_pay_off(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
     # The flash kernels write no partial states: they split a decode's keys themselves.
     if max_seqlen_q <= 1 and not auto.writes_partial_states:
         return False
-    return _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
-
-
-def _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int) -> int:
-    """:func:`choose_num_splits` for a varlen batch: query rows per KV head are query tokens x GQA group."""
-    group = q.shape[1] // k.shape[1]
-    return choose_num_splits(cu_seqlens_q.shape[0] - 1, k.shape[1], max_seqlen_q * group, max_seqlen_k, q.device)
+    return varlen_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k) > 1
 
 
 def split_kv_attention(
@@ -155,7 +149,7 @@ def _split_kv_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     from ._attention_triton import triton_attention_with_lse
 
     if num_splits is None:
-        num_splits = _default_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+        num_splits = varlen_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     states, lses = triton_attention_with_lse(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits=num_splits
     )

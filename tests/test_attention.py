@@ -205,7 +205,12 @@ def test_auto_choice_and_explain():
         assert first == "attention_with_lse(backend='auto') -> reference", report
         assert "flash_attn: " in report and "torch: tensors are on cpu" in report
     else:
-        assert first.endswith("-> flash_attn" if FLASH_ATTN_INSTALLED else "-> torch"), report
+        # 3 query rows x GQA 2 = 6 rows per KV head: a decode shape, which auto gives splitkv's Triton kernel.
+        assert first.endswith("-> triton"), report
+        assert "a decode shape (6 query rows per KV head and sequence" in report, report
+        wide = q.new_zeros((24, 4, 64))  # 24 queries x 2 = 48 rows: flash attention's
+        wide_report = splitkv.explain_attention(wide, k, v, cu_seqlens([24], DEVICE), cu_k, 24, 5)
+        assert wide_report.splitlines()[0].endswith("-> flash_attn" if FLASH_ATTN_INSTALLED else "-> torch"), wide_report
 
 
 @pytest.mark.parametrize("backend", backends())

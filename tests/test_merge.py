@@ -376,3 +376,28 @@ def test_float32_partials_into_narrow_output(backend, output_dtype, generator):
     torch.testing.assert_close(out, output, equal_nan=False)
     with pytest.raises(TypeError, match="the output dtype must be that of outputs"):
         splitkv.merge_states(states.to(output_dtype), lses, output_dtype=torch.float32, backend=backend)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_output_partly_overlapping_an_input_is_refused(backend):
+    """An output may be an input itself (in place) or apart from the inputs; a view that
+    overlaps an input otherwise would race with its reads, so it is refused by name."""
+    tokens, heads, head_dim = 8, 2, 16
+    states, lses = random_states(2, tokens, heads, head_dim, torch.float32, DEVICE, _generator(21))
+    n = tokens * heads * head_dim
+    flat = torch.cat([states.reshape(-1), states.new_zeros(head_dim)])
+    prefix = flat[:n].view(tokens, heads, head_dim)
+    shifted = flat[head_dim : head_dim + n].view(tokens, heads, head_dim)  # one row past prefix's start
+    with pytest.raises(ValueError, match="output overlaps prefix_output"):
+        splitkv.merge_attn_states(prefix, lses[0], states[1], lses[1], output=shifted, backend=backend)
+    lse_flat = torch.cat([lses[0].reshape(-1), lses.new_zeros(1)])
+    with pytest.raises(ValueError, match="output_lse overlaps suffix_lse"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lse_flat[:-1].view(heads, tokens),
+                                  output_lse=lse_flat[1:].view(heads, tokens), backend=backend)  # fmt: skip
+    work = torch.cat([states.reshape(-1), states.new_zeros(head_dim)])
+    stacked = work[: 2 * n].view(2, tokens, heads, head_dim)
+    with pytest.raises(ValueError, match="output overlaps outputs"):
+        splitkv.merge_states(stacked, lses, output=work[head_dim : head_dim + n].view(tokens, heads, head_dim),
+                             backend=backend)  # fmt: skip
+    # Exactly an input, or a state of the stack: allowed (the in-place tests check the values).
+    splitkv.merge_states(stacked, lses.clone(), output=stacked[1], backend=backend)
