@@ -10,7 +10,8 @@
 #   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
 # The exit status is non-zero if any step failed; later steps run regardless.
 # STEP_TIMEOUT=S stops any one step after S seconds, so that the later steps still
-# run. PACK=1 leaves one file, $OUT/all.tgz, holding everything the steps wrote (the
+# run; BUDGET=S bounds all the steps together (counted from the end of the build): a
+# step gets at most what is left, and none starts once it is spent. PACK=1 leaves one file, $OUT/all.tgz, holding everything the steps wrote (the
 # device tool returns at most 8 files); with STEP_TIMEOUT set it happens even when a
 # step overruns, as long as the whole call stays inside the tool's limit.
 set -uo pipefail
@@ -24,14 +25,21 @@ status=0
 } > "$OUT/env.txt" 2>&1
 python -m splitkv build 2>&1 | tee "$OUT/build.log" || status=1
 [ $# -gt 0 ] || set -- tests "bench merge"
-limit=()
-[ -z "${STEP_TIMEOUT:-}" ] || limit=(timeout "$STEP_TIMEOUT")
+steps_start=$SECONDS
 step=0
 for spec in "$@"; do
   step=$((step + 1))
   read -r kind name args <<< "$spec"
   log="$OUT/${step}_${kind}.log"
   echo "=== $spec" | tee "$log"
+  limit=()
+  seconds=${STEP_TIMEOUT:-}
+  if [ -n "${BUDGET:-}" ]; then
+    left=$((BUDGET - (SECONDS - steps_start)))
+    if [ "$left" -le 5 ]; then echo "=== skipped: BUDGET=$BUDGET s spent" | tee -a "$log"; status=1; continue; fi
+    [ -n "$seconds" ] && [ "$seconds" -le "$left" ] || seconds=$left
+  fi
+  [ -z "$seconds" ] || limit=(timeout "$seconds")
   start=$SECONDS
   case "$kind" in
     tests) "${limit[@]}" python -m pytest -q -ra --durations=15 -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
