@@ -9,6 +9,7 @@
 #include <torch/csrc/Dtype.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <optional>
@@ -227,14 +228,46 @@ bool cuda_disabled_by_env() {
 }
 
 
+// The result dtype of an eager fast path: output's when given (an output_dtype
+// given too must agree), else output_dtype, else the inputs'. False where the
+// Python path must judge (not a torch.dtype, a disagreement).
+bool eager_output_dtype(py::handle output_dtype_obj, const at::Tensor* output, at::ScalarType inputs,
+                        at::ScalarType& out_dtype) {
+  out_dtype = output != nullptr ? output->scalar_type() : inputs;
+  if (output_dtype_obj.is_none()) return true;
+  if (!THPDtype_Check(output_dtype_obj.ptr())) return false;
+  const at::ScalarType requested = reinterpret_cast<THPDtype*>(output_dtype_obj.ptr())->scalar_type;
+  if (output != nullptr && requested != out_dtype) return false;
+  out_dtype = requested;
+  return true;
+}
+
+// The fp8 scale of an eager fast path: 1 for None, else a finite positive Python
+// float or int. False for anything else (a tensor, a bool, zero): the Python path
+// takes those, and raises where it should.
+bool eager_output_scale(py::handle output_scale_obj, double& output_scale) {
+  output_scale = 1.0;
+  if (output_scale_obj.is_none()) return true;
+  PyObject* obj = output_scale_obj.ptr();
+  if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) return false;
+  output_scale = PyFloat_AsDouble(obj);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return std::isfinite(output_scale) && output_scale > 0;
+}
+
 // The eager fast path of splitkv.merge_attn_states(backend="auto"): one Python
 // call that checks, allocates and launches, because the dispatcher and the
 // Python-side checks cost more host time than the kernel takes on small inputs.
-// Returns None for anything it does not run (CPU tensors, bad arguments,
-// SPLITKV_DISABLE_CUDA=1), and the Python path takes over.
+// It covers the default LSE convention with the inputs' dtype or an fp8 result
+// (a float scale). Returns None for anything it does not run (CPU tensors, bad
+// arguments, SPLITKV_DISABLE_CUDA=1), and the Python path takes over.
 py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle prefix_lse_obj,
                                    py::handle suffix_output_obj, py::handle suffix_lse_obj, py::handle output_obj,
-                                   py::handle output_lse_obj, bool return_lse) {
+                                   py::handle output_lse_obj, bool return_lse, py::handle output_dtype_obj,
+                                   py::handle output_scale_obj) {
   at::Tensor prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse;
   if (!unpack_tensor(prefix_output_obj, prefix_output) || !unpack_tensor(prefix_lse_obj, prefix_lse) ||
       !unpack_tensor(suffix_output_obj, suffix_output) || !unpack_tensor(suffix_lse_obj, suffix_lse))
@@ -242,17 +275,23 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
   const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
+  at::ScalarType out_dtype;
+  double output_scale;
+  if (!eager_output_dtype(output_dtype_obj, has_output ? &output : nullptr, prefix_output.scalar_type(), out_dtype) ||
+      !(out_dtype == prefix_output.scalar_type() || is_fp8(out_dtype)) ||
+      !eager_output_scale(output_scale_obj, output_scale) || (!output_scale_obj.is_none() && !is_fp8(out_dtype)))
+    return py::none();
   if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
-                       has_output_lse ? &output_lse : nullptr) ||
+                       has_output_lse ? &output_lse : nullptr, /*fp8_output_allowed=*/true) ||
       cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}) ||
       (has_output && shares_storage(output, {&prefix_output, &suffix_output})) ||
       (has_output_lse && shares_storage(output_lse, {&prefix_lse, &suffix_lse})))
     return py::none();
-  if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options());
+  if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options().dtype(out_dtype));
   if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
   const bool write_lse = has_output_lse || return_lse;
   launch_merge_attn_states(output, write_lse ? &output_lse : nullptr, prefix_output, prefix_lse, suffix_output,
-                           suffix_lse);
+                           suffix_lse, /*lse_scale=*/1.0, output_scale);
   return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 
@@ -405,7 +444,8 @@ void merge_states_backward(at::Tensor& grad_states, at::Tensor& grad_lses, const
 
 // The eager fast path of splitkv.merge_states (see merge_attn_states_eager).
 py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::handle output_obj,
-                              py::handle output_lse_obj, bool return_lse, py::handle output_dtype_obj) {
+                              py::handle output_lse_obj, bool return_lse, py::handle output_dtype_obj,
+                              py::handle output_scale_obj) {
   at::Tensor states, lses, output, output_lse;
   if (!unpack_tensor(states_obj, states) || !unpack_tensor(lses_obj, lses)) return py::none();
   const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
@@ -414,18 +454,17 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}) ||
       (has_output && shares_storage(output, {&states})) || (has_output_lse && shares_storage(output_lse, {&lses})))
     return py::none();
-  if (!has_output) {
-    at::ScalarType out_dtype = states.scalar_type();
-    if (!output_dtype_obj.is_none()) {
-      if (!THPDtype_Check(output_dtype_obj.ptr())) return py::none();
-      out_dtype = reinterpret_cast<THPDtype*>(output_dtype_obj.ptr())->scalar_type;
-    }
+  at::ScalarType out_dtype;
+  double output_scale;
+  if (!eager_output_dtype(output_dtype_obj, has_output ? &output : nullptr, states.scalar_type(), out_dtype) ||
+      !eager_output_scale(output_scale_obj, output_scale) || (!output_scale_obj.is_none() && !is_fp8(out_dtype)))
+    return py::none();
+  if (!has_output)
     output = at::empty({states.size(1), states.size(2), states.size(3)}, states.options().dtype(out_dtype));
-  }
   if (!has_output_lse && return_lse) output_lse = at::empty({lses.size(1), lses.size(2)}, lses.options());
   const bool write_lse = has_output_lse || return_lse;
   if (!merge_states_inputs_ok(states, lses, output, write_lse ? &output_lse : nullptr)) return py::none();
-  launch_merge_states(output, write_lse ? &output_lse : nullptr, states, lses);
+  launch_merge_states(output, write_lse ? &output_lse : nullptr, states, lses, /*lse_scale=*/1.0, output_scale);
   return py::make_tuple(output, write_lse ? py::cast(output_lse) : py::none());
 }
 

@@ -551,7 +551,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step of both ways")
     p.add_argument("--cuda-graph", action="store_true", help="replay the decode step of both ways from a CUDA graph")
     p.add_argument("--seed", type=int, default=0, help="weights and requests")
-    p.add_argument("--warmup", type=int, default=1, help="untimed short runs first (kernel compilation)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of the same sizes first (kernel compilation, tracing)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each way; the fastest is reported")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--prefill-tokens", type=int, default=65536, help="(a)'s prefill: tokens per forward, at most")
@@ -657,7 +657,8 @@ def main(argv=None) -> None:
     runners = [DecodeRunner(model, args.compile, args.cuda_graph) if args.compile or args.cuda_graph else None
                for _ in range(2)]  # fmt: skip
     if args.compile:
-        # Each generation makes new caches, hence new step objects: a recompile each (in its setup step).
+        # Each generation makes new caches, hence new step objects: each way traces once
+        # (its first warm-up step); a run with other sizes would trace again.
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
 
@@ -672,9 +673,12 @@ def main(argv=None) -> None:
             runners[1].graph = None
         return generate_shared(model, prompt, suffixes, new_tokens, mode=args.mode, runner=runners[1], **kwargs)
 
+    # Warm-up runs of the timed runs' sizes: their caches have the same shapes, so a compiled
+    # step traced in the warm-up serves the timed runs as it is (a smaller warm-up would leave
+    # them a dynamic-shape retrace).
     for _ in range(args.warmup):
-        usual_run(min(3, args.new_tokens))
-        shared_run(min(3, args.new_tokens))
+        usual_run(args.new_tokens)
+        shared_run(args.new_tokens)
     # Both ways in turn, best of --repeat: a shared or busy machine slows single runs at random.
     runs = [(usual_run(args.new_tokens), shared_run(args.new_tokens)) for _ in range(max(1, args.repeat))]
     usual, shared = (min((r[i] for r in runs), key=lambda g: g.prefill_s + g.decode_s) for i in (0, 1))

@@ -301,8 +301,10 @@ def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     host time; where it is not sure, these checks run and name the argument. Under
     ``torch.compile`` only the Python checks of shapes, dtypes and devices run (the
     C++ call is not traceable); :func:`check_sequence_values` covers the values."""
-    eager = _cuda.eager_ops
-    if (eager is None or seqused_k is not None or torch.compiler.is_compiling()
+    # is_compiling() first: a traced read of the module global eager_ops would become a
+    # guard on it, and a recompile once the extension loads.
+    eager = None if torch.compiler.is_compiling() else _cuda.eager_ops
+    if (eager is None or seqused_k is not None
             or not eager.attention_inputs_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                              softmax_scale, prefix_k, prefix_v)):  # fmt: skip
         _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, seqused_k,

@@ -250,7 +250,8 @@ def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", ou
     lse_shape, lse_name = _lse_shape(heads, tokens, lse_layout)
     expect_like("lses", lses, (num_states, *lse_shape), lse_dtype, device, f"[num_states, {lse_name[1:]}")
     if output is not None:
-        output_dtype = expect_rank("output", output, 3, "[tokens, heads, head_dim]").dtype
+        out_dtype = expect_rank("output", output, 3, "[tokens, heads, head_dim]").dtype
+        output_dtype = out_dtype if output_dtype is None else output_dtype  # a disagreement: expect_like says so
     output_dtype = _check_output_dtype(output_dtype, states.dtype, output_scale, device, n_way=True)
     if output is not None:
         layout = "[tokens, heads, head_dim]"
@@ -459,8 +460,9 @@ def merge_attn_states(
             FlashInfer's), for the input LSEs and the merged LSE alike.
         lse_layout: ``"ht"`` (``[heads, tokens]``) or ``"th"`` (``[tokens, heads]``),
             for the input LSEs and the merged LSE alike; no copy either way.
-        output_dtype: the result's dtype when ``output`` is not given: the inputs'
-            (default), ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+        output_dtype: the result's dtype: the inputs' (default),
+            ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``; with ``output``,
+            ``output``'s (a different one is refused).
         output_scale: for an fp8 output, the stored value is ``output / output_scale``
             saturated to the fp8 range; a positive float or a one-element float32
             tensor on the inputs' device (default 1).
@@ -481,14 +483,13 @@ def merge_attn_states(
         >>> _ = splitkv.merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse,
         ...                               output=prefix_out, output_lse=prefix_lse)
     """
-    defaults = lse_base == "e" and lse_layout == "ht" and output_dtype is None and output_scale is None
-    eager = _cuda.eager_ops
-    if (eager is not None and defaults and (backend == "auto" or backend == "cuda")
-            and not torch.compiler.is_compiling()):  # fmt: skip
-        # One C++ call that checks, allocates and launches; None means "not for me"
-        # (including inputs that require grad).
+    # is_compiling() first, as in attention.check_attention_inputs: no guard on eager_ops.
+    eager = None if torch.compiler.is_compiling() else _cuda.eager_ops
+    if eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda"):
+        # One C++ call that checks, allocates and launches (an fp8 result with a float
+        # scale too); None means "not for me" (including inputs that require grad).
         result = eager.merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse,
-                                         return_lse)  # fmt: skip
+                                         return_lse, output_dtype, output_scale)  # fmt: skip
         if result is not None:
             return result
     expect_lse_convention(lse_base, lse_layout)
@@ -541,8 +542,9 @@ def merge_states(
         output, output_lse, return_lse, backend, lse_base, lse_layout, output_scale:
             as in :func:`merge_attn_states`; ``output`` may be ``outputs[i]`` itself
             and ``output_lse`` may be ``lses[i]`` itself (other overlaps as there).
-        output_dtype: dtype of the result when ``output`` is not given (default:
-            that of ``outputs``). float32 partials (what split-KV kernels keep)
+        output_dtype: dtype of the result (default: that of ``output`` when
+            given, else of ``outputs``; a dtype other than ``output``'s is
+            refused). float32 partials (what split-KV kernels keep)
             may merge straight into a float16 or bfloat16 result; any input into
             ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (see ``output_scale``).
 
@@ -558,11 +560,9 @@ def merge_states(
         >>> out.shape, lse.shape
         (torch.Size([3, 2, 16]), torch.Size([2, 3]))
     """
-    defaults = lse_base == "e" and lse_layout == "ht" and output_scale is None
-    eager = _cuda.eager_ops
-    if (eager is not None and defaults and (backend == "auto" or backend == "cuda")
-            and not torch.compiler.is_compiling()):  # fmt: skip
-        result = eager.merge_states(outputs, lses, output, output_lse, return_lse, output_dtype)
+    eager = None if torch.compiler.is_compiling() else _cuda.eager_ops
+    if eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda"):
+        result = eager.merge_states(outputs, lses, output, output_lse, return_lse, output_dtype, output_scale)
         if result is not None:
             return result
     expect_lse_convention(lse_base, lse_layout)

@@ -135,6 +135,28 @@ def test_decode_steps_compile_once_for_every_length(mode, monkeypatch):
     assert cache.suffix_lengths == [22, 20, 23]
 
 
+def test_loading_the_cuda_extension_does_not_recompile(monkeypatch):
+    """The eager C++ fast paths hang on a module global that is None until the CUDA
+    extension loads; a traced read of it would be a guard, and the compiled function would
+    recompile the first time the extension loads after it was traced (seen on the H200)."""
+    from splitkv import _cuda
+
+    q, k, v, cu_q, cu_k = _varlen([2, 3], [4, 5])
+
+    def step(q):
+        out, lse = splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 3, 5, causal=True)
+        two, _ = splitkv.merge_attn_states(out, lse, out, lse)
+        many, _ = splitkv.merge_states(torch.stack([out, two]), torch.stack([lse, lse]))
+        return many
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    first = compiled(q)
+    monkeypatch.setattr(_cuda, "eager_ops", object())  # "loaded": never called while tracing
+    torch.testing.assert_close(compiled(q), first, rtol=0, atol=0)
+    assert counter.frame_count == 1, f"{counter.frame_count} compiles: the extension's loading caused a recompile"
+
+
 def test_compiled_decode_step_equals_eager():
     # The same decode steps, eager and compiled, on two caches fed the same inputs.
     caches = [SharedPrefixKVCache(1, 2, 4, 2, 16, capacity=8, mode="cascade", dtype=torch.float32) for _ in range(2)]

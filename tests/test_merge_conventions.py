@@ -111,10 +111,20 @@ def test_fp8_output(backend, dtype, scale_kind):
     assert unscaled.float().abs().max() == limit and not torch.isnan(unscaled.float()).any()
 
 
-def test_fp8_bad_scales():
-    states = torch.randn(2, 3, 2, 8)
-    lses = torch.randn(2, 2, 3)
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if ON_CUDA else []))
+def test_fp8_bad_scales(device):
+    # On CUDA the C++ fast path sees these first: it must leave each to the Python errors.
+    states = torch.randn(2, 3, 2, 8, device=device)
+    lses = torch.randn(2, 2, 3, device=device)
     fp8 = torch.float8_e4m3fn
+    with pytest.raises(TypeError, match="output_scale must be a float or a float32 tensor"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=fp8, output_scale=True)
+    with pytest.raises(ValueError, match="output_scale must be finite and positive"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=fp8, output_scale=-1.0)
+    with pytest.raises(ValueError, match="output_scale applies to an fp8 output only"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_scale=2.0)
+    with pytest.raises(TypeError):  # an output buffer of another dtype than output_dtype asks for
+        splitkv.merge_states(states, lses, output=torch.empty(3, 2, 8, device=device), output_dtype=torch.float16)
     with pytest.raises(ValueError, match="output_scale must be finite and positive"):
         splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=0.0)
     with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor"):
@@ -123,7 +133,7 @@ def test_fp8_bad_scales():
         splitkv.merge_states(states, lses, output_scale=2.0)
     with pytest.raises(TypeError, match="the output dtype must be"):
         splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=torch.float16)
-    with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor on cpu"):
+    with pytest.raises(ValueError, match=f"output_scale must be a float or a one-element float32 tensor on {device}"):
         splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=torch.ones(1, dtype=torch.float64))
 
 
