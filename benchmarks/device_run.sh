@@ -8,6 +8,7 @@
 #   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
 #   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
+#   profile-compiled      benchmarks/profile_compiled_step.py: host time of the example's compiled decode steps
 # The exit status is non-zero if any step failed; later steps run regardless.
 # STEP_TIMEOUT=S stops any one step after S seconds, so that the later steps still
 # run; BUDGET=S bounds all the steps together (counted from the end of the build): a
@@ -52,6 +53,7 @@ for spec in "$@"; do
                 "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \
                     /tmp/merge_sweep nway; } 2>&1 | tee -a "$log" ;;
+    profile-compiled) "${limit[@]}" python benchmarks/profile_compiled_step.py $name $args 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || { status=1; echo "=== step failed: $spec" | tee -a "$log"; }
