@@ -55,6 +55,7 @@ from .attention import (
     _varlen_attn_kwargs,
     empty_attention_results,
     fake_attention_results,
+    needs_grad,
 )
 from .merge import merge_states
 
@@ -191,19 +192,19 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
                                         softmax_scale, seqused_k=seqused_k)  # fmt: skip
 
 
-def _triton_why_not(q, k_cache, causal) -> str | None:
+# Every paged backend's why_not takes (q, k_cache, v_cache, causal, num_sequences, max_seqlen_q).
+def _triton_why_not(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) -> str | None:
     # The paged kernel has the limits of the packed one (triton importable, head_dim <= 256, CUDA or interpreter).
-    return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, k_cache, causal, None, 0, 0)
+    return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, v_cache, causal, None, num_sequences, max_seqlen_q)
 
 
-def _triton_why_not_auto(q, k_cache, causal) -> str | None:
-    if (not PAGED_BACKENDS["triton"].differentiable and torch.is_grad_enabled()
-            and (q.requires_grad or k_cache.requires_grad)):  # fmt: skip
+def _triton_why_not_auto(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) -> str | None:
+    if not PAGED_BACKENDS["triton"].differentiable and needs_grad(q, k_cache, v_cache):
         return "a gradient is required and the Triton kernel has no backward (the reference has)"
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
 
-def _torch_why_not(q, k_cache, causal) -> str | None:
+def _torch_why_not(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) -> str | None:
     if "block_table" not in _varlen_api()[2]:
         return f"torch {torch.__version__}'s varlen_attn takes no block_table"
     page_size = k_cache.shape[1]
@@ -211,8 +212,7 @@ def _torch_why_not(q, k_cache, causal) -> str | None:
         return f"flash attention's paged KV needs page_size a multiple of {_FLASH_PAGE_MULTIPLE}, got {page_size}"
     if _varlen_attn_kwargs(q.shape[1], k_cache.shape[2], causal, 1.0, k_cache) is None:
         return f"torch {torch.__version__}'s varlen_attn cannot express this call (GQA, causal or seqused_k)"
-    q_flat, k_flat = q, k_cache.flatten(0, 1)
-    return _flash_why_not(q_flat, k_flat, k_flat)
+    return _flash_why_not(q, k_cache.flatten(0, 1), v_cache.flatten(0, 1), num_sequences, max_seqlen_q)
 
 
 def _run_torch(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
@@ -252,7 +252,7 @@ PAGED_BACKENDS = BackendRegistry(
                 dtypes=ATTENTION_BACKENDS["triton"].dtypes, max_head_dim=ATTENTION_BACKENDS["triton"].max_head_dim,
                 writes_partial_states=True,
                 takes_seqused_k=True, takes_block_table=True, empty_row_lse=-math.inf),
-        Backend("reference", reference_paged_attention_with_lse, lambda q, k_cache, causal: None,
+        Backend("reference", reference_paged_attention_with_lse, lambda *args: None,
                 dtypes=ATTENTION_BACKENDS["reference"].dtypes, takes_seqused_k=True, takes_block_table=True,
                 empty_row_lse=-math.inf, differentiable=True),
     ],
@@ -367,9 +367,8 @@ def paged_attention_with_lse(
     causal = expect_bool("causal", causal)
     if num_splits is not None:
         expect_count("num_splits", num_splits, 1)
-    impl = PAGED_BACKENDS.select(backend, q, k_cache, causal)
-    if impl.name == "triton" and torch.is_grad_enabled() and (
-            q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):  # fmt: skip
+    impl = PAGED_BACKENDS.select(backend, q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q)
+    if impl.name == "triton" and needs_grad(q, k_cache, v_cache):
         raise ValueError("backend='triton' has no backward: a gradient is required (use backend='reference')")
     if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return empty_attention_results(q)
@@ -411,14 +410,15 @@ def explain_paged_attention(
         paged_attention_with_lse(backend='auto') -> reference
     """
     check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, None)
-    return PAGED_BACKENDS.explain(backend, q, k_cache, causal)
+    return PAGED_BACKENDS.explain(backend, q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q)
 
 
 def split_kv_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
                              causal, softmax_scale, num_splits):  # fmt: skip
     """:func:`splitkv.split_kv_attention`'s paged form: the Triton paged kernel in
     ``num_splits`` key chunks per sequence (where Triton runs), else the reference."""
-    backend = "triton" if _triton_why_not(q, k_cache, causal) is None else "auto"
+    backend = "triton" if _triton_why_not(q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q) is None \
+        else "auto"
     return paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
                                     max_seqlen_k, causal=causal, softmax_scale=softmax_scale, num_splits=num_splits,
                                     backend=backend)  # fmt: skip
@@ -1136,10 +1136,9 @@ def paged_cascade_attention(
                                plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
-    reason = _triton_why_not(q, k_cache, True)
+    reason = _triton_why_not(q, k_cache, v_cache, True, plan.block_table.shape[0], plan.max_seqlen_q)
     if backend == "auto":
-        grad = torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)
-        backend = "triton" if reason is None and not grad and q.is_cuda else "reference"
+        backend = "triton" if reason is None and not needs_grad(q, k_cache, v_cache) and q.is_cuda else "reference"
     elif backend == "triton" and reason is not None:
         raise ValueError(f"paged_cascade_attention: backend='triton' cannot run these inputs: {reason}")
     if backend == "reference" or not plan.launch_tables or plan.total_q == 0:

@@ -194,11 +194,27 @@ def test_torch_flash_backend_contract():
     it (2.13 here, not 2.11 on the device); on CPU flash cannot run at all, so this
     backend is tested only through its refusal and auto's choice."""
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch([9], [1], 4, 4, 2, 16, torch.float32)
-    reason = PAGED_BACKENDS.backends[0].why_not(q, k_cache, True)
+    reason = PAGED_BACKENDS.backends[0].why_not(q, k_cache, v_cache, True, 1, 1)
     assert reason is not None and ("block_table" in reason or "CUDA" in reason or "page_size" in reason)
     report = splitkv.explain_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, 9)
     assert report.splitlines()[0].endswith("-> triton" if CUDA else "-> reference")
     assert "torch: " in report and reason in report
+    # A page size flash attention takes (a multiple of 256) goes through the flash checks
+    # themselves in a torch whose varlen_attn has block_table: explained and run by name.
+    batch = make_batch([300, 40], [1, 1], 256, 4, 2, 16, torch.bfloat16)
+    report = splitkv.explain_paged_attention(*batch, 1, 300, causal=True)
+    assert "torch: " in report, report
+    out, lse = splitkv.paged_attention_with_lse(*batch, 1, 300, causal=True)
+    assert_close(out, lse, *float64_paged_attention(*batch, True), torch.bfloat16)
+
+
+@pytest.mark.skipif(not CUDA, reason="auto takes the reference on CPU tensors either way")
+def test_auto_keeps_away_from_triton_when_only_v_cache_needs_grad():
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch([9, 4], [2, 1], 4, 4, 2, 16, torch.float32)
+    v_cache = v_cache.clone().requires_grad_(True)
+    out, _ = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 2, 9)
+    out.sum().backward()
+    assert v_cache.grad is not None and v_cache.grad.abs().sum() > 0
 
 
 def test_custom_op_compiles_fullgraph():
