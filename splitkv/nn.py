@@ -196,6 +196,9 @@ class SharedPrefixKVCache:
         self._rows = 0  # rows per sequence in _k / _v: capacity, plus the prefix copy in the plain layout
         self._step_id = 0
         self._decode_step: CacheStep | None = None  # reused by every decode step (static shapes)
+        # Whether the latest step is that decode step: any other step makes it stale until
+        # the next decode step refreshes it (a bool, not a step count: no recompile per step).
+        self._decode_is_latest = False
         self._decode_plan: torch.Tensor | None = None
 
     # -- layout --------------------------------------------------------------------
@@ -259,6 +262,7 @@ class SharedPrefixKVCache:
                              "(for no prefix call begin_step directly)")  # fmt: skip
         self._settle(prefix_len)
         self._step_id += 1
+        self._decode_is_latest = False
         bounds = _cu_seqlens(torch.tensor([prefix_len]), self.device)
         return CacheStep(self, self._step_id, True, [prefix_len], torch.arange(prefix_len, device=self.device),
                          bounds, prefix_len, None, bounds, None, prefix_len)  # fmt: skip
@@ -298,7 +302,8 @@ class SharedPrefixKVCache:
         positions = _packed_rows(self.prefix_len + old_t, new_t)
         self.suffix_lengths = lengths.tolist()
         self._step_id += 1
-        if all(n == 1 for n in new):
+        self._decode_is_latest = all(n == 1 for n in new)
+        if self._decode_is_latest:
             return self._refresh_decode_step(torch.stack([positions, write_rows, used]))
         cu_seqlens_k = (torch.arange(self.num_sequences + 1, dtype=torch.int32) * self._rows).to(self.device)
         return CacheStep(
@@ -398,6 +403,9 @@ class CacheStep:
             raise RuntimeError("this step is stale: a later begin_step() replaced it (its rows may have moved)")
         if self._id is None and cache._decode_step is not self:
             raise RuntimeError("this decode step is stale: the cache grew, and its storage moved")
+        if self._id is None and not cache._decode_is_latest:
+            raise RuntimeError("this decode step is stale: a later begin_step() planned another step "
+                               "(the next decode step refreshes it)")
         if not 0 <= layer < cache.num_layers:
             raise ValueError(f"layer must be in [0, {cache.num_layers}), got {layer}")
         for name, t, heads in (("q", q, cache.heads_q), ("k", k, cache.heads_kv), ("v", v, cache.heads_kv)):

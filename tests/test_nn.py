@@ -142,9 +142,16 @@ def test_misuse_is_reported():
     step.attention(0, torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16))
     with pytest.raises(RuntimeError, match="the prefix is already set"):
         cache.prefill_prefix(3)
-    cache.begin_step([1, 1])
+    decode = cache.begin_step([1, 1])
     with pytest.raises(RuntimeError, match="this step is stale"):
         step.attention(0, torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16))
+    # The reused decode step goes stale too once another kind of step is planned: it would
+    # write over the rows that step reserved and read with the old lengths.
+    cache.begin_step([1, 0])
+    with pytest.raises(RuntimeError, match="this decode step is stale: a later begin_step"):
+        decode.attention(0, torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16))
+    assert cache.begin_step([1, 1]) is decode  # the next decode step refreshes the same object
+    decode.attention(0, torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16))
     with pytest.raises(ValueError, match="new_tokens must hold 2 non-negative counts"):
         cache.begin_step([1])
     with pytest.raises(ValueError, match="mode must be one of"):
