@@ -1,5 +1,7 @@
 // attention_inputs_ok: splitkv/attention.py's argument checks of a varlen batch
 // in one C++ call, their fast path on CUDA inputs (host time of a decode step).
+#include <cmath>
+
 #include "bindings.h"
 
 namespace py = pybind11;
@@ -22,7 +24,7 @@ bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, p
   if (!unpack_tensor(q_obj, q) || !unpack_tensor(k_obj, k) || !unpack_tensor(v_obj, v) ||
       !unpack_tensor(cu_seqlens_q_obj, cu_seqlens_q) || !unpack_tensor(cu_seqlens_k_obj, cu_seqlens_k))
     return false;
-  if (q.dim() != 3 || !q.is_cuda()) return false;
+  if (q.dim() != 3 || !q.is_cuda() || q.size(2) == 0) return false;
   const auto dtype = q.scalar_type();
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   const auto device = q.device();
@@ -44,8 +46,18 @@ bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, p
   if (!seqlens_ok(cu_seqlens_q, max_seqlen_q) || !seqlens_ok(cu_seqlens_k, max_seqlen_k) ||
       cu_seqlens_k.size(0) != cu_seqlens_q.size(0))
     return false;
-  if (!softmax_scale.is_none() && !PyFloat_CheckExact(softmax_scale.ptr()) && !PyLong_CheckExact(softmax_scale.ptr()))
-    return false;
+  if (!softmax_scale.is_none()) {
+    // A Python float or int, finite and positive (expect_scale's rule; anything else,
+    // NumPy scalars included, goes to Python for the check and its message).
+    PyObject* scale = softmax_scale.ptr();
+    if (!PyFloat_CheckExact(scale) && !PyLong_CheckExact(scale)) return false;
+    const double value = PyFloat_AsDouble(scale);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (!std::isfinite(value) || value <= 0) return false;
+  }
   if (prefix_k_obj.is_none() && prefix_v_obj.is_none()) return true;
   at::Tensor prefix_k, prefix_v;
   if (!unpack_tensor(prefix_k_obj, prefix_k) || !unpack_tensor(prefix_v_obj, prefix_v)) return false;

@@ -341,8 +341,15 @@ def test_bad_cuda_scale_and_prefix_are_refused_by_the_cpp_checks():
     args = _good_cuda()
     prefix = torch.randn(5, 2, 64, dtype=torch.float16, device="cuda")
     assert _fast_check(check, args, prefix_k=prefix, prefix_v=prefix.clone())
-    for scale in ("0.1", True):
+    for scale in ("0.1", True, float("nan"), float("inf"), -1.0, 0.0, 0):
         assert not _fast_check(check, args, softmax_scale=scale)
+        with pytest.raises((TypeError, ValueError), match="softmax_scale must be a"):
+            splitkv.attention_with_lse(**args, softmax_scale=scale)
+    assert _fast_check(check, args, softmax_scale=2)  # a Python int is a scale
+    empty_dim = {**args, "q": args["q"][:, :, :0], "k": args["k"][:, :, :0], "v": args["v"][:, :, :0]}
+    assert not _fast_check(check, empty_dim)
+    with pytest.raises(ValueError, match="head_dim must be positive"):
+        splitkv.attention_with_lse(**empty_dim)
     bad_prefixes = [(prefix[:, :1], prefix), (prefix, prefix[:4]), (prefix, prefix.float()), (prefix.cpu(), prefix),
                     (prefix[0], prefix), (prefix, None), (None, prefix),
                     (prefix, prefix.transpose(0, 2).contiguous().transpose(0, 2))]  # fmt: skip
