@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._checks import expect_count
+
 # ---------------------------------------------------------------------------------
 # Split counts
 # ---------------------------------------------------------------------------------
@@ -80,6 +82,20 @@ def choose_num_splits(
     programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / ROWS_PER_PROGRAM))
     wanted = math.ceil(2 * sms / programs)
     return max(1, min(wanted, max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+
+
+# A user's num_splits is capped here: triton_attention_with_lse takes at most 65535 key
+# chunks, and more chunks than keys would only add empty states.
+MAX_USER_SPLITS = 65535
+
+
+def user_num_splits(num_splits: int | None, max_seqlen_k: int) -> int | None:
+    """A user's ``num_splits`` checked (an int >= 1, else the error names it) and capped
+    at the keys of the longest sequence and :data:`MAX_USER_SPLITS`; None stays None
+    (the caller chooses)."""
+    if num_splits is None:
+        return None
+    return min(expect_count("num_splits", num_splits, minimum=1), max(1, max_seqlen_k), MAX_USER_SPLITS)
 
 
 def varlen_num_splits(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor, max_seqlen_q: int,

@@ -365,8 +365,7 @@ def paged_attention_with_lse(
     scale = check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
                                softmax_scale, expect_bool("check_values", check_values))  # fmt: skip
     causal = expect_bool("causal", causal)
-    if num_splits is not None:
-        expect_count("num_splits", num_splits, 1)
+    num_splits = _planning.user_num_splits(num_splits, max_seqlen_k)
     impl = PAGED_BACKENDS.select(backend, q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q)
     if impl.name == "triton" and needs_grad(q, k_cache, v_cache):
         raise ValueError("backend='triton' has no backward: a gradient is required (use backend='reference')")
@@ -604,14 +603,18 @@ def _find_runs(table: np.ndarray, limits: np.ndarray, candidates) -> list[tuple[
     return runs
 
 
-def _max_live_page(table: np.ndarray, pages_used: np.ndarray) -> int:
-    """The largest page id among each row's first ``pages_used[i]`` entries (-1 for none)."""
+def _live_page_range(table: np.ndarray, pages_used: np.ndarray) -> tuple[int, int]:
+    """``(smallest, largest)`` page id among each row's first ``pages_used[i]`` entries
+    (``(0, -1)`` for none)."""
     if not table.size:
-        return -1
+        return 0, -1
     # Columns every row uses need no mask; only the ragged ends do.
     lo, hi = int(pages_used.min()), int(pages_used.max())
     ragged = np.arange(lo, hi)[None, :] < pages_used[:, None]
-    return max(int(table[:, :lo].max(initial=-1)), int(table[:, lo:hi].max(where=ragged, initial=-1)))
+    full, ends = table[:, :lo], table[:, lo:hi]
+    smallest = min(int(full.min(initial=0)), int(ends.min(where=ragged, initial=0)))
+    largest = max(int(full.max(initial=-1)), int(ends.max(where=ragged, initial=-1)))
+    return smallest, largest
 
 
 def _token_ranges(bounds: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -759,6 +762,7 @@ def plan_cascade(
     max_q = int(q_lens.max()) if batch else 0
     max_k = int(used.max()) if batch else 0
     max_seqlen_k = max_k if max_seqlen_k is None else max_seqlen_k
+    num_splits = _planning.user_num_splits(num_splits, max_seqlen_k)
     group = heads_q // heads_kv
     # A page is shareable for sequence i if full and every query of i sees all its
     # keys: query 0 sees keys j <= used - q_len.
@@ -845,7 +849,10 @@ def plan_cascade(
     needs_fill = user_runs and _has_gaps(items)
 
     pages_used = -(-used // page_size)
-    max_page_id = _max_live_page(table, pages_used)
+    min_page_id, max_page_id = _live_page_range(table, pages_used)
+    if min_page_id < 0:
+        # Never a page: the kernel would read before k_cache (the upper bound is checked per call).
+        raise ValueError(f"block_table holds page id {min_page_id} where a sequence's keys are")
     kv_plain = int(used[with_queries].sum()) * kv_token
     saved_total = sum((len(r.members) - 1) * (r.end_page - r.first_page) * page_size * kv_token for r in runs if r.kept)
     plan = CascadePlan(

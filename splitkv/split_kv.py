@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import expect_bool, expect_count
-from ._planning import choose_num_splits, varlen_num_splits
+from ._checks import expect_bool
+from ._planning import choose_num_splits, user_num_splits, varlen_num_splits
 from .attention import (
     ATTENTION_BACKENDS,
     check_attention_inputs,
@@ -26,9 +26,6 @@ from .attention import (
 from .merge import merge_states
 
 __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
-
-# The kernel's grid names a split in 16 bits (triton_attention_with_lse).
-_MAX_USER_SPLITS = 65535
 
 
 def triton_can_run(q: torch.Tensor) -> bool:
@@ -134,8 +131,7 @@ def split_kv_attention(
                                         causal, softmax_scale, num_splits)  # fmt: skip
     scale = check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale)
     causal = expect_bool("causal", causal)
-    if num_splits is not None:
-        num_splits = min(expect_count("num_splits", num_splits, minimum=1), max(1, max_seqlen_k), _MAX_USER_SPLITS)
+    num_splits = user_num_splits(num_splits, max_seqlen_k)
     if use_op(q, k, v):
         return torch.ops.splitkv.split_kv_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                     causal, scale, num_splits or 0)  # fmt: skip

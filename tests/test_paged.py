@@ -321,6 +321,28 @@ def test_plan_ignores_batch_order():
     assert_close(out, lse, *expected, torch.float32)
 
 
+def test_split_counts_and_negative_page_ids_are_checked():
+    """num_splits is checked by name and capped at the keys (no state per missing key);
+    a negative page id among a sequence's pages is refused when planning, on any device."""
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch([9, 4], [1, 1], 4, 4, 2, 16, torch.float32)
+    kwargs = dict(page_size=4, heads_q=4, heads_kv=2, head_dim=16, dtype=torch.float32)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+            plan_cascade(block_table, seqused_k, cu_seqlens_q, num_splits=bad, **kwargs)
+        with pytest.raises(ValueError, match="num_splits must be an int >= 1"):
+            splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, 9,
+                                             num_splits=bad)  # fmt: skip
+    out, lse = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, 9,
+                                                num_splits=10**6, backend="triton")  # fmt: skip
+    assert_close(out, lse, *float64_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, False),
+                 torch.float32)  # fmt: skip
+    assert plan_cascade(block_table, seqused_k, cu_seqlens_q, num_splits=10**6, **kwargs).last_splits == 9
+    negative = block_table.clone()
+    negative[1, 0] = -1  # sequence 1's first page, holding its keys
+    with pytest.raises(ValueError, match="block_table holds page id -1"):
+        plan_cascade(negative, seqused_k, cu_seqlens_q, **kwargs)
+
+
 def test_explicit_levels_and_their_checks():
     seq_lens, q_lens, shared, _ = TREES["three levels"]
     batch = make_batch(seq_lens, q_lens, PS, 8, 2, 32, torch.bfloat16, shared)
