@@ -32,6 +32,7 @@ from ._planning import CascadeEstimate, cascade_splits, estimate_cascade
 from .attention import (
     check_attention_inputs,
     check_sequence_values,
+    empty_attention_results,
     fake_attention_results,
     needs_grad,
     run_checked_attention,
@@ -258,6 +259,9 @@ def cascade_attention(
 def _cascade_impl(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k, scale, return_lse,
                   max_seqlen_q, max_seqlen_k, cascade, seqused_k):  # fmt: skip
     """The eager body of :func:`cascade_attention`, for checked arguments and int maxima."""
+    if q.shape[0] == 0:
+        # No query (a rank or a step with none): nothing to plan; split counts divide by the rows.
+        return empty_attention_results(q)
     prefix_len = prefix_k.shape[0]
     if prefix_len == 0 and cascade is not True:
         # Nothing is shared: plain attention over the suffixes is the whole answer.

@@ -245,6 +245,19 @@ def test_cascade_rejects_queries_before_the_prefix_end():
                                   cu_seqlens([1], "cpu"))  # fmt: skip
 
 
+@pytest.mark.parametrize("cascade", [True, "auto"])
+def test_cascade_with_no_query(cascade):
+    """A batch with no query token (a step or a rank with none) returns empty results:
+    on the GPU the split counts were planned per query row and divided by zero."""
+    gen = torch.Generator().manual_seed(5)
+    q = random_tokens(0, 4, 64, torch.float16, DEVICE, gen)
+    prefix = random_tokens(1024, 2, 64, torch.float16, DEVICE, gen)
+    suffix = random_tokens(6, 2, 64, torch.float16, DEVICE, gen)
+    out, lse = splitkv.cascade_attention(q, cu_seqlens([0, 0], DEVICE), prefix, prefix, suffix, suffix,
+                                         cu_seqlens([2, 4], DEVICE), cascade=cascade, return_lse=True)  # fmt: skip
+    assert out.shape == (0, 4, 64) and lse.shape == (4, 0)
+
+
 def test_cost_model():
     # Many sequences over a long prefix: cascade reads the prefix once instead of 64 times.
     assert splitkv.use_cascade(64, 8192, 64 * 512, 64, heads_q=32, heads_kv=8, head_dim=128)
