@@ -22,12 +22,21 @@ import torch
 
 import splitkv
 
-from .common import add_out_argument, environment, graph_replay_us, interleaved, markdown_table, median_ms, text_table, write_outputs
+from .common import (
+    add_out_argument,
+    copy_bandwidth_tbs,
+    environment,
+    graph_replay_us,
+    interleaved,
+    markdown_table,
+    median_ms,
+    text_table,
+    write_outputs,
+)
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 DTYPE = torch.bfloat16
 KV_TOKEN_BYTES = 2 * HEADS_KV * HEAD_DIM * 2
-_BYTE_FLOOR_TBS = 4.3  # H200 read + write copy rate measured by an earlier session (issue 19)
 
 
 def tree_cases(quick: bool) -> dict[str, list[tuple[tuple[int, ...], int]]]:
@@ -123,7 +132,8 @@ def plan_stages(q, k_cache, v_cache, plan) -> list[tuple[str, object]]:
     return stages
 
 
-def bench_case(name: str, case: list, page_size: int) -> dict:
+def bench_case(name: str, case: list, page_size: int, floor_tbs: float) -> dict:
+    """One case's row; ``floor_tbs`` is the device's copy rate measured in the same run (the byte floor)."""
     q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = build(case, page_size)
     max_k = int(seqused_k.max())
     plan_kwargs = dict(page_size=page_size, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype=DTYPE)
@@ -135,8 +145,8 @@ def bench_case(name: str, case: list, page_size: int) -> dict:
     row = {"case": name, "page_size": page_size, "sequences": len(case), "plan_host_us": statistics.median(host),
            "kept_runs": sum(r.kept for r in plan.runs), "runs": len(plan.runs), "num_states": plan.num_states,
            "kv_MB_plain": plan.kv_bytes_plain / 1e6, "kv_MB_plan": plan.kv_bytes_plan / 1e6,
-           "floor_us_plain": plan.kv_bytes_plain / (_BYTE_FLOOR_TBS * 1e6),
-           "floor_us_plan": plan.kv_bytes_plan / (_BYTE_FLOOR_TBS * 1e6)}  # fmt: skip
+           "floor_us_plain": plan.kv_bytes_plain / (floor_tbs * 1e6),
+           "floor_us_plan": plan.kv_bytes_plan / (floor_tbs * 1e6)}  # fmt: skip
 
     def plain():
         return splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, max_k,
@@ -155,7 +165,9 @@ def bench_case(name: str, case: list, page_size: int) -> dict:
             return splitkv.cascade_attention(*packed_args, max_seqlen_q=1, max_seqlen_k=max_suffix)
 
         fns["packed_cascade"] = packed
-    want = plain()[0].float()
+    # Every way against the reference backend (pages gathered, attention in torch math).
+    want = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, max_k,
+                                            causal=True, backend="reference")[0].float()  # fmt: skip
     for fn_name, fn in fns.items():
         got = fn()
         got = (got[0] if isinstance(got, tuple) else got).float()
@@ -225,6 +237,32 @@ def plan_host_times(calls: int = 200) -> list[dict]:
     return rows
 
 
+def plot(rows: list[dict], env: dict, path) -> None:
+    """Speedup of the plan over plain paged attention per case, eager and graph-replayed, per page size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    page_sizes = sorted({r["page_size"] for r in rows})
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / (2 * len(page_sizes))
+    for i, (page_size, key) in enumerate((p, k) for p in page_sizes for k in ("speedup_eager", "speedup_graph")):
+        by_case = {r["case"]: r[key] for r in rows if r["page_size"] == page_size}
+        ax.bar([c + (i - len(page_sizes) + 0.5) * width for c in range(len(cases))],
+               [by_case.get(case, 0) for case in cases], width,
+               label=f"page {page_size}, {'eager' if key == 'speedup_eager' else 'graph replay'}")  # fmt: skip
+    ax.axhline(1.0, color="gray", linestyle="--")
+    ax.set_xticks(range(len(cases)), [c.replace(", ", ",\n") for c in cases], fontsize=7)
+    ax.set_ylabel("speedup over plain paged attention")
+    ax.legend(fontsize=7)
+    ax.set_title(f"paged cascade, bf16, {HEADS_Q} q / {HEADS_KV} kv heads, d={HEAD_DIM}: {env['device']}, "
+                 f"{env['date']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m splitkv.bench paged", description=__doc__.splitlines()[0])
     add_out_argument(parser, "paged")
@@ -241,10 +279,11 @@ def main(argv: list[str]) -> None:
         return
     out_dir = args.out
     env = environment()
+    copy_tbs = copy_bandwidth_tbs()
     rows = []
     for page_size in (16,) if args.quick else (16, 128):
         for name, case in tree_cases(args.quick).items():
-            row = bench_case(name, case, page_size)
+            row = bench_case(name, case, page_size, copy_tbs)
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     sweep = []
@@ -265,13 +304,16 @@ def main(argv: list[str]) -> None:
                f"{env['date']})\n\nbf16, {HEADS_Q} query / {HEADS_KV} KV heads, head_dim {HEAD_DIM}, one query per "
                "sequence. Plain: splitkv's Triton paged kernel without sharing (torch's flash attention takes no "
                f"block_table in this torch). Eager: L2 flushed, median; graph: CUDA-graph replay. Floor: KV bytes at "
-               f"{_BYTE_FLOOR_TBS} TB/s.\n\n")  # fmt: skip
+               f"the device-to-device copy rate measured in this run, {copy_tbs:.3f} TB/s. Max diffs: against "
+               "the reference backend.\n\n")  # fmt: skip
     markdown = preface + markdown_table(header, table)
     if sweep:
         keys = ["page_size", "splits", "block_n", "warps", "stages", "us", "TB_per_s"]
         markdown += "\n## Plain kernel launch configurations (64 x 4096)\n\n" + markdown_table(
             keys, [[f"{r.get(k, '-'):.2f}" if isinstance(r.get(k), float) else r.get(k, r.get("error", "-"))
                     for k in keys] for r in sweep])  # fmt: skip
-    write_outputs(out_dir, "paged", {"environment": env, "rows": rows, "sweep": sweep}, markdown)
+    write_outputs(out_dir, "paged", {"environment": env, "copy_tbs": copy_tbs, "rows": rows, "sweep": sweep},
+                  markdown)  # fmt: skip
+    plot(rows, env, out_dir / "paged.png")
     print(text_table(header, table))
     print(f"written to {out_dir}")
