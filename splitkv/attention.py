@@ -203,13 +203,15 @@ def _run_torch_flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 
 def _run_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
-                seqused_k):  # fmt: skip
-    # Long sequences with few query rows (decode) run in key chunks, merged N-way, as
-    # split_kv_attention does; the count is 1 for everything else.
+                seqused_k, num_splits=None):  # fmt: skip
+    """The Triton kernel in ``num_splits`` key chunks merged N-way (split-KV; None: the
+    default count, which is 1 but for long sequences with few query rows, i.e. decode).
+    :func:`splitkv.split_kv_attention` runs this too."""
     from ._attention_triton import triton_attention_with_lse
     from .merge import merge_states
 
-    num_splits = varlen_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if num_splits is None:
+        num_splits = varlen_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     out, lse = triton_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                          softmax_scale, num_splits=num_splits, seqused_k=seqused_k)  # fmt: skip
     return (out, lse) if num_splits == 1 else merge_states(out, lse, output_dtype=q.dtype)

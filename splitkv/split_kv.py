@@ -23,7 +23,6 @@ from .attention import (
     run_checked_attention,
     use_op,
 )
-from .merge import merge_states
 
 __all__ = ["choose_num_splits", "split_kv_attention", "splits_pay_off"]
 
@@ -142,17 +141,10 @@ def _split_kv_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen
     """The eager body of :func:`split_kv_attention` for checked arguments (``num_splits`` None: the default count)."""
     if not triton_can_run(q):
         return run_checked_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
-    from ._attention_triton import triton_attention_with_lse
-
-    if num_splits is None:
-        num_splits = varlen_num_splits(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    states, lses = triton_attention_with_lse(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, num_splits=num_splits
-    )
-    if num_splits == 1:
-        return states, lses
-    out, lse = merge_states(states, lses, output_dtype=q.dtype)
-    return out, lse
+    # The backend that writes partial states (the Triton kernel) splits and merges them.
+    split_backend = ATTENTION_BACKENDS.first_with("writes_partial_states")
+    return split_backend.run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, None,
+                             num_splits)  # fmt: skip
 
 
 def _split_kv_op_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
