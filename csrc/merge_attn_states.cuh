@@ -178,21 +178,23 @@ struct Convert<Fp8E5M2> {
 template <typename T>
 constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
 
-// The factor an output value is multiplied by before its conversion to TOut:
-// 1 / output scale for fp8, 1 (and not applied) otherwise.
+// The value an output is divided by before its conversion to TOut: the output
+// scale for fp8, 1 (and not applied) otherwise.
 template <typename TOut, typename Params>
-__device__ __forceinline__ float output_factor(const Params& p) {
+__device__ __forceinline__ float output_divisor(const Params& p) {
   if constexpr (kIsFp8<TOut>) {
-    return 1.f / (p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale);
+    return p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale;
   } else {
     return 1.f;
   }
 }
 
+// A division, not a product with 1 / scale: the torch and Triton merges divide, and
+// the two can round 1 ulp apart, an fp8 step where a value sits on a rounding edge.
 template <typename TOut>
-__device__ __forceinline__ TOut to_output(float x, float factor) {
+__device__ __forceinline__ TOut to_output(float x, float divisor) {
   if constexpr (kIsFp8<TOut>) {
-    return Convert<TOut>::from_float(x * factor);
+    return Convert<TOut>::from_float(x / divisor);
   } else {
     return Convert<TOut>::from_float(x);
   }
@@ -379,7 +381,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
                           head * p.suffix_stride_head;
     TOut* output_row =
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    const float output_factor = detail::output_factor<TOut>(p);
+    const float output_divisor = detail::output_divisor<TOut>(p);
     // lane < threads per row, so every thread owns at least its first vector.
     // The first turn's loads are issued before the lse arithmetic so that the data
     // and the lse round trips to memory overlap instead of running back to back.
@@ -414,7 +416,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
         for (int i = 0; i < kElems; ++i) {
           const float from_prefix = prefix_empty ? 0.f : Conv::to_float(a[v].elems[i]) * prefix_weight;
           const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
-          out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_factor);
+          out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_divisor);
         }
         detail::store_streaming<TOut, ELEMS>(output_row + d, out);
       }
@@ -512,12 +514,12 @@ struct RunningMerge {
   // Stores the merged vector at out_vec and returns the merged natural-log lse: 0
   // and -inf when every state is empty, NaN for both when any lse is NaN.
   template <typename TOut>
-  __device__ __forceinline__ float finish(TOut* out_vec, float output_factor) const {
+  __device__ __forceinline__ float finish(TOut* out_vec, float output_divisor) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
     const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
     Vec<TOut, ELEMS> out;
 #pragma unroll
-    for (int i = 0; i < ELEMS; ++i) out.elems[i] = to_output<TOut>(acc[i] * inv_total, output_factor);
+    for (int i = 0; i < ELEMS; ++i) out.elems[i] = to_output<TOut>(acc[i] * inv_total, output_divisor);
     store_streaming<TOut, ELEMS>(out_vec, out);
     return all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
   }
@@ -558,7 +560,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
          d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
       detail::RunningMerge<TIn, ELEMS> merge;
       for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
-      merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
+      merged_lse = merge.finish(output_row + d, detail::output_divisor<TOut>(p));
     }
   }
 
@@ -624,7 +626,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     }
     TOut* output_row =
         static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    const float merged_lse = merge.finish(output_row + d, detail::output_factor<TOut>(p));
+    const float merged_lse = merge.finish(output_row + d, detail::output_divisor<TOut>(p));
     if (lane == 0 && p.output_lse != nullptr)
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
   }
