@@ -213,12 +213,29 @@ bool grad_required(std::initializer_list<const at::Tensor*> inputs) {
   return false;
 }
 
-// Whether `out` shares its storage with one of `inputs`: the eager fast paths leave
-// that case (an in-place merge, or a view that partly overlaps an input) to
-// splitkv/merge.py, which tells the two apart and refuses the second.
-bool shares_storage(const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs) {
+// Whether `out` is `t` itself, as a view: the same elements in the same order
+// (splitkv/_checks.py same_view).
+bool same_view(const at::Tensor& out, const at::Tensor& t) {
+  return out.data_ptr() == t.data_ptr() && out.sizes() == t.sizes() && out.strides() == t.strides();
+}
+
+// Whether `out` is `stacked[i]` for some i, as a view (splitkv/_checks.py is_entry_of).
+bool is_entry_of(const at::Tensor& out, const at::Tensor& stacked) {
+  if (stacked.dim() != out.dim() + 1 || out.sizes() != stacked.sizes().slice(1) ||
+      out.strides() != stacked.strides().slice(1))
+    return false;
+  const int64_t step = stacked.stride(0) * static_cast<int64_t>(stacked.element_size());
+  const int64_t offset = static_cast<const char*>(out.data_ptr()) - static_cast<const char*>(stacked.data_ptr());
+  return step > 0 && offset >= 0 && offset % step == 0 && offset / step < stacked.size(0);
+}
+
+// Whether `out` shares storage with an input without being one (`is_input`): the
+// eager fast paths leave that case (a view that partly overlaps an input, which
+// splitkv/merge.py refuses by name) to Python, and run an exact in-place merge.
+template <typename IsInput>
+bool overlaps_otherwise(const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs, IsInput is_input) {
   for (const at::Tensor* t : inputs)
-    if (out.storage().is_alias_of(t->storage())) return true;
+    if (out.storage().is_alias_of(t->storage()) && !is_input(*t)) return true;
   return false;
 }
 
@@ -284,8 +301,10 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
   if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
                        has_output_lse ? &output_lse : nullptr, /*fp8_output_allowed=*/true) ||
       cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}) ||
-      (has_output && shares_storage(output, {&prefix_output, &suffix_output})) ||
-      (has_output_lse && shares_storage(output_lse, {&prefix_lse, &suffix_lse})))
+      (has_output && overlaps_otherwise(output, {&prefix_output, &suffix_output},
+                                        [&](const at::Tensor& t) { return same_view(output, t); })) ||
+      (has_output_lse && overlaps_otherwise(output_lse, {&prefix_lse, &suffix_lse},
+                                            [&](const at::Tensor& t) { return same_view(output_lse, t); })))
     return py::none();
   if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options().dtype(out_dtype));
   if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
@@ -452,7 +471,9 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
   if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}) ||
-      (has_output && shares_storage(output, {&states})) || (has_output_lse && shares_storage(output_lse, {&lses})))
+      (has_output && overlaps_otherwise(output, {&states}, [&](const at::Tensor& t) { return is_entry_of(output, t); })) ||
+      (has_output_lse &&
+       overlaps_otherwise(output_lse, {&lses}, [&](const at::Tensor& t) { return is_entry_of(output_lse, t); })))
     return py::none();
   at::ScalarType out_dtype;
   double output_scale;
