@@ -110,29 +110,30 @@ def test_decode_steps_compile_once_for_every_length(mode, monkeypatch):
     # to the compiler either way.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     layers, batch, heads_q, heads_kv, head_dim = 2, 3, 4, 2, 16
-    cache = SharedPrefixKVCache(layers, batch, heads_q, heads_kv, head_dim, capacity=32, mode=mode,
-                                dtype=torch.float32)  # fmt: skip
+    # Two caches fed the same inputs: one stepped by the compiled function, one eagerly.
+    caches = [SharedPrefixKVCache(layers, batch, heads_q, heads_kv, head_dim, capacity=32, mode=mode,
+                                  dtype=torch.float32) for _ in range(2)]  # fmt: skip
     generator = torch.Generator().manual_seed(2)
     weights = [torch.randn(heads_q * head_dim, (heads_q + 2 * heads_kv) * head_dim, generator=generator) * 0.1
                for _ in range(layers)]  # fmt: skip
 
     layer_stack = _layer_stack(weights, heads_q, heads_kv, head_dim)
 
-    step = cache.prefill_prefix(5)
-    layer_stack(step, torch.randn(5, heads_q * head_dim, generator=generator))
-    step = cache.begin_step([2, 0, 3])
-    layer_stack(step, torch.randn(5, heads_q * head_dim, generator=generator))
+    prefix_x = torch.randn(5, heads_q * head_dim, generator=generator)
+    suffix_x = torch.randn(5, heads_q * head_dim, generator=generator)
+    for cache in caches:
+        layer_stack(cache.prefill_prefix(5), prefix_x)
+        layer_stack(cache.begin_step([2, 0, 3]), suffix_x)
 
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(layer_stack, backend=counter, fullgraph=True)
     for _ in range(20):
         x = torch.randn(batch, heads_q * head_dim, generator=generator)
-        step = cache.begin_step([1] * batch)
-        got = compiled(step, x)
-        # The eager step over a copy of the cache as it was before this step's write.
-        assert got.shape == x.shape and torch.isfinite(got).all()
+        got = compiled(caches[0].begin_step([1] * batch), x)
+        expected = layer_stack(caches[1].begin_step([1] * batch), x)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} compiles for 20 decode steps"
-    assert cache.suffix_lengths == [22, 20, 23]
+    assert caches[0].suffix_lengths == caches[1].suffix_lengths == [22, 20, 23]
 
 
 def test_loading_the_cuda_extension_does_not_recompile(monkeypatch):
