@@ -42,12 +42,6 @@ from ._triton_support import interpreter_enabled
 _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 
-# A plan's item table is int32 [items, ITEM_FIELDS]: block-table row, offset and count of
-# its tokens in the token list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key
-# chunks, first state to mark empty, and whether it takes the wide row tile.
-ITEM_FIELDS = 9
-# A key_hi of this value means "seqused_k[row]": the item's keys grow with the cache.
-DYNAMIC_KEY_HI = -1
 
 
 @triton.jit
@@ -147,11 +141,11 @@ def _paged_fwd_kernel(
         item = tl.load(Programs + 3 * work)
         row_block = tl.load(Programs + 3 * work + 1)
         split = tl.load(Programs + 3 * work + 2)
-        fields = Items + item * 9
+        fields = Items + item * 9  # splitkv/paged.py ITEM_FIELDS: the item table's layout
         row = tl.load(fields + 0)
         key_hi = tl.load(fields + 4)
         k_total = tl.load(SequsedK + row)
-        dynamic = key_hi < 0
+        dynamic = key_hi < 0  # DYNAMIC_KEY_HI: the sequence's own keys, up to seqused_k
         key_hi = tl.where(dynamic, k_total, key_hi)
         # Shared runs are seen whole by their queries: only a sequence's own keys are causal.
         if CAUSAL:

@@ -428,6 +428,15 @@ def split_kv_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seq
 # ---------------------------------------------------------------------------------
 
 
+# A plan's item table (read by the paged kernel, splitkv/_paged_triton.py) is int32
+# [items, ITEM_FIELDS]: block-table row, offset and count of its tokens in the token
+# list, key_lo, key_hi (or DYNAMIC_KEY_HI), first state, key chunks, first state to mark
+# empty, and whether it takes the wide row tile.
+ITEM_FIELDS = 9
+# A key_hi of this value means "seqused_k[row]": the item's keys grow with the cache.
+DYNAMIC_KEY_HI = -1
+
+
 @dataclasses.dataclass(frozen=True)
 class SharedRun:
     """One shared level: ``members`` (sequence indices) hold the same page ids at page
@@ -838,8 +847,8 @@ def plan_cascade(
     num_states = (int(offset[with_queries].max()) if with_queries.size else 0) + last_splits
     own_base = offset[with_queries]
     own_fields = np.stack([np.full(with_queries.size, narrow[1]), with_queries, q_lens[with_queries],
-                           own_start[with_queries] * page_size, np.full(with_queries.size, -1), own_base,
-                           np.full(with_queries.size, last_splits), own_base + last_splits])  # fmt: skip
+                           own_start[with_queries] * page_size, np.full(with_queries.size, DYNAMIC_KEY_HI),
+                           own_base, np.full(with_queries.size, last_splits), own_base + last_splits])  # fmt: skip
     fields = np.concatenate([np.array(run_fields, dtype=np.int64).reshape(-1, 8).T, own_fields], axis=1)
     # The own levels' tokens in batch order are all the tokens (a sequence without queries has none).
     items = _Items(*fields, tokens=np.concatenate([_token_ranges(bounds, kept_members),
@@ -1000,13 +1009,13 @@ def _build_launch(items: _Items, narrow_m: int, heads_kv: int, group: int, devic
         token_slots = max(num_tokens, max_programs * max(narrow_m, 64))
     # One host buffer (int32) and one copy to the device; each table starts 16-byte
     # aligned and holds at least one entry.
-    sizes = [max(1, 9 * table_rows), max(1, token_slots), max(1, 3 * program_rows)]
+    sizes = [max(1, ITEM_FIELDS * table_rows), max(1, token_slots), max(1, 3 * program_rows)]
     starts = [0]
     for size in sizes:
         starts.append(starts[-1] + -(-size // 4) * 4)
     buffer = np.zeros(starts[-1], dtype=np.int32)
-    # Item table [items, 9]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
-    table = buffer[: 9 * table_rows].reshape(table_rows, 9)
+    # Item table [items, ITEM_FIELDS]: row, first token, token count, key_lo, key_hi, base, splits, pad, wide.
+    table = buffer[: ITEM_FIELDS * table_rows].reshape(table_rows, ITEM_FIELDS)
     for column, values in enumerate((items.row, np.cumsum(counts) - counts, counts, items.key_lo, items.key_hi,
                                      items.base, items.splits, items.pad, items.block_m != narrow_m)):  # fmt: skip
         table[:num_items, column] = values
