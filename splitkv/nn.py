@@ -274,8 +274,9 @@ class SharedPrefixKVCache:
         all layers. Without a prior :meth:`prefill_prefix` the prefix is empty.
         Earlier steps become stale: call each layer's ``attention`` before the next step.
         A decode step (one new token for every sequence) returns the same
-        :class:`CacheStep` object every time, its tensors updated in place (one
-        host-to-device copy), with ``max_seqlen_k`` the storage's rows: its shapes
+        :class:`CacheStep` object every time, its tensors updated in place (advanced
+        on the device right after a decode step, else one host-to-device copy), with
+        ``max_seqlen_k`` the storage's rows: its shapes
         never change, so a compiled or CUDA-graph-captured decode step replays it.
 
         Args:
@@ -293,6 +294,17 @@ class SharedPrefixKVCache:
         new_t = torch.tensor(new, dtype=torch.long)
         lengths = old_t + new_t
         self._reserve(self._base + int(lengths.max()))
+        decode = all(n == 1 for n in new)
+        if decode and self._decode_is_latest and self._decode_step is not None:
+            # One token more for every sequence right after a decode step: each entry of
+            # the plan (position, write row, used keys) is one past the last, so it is
+            # advanced on the device. A copy from the host would wait for the GPU to finish
+            # the last step, and keep the host from planning ahead of it.
+            self.suffix_lengths = lengths.tolist()
+            self._step_id += 1
+            self._decode_plan.add_(1)
+            self._decode_step.seqused_k.add_(1)
+            return self._decode_step
         sequence_start = torch.arange(self.num_sequences) * self._rows
         # Rows of the flattened [num_sequences * rows, heads_kv, head_dim] storage where this
         # step's tokens go, the keys each sequence uses (suffix, or prefix copy + suffix),
@@ -302,8 +314,8 @@ class SharedPrefixKVCache:
         positions = _packed_rows(self.prefix_len + old_t, new_t)
         self.suffix_lengths = lengths.tolist()
         self._step_id += 1
-        self._decode_is_latest = all(n == 1 for n in new)
-        if self._decode_is_latest:
+        self._decode_is_latest = decode
+        if decode:
             return self._refresh_decode_step(torch.stack([positions, write_rows, used]))
         cu_seqlens_k = (torch.arange(self.num_sequences + 1, dtype=torch.int32) * self._rows).to(self.device)
         return CacheStep(

@@ -132,6 +132,35 @@ def test_auto_mode_follows_use_cascade():
     assert one.uses_cascade is False  # nothing to share
 
 
+@pytest.mark.parametrize("mode", ["cascade", "plain"])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
+def test_decode_steps_advance_in_place(mode, device):
+    """Consecutive decode steps advance the reused step's plan on the device (positions and
+    used keys one further), a step of another kind in between included; on a GPU with no
+    host-device sync (a copy from the host would wait for the previous step)."""
+    prefix_len, heads_q, heads_kv, head_dim = 3, 4, 2, 8
+    cache = SharedPrefixKVCache(1, 3, heads_q, heads_kv, head_dim, capacity=16, mode=mode, dtype=torch.float32,
+                                device=device)  # fmt: skip
+    cache.prefill_prefix(prefix_len)
+    cache.begin_step([2, 0, 1])
+    base = 0 if cache.uses_cascade else prefix_len  # plain mode stores each sequence's prefix copy first
+    decode = [1, 1, 1]
+    for schedule in [decode] * 3 + [[0, 2, 1]] + [decode] * 2:
+        before = list(cache.suffix_lengths)
+        follows_decode = device == "cuda" and schedule == decode and cache._decode_is_latest
+        if follows_decode:
+            torch.cuda.set_sync_debug_mode("error")  # a host-device sync raises
+        try:
+            step = cache.begin_step(schedule)
+        finally:
+            if follows_decode:
+                torch.cuda.set_sync_debug_mode("default")
+        if schedule == decode:
+            assert step.positions.tolist() == [prefix_len + n for n in before]
+            assert step.seqused_k.tolist() == [base + n + 1 for n in before]
+    assert cache.suffix_lengths == [7, 7, 7]
+
+
 def test_misuse_is_reported():
     cache = SharedPrefixKVCache(1, 2, 4, 2, 16, capacity=4, mode="cascade", dtype=torch.float32)
     step = cache.prefill_prefix(3)
