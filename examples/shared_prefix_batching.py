@@ -232,16 +232,21 @@ class PerRequestKVCache:
         self.lengths = [0] * num_requests
         self.token_bytes = 2 * config.num_layers * config.heads_kv * config.head_dim * self.k[0].element_size()
         self._decode_step: _PerRequestStep | None = None
+        self._decode_is_latest = False  # the last step was the decode step (as SharedPrefixKVCache keeps it)
 
     def begin_step(self, new_tokens: Sequence[int]) -> _PerRequestStep:
         old = self.lengths
         self.lengths = [a + n for a, n in zip(old, new_tokens)]
         if max(self.lengths) > self.capacity:
             raise ValueError(f"a request needs {max(self.lengths)} tokens, the cache holds {self.capacity}")
-        if any(n != 1 for n in new_tokens):
+        decode, follows_decode = all(n == 1 for n in new_tokens), self._decode_is_latest
+        self._decode_is_latest = decode
+        if not decode:
             return _PerRequestStep(self, old, list(new_tokens))
         if self._decode_step is None:
             self._decode_step = _PerRequestStep(self, old, list(new_tokens), max_k=self.capacity)
+        elif follows_decode:
+            self._decode_step.advance()
         else:
             self._decode_step.refresh(old)
         return self._decode_step
@@ -263,6 +268,13 @@ class _PerRequestStep:
         self.seqused_k = torch.tensor(lengths, dtype=torch.int32).to(device)
         self.max_q, self.max_k = max(new), max(lengths) if max_k is None else max_k
         self.last_rows = (self.cu_q[1:] - 1).long()
+
+    def advance(self) -> None:
+        """The next decode step's tensors right after a decode step: every entry one further,
+        on the device (no host copy, which would wait for the GPU), as
+        :class:`splitkv.nn.SharedPrefixKVCache` does."""
+        for t in (self.positions, self.write_rows, self.seqused_k):
+            t.add_(1)
 
     def refresh(self, old: list[int]) -> None:
         """A decode step's tensors for the next token of every request, in place."""
