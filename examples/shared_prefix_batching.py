@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import splitkv
-from splitkv.bench.common import capture_graph
+from splitkv.bench.common import capture_graph, graph_replay_us
 from splitkv.nn import CacheMemory, SharedPrefixKVCache
 
 # attend(layer, q [tokens, heads_q, head_dim], k, v [tokens, heads_kv, head_dim]) -> [tokens, heads_q, head_dim]
@@ -616,19 +616,6 @@ def _use_cascade_report(mode: str, verdict: bool, uses_cascade: bool) -> str:
     return f"(b) --mode plain: per-request prefix copies, use_cascade not consulted; {said}"
 
 
-def _graph_ms(fn, replays: int = 20) -> float:
-    """GPU time of ``fn`` captured in a CUDA graph, per replay (host time hidden)."""
-    graph, _ = capture_graph(fn)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / replays
-
-
 def gpu_phase_ms(model: LlamaDecoder, step, ids: torch.Tensor) -> tuple[float, float]:
     """``(attention, rest)``: GPU ms of one decode step's attention calls (all layers) and
     of the rest of the model (attention replaced by zeros), each replayed from a CUDA
@@ -642,8 +629,10 @@ def gpu_phase_ms(model: LlamaDecoder, step, ids: torch.Tensor) -> tuple[float, f
 
     with torch.no_grad():
         model(ids, step.positions, record)
-        attention_ms = _graph_ms(lambda: [step.attention(*args) for args in inputs])
-        rest_ms = _graph_ms(lambda: model(ids, step.positions, lambda layer, q, k, v: torch.zeros_like(q)))
+        # GPU time per replay of a CUDA graph (host time hidden), median of 20.
+        attention_ms = graph_replay_us(lambda: [step.attention(*args) for args in inputs], 1, 20) / 1e3
+        rest_ms = graph_replay_us(lambda: model(ids, step.positions, lambda layer, q, k, v: torch.zeros_like(q)),
+                                  1, 20) / 1e3  # fmt: skip
     return attention_ms, rest_ms
 
 
