@@ -108,8 +108,7 @@ class SharedPrefixKVCache:
       once, when the prefix is set, not per step: switching layouts means copying
       the prefix into every sequence (or dropping the copies). The cost model is
       calibrated on an H100: on a CPU, or where launches dominate (tiny shapes, one
-      sequence, a prefix of a few tokens), it says plain. It does not count the
-      gather below, which in the plain layout copies every sequence's whole KV.
+      sequence, a prefix of a few tokens), it says plain.
 
     Storage: each layer's K and V live in one preallocated
     ``[num_sequences * rows, heads_kv, head_dim]`` tensor each, ``rows`` = ``capacity``
