@@ -9,13 +9,13 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config  # noqa: E402
 
+from splitkv._triton_support import interpreter_enabled  # noqa: E402
 from splitkv.integrations.transformers import (  # noqa: E402
     SharedPrefixCache,
     _cache_argument,
     generate_shared,
     splitkv_attention,
 )
-from splitkv._triton_support import interpreter_enabled  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, eos_token_id=None, pad_token_id=0)  # fmt: skip
