@@ -336,10 +336,11 @@ def paged_attention_with_lse(
         check_values: on a GPU, also check the values of ``block_table`` (used entries
             in ``[0, num_pages)``), ``seqused_k`` (within a row's pages) and
             ``cu_seqlens_q``: one device sync. On the CPU they are always checked.
-        backend: ``"auto"`` (``torch`` where the installed torch's ``varlen_attn``
-            takes ``block_table``, none does up to 2.13; then ``triton`` on CUDA
-            tensors; else ``reference``), or one of ``"torch"``, ``"triton"``,
-            ``"reference"``. See :func:`explain_paged_attention`.
+        backend: ``"auto"`` (``torch`` on a GPU where the installed torch's
+            ``varlen_attn`` takes ``block_table``, as 2.13's does, and ``page_size`` is
+            a multiple of 256; then ``triton`` on CUDA tensors; else ``reference``),
+            or one of ``"torch"``, ``"triton"``, ``"reference"``. See
+            :func:`explain_paged_attention`.
 
     Returns:
         ``(out [total_q, heads_q, head_dim] in q's dtype, lse [heads_q, total_q] float32
