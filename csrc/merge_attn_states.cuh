@@ -928,7 +928,7 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 // Vectors per row from which each thread of the two-state merge moves two per turn:
 // at 8 (head_dim 64 in 16-bit types) one was faster on the H200 (19.4 against 20.4 us
 // for 4096 x 32 x 64 bf16), at 16 two (434 against 454 us for 65536 x 32 x 128;
-// benchmarks/results/merge_sweep_h200.log).
+// merge_sweep.cu at 405302a, benchmarks/NOTES.md).
 constexpr int64_t kVecsFrom = 16;
 
 // TOut: T, or Fp8E4M3 / Fp8E5M2.
