@@ -198,6 +198,13 @@ def _triton_why_not(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) ->
     return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, v_cache, causal, None, num_sequences, max_seqlen_q)
 
 
+def _expect_no_gradient_for_triton(op_name: str, q, k_cache, v_cache) -> None:
+    # The Triton kernels are custom ops without a backward: their result would be silently detached.
+    if needs_grad(q, k_cache, v_cache):
+        raise ValueError(f"{op_name}: backend='triton' has no backward: a gradient is required "
+                         "(use backend='reference')")  # fmt: skip
+
+
 def _triton_why_not_auto(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) -> str | None:
     if not PAGED_BACKENDS["triton"].differentiable and needs_grad(q, k_cache, v_cache):
         return "a gradient is required and the Triton kernel has no backward (the reference has)"
@@ -368,8 +375,8 @@ def paged_attention_with_lse(
     causal = expect_bool("causal", causal)
     num_splits = _planning.user_num_splits(num_splits, max_seqlen_k)
     impl = PAGED_BACKENDS.select(backend, q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q)
-    if impl.name == "triton" and needs_grad(q, k_cache, v_cache):
-        raise ValueError("backend='triton' has no backward: a gradient is required (use backend='reference')")
+    if impl.name == "triton":
+        _expect_no_gradient_for_triton("paged_attention_with_lse", q, k_cache, v_cache)
     if q.shape[0] == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return empty_attention_results(q)
     return impl.run(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal,
@@ -1153,11 +1160,15 @@ def paged_cascade_attention(
                                plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
-    reason = _triton_why_not(q, k_cache, v_cache, True, plan.block_table.shape[0], plan.max_seqlen_q)
+    triton_backend = PAGED_BACKENDS["triton"]
+    triton_args = (q, k_cache, v_cache, True, plan.block_table.shape[0], plan.max_seqlen_q)
     if backend == "auto":
-        backend = "triton" if reason is None and not needs_grad(q, k_cache, v_cache) and q.is_cuda else "reference"
-    elif backend == "triton" and reason is not None:
-        raise ValueError(f"paged_cascade_attention: backend='triton' cannot run these inputs: {reason}")
+        backend = "triton" if triton_backend.auto_reason(*triton_args) is None else "reference"
+    elif backend == "triton":
+        reason = triton_backend.why_not(*triton_args)
+        if reason is not None:
+            raise ValueError(f"paged_cascade_attention: backend='triton' cannot run these inputs: {reason}")
+        _expect_no_gradient_for_triton("paged_cascade_attention", q, k_cache, v_cache)
     if backend == "reference" or not plan.launch_tables or plan.total_q == 0:
         out, lse = paged_attention_with_lse(
             q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.max_seqlen_q,

@@ -364,6 +364,24 @@ def test_explicit_levels_and_their_checks():
             plan_cascade(block_table, seqused_k, cu_seqlens_q, levels=levels, **kwargs)
 
 
+def test_explicit_triton_refuses_a_gradient_it_cannot_give():
+    """The Triton cascade is a custom op without a backward: asked for by name under
+    grad it must refuse, not return a silently detached result; auto takes the
+    differentiable reference."""
+    seq_lens, q_lens, shared, _ = TREES["one prefix for all"]
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, PS, 8, 2, 32,
+                                                                           torch.float32, shared)  # fmt: skip
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=PS, heads_q=8, heads_kv=2, head_dim=32,
+                        dtype=torch.float32, share="always")  # fmt: skip
+    assert plan.shared
+    q.requires_grad_(True)
+    with pytest.raises(ValueError, match="paged_cascade_attention: backend='triton' has no backward"):
+        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, backend="triton")
+    out, _ = splitkv.paged_cascade_attention(q, k_cache, v_cache, plan)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+
+
 def test_cost_model_keeps_long_prefixes_and_falls_back_on_short_ones():
     page_size, prompt_pages, samples = 16, 512, 64
     prompt = torch.arange(prompt_pages, dtype=torch.int32)
