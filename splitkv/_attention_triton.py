@@ -1,4 +1,5 @@
-"""Triton flash-attention forward for packed varlen batches that also returns the LSE.
+"""Launching splitkv's Triton attention forward (the kernel is in
+:mod:`splitkv._attention_kernels`) for packed varlen batches, returning the LSE.
 
 ``triton_attention_with_lse`` computes softmax attention over sequences packed along
 the token axis (flash-attn varlen layout, bottom-right aligned causal mask, GQA/MQA)
@@ -10,461 +11,53 @@ programs, and the kernel writes one partial ``(out, lse)`` state per chunk for a
 merge. That spreads a long KV cache over the GPU when there are too few query rows to
 fill it, which is the usual situation when decoding.
 
-Each program owns one KV head and ``BLOCK_M`` rows, where a row is a (query token,
-query head of that KV head's group) pair, so every K/V tile is loaded once for all the
-query heads that share it.
+``launch_attention`` is the launch itself, for callers that validated their inputs
+(cascade attention): it also takes the cascade's shared prefix (:class:`Prefix`) and
+the fused merge of one sequence's states.
 """
+
+from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
+from ._attention_kernels import PrefixMode, attention_fwd_kernel
 from ._triton_launch import CompiledLauncher
 from ._triton_support import TRITON_MAX_HEAD_DIM, interpreter_enabled
 
 _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
-_LN2 = tl.constexpr(math.log(2.0))
 _MIN_BLOCK_M = 16
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_SPLITS = 65535
 
 
-@triton.jit
-def _load_kv_tile(ptrs, keys, key_hi, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    # Masks are only emitted where they can be false: unmasked loads vectorise better.
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    if MASK_KEYS:
-        mask = (keys < key_hi)[:, None]
-        if HEAD_DIM != HEAD_DIM_PAD:
-            mask = mask & (offs_d < HEAD_DIM)[None, :]
-        tile = tl.load(ptrs, mask=mask, other=0.0)
-    elif HEAD_DIM != HEAD_DIM_PAD:
-        tile = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile
+class Prefix(NamedTuple):
+    """The cascade's shared prefix for one launch: ``k, v [prefix_len, heads_kv,
+    head_dim]`` (strided like the launch's k, v), seen whole and non-causally by every
+    query of the batch. Either a pass of its own in ``splits >= 1`` key chunks, writing
+    states ``0 .. splits - 1`` before the sequences' states, or ``inline`` (``splits ==
+    0``): each sequence's first key chunk walks the whole prefix before its own keys."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    splits: int = 0
+    inline: bool = False
+
+    @property
+    def mode(self) -> PrefixMode:
+        if self.inline and self.splits == 0:
+            return PrefixMode.INLINE
+        if not self.inline and self.splits >= 1:
+            return PrefixMode.PASS
+        raise ValueError(f"prefix: no kernel mode for splits={self.splits} with inline={self.inline} (an inline "
+                         "prefix has no chunks of its own, a prefix pass at least one)")  # fmt: skip
 
 
-@triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
-    if UPCAST_OPERANDS:
-        # The Triton 3.9 interpreter multiplies the raw uint16 storage of bf16 blocks;
-        # bf16 -> fp32 is exact, so upcasting first gives the same product.
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc=acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _online_softmax(s, m_i, l_i):
-    """One key tile's step of the online softmax over scores ``s [rows, keys]`` (log2
-    domain, ``-inf`` where masked), running max ``m_i`` and sum ``l_i``: returns the
-    tile's weights ``p``, the rescale ``alpha`` of what came before, and the new sum and
-    max. The caller rescales its accumulator by ``alpha`` and adds ``p @ v``."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; shifting by 0 instead
-    # avoids exp2(-inf - -inf) = NaN and leaves p = alpha = 0 for that row.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_shift[:, None])
-    alpha = tl.exp2(m_i - m_shift)
-    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
-
-
-@triton.jit
-def _finish_state(acc, l_i, m_i):
-    """``(out, lse)`` of a finished online softmax, lse in natural log. Rows that saw no
-    visible key end with l_i = 0, acc = 0 and m_i = -inf: dividing by 1 instead gives
-    them out = 0 and lse = -inf."""
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    return acc / l_safe[:, None], (m_i + tl.log2(l_safe)) * _LN2
-
-
-@triton.jit
-def _attend_key_range(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    stride_kt,
-    stride_vt,
-    key_lo,
-    key_hi,
-    row_key_end,
-    qk_scale,
-    MASK_KEYS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    """Online-softmax update of (acc, l_i, m_i) with the keys [key_lo, key_hi).
-
-    Scores are kept in the log2 domain (scaled by softmax_scale * log2(e)) so exp2 can
-    be used. With MASK_KEYS, key ``j`` is visible to row ``r`` iff ``j < row_key_end[r]``
-    and loads stop at key_hi; without it every key of the range must be visible to
-    every row and key_hi - key_lo must be a multiple of BLOCK_N.
-    """
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    # 64-bit token offset: a long KV cache times its token stride can pass 2**31.
-    k_ptrs = k_base + tl.cast(key_lo, tl.int64) * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :]
-    v_ptrs = v_base + tl.cast(key_lo, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
-    for start_n in range(key_lo, key_hi, BLOCK_N):
-        keys = start_n + offs_n
-        k = _load_kv_tile(k_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
-        s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
-        if MASK_KEYS:
-            s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
-
-        p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
-
-        v = _load_kv_tile(v_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
-        acc = acc * alpha[:, None]
-        acc = _dot(p.to(v.dtype), v, acc, INPUT_PRECISION, UPCAST_DOT)
-        m_i = m_new
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
-    return acc, l_i, m_i
-
-
-@triton.jit
-def _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                BLOCK_M: tl.constexpr):  # fmt: skip
-    """Rows ``row_block`` of a sequence's ``num_rows`` for one KV head: row r is query token
-    r // group and query head kv_head * group + r % group. Returns (row_valid, token,
-    head, offs_d, row_d_mask)."""
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    row_d_mask = row_valid[:, None] & (offs_d < HEAD_DIM)[None, :]
-    return row_valid, rows // group, kv_head * group + rows % group, offs_d, row_d_mask
-
-
-@triton.jit
-def _attend_rows(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    q_start,
-    q_len,
-    k_start,
-    k_len,
-    kv_head,
-    row_block,
-    split,
-    num_splits,
-    state,
-    group,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_os,
-    stride_ot,
-    stride_oh,
-    stride_ls,
-    stride_lh,
-    qk_scale,
-    PrefixK,
-    PrefixV,
-    stride_pkt,
-    stride_pkh,
-    stride_pvt,
-    stride_pvh,
-    prefix_len,
-    CAUSAL: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    INLINE_PREFIX: tl.constexpr,
-):
-    """One program's work: ``BLOCK_M`` rows of one sequence and KV head against key
-    chunk ``split`` of ``num_splits``, written as partial state ``state``. With
-    INLINE_PREFIX, the programs of chunk 0 first walk the whole shared prefix
-    ``PrefixK/PrefixV [prefix_len]``, which every row sees."""
-    num_rows = q_len * group
-    if row_block * BLOCK_M < num_rows:
-        row_valid, token, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
-                                                                 HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
-
-        q_rows = (q_start + token).to(tl.int64)
-        q = tl.load(Q + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_d_mask,
-                    other=0.0)  # fmt: skip
-
-        chunk = (k_len + num_splits - 1) // num_splits
-        chunk_lo = tl.minimum(split * chunk, k_len)
-        chunk_hi = tl.minimum(chunk_lo + chunk, k_len)
-        if CAUSAL:
-            # Bottom-right alignment: token i sees key j iff j <= i + k_len - q_len.
-            shift = k_len - q_len + 1
-            first_token = (row_block * BLOCK_M) // group
-            last_token = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
-            common_hi = tl.minimum(chunk_hi, first_token + shift)
-            block_hi = tl.minimum(chunk_hi, last_token + shift)
-            row_key_end = tl.minimum(chunk_hi, token + shift)
-        else:
-            common_hi = chunk_hi
-            block_hi = chunk_hi
-            row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
-        # Whole key blocks that every row of the block sees skip the per-element mask.
-        unmasked_hi = chunk_lo + tl.maximum(common_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
-
-        # 64-bit token offsets (a long KV cache times its token stride can pass 2**31);
-        # tl.cast also takes the prefix pass's literal 0.
-        k_base = K + tl.cast(k_start, tl.int64) * stride_kt + kv_head * stride_kh
-        v_base = V + tl.cast(k_start, tl.int64) * stride_vt + kv_head * stride_vh
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        # Two ifs: the constexpr one removes the prefix walk at compile time.
-        if INLINE_PREFIX:  # noqa: SIM102
-            if split == 0:
-                pk_base = PrefixK + kv_head * stride_pkh
-                pv_base = PrefixV + kv_head * stride_pvh
-                prefix_blocks_end = prefix_len // BLOCK_N * BLOCK_N
-                acc, l_i, m_i = _attend_key_range(
-                    acc, l_i, m_i, q, pk_base, pv_base, stride_pkt, stride_pvt,
-                    0, prefix_blocks_end, row_key_end, qk_scale,
-                    False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-                )  # fmt: skip
-                acc, l_i, m_i = _attend_key_range(
-                    acc, l_i, m_i, q, pk_base, pv_base, stride_pkt, stride_pvt,
-                    prefix_blocks_end, prefix_len, tl.zeros([BLOCK_M], dtype=tl.int32) + prefix_len, qk_scale,
-                    True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-                )  # fmt: skip
-        acc, l_i, m_i = _attend_key_range(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-            chunk_lo, unmasked_hi, row_key_end, qk_scale,
-            False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-        )  # fmt: skip
-        acc, l_i, m_i = _attend_key_range(
-            acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt,
-            unmasked_hi, block_hi, row_key_end, qk_scale,
-            True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
-        )  # fmt: skip
-
-        out, lse = _finish_state(acc, l_i, m_i)
-
-        state_offset = tl.cast(state, tl.int64)
-        o_ptrs = Out + state_offset * stride_os + q_rows[:, None] * stride_ot + head[:, None] * stride_oh
-        o_ptrs += offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)
-        lse_ptrs = Lse + state_offset * stride_ls + head.to(tl.int64) * stride_lh + q_start + token
-        tl.store(lse_ptrs, lse, mask=row_valid)
-
-
-@triton.jit
-def _load_state(lse_ptrs, o_ptrs, state, num_states, stride_ls, stride_os, row_valid, row_d_mask):
-    # A state past the last reads the last one again, as empty (lse -inf): weight 0.
-    # (A scalar in the load mask is refused by the triton 3.9 interpreter.) .cg reads
-    # from L2, where the other programs' stores are, never from a stale L1 line.
-    read = tl.minimum(state, num_states - 1)
-    lse = tl.load(lse_ptrs + read * stride_ls, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-    out = tl.load(o_ptrs + read * stride_os, mask=row_d_mask, other=0.0, cache_modifier=".cg")
-    return tl.where(state < num_states, lse, float("-inf")), out
-
-
-@triton.jit
-def _merge_tile_when_last(
-    Out,
-    Lse,
-    Final,
-    FinalLse,
-    Counters,
-    tile,
-    num_states,
-    row_block,
-    kv_head,
-    total_q,
-    group,
-    stride_os,
-    stride_ot,
-    stride_oh,
-    stride_ls,
-    stride_lh,
-    stride_ft,
-    stride_fh,
-    stride_flh,
-    WRITE_FINAL_LSE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
-    """The fused merge of a one-sequence cascade. Every program of a (KV head, row
-    block) tile, prefix and suffix alike, counts itself on the tile's counter once its
-    state is stored; the last to arrive merges the tile's ``num_states`` states into
-    ``Final`` (and ``FinalLse``) and sets the counter back to 0 for the next launch."""
-    # The barrier puts every thread's state stores before the atomic, whose release
-    # (issued by one thread of the program) makes them visible to the program that
-    # arrives last; its acquire makes the others' stores visible to it.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_states - 1:
-        tl.store(Counters + tile, 0)
-        row_valid, token, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, total_q * group, group,
-                                                                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
-        o_ptrs = Out + token.to(tl.int64)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-        lse_ptrs = Lse + head.to(tl.int64) * stride_lh + token
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-        # Four states per step, their loads issued together: one program merges the
-        # whole tile, and one state after another would wait on L2 once per state.
-        for first in range(0, num_states, 4):
-            lse_0, out_0 = _load_state(lse_ptrs, o_ptrs, first, num_states, stride_ls, stride_os, row_valid, row_d_mask)
-            lse_1, out_1 = _load_state(lse_ptrs, o_ptrs, first + 1, num_states, stride_ls, stride_os, row_valid,
-                                       row_d_mask)  # fmt: skip
-            lse_2, out_2 = _load_state(lse_ptrs, o_ptrs, first + 2, num_states, stride_ls, stride_os, row_valid,
-                                       row_d_mask)  # fmt: skip
-            lse_3, out_3 = _load_state(lse_ptrs, o_ptrs, first + 3, num_states, stride_ls, stride_os, row_valid,
-                                       row_d_mask)  # fmt: skip
-            m_new = tl.maximum(m_i, tl.maximum(tl.maximum(lse_0, lse_1), tl.maximum(lse_2, lse_3)))
-            # An empty state (lse -inf) weighs 0; shifting by 0 while every state so far
-            # is empty avoids exp(-inf - -inf) = NaN. A NaN lse makes its row NaN.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - m_shift)
-            w_0 = tl.exp(lse_0 - m_shift)
-            w_1 = tl.exp(lse_1 - m_shift)
-            w_2 = tl.exp(lse_2 - m_shift)
-            w_3 = tl.exp(lse_3 - m_shift)
-            acc = acc * alpha[:, None] + w_0[:, None] * out_0 + w_1[:, None] * out_1
-            acc += w_2[:, None] * out_2 + w_3[:, None] * out_3
-            l_i = l_i * alpha + (w_0 + w_1) + (w_2 + w_3)
-            m_i = m_new
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        f_ptrs = Final + token.to(tl.int64)[:, None] * stride_ft + head[:, None] * stride_fh + offs_d[None, :]
-        tl.store(f_ptrs, (acc / l_safe[:, None]).to(Final.dtype.element_ty), mask=row_d_mask)
-        if WRITE_FINAL_LSE:
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
-            tl.store(FinalLse + head.to(tl.int64) * stride_flh + token, lse, mask=row_valid)
-
-
-@triton.jit
-def _attention_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    Lse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    seqused_k,
-    PrefixK,
-    PrefixV,
-    Final,
-    FinalLse,
-    Counters,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    stride_vt,
-    stride_vh,
-    stride_pkt,
-    stride_pkh,
-    stride_pvt,
-    stride_pvh,
-    stride_os,
-    stride_ot,
-    stride_oh,
-    stride_ls,
-    stride_lh,
-    stride_ft,
-    stride_fh,
-    stride_flh,
-    batch,
-    heads_kv,
-    group,
-    num_row_blocks,
-    num_splits,
-    total_q,
-    prefix_len,
-    prefix_row_blocks,
-    prefix_splits,
-    qk_scale,
-    CAUSAL: tl.constexpr,
-    HAS_SEQUSED_K: tl.constexpr,
-    HAS_PREFIX: tl.constexpr,
-    INLINE_PREFIX: tl.constexpr,
-    FUSED_MERGE: tl.constexpr,
-    WRITE_FINAL_LSE: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PREFIX_BLOCK_M: tl.constexpr,
-    PREFIX_BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    # One flat grid axis (limit 2**31 - 1; axes 1 and 2 stop at 65535, which long
-    # prefills and large decode batches exceed). With HAS_PREFIX its first programs are
-    # the cascade's prefix pass: every query of the batch, as one sequence, against the
-    # shared PrefixK/PrefixV, non-causal, writing states [0, prefix_splits); the rest are
-    # the per-sequence pass writing the states after them. One launch serves both passes.
-    # With INLINE_PREFIX (prefix_splits = 0) there are no prefix programs: each
-    # sequence's first-chunk programs walk the prefix before their own keys.
-    # Row blocks that read the same keys are adjacent so they reuse K/V in L2, and run
-    # last-to-first so the longest causal blocks start first.
-    pid = tl.program_id(0)
-    prefix_programs = prefix_row_blocks * heads_kv * prefix_splits
-    if pid < prefix_programs:
-        row_block = prefix_row_blocks - 1 - pid % prefix_row_blocks
-        kv_head = pid // (prefix_row_blocks * prefix_splits)
-        if HAS_PREFIX:
-            split = (pid // prefix_row_blocks) % prefix_splits
-            _attend_rows(
-                Q, PrefixK, PrefixV, Out, Lse, 0, total_q, 0, prefix_len, kv_head, row_block, split, prefix_splits,
-                split, group, stride_qt, stride_qh, stride_pkt, stride_pkh, stride_pvt, stride_pvh,
-                stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
-                PrefixK, PrefixV, stride_pkt, stride_pkh, stride_pvt, stride_pvh, prefix_len,
-                False, HEAD_DIM, HEAD_DIM_PAD, PREFIX_BLOCK_M, PREFIX_BLOCK_N, INPUT_PRECISION, UPCAST_DOT, False,
-            )  # fmt: skip
-    else:
-        pid -= prefix_programs
-        row_block = num_row_blocks - 1 - pid % num_row_blocks
-        seq_head = (pid // num_row_blocks) % (batch * heads_kv)
-        split = pid // (num_row_blocks * batch * heads_kv)
-        seq = seq_head // heads_kv
-        kv_head = seq_head % heads_kv
-        q_start = tl.load(cu_seqlens_q + seq)
-        k_start = tl.load(cu_seqlens_k + seq)
-        if HAS_SEQUSED_K:
-            k_len = tl.load(seqused_k + seq)
-        else:
-            k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
-        _attend_rows(
-            Q, K, V, Out, Lse, q_start, tl.load(cu_seqlens_q + seq + 1) - q_start,
-            k_start, k_len, kv_head, row_block, split, num_splits,
-            prefix_splits + split, group, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, qk_scale,
-            PrefixK, PrefixV, stride_pkt, stride_pkh, stride_pvt, stride_pvh, prefix_len,
-            CAUSAL, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT, INLINE_PREFIX,
-        )  # fmt: skip
-    if FUSED_MERGE:
-        # One sequence, and the prefix pass tiled as the suffix pass (launch_attention
-        # makes it so): a (KV head, row block) tile names the same rows in both.
-        _merge_tile_when_last(
-            Out, Lse, Final, FinalLse, Counters, kv_head * num_row_blocks + row_block, prefix_splits + num_splits,
-            row_block, kv_head, total_q, group, stride_os, stride_ot, stride_oh, stride_ls, stride_lh,
-            stride_ft, stride_fh, stride_flh, WRITE_FINAL_LSE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M,
-        )  # fmt: skip
-
-
-_launch_attention_kernel = CompiledLauncher(_attention_fwd_kernel)
+_launch_attention_kernel = CompiledLauncher(attention_fwd_kernel)
 
 
 @functools.cache
@@ -509,9 +102,7 @@ def triton_attention_with_lse(
     causal: bool,
     softmax_scale: float,
     num_splits: int = 1,
-    out: torch.Tensor | None = None,
-    lse: torch.Tensor | None = None,
-    prefix: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    prefix: Prefix | None = None,
     seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention forward returning ``(out, lse)``; see ``reference_attention_with_lse``.
@@ -527,18 +118,13 @@ def triton_attention_with_lse(
         softmax_scale: multiplier of ``q @ k^T``.
         num_splits: number of contiguous key chunks of ``ceil(Lk / num_splits)`` keys
             each sequence is cut into.
-        out, lse: optional result buffers for the (split) states
-            (``[states, total_q, heads_q, head_dim]`` float32 or q's dtype, any leading strides,
-            contiguous last dim; ``[states, heads_q, total_q]`` float32 with
-            contiguous tokens).
-        prefix: ``(prefix_k, prefix_v, prefix_splits)``, the cascade's shared prefix
-            KV ``[prefix_len, heads_kv, head_dim]`` (strided like k, v). The same launch
-            then also runs every query of the batch against the whole prefix
-            (non-causal, in ``prefix_splits`` key chunks) into states
-            ``0 .. prefix_splits - 1``; the per-sequence states follow them. With
-            ``prefix_splits == 0`` the programs of each sequence's first key chunk
-            walk the whole prefix before their keys instead (one state fewer per
-            chunk: with ``num_splits == 1`` the final output, and no merge).
+        prefix: the cascade's shared prefix (:class:`Prefix`). As a pass of its own,
+            the same launch also runs every query of the batch against the whole
+            prefix (non-causal, in ``prefix.splits`` key chunks) into states ``0 ..
+            prefix.splits - 1``; the per-sequence states follow them. Inline, the
+            programs of each sequence's first key chunk walk the whole prefix before
+            their keys instead (one state fewer per chunk: with ``num_splits == 1``
+            the final output, and no merge).
         seqused_k: optional int32 ``[batch]``: sequence ``i`` uses only its first
             ``seqused_k[i]`` keys from ``cu_seqlens_k[i]`` on (a cache with room to grow).
 
@@ -546,7 +132,7 @@ def triton_attention_with_lse(
         With ``num_splits == 1`` and no prefix: ``out [total_q, heads_q, head_dim]`` in
         q.dtype and ``lse [heads_q, total_q]`` float32 (natural log). Otherwise all
         partial states: ``out [states, total_q, heads_q, head_dim]`` float32 and ``lse
-        [states, heads_q, total_q]`` float32, ``states = prefix_splits + num_splits``.
+        [states, heads_q, total_q]`` float32, ``states = prefix.splits + num_splits``.
         Rows that see no key (in the whole sequence, or in that chunk) get out 0 and
         lse ``-inf``.
     """
@@ -567,32 +153,25 @@ def triton_attention_with_lse(
     batch = cu_seqlens_q.shape[0] - 1
     if seqused_k is not None and (seqused_k.dtype != torch.int32 or tuple(seqused_k.shape) != (batch,)):
         raise TypeError("seqused_k must be int32 [batch]")
-    if not 1 <= num_splits <= 65535:
-        raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
-    prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
+    if not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    prefix_splits = 0
     if prefix is not None:
+        prefix_k, prefix_v, prefix_splits = prefix.k, prefix.v, prefix.splits
         if prefix_k.shape[1:] != k.shape[1:] or prefix_v.shape != prefix_k.shape or prefix_k.dtype != q.dtype:
             raise ValueError(f"prefix k, v must be [prefix_len, {heads_kv}, {head_dim}] {q.dtype}")
         if prefix_k.stride(-1) != 1 or prefix_v.stride(-1) != 1 or prefix_v.dtype != q.dtype:
             raise ValueError("prefix k, v need q's dtype and a contiguous last dimension")
-        if not 0 <= prefix_splits <= 65535:
-            raise ValueError(f"prefix_splits must be in [0, 65535], got {prefix_splits}")
+        if prefix_splits > _MAX_SPLITS:
+            raise ValueError(f"prefix splits must be at most {_MAX_SPLITS}, got {prefix_splits}")
 
     num_states = prefix_splits + num_splits
     states_mode = num_states > 1
     # Partial states stay fp32: they are rescaled and summed by the merge, and rounding
     # each one to 16 bits first would add error the unsplit kernel does not have.
-    out_dtype = out.dtype if out is not None else (torch.float32 if states_mode else q.dtype)
-    if out is None:
-        out = torch.empty((num_states, total_q, heads_q, head_dim), dtype=out_dtype, device=q.device)
-    if lse is None:
-        lse = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
-    if out.shape != (num_states, total_q, heads_q, head_dim) or out_dtype not in (torch.float32, q.dtype):
-        raise ValueError(f"out must be [{num_states}, {total_q}, {heads_q}, {head_dim}], float32 or q's dtype")
-    if out.stride(-1) != 1:
-        raise ValueError("out must have a contiguous last dim")
-    if lse.shape != (num_states, heads_q, total_q) or lse.dtype != torch.float32 or lse.stride(-1) != 1:
-        raise ValueError(f"lse must be [{num_states}, {heads_q}, {total_q}] float32 with contiguous tokens")
+    out = torch.empty((num_states, total_q, heads_q, head_dim), dtype=torch.float32 if states_mode else q.dtype,
+                      device=q.device)  # fmt: skip
+    lse = torch.empty((num_states, heads_q, total_q), dtype=torch.float32, device=q.device)
 
     launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                      num_splits, out, lse, prefix, seqused_k)  # fmt: skip
@@ -621,12 +200,12 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      num_splits, out, lse, prefix, seqused_k, merge_into=None):  # fmt: skip
     """The launch of :func:`triton_attention_with_lse` for arguments it (or a caller that
     checked a superset of them, as cascade attention does) has validated, with ``out``
-    and ``lse`` given. Decode steps are host-bound on small shapes, so this does no
+    and ``lse`` given and ``prefix`` a :class:`Prefix` or None. Decode steps are host-bound on small shapes, so this does no
     more Python than the launch needs.
 
     ``merge_into = (final, final_lse, counters)`` fuses the merge of the states into the
-    launch, for one sequence (``batch == 1``) with a prefix in chunks
-    (``prefix_splits >= 1``): ``final [total_q, heads_q, head_dim]`` in q's dtype and,
+    launch, for one sequence (``batch == 1``) with more than one state:
+    ``final [total_q, heads_q, head_dim]`` in q's dtype and,
     unless None, ``final_lse [heads_q, total_q]`` float32 with contiguous tokens get the
     merged result; ``counters`` is int32, zero, of at least :func:`fused_merge_counters`
     entries, and zero again when the launch ends. Two launches may share ``counters``
@@ -635,9 +214,14 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     heads_kv = k.shape[1]
     batch = cu_seqlens_q.shape[0] - 1
     group = heads_q // heads_kv
-    prefix_k, prefix_v, prefix_splits = prefix if prefix is not None else (k, v, 0)
-    prefix_len = prefix_k.shape[0] if prefix is not None else 0
-    inline_prefix = prefix is not None and prefix_splits == 0
+    if prefix is None:
+        # The prefix pointers are placeholders the kernel never reads.
+        prefix_mode, prefix_k, prefix_v, prefix_splits, prefix_len = PrefixMode.NONE, k, v, 0, 0
+    else:
+        # Refuses, before any launch, a prefix that names no kernel mode.
+        prefix_mode, prefix_k, prefix_v, prefix_splits = prefix.mode, prefix.k, prefix.v, prefix.splits
+        prefix_len = prefix_k.shape[0]
+    inline_prefix = prefix_mode == PrefixMode.INLINE
     head_dim_pad = max(16, _next_power_of_2(head_dim))
     rows_per_seq = max_seqlen_q * group
     keys_per_program = _cdiv(max_seqlen_k, num_splits) + (prefix_len if inline_prefix else 0)
@@ -677,7 +261,7 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         prefix_splits, softmax_scale * _LOG2E,
     )  # fmt: skip
     constexprs = (
-        causal, seqused_k is not None, prefix_splits > 0, inline_prefix, merge_into is not None,
+        causal, seqused_k is not None, int(prefix_mode), merge_into is not None,
         final_lse is not None, head_dim, head_dim_pad,
         block_m, block_n, prefix_block_m, prefix_block_n,
         # fp32 callers want fp32 accuracy, which TF32 tensor cores (10-bit

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_triton import _block_rows, _dot, _finish_state, _online_softmax
+from ._attention_kernels import block_rows, dot, finish_state, online_softmax
 from ._triton_launch import CompiledLauncher
 from ._triton_support import interpreter_enabled
 
@@ -58,7 +58,7 @@ def _attend_item(
     ``state_base + split``; chunk 0 also marks the states from ``pad_from`` on empty."""
     num_rows = num_tokens * group
     if row_block * BLOCK_M < num_rows:
-        row_valid, tok_idx, head, offs_d, row_d_mask = _block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
+        row_valid, tok_idx, head, offs_d, row_d_mask = block_rows(row_block, kv_head, num_rows, group, HEAD_DIM,
                                                                    HEAD_DIM_PAD, BLOCK_M)  # fmt: skip
         if PLAN:
             token = tl.load(ItemTokens + tok_off + tok_idx, mask=row_valid, other=0)
@@ -108,14 +108,14 @@ def _attend_item(
             else:
                 tile_mask = key_valid[:, None] & d_mask
             k = tl.load(k_head + (page * stride_kp + slot * stride_ks)[:, None], mask=tile_mask, other=0.0)
-            s = _dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+            s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
-            p, alpha, l_i, m_new = _online_softmax(s, m_i, l_i)
+            p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
             v = tl.load(v_head + (page * stride_vp + slot * stride_vs)[:, None], mask=tile_mask, other=0.0)
-            acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
+            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
             m_i = m_new
 
-        out, lse = _finish_state(acc, l_i, m_i)
+        out, lse = finish_state(acc, l_i, m_i)
         state = tl.cast(state_base + split, tl.int64)
         o_ptrs = Out + state * stride_os + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_d_mask)

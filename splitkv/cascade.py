@@ -368,7 +368,8 @@ def cascade_stages(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_s
     chosen, suffix_splits = cascade_splits(num_sequences, heads_q, heads_kv, head_dim, total_q, max_seqlen_q,
                                            max_seqlen_k, prefix_k.shape[0], q.device, q.element_size())  # fmt: skip
     prefix_splits = chosen if prefix_splits is None else prefix_splits
-    prefix = (prefix_k, prefix_v, prefix_splits)
+    # cascade_splits' 0 prefix chunks: the suffix programs walk the prefix inline.
+    prefix = kernels.Prefix(prefix_k, prefix_v, prefix_splits, inline=prefix_splits == 0)
     num_states = prefix_splits + suffix_splits
     # A single state (the single-launch cascade) is the output itself, in q's dtype.
     states_dtype = torch.float32 if num_states > 1 else q.dtype

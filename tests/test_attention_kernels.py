@@ -2,9 +2,9 @@
 
 Without CUDA the Triton kernel runs under the Triton interpreter on CPU tensors, so the
 shapes here stay small; with CUDA the same tests run on the GPU with longer sequences.
-These tests are about the internal kernel and its launch path (splitkv._attention_triton,
-the C++ launcher), so they use its private names; the public functions are tested in
-test_attention.py and test_cascade.py.
+These tests are about the internal kernel and its launch path (splitkv._attention_kernels,
+splitkv._attention_triton, the C++ launcher), so they use its private names; the public
+functions are tested in test_attention.py and test_cascade.py.
 """
 
 import os
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 try:
-    from splitkv._attention_triton import triton_attention_with_lse
+    from splitkv._attention_triton import Prefix, triton_attention_with_lse
 except ImportError:
     triton_attention_with_lse = None
 
@@ -308,12 +308,25 @@ def test_triton_inline_prefix(num_splits):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "empty", _nan_filled_empty)
         inline = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
-                                           prefix=(prefix_k, prefix_v, 0))  # fmt: skip
+                                           prefix=Prefix(prefix_k, prefix_v, inline=True))  # fmt: skip
         chunked = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
-                                            prefix=(prefix_k, prefix_v, 2))  # fmt: skip
+                                            prefix=Prefix(prefix_k, prefix_v, 2))  # fmt: skip
     assert inline[0].shape[0] == (num_splits if num_splits > 1 else q.shape[0])
     inline_out, inline_lse = _merge_splits(inline[0].double(), inline[1].double()) if num_splits > 1 else inline
     _assert_matches(inline_out, inline_lse, *_merge_splits(chunked[0].double(), chunked[1].double()), dtype)
+
+
+@requires_triton
+@pytest.mark.parametrize(("splits", "inline"), [(0, False), (2, True)])
+def test_a_prefix_that_names_no_kernel_mode_is_refused(splits, inline):
+    """An inline prefix has no chunks of its own and a prefix pass at least one: the other
+    two combinations are refused before anything launches, not read as some mode."""
+    gen = torch.Generator().manual_seed(29)
+    q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(1, 5), (2, 9)], 4, 2, 32, torch.float32, gen)
+    prefix_k, prefix_v = (torch.randn((7, 2, 32), generator=gen).to(DEVICE) for _ in range(2))
+    with pytest.raises(ValueError, match=f"prefix: no kernel mode for splits={splits} with inline={inline}"):
+        triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.2, prefix=Prefix(prefix_k, prefix_v,
+                                                                                              splits, inline))
 
 
 @pytest.mark.parametrize(
@@ -325,7 +338,7 @@ def test_fused_merge_equals_the_merged_states(q_len, k_len, prefix_len, prefix_s
     merges its states) writes the exact merge of the states it leaves, every element
     (outputs poisoned with NaN), and leaves its counters zero for the next launch; the
     second and third launches give the first's bits."""
-    from splitkv._attention_triton import fused_merge_counters, launch_attention
+    from splitkv._attention_triton import Prefix, fused_merge_counters, launch_attention
 
     gen = torch.Generator().manual_seed(31 + q_len + prefix_splits)
     dtype, scale, heads_q, heads_kv, head_dim = torch.float16, 0.2, 8, 2, 40
@@ -340,7 +353,8 @@ def test_fused_merge_equals_the_merged_states(q_len, k_len, prefix_len, prefix_s
         final = torch.full((q_len, heads_q, head_dim), float("nan"), dtype=dtype, device=DEVICE)
         final_lse = torch.full((heads_q, q_len), float("nan"), device=DEVICE)
         launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits, states, lses,
-                         (prefix_k, prefix_v, prefix_splits), None, (final, final_lse, counters))  # fmt: skip
+                         Prefix(prefix_k, prefix_v, prefix_splits, inline=prefix_splits == 0), None,
+                         (final, final_lse, counters))  # fmt: skip
         results.append((final, final_lse))
         assert (counters == 0).all()
     want_out, want_lse = _merge_splits(states.double(), lses.double())
@@ -355,7 +369,7 @@ def test_fused_merge_under_contention():
     """Many split programs per tile finish close together on the GPU: 200 launches of
     one decode step over a long prefix, each writing the same bits, with the counters
     zero after each; and a launch without the LSE writes the same output."""
-    from splitkv._attention_triton import fused_merge_counters, launch_attention
+    from splitkv._attention_triton import Prefix, fused_merge_counters, launch_attention
 
     gen = torch.Generator().manual_seed(37)
     q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(2, 300)], 32, 8, 128, torch.bfloat16, gen)
@@ -367,7 +381,7 @@ def test_fused_merge_under_contention():
     for launch in range(200):
         final = torch.full((2, 32, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         final_lse = torch.full((32, 2), float("nan"), device=DEVICE) if launch else None
-        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.08, 4, states, lses, (prefix_k, prefix_v, 64),
+        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.08, 4, states, lses, Prefix(prefix_k, prefix_v, 64),
                          None, (final, final_lse, counters))  # fmt: skip
         outputs.append((final, final_lse))
     assert (counters == 0).all()
@@ -397,7 +411,9 @@ def _cpp_launcher():
         pytest.skip(f"the CUDA extension is not loaded: {_cuda.load_error() or 'SPLITKV_DISABLE_CUDA is set'}")
     launcher = _attention_triton._launch_attention_kernel
     if not launcher.enabled:
-        pytest.skip(f"triton {_attention_triton.triton.__version__} launches through JITFunction.run here")
+        import triton
+
+        pytest.skip(f"triton {triton.__version__} launches through JITFunction.run here")
     return launcher
 
 
@@ -406,7 +422,7 @@ def test_compiled_launcher_picks_tritons_kernel():
     """Every launch from C++ runs the kernel triton itself would pick for those arguments:
     alignment, strides divisible by 16 or not, values of 1, splits and prefix states,
     each twice so that the second launch takes the cached kernel."""
-    from splitkv import _attention_triton
+    from splitkv import _attention_kernels, _attention_triton
 
     launcher = _cpp_launcher()
     launches = []
@@ -430,7 +446,7 @@ def test_compiled_launcher_picks_tritons_kernel():
     for grid, args, constexprs, num_warps, num_stages, device_index in launches:
         assert device_index == torch.cuda.current_device()
         config = launcher.configs[(constexprs, num_warps, num_stages)]
-        picked = _attention_triton._attention_fwd_kernel.run(
+        picked = _attention_kernels.attention_fwd_kernel.run(
             *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
         )
         assert launcher.cache.function(config, device_index, args) == picked.function != 0
@@ -442,7 +458,7 @@ def test_launch_from_cpp_matches_tritons_launch():
     shared prefix, every kernel launches from C++ after its first launch and writes the
     very bits that triton's own launch writes; kinds that do not match a kernel's
     parameters are refused."""
-    from splitkv import _attention_triton, _cuda
+    from splitkv import _attention_kernels, _attention_triton, _cuda
     from splitkv._triton_launch import _direct_entry
 
     launcher = _cpp_launcher()
@@ -466,7 +482,7 @@ def test_launch_from_cpp_matches_tritons_launch():
                 results += _run_triton(*inputs, True, 0.125, num_splits)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch, "empty", _nan_filled_empty)
-            results += triton_attention_with_lse(*aligned, True, 0.125, num_splits=2, prefix=(prefix_k, prefix_v, 3))
+            results += triton_attention_with_lse(*aligned, True, 0.125, num_splits=2, prefix=Prefix(prefix_k, prefix_v, 3))
         return results
 
     with pytest.MonkeyPatch.context() as patch:
@@ -483,7 +499,7 @@ def test_launch_from_cpp_matches_tritons_launch():
     for g, want in zip(got, by_triton):
         torch.testing.assert_close(g, want, atol=0, rtol=0)
     grid, args, constexprs, num_warps, num_stages, _ = last_launch[0]
-    compiled = _attention_triton._attention_fwd_kernel.run(
+    compiled = _attention_kernels.attention_fwd_kernel.run(
         *args, *constexprs, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages
     )
     function, threads, shared, kinds = _direct_entry(compiled, len(args))
