@@ -8,6 +8,7 @@ namespace py = pybind11;
 
 namespace {
 
+using splitkv_binding::finite_positive_scale;
 using splitkv_binding::unpack_tensor;
 
 // Whether the varlen attention arguments pass every check of
@@ -46,18 +47,9 @@ bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, p
   if (!seqlens_ok(cu_seqlens_q, max_seqlen_q) || !seqlens_ok(cu_seqlens_k, max_seqlen_k) ||
       cu_seqlens_k.size(0) != cu_seqlens_q.size(0))
     return false;
-  if (!softmax_scale.is_none()) {
-    // A Python float or int, finite and positive (expect_scale's rule; anything else,
-    // NumPy scalars included, goes to Python for the check and its message).
-    PyObject* scale = softmax_scale.ptr();
-    if (!PyFloat_CheckExact(scale) && !PyLong_CheckExact(scale)) return false;
-    const double value = PyFloat_AsDouble(scale);
-    if (PyErr_Occurred()) {
-      PyErr_Clear();
-      return false;
-    }
-    if (!std::isfinite(value) || value <= 0) return false;
-  }
+  double scale = 0;
+  // expect_scale's rule (anything else goes to Python for the check and its message).
+  if (!softmax_scale.is_none() && !finite_positive_scale(softmax_scale, scale)) return false;
   if (prefix_k_obj.is_none() && prefix_v_obj.is_none()) return true;
   at::Tensor prefix_k, prefix_v;
   if (!unpack_tensor(prefix_k_obj, prefix_k) || !unpack_tensor(prefix_v_obj, prefix_v)) return false;

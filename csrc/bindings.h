@@ -1,7 +1,10 @@
 // What the extension module's source files share: the functions each adds to the
-// Python module (csrc/module.cpp builds it from them), and unpacking a Python
-// object into a tensor without pybind's casters (host time on the eager paths).
+// Python module (csrc/module.cpp builds it from them), unpacking a Python object
+// into a tensor without pybind's casters (host time on the eager paths), and the
+// scale rule both fast paths check.
 #pragma once
+
+#include <cmath>
 
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -21,6 +24,20 @@ inline bool unpack_tensor(pybind11::handle obj, at::Tensor& out) {
   if (!THPVariable_Check(obj.ptr())) return false;
   out = THPVariable_Unpack(obj.ptr());
   return true;
+}
+
+// Whether obj is a Python float or int (exactly: NumPy scalars and bools excluded),
+// finite and positive, into value: the rule of softmax_scale and of the fp8
+// output_scale. False sends the call to Python, which checks and names the argument.
+inline bool finite_positive_scale(pybind11::handle obj, double& value) {
+  PyObject* scale = obj.ptr();
+  if (!PyFloat_CheckExact(scale) && !PyLong_CheckExact(scale)) return false;
+  value = PyFloat_AsDouble(scale);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return std::isfinite(value) && value > 0;
 }
 
 }  // namespace splitkv_binding

@@ -19,6 +19,7 @@
 
 namespace {
 
+using splitkv_binding::finite_positive_scale;
 using splitkv_binding::unpack_tensor;
 
 
@@ -260,19 +261,11 @@ bool eager_output_dtype(py::handle output_dtype_obj, const at::Tensor* output, a
 }
 
 // The fp8 scale of an eager fast path: 1 for None, else a finite positive Python
-// float or int. False for anything else (a tensor, a bool, zero): the Python path
-// takes those, and raises where it should.
+// float or int (bindings.h). False for anything else (a tensor, a bool, zero, a NumPy
+// float): the Python path takes those, and raises where it should.
 bool eager_output_scale(py::handle output_scale_obj, double& output_scale) {
   output_scale = 1.0;
-  if (output_scale_obj.is_none()) return true;
-  PyObject* obj = output_scale_obj.ptr();
-  if (PyBool_Check(obj) || !(PyFloat_Check(obj) || PyLong_Check(obj))) return false;
-  output_scale = PyFloat_AsDouble(obj);
-  if (PyErr_Occurred()) {
-    PyErr_Clear();
-    return false;
-  }
-  return std::isfinite(output_scale) && output_scale > 0;
+  return output_scale_obj.is_none() || finite_positive_scale(output_scale_obj, output_scale);
 }
 
 // The eager fast path of splitkv.merge_attn_states(backend="auto"): one Python
