@@ -97,3 +97,23 @@ def test_bench_results_go_to_a_fresh_folder_by_default():
     assert default.parent == common.DEFAULT_OUT_ROOT and default.name.startswith("merge-")
     assert Path("benchmarks", "results") not in (default, *default.parents)
     assert parser.parse_args(["--out", "benchmarks/results"]).out == Path("benchmarks/results")
+
+
+def test_bench_hf_reports_the_median_of_its_runs(tmp_path, capsys):
+    """Both ways of `bench hf` take turns over --repeat timed runs; each reports the run
+    with the lower median decode step, its range, and every run's step in the JSON."""
+    import json
+
+    pytest.importorskip("transformers")
+    from splitkv.bench import hf
+
+    hf.main(["--quick", "--repeat", "2", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "hf.json").read_text())
+    assert payload["repeat"] == 2
+    for run in payload["runs"].values():
+        steps = run["decode_step_ms_runs"]
+        assert len(steps) == 2 and run["decode_step_ms_range"] == [min(steps), max(steps)]
+        assert run["decode_step_ms"] == min(steps)  # the lower of two medians
+    assert "median of 2 runs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        hf.main(["--quick", "--repeat", "0", "--out", str(tmp_path)])

@@ -11,8 +11,11 @@ the tokens are the greedy ones and the two runs can be compared):
 - splitkv: :func:`splitkv.integrations.transformers.generate_shared` with
   ``attn_implementation="splitkv"`` (the prompt's KV computed and stored once).
 
-Reported: time to first token (a run of one new token), the decode step (median
-time between two steps' tokens, from a streamer) and tokens/s, peak GPU memory above
+Both ways warm up at the full length first, then take turns over ``--repeat`` timed
+runs (default 3), so that a machine's drift reaches both alike. Reported for each way:
+the run with the (lower) median decode step, with the range over the runs (every run's
+step is in the JSON): time to first token (a run of one new token), the decode step
+(median time between two steps' tokens, from a streamer) and tokens/s, peak GPU memory above
 the weights (``torch.cuda.max_memory_allocated``, reset before each run), the KV
 bytes the cache holds at the end, and the fraction of generated tokens both runs
 agree on (bf16: ties may break differently). A same-tokens check in fp32 at a small
@@ -85,23 +88,27 @@ def _run(model, prompt, sequences: int, new_tokens: int, shared: bool, **extra):
     return model.generate(ids, attention_mask=torch.ones_like(ids), num_return_sequences=sequences, **kwargs)
 
 
-def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dict:
-    """Time to first token, decode step time and tokens/s, peak memory above the weights, KV bytes,
-    the tokens and the first step's logits."""
-    device = prompt.device
-    # Warm-up: the timed runs' own shapes, so that every Triton specialisation they use is
-    # compiled before the timing. splitkv's kernels see the cache's capacity (prompt + new
-    # tokens), not the growing key count, as max_seqlen_k, so the full-length run and the
-    # one-token (TTFT) run are the only two shapes; stock sdpa has no JIT kernels.
-    _run(model, prompt, sequences, new_tokens if shared else 2, shared)
+def warm_up(model, prompt, sequences: int, new_tokens: int, shared: bool) -> None:
+    """The timed runs' own shapes, at their full length, so that every Triton
+    specialisation they use is compiled and the caching allocator holds the memory a
+    growing cache takes (stock's DynamicCache grows by reallocation) before the timing.
+    splitkv's kernels see the cache's capacity (prompt + new tokens), not the growing
+    key count, as max_seqlen_k, so the full-length run and the one-token (TTFT) run are
+    the only two shapes."""
+    _run(model, prompt, sequences, new_tokens, shared)
     _run(model, prompt, sequences, 1, shared)
-    _sync(device)
+    _sync(prompt.device)
+
+
+def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dict:
+    """One timed run (after :func:`warm_up`): time to first token, decode step time and
+    tokens/s, peak memory above the weights, KV bytes, the tokens and the first step's logits."""
+    device = prompt.device
     start = time.perf_counter()
     first = _run(model, prompt, sequences, 1, shared, output_logits=True)
     _sync(device)
     first_s = time.perf_counter() - start
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
     timer = _StepTimer()
@@ -124,6 +131,13 @@ def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dic
         "tokens": result.sequences[:, prompt.shape[0] :].cpu(),
         "first_logits": first.logits[0][0].float().cpu(),
     }
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run with the (lower) median decode step, with every run's step and their range."""
+    steps = [r["decode_step_ms"] for r in results]
+    chosen = sorted(results, key=lambda r: r["decode_step_ms"])[(len(results) - 1) // 2]
+    return dict(chosen, decode_step_ms_runs=steps, decode_step_ms_range=[min(steps), max(steps)])
 
 
 def same_tokens_check(device, quick: bool) -> dict:
@@ -187,6 +201,9 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt", type=int, default=8192, help="shared prompt tokens")
     parser.add_argument("--sequences", type=int, default=32, help="num_return_sequences")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs of each way, taking turns; the median run is reported (default 3; "
+                             "1 with --quick)")  # fmt: skip
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top ops over 15 decode steps of each run")  # fmt: skip
     args = parser.parse_args(argv)
@@ -199,6 +216,10 @@ def main(argv=None) -> None:
     if args.quick:
         args.prompt, args.sequences = min(args.prompt, 64), min(args.sequences, 4)
         args.new_tokens = min(args.new_tokens, 8)
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     env = environment()
     check = same_tokens_check(device, args.quick)
     print(f"same-tokens check (fp32, prompt {check['prompt']}, 4 sequences, 16 new tokens): "
@@ -209,12 +230,16 @@ def main(argv=None) -> None:
     model = _build(size, args.prompt + args.new_tokens + 8, dtype, device, "sdpa")
     parameters = sum(p.numel() for p in model.parameters())
     prompt = torch.randint(1, size["vocab_size"], (args.prompt,), generator=torch.Generator().manual_seed(2)).to(device)
-    runs = {}
-    for name, attn, shared in (("stock (sdpa, DynamicCache)", "sdpa", False), ("splitkv", "splitkv", True)):
+    ways = (("stock (sdpa, DynamicCache)", "sdpa", False), ("splitkv", "splitkv", True))
+    for _, attn, shared in ways:
         model.set_attn_implementation(attn)
-        runs[name] = measure(model, prompt, args.sequences, args.new_tokens, shared)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        warm_up(model, prompt, args.sequences, args.new_tokens, shared)
+    timed = {name: [] for name, _, _ in ways}
+    for _ in range(args.repeat):
+        for name, attn, shared in ways:
+            model.set_attn_implementation(attn)
+            timed[name].append(measure(model, prompt, args.sequences, args.new_tokens, shared))
+    runs = {name: median_run(results) for name, results in timed.items()}
     stock, ours = runs.values()
     if args.profile:
         for attn, shared in (("sdpa", False), ("splitkv", True)):
@@ -229,9 +254,12 @@ def main(argv=None) -> None:
     def gb(value):
         return "-" if value is None else f"{value:.2f}"
 
-    header = ["run", "TTFT", "decode step", "decode tok/s", "peak mem above weights GB", "KV GB"]
-    table = [[name, f"{r['ttft_s'] * 1e3:.0f} ms", f"{r['decode_step_ms']:.1f} ms", f"{r['decode_tokens_per_s']:.0f}",
-              gb(r["peak_above_weights_GB"]), gb(r["kv_GB"])] for name, r in runs.items()]  # fmt: skip
+    header = ["run", "TTFT", f"decode step (median of {args.repeat} runs; range)", "decode tok/s",
+              "peak mem above weights GB", "KV GB"]  # fmt: skip
+    table = [[name, f"{r['ttft_s'] * 1e3:.0f} ms",
+              f"{r['decode_step_ms']:.1f} ms ({r['decode_step_ms_range'][0]:.1f}-{r['decode_step_ms_range'][1]:.1f})",
+              f"{r['decode_tokens_per_s']:.0f}", gb(r["peak_above_weights_GB"]), gb(r["kv_GB"])]
+             for name, r in runs.items()]  # fmt: skip
     ratios = {
         "ttft_speedup": stock["ttft_s"] / ours["ttft_s"],
         "decode_speedup": ours["decode_tokens_per_s"] / stock["decode_tokens_per_s"],
@@ -248,11 +276,13 @@ def main(argv=None) -> None:
                f"prompt, num_return_sequences={args.sequences}, {args.new_tokens} new tokens (top_k=1 sampling). "
                f"Generated tokens agreeing between the runs: {agree * 100:.1f}%; first step's logits: max abs diff "
                f"{first_diff:.3g} (largest logit {first_scale:.3g}, top-1 margin {first_margin:.3g}). Decode step: "
-               "median time between two steps' tokens. Same-tokens check in fp32: "
+               f"median time between two steps' tokens, in the median of {args.repeat} runs that took turns with the "
+               "other way's. Same-tokens check in fp32: "
                f"{check['same_tokens']} (max logit diff {check['max_logit_diff']:.1e}).")  # fmt: skip
     print(preface + "\n" + text_table(header, table))
     payload = {"env": env, "parameters": parameters, "dtype": str(dtype), "prompt": args.prompt,
-               "sequences": args.sequences, "new_tokens": args.new_tokens, "token_agreement": agree,
+               "sequences": args.sequences, "new_tokens": args.new_tokens, "repeat": args.repeat,
+               "token_agreement": agree,
                "first_step_logits": {"max_abs_diff": first_diff, "largest": first_scale, "top1_margin": first_margin},
                "same_tokens_check": check, "ratios": ratios,
                "runs": {name: {k: v for k, v in r.items() if k not in ("tokens", "first_logits")}
