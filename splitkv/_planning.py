@@ -30,6 +30,10 @@ from ._checks import expect_count
 # A split shorter than this spends more on its partial state than it saves.
 MIN_KEYS_PER_SPLIT = 256
 MAX_SPLITS = 128
+# A batch that fills the GPU is split toward this many programs per multiprocessor, in
+# chunks of at least BALANCE_KEYS_PER_SPLIT keys (choose_num_splits; measured on the H200).
+BALANCE_PROGRAMS_PER_SM = 8
+BALANCE_KEYS_PER_SPLIT = 2048
 # Query rows (query tokens x query heads of one KV head) one Triton program owns.
 ROWS_PER_PROGRAM = 64
 # Query rows per KV head and sequence up to which attention_with_lse's auto takes
@@ -55,11 +59,17 @@ def device_index(device: torch.device) -> int:
 def choose_num_splits(
     num_sequences: int, heads_kv: int, rows_per_sequence: int, max_seqlen_k: int, device: torch.device
 ) -> int:
-    """Split count that gives about two waves of programs on ``device``'s multiprocessors.
+    """Split count for split-KV attention on ``device``'s multiprocessors.
 
     ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV
-    head). One split on a CPU device and for at most 256 keys; never more than 128
-    splits, nor chunks of fewer than 256 keys. Not differentiable (it returns an int).
+    head). A batch of fewer than one program per multiprocessor is split until there are
+    about two per multiprocessor (chunks of at least 256 keys). A batch that fills the
+    GPU is split further only into chunks of at least 2048 keys, toward eight programs
+    per multiprocessor, which evens out the last wave: on the H200 (bf16 decode, 32 / 8
+    heads x 128) 64 sequences of 4096 keys took 286 us in one chunk and 262-264 us in 2-4
+    (the paged kernel 336 against 276-283 us), while 32 of 2048 keys took 77 us in one
+    and 85-88 us in 2-4 (benchmarks/NOTES.md). One split on a CPU device and for at most
+    256 keys; never more than 128. Not differentiable (it returns an int).
 
     Args:
         num_sequences: sequences of the batch (an int >= 0).
@@ -80,8 +90,11 @@ def choose_num_splits(
         return 1
     sms = multiprocessors(device_index(device))
     programs = max(1, num_sequences * heads_kv * math.ceil(rows_per_sequence / ROWS_PER_PROGRAM))
-    wanted = math.ceil(2 * sms / programs)
-    return max(1, min(wanted, max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    fill = 2 * sms // programs
+    if fill >= 2:
+        return min(fill, max_seqlen_k // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+    balance = -(-BALANCE_PROGRAMS_PER_SM * sms // programs)
+    return max(1, min(balance, max_seqlen_k // BALANCE_KEYS_PER_SPLIT, MAX_SPLITS))
 
 
 # A user's num_splits is capped here: triton_attention_with_lse takes at most 65535 key
