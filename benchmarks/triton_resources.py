@@ -28,11 +28,11 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the fusion default of the device's Triton 3.6
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from splitkv import _attention_kernels, _paged_triton  # noqa: E402
+from splitkv import _attention_kernels, _paged_triton
 
 TARGET = GPUTarget("cuda", 90, 32)
 

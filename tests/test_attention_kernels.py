@@ -325,8 +325,9 @@ def test_a_prefix_that_names_no_kernel_mode_is_refused(splits, inline):
     q, k, v, cu_q, cu_k, max_q, max_k = _make_inputs([(1, 5), (2, 9)], 4, 2, 32, torch.float32, gen)
     prefix_k, prefix_v = (torch.randn((7, 2, 32), generator=gen).to(DEVICE) for _ in range(2))
     with pytest.raises(ValueError, match=f"prefix: no kernel mode for splits={splits} with inline={inline}"):
-        triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.2, prefix=Prefix(prefix_k, prefix_v,
-                                                                                              splits, inline))
+        triton_attention_with_lse(
+            q, k, v, cu_q, cu_k, max_q, max_k, True, 0.2, prefix=Prefix(prefix_k, prefix_v, splits, inline)
+        )
 
 
 @pytest.mark.parametrize(
@@ -482,7 +483,9 @@ def test_launch_from_cpp_matches_tritons_launch():
                 results += _run_triton(*inputs, True, 0.125, num_splits)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch, "empty", _nan_filled_empty)
-            results += triton_attention_with_lse(*aligned, True, 0.125, num_splits=2, prefix=Prefix(prefix_k, prefix_v, 3))
+            results += triton_attention_with_lse(
+                *aligned, True, 0.125, num_splits=2, prefix=Prefix(prefix_k, prefix_v, 3)
+            )
         return results
 
     with pytest.MonkeyPatch.context() as patch:

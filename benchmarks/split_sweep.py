@@ -1,0 +1,96 @@
+"""Split counts on decode shapes: dense ``split_kv_attention``, plain paged attention, cascade.
+
+bf16 decode (one query per sequence, 32 query / 8 KV heads, head_dim 128): for each
+(sequences, keys) shape, ``split_kv_attention`` over packed KV and
+``paged_attention_with_lse`` over the same KV in shuffled 16-slot pages, both causal,
+at 1 to 16 key chunks; then ``cascade_attention`` on the three headline cascade
+shapes with the suffix count forced (``choose_num_splits`` patched, the prefix count
+following from it as in a real call). Each call is captured in a CUDA graph of one
+call and the replay timed with L2 flushed (``median_ms``), so a figure is GPU time
+from a cold L2 without host time; the split counts of a shape take turns, 3 rounds.
+"rule" is what ``choose_num_splits`` picks. Run on a GPU machine (device_run.sh step
+``split-sweep``); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+is its output at b86c94f, from which the rule of 634ba47 was set.
+"""
+
+import functools
+import sys
+
+import torch
+
+import splitkv
+from splitkv import _planning
+from splitkv.bench.common import capture_graph, copy_bandwidth_tbs, interleaved, median_ms
+
+HQ, HKV, D = 32, 8, 128
+copy = copy_bandwidth_tbs()
+print(f"copy {copy:.3f} TB/s; SMs {torch.cuda.get_device_properties(0).multi_processor_count}", flush=True)
+
+
+def graph_ms(fn):
+    graph, _ = capture_graph(fn)
+    return functools.partial(median_ms, graph.replay, 60)
+
+
+SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384)]
+SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
+for seqs, keys in SHAPES:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(seqs, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(seqs * keys, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+    cu_k = cu_q * keys
+    page = 16
+    pages = seqs * keys // page
+    perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
+    block_table = perm.view(seqs, keys // page)
+    k_cache, v_cache = k.view(pages, page, HKV, D), v.view(pages, page, HKV, D)
+    used = torch.full((seqs,), keys, dtype=torch.int32, device="cuda")
+    floor_us = 2 * k.numel() * 2 / (copy * 1e6)
+    rule = _planning.choose_num_splits(seqs, HKV, HQ // HKV, keys, q.device)
+    fns = {}
+    for s in SPLITS:
+        if s > keys // 64:
+            continue
+        dense = functools.partial(splitkv.split_kv_attention, q, k, v, cu_q, cu_k, 1, keys, causal=True, num_splits=s)
+        paged = functools.partial(splitkv.paged_attention_with_lse, q, k_cache, v_cache, block_table, used, cu_q, 1,
+                                  keys, causal=True, num_splits=s, backend="triton")  # fmt: skip
+        fns[("dense", s)] = graph_ms(dense)
+        fns[("paged", s)] = graph_ms(paged)
+    times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+    for kind in ("dense", "paged"):
+        row = {s: us for (kd, s), us in times.items() if kd == kind}
+        best = min(row, key=row.get)
+        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in row.items())
+        print(f"{kind} {seqs:4d} x {keys:6d} floor {floor_us:6.1f} us rule {rule:2d} ({row.get(rule, float('nan')):.1f}) "
+              f"best {best:2d} ({row[best]:.1f}, {100 * floor_us / row[best]:.0f}% of floor) | {cells}", flush=True)  # fmt: skip
+sys.stdout.flush()
+
+# The cascade's headline cases under other suffix split counts (the rule patched).
+rule_fn = _planning.choose_num_splits
+for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(seqs, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pk = torch.randn(prefix, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pv = torch.randn_like(pk)
+    sk = torch.randn(seqs * suffix, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sv = torch.randn_like(sk)
+    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+    cu_k = cu_q * suffix
+    floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
+    call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
+                             max_seqlen_k=suffix, cascade=True)  # fmt: skip
+    rule = rule_fn(seqs, HKV, HQ // HKV, suffix, q.device)
+    fns = {}
+    for s in sorted({rule, 1, 2, 3, 4, 6, 8}):
+        _planning.choose_num_splits = lambda *args, s=s: s
+        try:
+            fns[s] = graph_ms(call)
+        finally:
+            _planning.choose_num_splits = rule_fn
+    times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+    best = min(times, key=times.get)
+    cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
+    print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) best {best} "
+          f"({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
