@@ -38,6 +38,17 @@ SHAPES = [  # (sequences, keys per sequence)
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128
 
 
+def decode_batch(seqs: int, keys: int):
+    """``(q, k, v, cu_seqlens_q, cu_seqlens_k)`` of one decode query per sequence over
+    ``keys`` packed keys each (bf16, HEADS_Q / HEADS_KV heads of HEAD_DIM, seed 0)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(seqs, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(seqs * keys, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+    return q, k, v, cu_q, cu_q * keys
+
+
 def amax_read_tbs(num_bytes: int = 2 << 30) -> float:
     """Bytes read per second by ``torch.amax`` over ``num_bytes`` (its write is 2 bytes)."""
     x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
@@ -70,12 +81,7 @@ def main() -> None:
     default_config = _attention_triton._launch_config
     rows = []
     for seqs, keys in SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(seqs, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(seqs * keys, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-        v = torch.randn_like(k)
-        cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-        cu_k = cu_q * keys
+        q, k, v, cu_q, cu_k = decode_batch(seqs, keys)
         kv_bytes = 2 * k.numel() * k.element_size()
         floor_us = kv_bytes / (copy_tbs * 1e6)
         splits = varlen_num_splits(q, k, cu_q, 1, keys)

@@ -10,13 +10,16 @@ call and the replay timed with L2 flushed (``median_ms``), so a figure is GPU ti
 from a cold L2 without host time; the split counts of a shape take turns, 3 rounds.
 "rule" is what ``choose_num_splits`` picks. Run on a GPU machine (device_run.sh step
 ``split-sweep``); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
-is its output at b86c94f, from which the rule of 634ba47 was set.
+is the output of its first copy at b86c94f (the same shapes, calls and timing; its
+page ids were drawn after the inputs from one generator), from which the rule of
+634ba47 was set.
 """
 
 import functools
 import sys
 
 import torch
+from decode_sweep import decode_batch  # benchmarks/, the script's folder
 
 import splitkv
 from splitkv import _planning
@@ -35,12 +38,8 @@ def graph_ms(fn):
 SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384)]
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
 for seqs, keys in SHAPES:
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(seqs, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    k = torch.randn(seqs * keys, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    v = torch.randn_like(k)
-    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-    cu_k = cu_q * keys
+    q, k, v, cu_q, cu_k = decode_batch(seqs, keys)
+    gen = torch.Generator(device="cuda").manual_seed(0)  # the shuffled page ids
     page = 16
     pages = seqs * keys // page
     perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
