@@ -6,7 +6,8 @@
 // Prints one line per (shape, layout): median microseconds over 50 launches, each
 // after an L2 flush, and TB/s of the counted bytes (2 inputs + 1 output + 3 lse);
 // then CUDA-graph replay per launch (L2 warm) for the small shapes; then the N-way
-// merge through the header's launch (2 to 16 states of 4096 x 32 x 128).
+// merge through the header's launch (2 to 16 states of 4096 x 32 x 128, and 32 float32
+// states of 64 x 32 x 128 into bf16, a decode step's split-KV merge).
 // `merge_sweep nway` runs one N-way launch of 8 states alone, for ncu
 // (benchmarks/device_run.sh step ncu-nway).
 #include <cuda_bf16.h>
@@ -198,6 +199,32 @@ int main(int argc, char** argv) {
     const double bytes = (states + 1.0) * kTokens * kHeads * (kDim * sizeof(T) + 4);
     std::printf("N-way %2lld states of 4096 x 32 x 128 (header)       %8.2f us  %5.3f TB/s\n",
                 static_cast<long long>(states), us, bytes / us / 1e6);
+  }
+  if (!nway_only) {
+    // Decode-shaped (issue 18): 32 float32 split states of 64 tokens x 32 x 128 into bf16,
+    // the states in `a` reinterpreted (32 x 64 x 32 x 128 x 4 bytes fit), lses in lse_a.
+    constexpr int64_t kStates = 32, kTokens = 64, kHeads = 32, kDim = 128;
+    splitkv::MergeNParams p{};
+    p.output = out;
+    p.output_lse = lse_out;
+    p.states = a;
+    p.lses = lse_a;
+    p.num_states = kStates;
+    p.num_tokens = kTokens;
+    p.num_heads = kHeads;
+    p.head_dim = kDim;
+    p.output_stride_token = p.states_stride_token = kHeads * kDim;
+    p.output_stride_head = p.states_stride_head = kDim;
+    p.states_stride_state = kTokens * kHeads * kDim;
+    p.output_lse_stride_head = p.lses_stride_head = kTokens;
+    p.output_lse_stride_token = p.lses_stride_token = 1;
+    p.lses_stride_state = kHeads * kTokens;
+    const auto merge = [&] { CHECK((splitkv::merge_states<float, T>(p, stream))); };
+    merge();  // warm-up
+    const float us = median_us(50, true, 1, merge);
+    const double bytes = kStates * kTokens * kHeads * (kDim * 4.0 + 4) + kTokens * kHeads * (kDim * sizeof(T) + 4);
+    std::printf("N-way 32 fp32 states of 64 x 32 x 128 into bf16 (header) %8.2f us  %5.3f TB/s\n", us,
+                bytes / us / 1e6);
   }
   return 0;
 }
