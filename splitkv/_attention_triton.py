@@ -129,10 +129,11 @@ def triton_attention_with_lse(
             ``seqused_k[i]`` keys from ``cu_seqlens_k[i]`` on (a cache with room to grow).
 
     Returns:
-        With ``num_splits == 1`` and no prefix: ``out [total_q, heads_q, head_dim]`` in
-        q.dtype and ``lse [heads_q, total_q]`` float32 (natural log). Otherwise all
-        partial states: ``out [states, total_q, heads_q, head_dim]`` float32 and ``lse
-        [states, heads_q, total_q]`` float32, ``states = prefix.splits + num_splits``.
+        With one state (``num_splits == 1`` and no prefix, or an inline prefix): ``out
+        [total_q, heads_q, head_dim]`` in q.dtype and ``lse [heads_q, total_q]`` float32
+        (natural log). Otherwise all partial states: ``out [states, total_q, heads_q,
+        head_dim]`` float32 and ``lse [states, heads_q, total_q]`` float32, ``states =
+        prefix.splits + num_splits``.
         Rows that see no key (in the whole sequence, or in that chunk) get out 0 and
         lse ``-inf``.
     """
@@ -200,8 +201,8 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      num_splits, out, lse, prefix, seqused_k, merge_into=None):  # fmt: skip
     """The launch of :func:`triton_attention_with_lse` for arguments it (or a caller that
     checked a superset of them, as cascade attention does) has validated, with ``out``
-    and ``lse`` given and ``prefix`` a :class:`Prefix` or None. Decode steps are host-bound on small shapes, so this does no
-    more Python than the launch needs.
+    and ``lse`` given and ``prefix`` a :class:`Prefix` or None. Decode steps are
+    host-bound on small shapes, so this does no more Python than the launch needs.
 
     ``merge_into = (final, final_lse, counters)`` fuses the merge of the states into the
     launch, for one sequence (``batch == 1``) with more than one state:

@@ -62,14 +62,17 @@ def choose_num_splits(
     """Split count for split-KV attention on ``device``'s multiprocessors.
 
     ``rows_per_sequence`` is ``max_seqlen_q * heads_q // heads_kv`` (query rows per KV
-    head). A batch of fewer than one program per multiprocessor is split until there are
-    about two per multiprocessor (chunks of at least 256 keys). A batch that fills the
-    GPU is split further only into chunks of at least 2048 keys, toward eight programs
-    per multiprocessor, which evens out the last wave: on the H200 (bf16 decode, 32 / 8
-    heads x 128) 64 sequences of 4096 keys took 286 us in one chunk and 262-264 us in 2-4
-    (the paged kernel 336 against 276-283 us), while 32 of 2048 keys took 77 us in one
-    and 85-88 us in 2-4 (benchmarks/NOTES.md). One split on a CPU device and for at most
-    256 keys; never more than 128. Not differentiable (it returns an int).
+    head). A batch of at most one program per multiprocessor is split into
+    ``2 * multiprocessors // programs`` chunks (about two programs per multiprocessor)
+    of at least 256 keys. Any larger batch is split toward eight programs per
+    multiprocessor, but only into chunks of at least 2048 keys, which evens out the last
+    wave: on the H200 (bf16 decode, 32 / 8 heads x 128) 64 sequences of 4096 keys took
+    286 us in one chunk and 262-264 us in 2-4 (the paged kernel 336 against 276-284 us),
+    while 32 of 2048 keys (kept whole by the 2048-key floor) took 77 us in one and 85-88
+    us in 2-4 (benchmarks/NOTES.md). The two rules meet unevenly: 16 sequences of 16384
+    keys get 2 chunks, 17 get 8; batches between one and two programs per
+    multiprocessor with long keys were not in the sweep. One split on a CPU device and
+    for at most 256 keys; never more than 128. Not differentiable (it returns an int).
 
     Args:
         num_sequences: sequences of the batch (an int >= 0).

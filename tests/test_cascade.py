@@ -212,9 +212,9 @@ def test_cascade_split_counts(monkeypatch):
 def test_split_kv_counts_follow_the_h200_sweep(monkeypatch):
     """On a 132-multiprocessor GPU, split-KV decode (32 / 8 heads, one query) takes the
     chunk counts the H200 sweep measured fastest or within 3% of it
-    (benchmarks/results/split_counts_h200.log): a batch within 2x of two programs per
-    multiprocessor stays whole, one that fills the GPU splits in chunks of at least 2048
-    keys, a small batch fills the GPU; never more than 128 chunks or one under 256 keys."""
+    (benchmarks/results/split_counts_h200.log): a batch of at most one program per
+    multiprocessor is split to about two per multiprocessor, a larger one toward eight
+    in chunks of at least 2048 keys; never more than 128 chunks or one under 256 keys."""
     # Internal on purpose: the test is about the planner on a given GPU, faked through its multiprocessor count.
     from splitkv import _planning
 
