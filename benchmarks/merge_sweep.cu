@@ -169,25 +169,31 @@ int main(int argc, char** argv) {
       std::printf("\n");
     }
   }
-  // The N-way merge: `states` states of 4096 x 32 x 128 stacked in `a` (16 of them fill it), lses in lse_a.
-  const std::vector<int64_t> state_counts = nway_only ? std::vector<int64_t>{8} : std::vector<int64_t>{2, 4, 8, 16};
-  for (const int64_t states : state_counts) {
-    constexpr int64_t kTokens = 4096, kHeads = 32, kDim = 128;
+  // N-way parameters for `states` dense [states, tokens, 32, 128] states in `a` (lses
+  // [states, 32, tokens] in lse_a) merged into `out` / lse_out.
+  const auto nway_params = [&](int64_t states, int64_t tokens) {
+    constexpr int64_t kHeads = 32, kDim = 128;
     splitkv::MergeNParams p{};
     p.output = out;
     p.output_lse = lse_out;
     p.states = a;
     p.lses = lse_a;
     p.num_states = states;
-    p.num_tokens = kTokens;
+    p.num_tokens = tokens;
     p.num_heads = kHeads;
     p.head_dim = kDim;
     p.output_stride_token = p.states_stride_token = kHeads * kDim;
     p.output_stride_head = p.states_stride_head = kDim;
-    p.states_stride_state = kTokens * kHeads * kDim;
-    p.output_lse_stride_head = p.lses_stride_head = kTokens;
+    p.states_stride_state = tokens * kHeads * kDim;
+    p.output_lse_stride_head = p.lses_stride_head = tokens;
     p.output_lse_stride_token = p.lses_stride_token = 1;
-    p.lses_stride_state = kHeads * kTokens;
+    p.lses_stride_state = kHeads * tokens;
+    return p;
+  };
+  // The N-way merge: `states` bf16 states of 4096 x 32 x 128 (16 of them fill `a`).
+  const std::vector<int64_t> state_counts = nway_only ? std::vector<int64_t>{8} : std::vector<int64_t>{2, 4, 8, 16};
+  for (const int64_t states : state_counts) {
+    const splitkv::MergeNParams p = nway_params(states, 4096);
     const auto merge = [&] { CHECK((splitkv::merge_states<T, T>(p, stream))); };
     if (nway_only) {
       merge();
@@ -196,33 +202,19 @@ int main(int argc, char** argv) {
     }
     merge();  // warm-up
     const float us = median_us(50, true, 1, merge);
-    const double bytes = (states + 1.0) * kTokens * kHeads * (kDim * sizeof(T) + 4);
+    const double bytes = (states + 1.0) * p.num_tokens * p.num_heads * (p.head_dim * sizeof(T) + 4);
     std::printf("N-way %2lld states of 4096 x 32 x 128 (header)       %8.2f us  %5.3f TB/s\n",
                 static_cast<long long>(states), us, bytes / us / 1e6);
   }
   if (!nway_only) {
     // Decode-shaped (issue 18): 32 float32 split states of 64 tokens x 32 x 128 into bf16,
-    // the states in `a` reinterpreted (32 x 64 x 32 x 128 x 4 bytes fit), lses in lse_a.
-    constexpr int64_t kStates = 32, kTokens = 64, kHeads = 32, kDim = 128;
-    splitkv::MergeNParams p{};
-    p.output = out;
-    p.output_lse = lse_out;
-    p.states = a;
-    p.lses = lse_a;
-    p.num_states = kStates;
-    p.num_tokens = kTokens;
-    p.num_heads = kHeads;
-    p.head_dim = kDim;
-    p.output_stride_token = p.states_stride_token = kHeads * kDim;
-    p.output_stride_head = p.states_stride_head = kDim;
-    p.states_stride_state = kTokens * kHeads * kDim;
-    p.output_lse_stride_head = p.lses_stride_head = kTokens;
-    p.output_lse_stride_token = p.lses_stride_token = 1;
-    p.lses_stride_state = kHeads * kTokens;
+    // the states in `a` reinterpreted (32 x 64 x 32 x 128 x 4 bytes fit).
+    const splitkv::MergeNParams p = nway_params(32, 64);
     const auto merge = [&] { CHECK((splitkv::merge_states<float, T>(p, stream))); };
     merge();  // warm-up
     const float us = median_us(50, true, 1, merge);
-    const double bytes = kStates * kTokens * kHeads * (kDim * 4.0 + 4) + kTokens * kHeads * (kDim * sizeof(T) + 4);
+    const double rows = static_cast<double>(p.num_tokens * p.num_heads);
+    const double bytes = rows * (p.num_states * (p.head_dim * 4.0 + 4) + p.head_dim * sizeof(T) + 4);
     std::printf("N-way 32 fp32 states of 64 x 32 x 128 into bf16 (header) %8.2f us  %5.3f TB/s\n", us,
                 bytes / us / 1e6);
   }
