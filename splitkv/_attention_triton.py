@@ -44,8 +44,8 @@ class Prefix(NamedTuple):
 
     k: torch.Tensor
     v: torch.Tensor
-    splits: int = 0
-    inline: bool = False
+    splits: int
+    inline: bool
 
     @property
     def mode(self) -> PrefixMode:
@@ -158,7 +158,9 @@ def triton_attention_with_lse(
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     prefix_splits = 0
     if prefix is not None:
-        prefix_k, prefix_v, prefix_splits = prefix.k, prefix.v, prefix.splits
+        # prefix.mode refuses a prefix that names no kernel mode, before any state is sized from it.
+        prefix_k, prefix_v = prefix.k, prefix.v
+        prefix_splits = prefix.splits if prefix.mode is PrefixMode.PASS else 0
         if prefix_k.shape[1:] != k.shape[1:] or prefix_v.shape != prefix_k.shape or prefix_k.dtype != q.dtype:
             raise ValueError(f"prefix k, v must be [prefix_len, {heads_kv}, {head_dim}] {q.dtype}")
         if prefix_k.stride(-1) != 1 or prefix_v.stride(-1) != 1 or prefix_v.dtype != q.dtype:

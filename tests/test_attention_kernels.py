@@ -308,16 +308,16 @@ def test_triton_inline_prefix(num_splits):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch, "empty", _nan_filled_empty)
         inline = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
-                                           prefix=Prefix(prefix_k, prefix_v, inline=True))  # fmt: skip
+                                           prefix=Prefix(prefix_k, prefix_v, 0, inline=True))  # fmt: skip
         chunked = triton_attention_with_lse(q, k, v, cu_q, cu_k, max_q, max_k, True, scale, num_splits=num_splits,
-                                            prefix=Prefix(prefix_k, prefix_v, 2))  # fmt: skip
+                                            prefix=Prefix(prefix_k, prefix_v, 2, inline=False))  # fmt: skip
     assert inline[0].shape[0] == (num_splits if num_splits > 1 else q.shape[0])
     inline_out, inline_lse = _merge_splits(inline[0].double(), inline[1].double()) if num_splits > 1 else inline
     _assert_matches(inline_out, inline_lse, *_merge_splits(chunked[0].double(), chunked[1].double()), dtype)
 
 
 @requires_triton
-@pytest.mark.parametrize(("splits", "inline"), [(0, False), (2, True)])
+@pytest.mark.parametrize(("splits", "inline"), [(0, False), (2, True), (-3, False)])
 def test_a_prefix_that_names_no_kernel_mode_is_refused(splits, inline):
     """An inline prefix has no chunks of its own and a prefix pass at least one: the other
     two combinations are refused before anything launches, not read as some mode."""
@@ -382,8 +382,8 @@ def test_fused_merge_under_contention():
     for launch in range(200):
         final = torch.full((2, 32, 128), float("nan"), dtype=torch.bfloat16, device=DEVICE)
         final_lse = torch.full((32, 2), float("nan"), device=DEVICE) if launch else None
-        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.08, 4, states, lses, Prefix(prefix_k, prefix_v, 64),
-                         None, (final, final_lse, counters))  # fmt: skip
+        launch_attention(q, k, v, cu_q, cu_k, max_q, max_k, True, 0.08, 4, states, lses,
+                         Prefix(prefix_k, prefix_v, 64, inline=False), None, (final, final_lse, counters))  # fmt: skip
         outputs.append((final, final_lse))
     assert (counters == 0).all()
     want_out, want_lse = _merge_splits(states.double(), lses.double())
@@ -484,7 +484,7 @@ def test_launch_from_cpp_matches_tritons_launch():
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(torch, "empty", _nan_filled_empty)
             results += triton_attention_with_lse(
-                *aligned, True, 0.125, num_splits=2, prefix=Prefix(prefix_k, prefix_v, 3)
+                *aligned, True, 0.125, num_splits=2, prefix=Prefix(prefix_k, prefix_v, 3, inline=False)
             )
         return results
 
