@@ -198,15 +198,20 @@ def _triton_why_not(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) ->
     return ATTENTION_BACKENDS["triton"].why_not(q, k_cache, v_cache, causal, None, num_sequences, max_seqlen_q)
 
 
+def _triton_lacks_gradient(q, k_cache, v_cache) -> bool:
+    """A gradient is required and the Triton kernels (custom ops without a backward)
+    would return a silently detached result."""
+    return not PAGED_BACKENDS["triton"].differentiable and needs_grad(q, k_cache, v_cache)
+
+
 def _expect_no_gradient_for_triton(op_name: str, q, k_cache, v_cache) -> None:
-    # The Triton kernels are custom ops without a backward: their result would be silently detached.
-    if needs_grad(q, k_cache, v_cache):
+    if _triton_lacks_gradient(q, k_cache, v_cache):
         raise ValueError(f"{op_name}: backend='triton' has no backward: a gradient is required "
                          "(use backend='reference')")  # fmt: skip
 
 
 def _triton_why_not_auto(q, k_cache, v_cache, causal, num_sequences, max_seqlen_q) -> str | None:
-    if not PAGED_BACKENDS["triton"].differentiable and needs_grad(q, k_cache, v_cache):
+    if _triton_lacks_gradient(q, k_cache, v_cache):
         return "a gradient is required and the Triton kernel has no backward (the reference has)"
     return None if q.is_cuda else "auto runs Triton only on CUDA tensors (the interpreter is for tests)"
 
@@ -423,9 +428,10 @@ def explain_paged_attention(
 def split_kv_paged_attention(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
                              causal, softmax_scale, num_splits):  # fmt: skip
     """:func:`splitkv.split_kv_attention`'s paged form: the Triton paged kernel in
-    ``num_splits`` key chunks per sequence (where Triton runs), else the reference."""
-    backend = "triton" if _triton_why_not(q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q) is None \
-        else "auto"
+    ``num_splits`` key chunks per sequence (where Triton runs, the interpreter included,
+    and no gradient is required), else what ``auto`` picks (a differentiable backend)."""
+    triton_runs = _triton_why_not(q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q) is None
+    backend = "triton" if triton_runs and not _triton_lacks_gradient(q, k_cache, v_cache) else "auto"
     return paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
                                     max_seqlen_k, causal=causal, softmax_scale=softmax_scale, num_splits=num_splits,
                                     backend=backend)  # fmt: skip

@@ -250,6 +250,16 @@ def test_split_kv_attention_paged_form():
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         splitkv.split_kv_attention(q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_q, 2, 37, block_table=block_table,
                                    seqused_k=seqused_k)  # fmt: skip
+    # Differentiable, as split_kv_attention is documented: under grad the paged form takes
+    # a backend with a backward instead of refusing in the Triton kernel's name.
+    q.requires_grad_(True)
+    out, _ = splitkv.split_kv_attention(q, k_cache, v_cache, cu_seqlens_q, None, 2, 37, causal=True, num_splits=3,
+                                        block_table=block_table, seqused_k=seqused_k)  # fmt: skip
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    q64 = q.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(float64_paged_attention(q64, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q,
+                                                          True)[0].sum(), q64)  # fmt: skip
+    torch.testing.assert_close(grad.double().cpu(), want.cpu(), atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------
