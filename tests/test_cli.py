@@ -114,6 +114,7 @@ def test_bench_hf_reports_the_median_of_its_runs(tmp_path, capsys):
         steps = run["decode_step_ms_runs"]
         assert len(steps) == 2 and run["decode_step_ms_range"] == [min(steps), max(steps)]
         assert run["decode_step_ms"] == min(steps)  # the lower of two medians
+        assert len(run["ttft_s_runs"]) == 2 and run["ttft_s"] == min(run["ttft_s_runs"])
     assert "median of 2 runs" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         hf.main(["--quick", "--repeat", "0", "--out", str(tmp_path)])

@@ -14,8 +14,9 @@ the tokens are the greedy ones and the two runs can be compared):
 Both ways warm up at the full length first, then take turns over ``--repeat`` timed
 runs (default 3), so that a machine's drift reaches both alike. Reported for each way:
 the run with the (lower) median decode step, with the range over the runs (every run's
-step is in the JSON): time to first token (a run of one new token), the decode step
-(median time between two steps' tokens, from a streamer) and tokens/s, peak GPU memory above
+step is in the JSON) and the median TTFT of the runs: time to first token (a run of
+one new token), the decode step (median time between two steps' tokens, from a
+streamer) and tokens/s, peak GPU memory above
 the weights (``torch.cuda.max_memory_allocated``, reset before each run), the KV
 bytes the cache holds at the end, and the fraction of generated tokens both runs
 agree on (bf16: ties may break differently). A same-tokens check in fp32 at a small
@@ -134,10 +135,13 @@ def measure(model, prompt, sequences: int, new_tokens: int, shared: bool) -> dic
 
 
 def median_run(results: list[dict]) -> dict:
-    """The run with the (lower) median decode step, with every run's step and their range."""
+    """The run with the (lower) median decode step, with every run's step and their range;
+    its TTFT the (lower) median of the runs' own TTFTs, each run's in ``ttft_s_runs``."""
     steps = [r["decode_step_ms"] for r in results]
+    ttfts = [r["ttft_s"] for r in results]
     chosen = sorted(results, key=lambda r: r["decode_step_ms"])[(len(results) - 1) // 2]
-    return dict(chosen, decode_step_ms_runs=steps, decode_step_ms_range=[min(steps), max(steps)])
+    return dict(chosen, ttft_s=sorted(ttfts)[(len(ttfts) - 1) // 2], ttft_s_runs=ttfts, decode_step_ms_runs=steps,
+                decode_step_ms_range=[min(steps), max(steps)])  # fmt: skip
 
 
 def same_tokens_check(device, quick: bool) -> dict:
