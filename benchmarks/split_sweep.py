@@ -35,7 +35,9 @@ def graph_ms(fn):
     return functools.partial(median_ms, graph.replay, 60)
 
 
-SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384)]
+# (16 | 17 | 32) x 16384 and 32 x 8192: where choose_num_splits' two rules meet.
+SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384),
+          (16, 16384), (17, 16384), (32, 8192), (32, 16384)]
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
 for seqs, keys in SHAPES:
     q, k, v, cu_q, cu_k = decode_batch(seqs, keys)

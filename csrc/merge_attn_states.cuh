@@ -476,9 +476,14 @@ struct RunningMerge {
 #pragma unroll
     for (int u = 0; u < kMergeGroup; ++u) {
       const bool present = s0 + u < p.num_states;
-      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) * p.lse_scale : -INFINITY;
+      lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
       if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
     }
+    // Scaled only after every load is issued: a multiply inside the loop above
+    // waits for its lse and holds back the next state's loads (seen in the SASS;
+    // 8 states of 4096 x 32 x 128 ran 109 us with it, 83 us without).
+#pragma unroll
+    for (int u = 0; u < kMergeGroup; ++u) lse[u] *= p.lse_scale;
     // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
     // still reaches the sums below (as NaN weights) and the merged lse.
     float group_max = m;
