@@ -975,6 +975,35 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
 template <typename TIn, typename TOut>
 cudaError_t merge_states(const MergeNParams& p, cudaStream_t stream) {
   if (p.num_tokens == 0 || p.num_heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if constexpr (std::is_same_v<TIn, TOut> || detail::kIsFp8<TOut>) {
+    // Two states take the two-state kernel, which streams them faster (4096 x 32 x
+    // 128 bf16 on the H200: 32.7 against 39.2 us, merge_sweep.cu at be83365); both
+    // kernels give empty and NaN states the same meaning.
+    if (p.num_states == 2) {
+      MergeParams two;
+      two.output = p.output;
+      two.output_lse = p.output_lse;
+      two.prefix_output = p.states;
+      two.suffix_output = static_cast<const TIn*>(p.states) + p.states_stride_state;
+      two.prefix_lse = p.lses;
+      two.suffix_lse = p.lses + p.lses_stride_state;
+      two.num_tokens = p.num_tokens;
+      two.num_heads = p.num_heads;
+      two.head_dim = p.head_dim;
+      two.output_stride_token = p.output_stride_token;
+      two.output_stride_head = p.output_stride_head;
+      two.prefix_stride_token = two.suffix_stride_token = p.states_stride_token;
+      two.prefix_stride_head = two.suffix_stride_head = p.states_stride_head;
+      two.output_lse_stride_head = p.output_lse_stride_head;
+      two.output_lse_stride_token = p.output_lse_stride_token;
+      two.prefix_lse_stride_head = two.suffix_lse_stride_head = p.lses_stride_head;
+      two.prefix_lse_stride_token = two.suffix_lse_stride_token = p.lses_stride_token;
+      two.lse_scale = p.lse_scale;
+      two.output_scale = p.output_scale;
+      two.output_scale_ptr = p.output_scale_ptr;
+      return merge_attn_states<TIn, TOut>(two, stream);
+    }
+  }
   const void* in_ptrs[] = {p.states};
   const int64_t in_strides[] = {p.states_stride_state, p.states_stride_token, p.states_stride_head};
   const void* out_ptrs[] = {p.output};

@@ -91,6 +91,28 @@ def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_pow2: int, keys_p
     return block_m, block_n, num_warps, num_stages
 
 
+# The prefix tile of a cascade launch whose suffix programs take fewer warps (see
+# _narrow_prefix_tile): 64 rows, the planner's ROWS_PER_PROGRAM.
+_NARROW_PREFIX_ROWS = 64
+
+
+def _narrow_prefix_tile(dtype: torch.dtype, prefix_rows: int, prefix_len: int, suffix_keys: int) -> bool:
+    """Whether a cascade launch gives its prefix pass the 64-row tile of the suffix
+    programs' warp count instead of its own 128-row, 8-warp tile. One launch has one
+    warp count: with the prefix's 8 warps (244 registers, 128 KB of shared memory) one
+    block fits an SM, and the short suffix programs run one per SM at a time; at 4
+    warps two fit. On the H200 (bf16, 32 / 8 heads x 128, eager and graph, at
+    be83365) the narrow tile took 64 x 8192 x 512 from 81 to 67 us, 256 x 4096 x 256
+    from 158 to 119, 256 x 4096 x 4096 from 1107 to 1012, 128 x 16384 x 64 from 122 to
+    110; it lost only where the prefix's math is the launch (256 x 32768 x 1: 1024 rows
+    per KV head, 357 against 367 us), which keeps the wide tile: at least 1024 rows
+    and more prefix keys than all suffixes hold (``suffix_keys``, an upper bound).
+    fp32 was not measured and keeps the wide tile."""
+    if dtype == torch.float32:
+        return False
+    return not (prefix_rows >= 1024 and prefix_len > suffix_keys)
+
+
 def triton_attention_with_lse(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -234,9 +256,14 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     num_row_blocks = _cdiv(rows_per_seq, block_m)
     prefix_block_m, prefix_block_n, prefix_row_blocks = block_m, block_n, 0
     if prefix_splits:
+        prefix_rows, prefix_keys = _next_power_of_2(total_q * group), _next_power_of_2(_cdiv(prefix_len, prefix_splits))
         prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = _launch_config(
-            head_dim_pad, q.dtype, _next_power_of_2(total_q * group), _next_power_of_2(_cdiv(prefix_len, prefix_splits))
+            head_dim_pad, q.dtype, prefix_rows, prefix_keys
         )
+        if prefix_warps > num_warps and _narrow_prefix_tile(q.dtype, prefix_rows, prefix_len, batch * max_seqlen_k):
+            narrow = _launch_config(head_dim_pad, q.dtype, _NARROW_PREFIX_ROWS, prefix_keys)
+            if narrow[2] == num_warps:
+                prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = narrow
         # One launch has one warp count and pipeline depth: enough warps for the larger
         # tile, and the shallower pipeline so both tiles fit in shared memory.
         num_warps, num_stages = max(num_warps, prefix_warps), min(num_stages, prefix_stages)
