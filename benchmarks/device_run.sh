@@ -8,6 +8,7 @@
 #   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
 #   split-sweep           benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
+#   prefix-tile           benchmarks/prefix_tile_sweep.py: the cascade launch's prefix tile on decode shapes
 #   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
 #   profile-compiled      benchmarks/profile_compiled_step.py: host time of the example's compiled decode steps
 # The exit status is non-zero if any step failed; later steps run regardless.
@@ -51,6 +52,7 @@ for spec in "$@"; do
              "${limit[@]}" /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
     decode-sweep) "${limit[@]}" python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
     split-sweep) "${limit[@]}" python benchmarks/split_sweep.py 2>&1 | tee -a "$log" ;;
+    prefix-tile) "${limit[@]}" python benchmarks/prefix_tile_sweep.py 2>&1 | tee -a "$log" ;;
     ncu-nway) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
                 "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \

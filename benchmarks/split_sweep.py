@@ -10,16 +10,16 @@ call and the replay timed with L2 flushed (``median_ms``), so a figure is GPU ti
 from a cold L2 without host time; the split counts of a shape take turns, 3 rounds.
 "rule" is what ``choose_num_splits`` picks. Run on a GPU machine (device_run.sh step
 ``split-sweep``); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
-is the output of its first copy at b86c94f (the same shapes, calls and timing; its
-page ids were drawn after the inputs from one generator), from which the rule of
-634ba47 was set.
+holds the output of its first copy at b86c94f (the first eight shapes, the same calls
+and timing; its page ids were drawn after the inputs from one generator), from which
+the rule of 634ba47 was set, then this script's run at be83365.
 """
 
 import functools
 import sys
 
 import torch
-from decode_sweep import decode_batch  # benchmarks/, the script's folder
+from decode_sweep import cascade_batch, decode_batch  # benchmarks/, the script's folder
 
 import splitkv
 from splitkv import _planning
@@ -71,14 +71,7 @@ sys.stdout.flush()
 # The cascade's headline cases under other suffix split counts (the rule patched).
 rule_fn = _planning.choose_num_splits
 for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(seqs, HQ, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    pk = torch.randn(prefix, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    pv = torch.randn_like(pk)
-    sk = torch.randn(seqs * suffix, HKV, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    sv = torch.randn_like(sk)
-    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-    cu_k = cu_q * suffix
+    q, cu_q, pk, pv, sk, sv, cu_k = cascade_batch(seqs, prefix, suffix)
     floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
     call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
                              max_seqlen_k=suffix, cascade=True)  # fmt: skip
