@@ -49,20 +49,6 @@ def decode_batch(seqs: int, keys: int):
     return q, k, v, cu_q, cu_q * keys
 
 
-def cascade_batch(seqs: int, prefix: int, suffix: int):
-    """``(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k)`` of one
-    decode query per sequence over a shared ``prefix`` of keys and ``suffix`` keys of its
-    own (bf16, HEADS_Q / HEADS_KV heads of HEAD_DIM, seed 1)."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    q = torch.randn(seqs, HEADS_Q, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    prefix_k = torch.randn(prefix, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    prefix_v = torch.randn_like(prefix_k)
-    suffix_k = torch.randn(seqs * suffix, HEADS_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen)
-    suffix_v = torch.randn_like(suffix_k)
-    cu_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
-    return q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_q * suffix
-
-
 def amax_read_tbs(num_bytes: int = 2 << 30) -> float:
     """Bytes read per second by ``torch.amax`` over ``num_bytes`` (its write is 2 bytes)."""
     x = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()

@@ -1,7 +1,7 @@
 """The cascade launch's prefix tile on decode shapes (issue 19).
 
 One launch runs the prefix pass and the suffix pass, with one warp count. For each
-(sequences, prefix, suffix) shape (``decode_sweep.cascade_batch``: bf16, 32 query / 8 KV
+(sequences, prefix, suffix) shape (``splitkv.bench.cascade.cascade_inputs``: bf16, 32 query / 8 KV
 heads, head_dim 128, one query per sequence), times ``cascade_attention`` with the prefix tile the launch chooses
 (``launch``), the prefix pass's own 128-row, 8-warp tile (``wide``: what every launch
 took before 9ee85b4), the 64-row, 4-warp tile (``m64``) and a 32-row one (``m32``); eager
@@ -14,10 +14,9 @@ Run on a GPU machine: ``python benchmarks/prefix_tile_sweep.py``.
 
 import functools
 
-from decode_sweep import cascade_batch  # benchmarks/, the script's folder
-
 import splitkv
 from splitkv import _attention_triton
+from splitkv.bench.cascade import cascade_inputs
 from splitkv.bench.common import capture_graph, copy_bandwidth_tbs, interleaved, median_ms
 
 SHAPES = [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024), (32, 4096, 256), (256, 32768, 1),
@@ -57,7 +56,7 @@ def main() -> None:
     copy_tbs = copy_bandwidth_tbs()
     print(f"copy {copy_tbs:.3f} TB/s", flush=True)
     for seqs, prefix, suffix in SHAPES:
-        batch = cascade_batch(seqs, prefix, suffix)
+        batch = cascade_inputs(seqs, prefix, suffix, seed=1)
         prefix_k, suffix_k = batch[2], batch[4]
         floor_us = 2 * (prefix_k.numel() + suffix_k.numel()) * 2 / (copy_tbs * 1e6)
         call = functools.partial(splitkv.cascade_attention, *batch, max_seqlen_q=1, max_seqlen_k=suffix)

@@ -19,10 +19,11 @@ import functools
 import sys
 
 import torch
-from decode_sweep import cascade_batch, decode_batch  # benchmarks/, the script's folder
+from decode_sweep import decode_batch  # benchmarks/, the script's folder
 
 import splitkv
 from splitkv import _planning
+from splitkv.bench.cascade import cascade_inputs
 from splitkv.bench.common import capture_graph, copy_bandwidth_tbs, interleaved, median_ms
 
 HQ, HKV, D = 32, 8, 128
@@ -71,7 +72,7 @@ sys.stdout.flush()
 # The cascade's headline cases under other suffix split counts (the rule patched).
 rule_fn = _planning.choose_num_splits
 for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
-    q, cu_q, pk, pv, sk, sv, cu_k = cascade_batch(seqs, prefix, suffix)
+    q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
     floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
     call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
                              max_seqlen_k=suffix, cascade=True)  # fmt: skip

@@ -235,6 +235,22 @@ __device__ __forceinline__ void store_streaming(T* ptr, const Vec<T, ELEMS>& v) 
   __stcs(reinterpret_cast<typename Vec<T, ELEMS>::WordType*>(ptr), v.word);
 }
 
+// Plain loads and stores, for the two-state merge: on the H200 they moved 65536 x 32 x
+// 128 bf16 in 405 against 435 us with the streaming hints above, while the N-way merge
+// lost with them (32 float32 states of 64 x 32 x 128: 18.5 against 15.7 us;
+// merge_sweep.cu, benchmarks/NOTES.md). Not the non-coherent path: outputs may alias inputs.
+template <typename T, int ELEMS>
+__device__ __forceinline__ Vec<T, ELEMS> load_plain(const T* ptr) {
+  Vec<T, ELEMS> v;
+  v.word = *reinterpret_cast<const typename Vec<T, ELEMS>::WordType*>(ptr);
+  return v;
+}
+
+template <typename T, int ELEMS>
+__device__ __forceinline__ void store_plain(T* ptr, const Vec<T, ELEMS>& v) {
+  *reinterpret_cast<typename Vec<T, ELEMS>::WordType*>(ptr) = v.word;
+}
+
 // flash-attn 2 reports +inf for a row that saw no key; both infinities mean "empty".
 __device__ __forceinline__ bool is_empty_state(float lse) { return isinf(lse); }
 
@@ -393,8 +409,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
       for (int v = 0; v < VECS; ++v) {
         const int64_t d = base + v * step;
         if (v == 0 || d < p.head_dim) {
-          a[v] = detail::load_streaming<T, ELEMS>(prefix_row + d);
-          b[v] = detail::load_streaming<T, ELEMS>(suffix_row + d);
+          a[v] = detail::load_plain<T, ELEMS>(prefix_row + d);
+          b[v] = detail::load_plain<T, ELEMS>(suffix_row + d);
         }
       }
     };
@@ -418,7 +434,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
           const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
           out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_divisor);
         }
-        detail::store_streaming<TOut, ELEMS>(output_row + d, out);
+        detail::store_plain<TOut, ELEMS>(output_row + d, out);
       }
     };
     store_turn(first);
@@ -950,11 +966,15 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   return detail::launch_with_vector_elems<T>(detail::vector_elems<T, TOut>(in_bits, out_bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
     constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
-    const bool heads_outer = p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
-                             (p.output_lse == nullptr || p.output_lse_stride_token == 1);
     // Two vectors per thread once a row has kVecsFrom (head_dim 128 in 16-bit types), else one.
     const int64_t vecs_per_row = p.head_dim / kElems;
     const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
+    // Tokens outermost with two vectors per thread: a block's reads are then one span of
+    // memory, and on the H200 65536 x 32 x 128 bf16 took 389 against 405 us heads
+    // outermost (16384: 104 against 107), despite the scattered lse accesses; with one
+    // vector (head_dim 64) heads outermost was 1.5% faster (merge_sweep.cu, NOTES.md).
+    const bool heads_outer = vecs == 1 && p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
+                             (p.output_lse == nullptr || p.output_lse_stride_token == 1);
     detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
     layout.heads_outer = heads_outer;
     const auto lse_extent = [&](const float* base, int64_t stride_head, int64_t stride_token) {

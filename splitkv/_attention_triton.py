@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ._attention_kernels import PrefixMode, attention_fwd_kernel
+from ._planning import ROWS_PER_PROGRAM
 from ._triton_launch import CompiledLauncher
 from ._triton_support import TRITON_MAX_HEAD_DIM, interpreter_enabled
 
@@ -89,11 +90,6 @@ def _launch_config(head_dim_pad: int, dtype: torch.dtype, rows_pow2: int, keys_p
     # 128 x 256 tile ran several times slower in the sweep.
     num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
     return block_m, block_n, num_warps, num_stages
-
-
-# The prefix tile of a cascade launch whose suffix programs take fewer warps (see
-# _narrow_prefix_tile): 64 rows, the planner's ROWS_PER_PROGRAM.
-_NARROW_PREFIX_ROWS = 64
 
 
 def _narrow_prefix_tile(dtype: torch.dtype, prefix_rows: int, prefix_len: int, suffix_keys: int) -> bool:
@@ -261,7 +257,7 @@ def launch_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             head_dim_pad, q.dtype, prefix_rows, prefix_keys
         )
         if prefix_warps > num_warps and _narrow_prefix_tile(q.dtype, prefix_rows, prefix_len, batch * max_seqlen_k):
-            narrow = _launch_config(head_dim_pad, q.dtype, _NARROW_PREFIX_ROWS, prefix_keys)
+            narrow = _launch_config(head_dim_pad, q.dtype, ROWS_PER_PROGRAM, prefix_keys)
             if narrow[2] == num_warps:
                 prefix_block_m, prefix_block_n, prefix_warps, prefix_stages = narrow
         # One launch has one warp count and pipeline depth: enough warps for the larger

@@ -34,7 +34,8 @@ MAX_SPLITS = 128
 # chunks of at least BALANCE_KEYS_PER_SPLIT keys (choose_num_splits; measured on the H200).
 BALANCE_PROGRAMS_PER_SM = 8
 BALANCE_KEYS_PER_SPLIT = 2048
-# Query rows (query tokens x query heads of one KV head) one Triton program owns.
+# Query rows (query tokens x query heads of one KV head) one Triton program owns: the
+# 4-warp tile, also a cascade's narrow prefix tile and a paged shared run's widest one.
 ROWS_PER_PROGRAM = 64
 # Query rows per KV head and sequence up to which attention_with_lse's auto takes
 # splitkv's Triton split-KV kernel over flash attention: at 4 rows (one decode query,
@@ -127,18 +128,23 @@ def fill_chunks(sms: int, other_programs: int, tiles: int) -> int:
     return -(-max(0, 2 * sms - other_programs) // max(tiles, 1))
 
 
-def shared_level_splits(keys: int, rows: int, fill: int, suffix_chunk: int, heads_q: int, heads_kv: int,
-                        head_dim: int, element_size: int) -> int:  # fmt: skip
+def shared_level_splits(keys: int, rows: int, fill: int, suffix_chunk: int, suffix_waves: int, heads_q: int,
+                        heads_kv: int, head_dim: int, element_size: int) -> int:  # fmt: skip
     """Key chunks of one level shared by several sequences (a cascade's prefix, a paged
     cascade's shared run) of ``keys`` keys read by ``rows`` query tokens: at least
     ``fill`` (:func:`fill_chunks`); beyond that, chunks of at least
     ``PREFIX_CHUNK_FACTOR`` times a suffix program's keys (``suffix_chunk``: a shared
     tile packs many queries' rows, so it streams its keys as fast as a suffix program
-    streams fewer), and only as many as keep the float32 partial states they write (and
+    streams fewer) but at most ``BALANCE_KEYS_PER_SPLIT`` per wave of the launch's other
+    programs (``suffix_waves``), and only as many as keep the float32 partial states they write (and
     the merge reads back) within half the level's KV bytes. On the H100 this rule's
     count was the fastest of a sweep around it, or within 1% of it, in the headline
     decode cases (benchmarks/NOTES.md)."""
-    balance = -(-keys // (PREFIX_CHUNK_FACTOR * suffix_chunk))
+    # Longer chunks than BALANCE_KEYS_PER_SPLIT per wave of the other programs make the
+    # level's programs the launch's long pole (H200, 16 x 32768 x 4096: 4 chunks of 8192
+    # keys against 8 of 4096, benchmarks/NOTES.md).
+    chunk_keys = min(PREFIX_CHUNK_FACTOR * suffix_chunk, BALANCE_KEYS_PER_SPLIT * max(1, suffix_waves))
+    balance = -(-keys // chunk_keys)
     # Per chunk: one [rows, heads_q, head_dim + 1] float32 state written and read back;
     # half the level's KV is keys x heads_kv x head_dim elements.
     state_cap = (keys * heads_kv * head_dim * element_size) // (rows * heads_q * (head_dim + 1) * 4 * 2)
@@ -320,8 +326,9 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     prefix_tiles = heads_kv * math.ceil(total_q * group / ROWS_PER_PROGRAM)
     fill = fill_chunks(sms, suffix_programs, prefix_tiles)
     suffix_chunk = suffix_chunk_keys(max_seqlen_k, suffix_splits)
-    prefix_splits = shared_level_splits(prefix_len, total_q, fill, suffix_chunk, heads_q, heads_kv, head_dim,
-                                        element_size)  # fmt: skip
+    suffix_waves = -(-suffix_programs // sms)
+    prefix_splits = shared_level_splits(prefix_len, total_q, fill, suffix_chunk, suffix_waves, heads_q, heads_kv,
+                                        head_dim, element_size)  # fmt: skip
     return prefix_splits, suffix_splits
 
 

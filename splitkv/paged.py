@@ -72,8 +72,6 @@ __all__ = [
 _FLASH_PAGE_MULTIPLE = 256
 # An item's first empty state slot when it writes none (past any state count).
 _NO_PADDING = 1 << 30
-# Rows of a shared run's tile, at most.
-_WIDE_MAX_ROWS = 64
 
 
 # ---------------------------------------------------------------------------------
@@ -677,8 +675,9 @@ def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: i
     sms = _planning.multiprocessors(_planning.device_index(device))
     tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
     fill = _planning.fill_chunks(sms, last_programs, tiles)
-    return [_planning.shared_level_splits(keys, tokens, fill, suffix_chunk, heads_q, heads_kv, head_dim, element_size)
-            for keys, tokens, _row_blocks in runs]  # fmt: skip
+    waves = -(-last_programs // sms)
+    return [_planning.shared_level_splits(keys, tokens, fill, suffix_chunk, waves, heads_q, heads_kv, head_dim,
+                                          element_size) for keys, tokens, _row_blocks in runs]  # fmt: skip
 
 
 def plan_cascade(
@@ -819,7 +818,7 @@ def plan_cascade(
         lo = int(pending[idx].max()) if user_runs else int(pending[members[0]])
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
-        row_blocks = -(-tokens * group // min(config[1], _WIDE_MAX_ROWS))
+        row_blocks = -(-tokens * group // min(config[1], _planning.ROWS_PER_PROGRAM))
         # Read once per row block instead of once per sharer; each of its key chunks
         # adds a float32 state per token, written and read back by the merge.
         saved = (len(members) - row_blocks) * keys * kv_token
@@ -842,7 +841,7 @@ def plan_cascade(
     narrow = launch_config(head_dim, dtype, 1 << max(max_q * group - 1, 0).bit_length())
     # The wide tile stops at 64 rows: its shape then keeps the narrow one's 4 warps, the
     # configuration the plain kernel streamed its KV with (benchmarks/NOTES.md).
-    wide_m = min(max([run[3][1] for run in kept_runs] + [narrow[1]]), max(narrow[1], _WIDE_MAX_ROWS))
+    wide_m = min(max([run[3][1] for run in kept_runs] + [narrow[1]]), max(narrow[1], _planning.ROWS_PER_PROGRAM))
     tile_of = [wide_m if run[3][1] > narrow[1] else narrow[1] for run in kept_runs]
     run_shapes = [(key_hi - key_lo, tokens, -(-tokens * group // tile))
                   for (_idx, key_lo, key_hi, _c, _rb, tokens), tile in zip(kept_runs, tile_of)]  # fmt: skip
@@ -893,7 +892,7 @@ def plan_cascade(
         expect_count("max_programs", max_programs, 1)
         expect_count("max_states", max_states, 1)
         # A fixed pair of tiles, so that any later tree fits the same launch.
-        wide_m = max(narrow[1], launch_config(head_dim, dtype, _WIDE_MAX_ROWS)[1])
+        wide_m = max(narrow[1], launch_config(head_dim, dtype, _planning.ROWS_PER_PROGRAM)[1])
         items = _retile(items, narrow[1], wide_m, group)
         _launch_into_plan(plan, items, narrow, launch_config(head_dim, dtype, wide_m), heads_kv, group, device,
                           max_programs, max_states)  # fmt: skip

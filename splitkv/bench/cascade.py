@@ -45,8 +45,22 @@ def grid(quick: bool) -> list[tuple[int, int, int]]:
     return [(b, p, s) for b in sequences for p in prefixes for s in suffixes]
 
 
-def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
+def cascade_inputs(num_sequences: int, prefix_len: int, suffix_len: int, seed: int | None = None) -> tuple:
+    """``(q, cu_seqlens_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_seqlens_k)`` of one
+    decode query per sequence over a shared ``prefix_len`` keys and ``suffix_len`` keys of
+    its own: bf16 on the GPU, HEADS_Q / HEADS_KV heads of HEAD_DIM, from ``seed`` if given."""
     dtype, device = torch.bfloat16, "cuda"
+    gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(num_sequences, HEADS_Q, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    prefix_k, prefix_v = (torch.randn(prefix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+                          for _ in range(2))  # fmt: skip
+    suffix_k, suffix_v = (torch.randn(num_sequences * suffix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype,
+                                      generator=gen) for _ in range(2))  # fmt: skip
+    cu_q = torch.arange(num_sequences + 1, device=device, dtype=torch.int32)
+    return q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_q * suffix_len
+
+
+def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     kv_token_bytes = 2 * HEADS_KV * HEAD_DIM * 2
     full_bytes = num_sequences * (prefix_len + suffix_len) * kv_token_bytes
     row = {"sequences": num_sequences, "prefix": prefix_len, "suffix": suffix_len,
@@ -55,12 +69,8 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     if full_bytes > _MAX_FULL_KV_BYTES:
         row["skipped"] = "full layout too large for the benchmark"
         return row
-    q = torch.randn(num_sequences, HEADS_Q, HEAD_DIM, device=device, dtype=dtype)
-    prefix_k, prefix_v = (torch.randn(prefix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
-    suffix_k, suffix_v = (torch.randn(num_sequences * suffix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype)
-                          for _ in range(2))  # fmt: skip
-    cu_q = torch.arange(num_sequences + 1, device=device, dtype=torch.int32)
-    cu_k = cu_q * suffix_len
+    cascade_args = cascade_inputs(num_sequences, prefix_len, suffix_len)
+    q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, _cu_k = cascade_args
     scale = HEAD_DIM**-0.5
 
     # The full layout, built once outside the timing: each sequence owns [prefix ; suffix_i].
@@ -71,7 +81,6 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
     cu_full = cu_q * (prefix_len + suffix_len)
     full_args = (q, full_k, full_v, cu_q, cu_full, 1, prefix_len + suffix_len)
     row["full_backend"] = splitkv.explain_attention(*full_args, causal=True).splitlines()[0].split("-> ")[1]
-    cascade_args = (q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_k)
     lengths = {"max_seqlen_q": 1, "max_seqlen_k": suffix_len}
 
     def full():
@@ -116,13 +125,9 @@ def bench_case(num_sequences: int, prefix_len: int, suffix_len: int) -> dict:
 
 def sweep_prefix_splits(num_sequences: int, prefix_len: int, suffix_len: int) -> list[dict]:
     """GPU time of the two cascade stages for prefix split counts around the chosen one."""
-    dtype, device = torch.bfloat16, "cuda"
-    q = torch.randn(num_sequences, HEADS_Q, HEAD_DIM, device=device, dtype=dtype)
-    prefix_k, prefix_v = (torch.randn(prefix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype) for _ in range(2))
-    suffix_k, suffix_v = (torch.randn(num_sequences * suffix_len, HEADS_KV, HEAD_DIM, device=device, dtype=dtype)
-                          for _ in range(2))  # fmt: skip
-    cu_q = torch.arange(num_sequences + 1, device=device, dtype=torch.int32)
-    args = (q, cu_q, prefix_k, prefix_v, suffix_k, suffix_v, cu_q * suffix_len, 1, suffix_len, HEAD_DIM**-0.5, False)
+    inputs = cascade_inputs(num_sequences, prefix_len, suffix_len)
+    q = inputs[0]
+    args = (*inputs, 1, suffix_len, HEAD_DIM**-0.5, False)
     chosen, suffix_splits = cascade_splits(num_sequences, HEADS_Q, HEADS_KV, HEAD_DIM, num_sequences, 1, suffix_len,
                                            prefix_len, q.device)  # fmt: skip
     rows = []
