@@ -39,15 +39,22 @@ struct Variant {
   int vecs;
   bool heads_outer;
   LseStoreOrder order;
+  bool int64_offsets = false;  // the kernel's 64-bit offsets (the header takes 32 bits where they fit)
 };
 
-static cudaError_t launch(const Variant& v, const splitkv::MergeParams& p, cudaStream_t stream) {
-  if (v.threads == 0) return splitkv::merge_attn_states<T>(p, stream);
+template <typename Index>
+static cudaError_t launch_with(const Variant& v, const splitkv::MergeParams& p, cudaStream_t stream) {
   RowLayout layout = splitkv::detail::row_layout(p.head_dim, v.vecs * 8, v.threads);
   layout.heads_outer = v.heads_outer;
   layout.lse_order = v.order;
-  if (v.vecs == 2) return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2>, p, layout, stream);
-  return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 1>, p, layout, stream);
+  if (v.vecs == 2)
+    return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2, Index>, p, layout, stream);
+  return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 1, Index>, p, layout, stream);
+}
+
+static cudaError_t launch(const Variant& v, const splitkv::MergeParams& p, cudaStream_t stream) {
+  if (v.threads == 0) return splitkv::merge_attn_states<T>(p, stream);
+  return v.int64_offsets ? launch_with<int64_t>(v, p, stream) : launch_with<int32_t>(v, p, stream);
 }
 
 static float median(std::vector<float> x) {
@@ -59,25 +66,24 @@ int main(int argc, char** argv) {
   const bool nway_only = argc > 1 && std::string(argv[1]) == "nway";
   const Variant variants[] = {
       {"header", 0, 0, false, LseStoreOrder::kNone},
-      {"t256 v1 tokens-outer block-barrier", 256, 1, false, LseStoreOrder::kBlockBarrier},
-      {"t256 v1 tokens-outer none", 256, 1, false, LseStoreOrder::kNone},
-      {"t256 v2 heads-outer block-barrier", 256, 2, true, LseStoreOrder::kBlockBarrier},
-      {"t256 v2 heads-outer warp-barrier", 256, 2, true, LseStoreOrder::kWarpBarrier},
-      {"t256 v2 heads-outer none", 256, 2, true, LseStoreOrder::kNone},
+      {"t256 v2 tokens-outer none i64", 256, 2, false, LseStoreOrder::kNone, true},
       {"t256 v2 tokens-outer none", 256, 2, false, LseStoreOrder::kNone},
+      {"t256 v2 tokens-outer block-barrier", 256, 2, false, LseStoreOrder::kBlockBarrier},
+      {"t256 v2 heads-outer none", 256, 2, true, LseStoreOrder::kNone},
+      {"t256 v1 tokens-outer none", 256, 1, false, LseStoreOrder::kNone},
       {"t256 v1 heads-outer none", 256, 1, true, LseStoreOrder::kNone},
-      {"t128 v1 tokens-outer none", 128, 1, false, LseStoreOrder::kNone},
+      {"t256 v1 heads-outer none i64", 256, 1, true, LseStoreOrder::kNone, true},
       {"t128 v1 heads-outer none", 128, 1, true, LseStoreOrder::kNone},
+      {"t128 v2 tokens-outer none", 128, 2, false, LseStoreOrder::kNone},
       {"t128 v2 heads-outer none", 128, 2, true, LseStoreOrder::kNone},
-      {"t128 v2 heads-outer warp-barrier", 128, 2, true, LseStoreOrder::kWarpBarrier},
       {"t64 v1 heads-outer none", 64, 1, true, LseStoreOrder::kNone},
-      {"t64 v2 heads-outer none", 64, 2, true, LseStoreOrder::kNone},
+      {"t64 v2 tokens-outer none", 64, 2, false, LseStoreOrder::kNone},
   };
   struct Shape {
     int64_t tokens, heads, head_dim;
   };
-  const Shape shapes[] = {{65536, 32, 128}, {16384, 32, 128}, {4096, 32, 128}, {4096, 48, 128},
-                          {4096, 32, 256},  {4096, 32, 64},   {1024, 32, 128}, {512, 32, 128}, {256, 16, 128}};
+  const Shape shapes[] = {{65536, 32, 128}, {16384, 32, 128}, {4096, 32, 128}, {4096, 48, 128}, {4096, 16, 128},
+                          {4096, 32, 256},  {4096, 32, 64},   {1024, 32, 128}, {512, 32, 128},  {256, 16, 128}};
 
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
@@ -209,14 +215,47 @@ int main(int argc, char** argv) {
   if (!nway_only) {
     // Decode-shaped (issue 18): 32 float32 split states of 64 tokens x 32 x 128 into bf16,
     // the states in `a` reinterpreted (32 x 64 x 32 x 128 x 4 bytes fit).
+    // The header's launch, then the sliced kernel forced to 2 and 4 thread groups per row,
+    // folding 4 or 8 states per step (GROUP).
     const splitkv::MergeNParams p = nway_params(32, 64);
-    const auto merge = [&] { CHECK((splitkv::merge_states<float, T>(p, stream))); };
-    merge();  // warm-up
-    const float us = median_us(50, true, 1, merge);
     const double rows = static_cast<double>(p.num_tokens * p.num_heads);
     const double bytes = rows * (p.num_states * (p.head_dim * 4.0 + 4) + p.head_dim * sizeof(T) + 4);
-    std::printf("N-way 32 fp32 states of 64 x 32 x 128 into bf16 (header) %8.2f us  %5.3f TB/s\n", us,
-                bytes / us / 1e6);
+    struct NwayVariant {
+      const char* name;
+      int slices, group;  // slices 0: the header's launch
+    };
+    for (const NwayVariant v : {NwayVariant{"header", 0, 4}, {"slices 1 group 8", 1, 8}, {"slices 2 group 4", 2, 4},
+                                {"slices 2 group 8", 2, 8}, {"slices 4 group 4", 4, 4}, {"slices 4 group 8", 4, 8}}) {
+      const auto merge = [&] {
+        if (v.slices == 0) {
+          CHECK((splitkv::merge_states<float, T>(p, stream)));
+          return;
+        }
+        const RowLayout layout = splitkv::detail::row_layout(p.head_dim, 4, 128, v.slices);
+        if (v.slices == 1) {
+          CHECK(splitkv::detail::launch_rows(splitkv::merge_states_kernel<float, T, 4, 8>, p, layout, stream));
+        } else if (v.group == 8) {
+          CHECK(splitkv::detail::launch_rows(splitkv::merge_states_sliced_kernel<float, T, 4, 8>, p, layout, stream));
+        } else {
+          CHECK(splitkv::detail::launch_rows(splitkv::merge_states_sliced_kernel<float, T, 4, 4>, p, layout, stream));
+        }
+      };
+      merge();  // warm-up
+      const float us = median_us(50, true, 1, merge);
+      cudaGraph_t graph;
+      cudaGraphExec_t exec;
+      constexpr int kLaunches = 100;
+      CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      for (int i = 0; i < kLaunches; ++i) merge();
+      CHECK(cudaStreamEndCapture(stream, &graph));
+      CHECK(cudaGraphInstantiate(&exec, graph, 0));
+      CHECK(cudaGraphLaunch(exec, stream));
+      const float graph_us = median_us(20, false, kLaunches, [&] { CHECK(cudaGraphLaunch(exec, stream)); });
+      CHECK(cudaGraphExecDestroy(exec));
+      CHECK(cudaGraphDestroy(graph));
+      std::printf("N-way 32 fp32 states of 64 x 32 x 128 into bf16 (%-16s) %8.2f us  %5.3f TB/s  graph %6.2f us\n",
+                  v.name, us, bytes / us / 1e6, graph_us);
+    }
   }
   return 0;
 }

@@ -178,23 +178,34 @@ struct Convert<Fp8E5M2> {
 template <typename T>
 constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
 
-// The value an output is divided by before its conversion to TOut: the output
-// scale for fp8, 1 (and not applied) otherwise.
+// What an output is divided by before its conversion to TOut: the output scale for fp8
+// (with its reciprocal), 1 (and not applied) otherwise.
+struct OutputDivisor {
+  float divisor = 1.f, reciprocal = 1.f;
+};
+
 template <typename TOut, typename Params>
-__device__ __forceinline__ float output_divisor(const Params& p) {
+__device__ __forceinline__ OutputDivisor output_divisor(const Params& p) {
   if constexpr (kIsFp8<TOut>) {
-    return p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale;
+    const float divisor = p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale;
+    return {divisor, 1.f / divisor};
   } else {
-    return 1.f;
+    return {};
   }
 }
 
-// A division, not a product with 1 / scale: the torch and Triton merges divide, and
-// the two can round 1 ulp apart, an fp8 step where a value sits on a rounding edge.
+// x / divisor as the product with the reciprocal plus one fma residual step (Markstein),
+// which rounds as the division does for finite quotients (the torch and Triton merges
+// divide; a 1-ulp float32 difference is an fp8 step where a value sits on a rounding
+// edge) in 3 instructions instead of the division's sequence: with a division per
+// element the fp8 merge of 65536 x 32 x 128 bf16 ran 414 us, slower than the bf16 one
+// (benchmarks/NOTES.md). An infinite product is kept (the residual would be NaN).
 template <typename TOut>
-__device__ __forceinline__ TOut to_output(float x, float divisor) {
+__device__ __forceinline__ TOut to_output(float x, OutputDivisor scale) {
   if constexpr (kIsFp8<TOut>) {
-    return Convert<TOut>::from_float(x / divisor);
+    const float q = x * scale.reciprocal;
+    const float residual = fmaf(-q, scale.divisor, x);
+    return Convert<TOut>::from_float(isinf(q) ? q : fmaf(residual, scale.reciprocal, q));
   } else {
     return Convert<TOut>::from_float(x);
   }
@@ -276,12 +287,22 @@ struct TwoStateWeights {
   }
 };
 
+// The offset of element (token, head) of a tensor with those strides, computed in Index
+// (int32_t where the launch checked that every offset fits: fewer instructions per row).
+template <typename Index>
+__device__ __forceinline__ Index offset_of(int token, int head, int64_t stride_token, int64_t stride_head) {
+  return static_cast<Index>(token) * static_cast<Index>(stride_token) +
+         static_cast<Index>(head) * static_cast<Index>(stride_head);
+}
+
 // The two-state weights of row (token, head) of a forward or backward merge's inputs.
-template <typename Params>
+template <typename Index = int64_t, typename Params>
 __device__ __forceinline__ TwoStateWeights row_weights(const Params& p, int token, int head) {
   return TwoStateWeights(
-      __ldg(p.prefix_lse + head * p.prefix_lse_stride_head + token * p.prefix_lse_stride_token) * p.lse_scale,
-      __ldg(p.suffix_lse + head * p.suffix_lse_stride_head + token * p.suffix_lse_stride_token) * p.lse_scale);
+      __ldg(p.prefix_lse + offset_of<Index>(token, head, p.prefix_lse_stride_token, p.prefix_lse_stride_head)) *
+          p.lse_scale,
+      __ldg(p.suffix_lse + offset_of<Index>(token, head, p.suffix_lse_stride_token, p.suffix_lse_stride_head)) *
+          p.lse_scale);
 }
 
 constexpr int kWarp = 32;
@@ -329,10 +350,44 @@ inline BackwardLaunch backward_launch(int64_t rows, int64_t head_dim, int elems)
 
 enum class LseStoreOrder { kNone, kWarpBarrier, kBlockBarrier };
 
+// Division of dividends below 2^31 by a divisor fixed at launch, as a multiply-high and a
+// shift (Granlund and Montgomery, "Division by invariant integers using multiplication"):
+// the row index's split into (token, head) without the hardware's long integer-division
+// sequence, which sat in the two-state merge's prologue (the small merges under graph
+// replay are prologue-bound: benchmarks/NOTES.md). With l = ceil(log2 d), the multiplier
+// m = ceil(2^(31+l) / d) < 2^32 is off by e = m d - 2^(31+l) < d, so for n < 2^31 the
+// error n e / 2^(31+l) < d / 2^l <= 1 never carries floor(n m / 2^(31+l)) past n / d.
+struct FastDivisor {
+  uint32_t divisor = 1;
+  uint32_t multiplier = 0;  // unused for divisor 1
+  uint32_t shift = 0;       // l - 1: the product's high word is shifted right by it
+
+  FastDivisor() = default;
+  // 1 <= d < 2^31.
+  constexpr explicit FastDivisor(uint32_t d) : divisor(d) {
+    if (d == 1) return;
+    uint32_t l = 0;
+    while ((uint64_t{1} << l) < d) ++l;
+    multiplier = static_cast<uint32_t>(((uint64_t{1} << (31 + l)) + d - 1) / d);
+    shift = l - 1;
+  }
+
+  // n / divisor, for 0 <= n < 2^31. The high word of a 32 x 32-bit product: one
+  // wide multiply on the GPU, and a constant expression (compile_check.cu tests it).
+  __host__ __device__ constexpr uint32_t quotient(uint32_t n) const {
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * multiplier) >> 32);
+    return divisor == 1 ? n : high >> shift;
+  }
+};
+
 struct RowLayout {
   int threads_per_row;  // threads that share one (token, head) row (per slice)
   int rows_per_block;
   int slices = 1;  // thread groups that split one row's states (merge_states_sliced_kernel)
+  // Set by launch_rows: tokens x heads, and the divisor that splits a row index into
+  // (token, head) in the order below (by tokens when heads are outermost, else by heads).
+  int rows = 0;
+  FastDivisor row_divisor;
   // Row order: heads outermost (a block's rows are consecutive tokens of one head)
   // when the lse tensors are [heads, tokens] with unit token stride, so that the
   // rows' lse loads and stores fill whole 32-byte sectors; else tokens outermost.
@@ -356,15 +411,24 @@ __device__ __forceinline__ void order_lse_store(const RowLayout& layout) {
 }
 
 // The (token, head) of a row in the layout's order.
-__device__ __forceinline__ void row_position(int row, const RowLayout& layout, int64_t num_tokens, int64_t num_heads,
-                                             int& token, int& head) {
-  if (layout.heads_outer) {
-    head = row / static_cast<int>(num_tokens);
-    token = row - head * static_cast<int>(num_tokens);
-  } else {
-    token = row / static_cast<int>(num_heads);
-    head = row - token * static_cast<int>(num_heads);
-  }
+__device__ __forceinline__ void row_position(int row, const RowLayout& layout, int& token, int& head) {
+  const int outer = static_cast<int>(layout.row_divisor.quotient(static_cast<uint32_t>(row)));
+  const int inner = row - outer * static_cast<int>(layout.row_divisor.divisor);
+  token = layout.heads_outer ? inner : outer;
+  head = layout.heads_outer ? outer : inner;
+}
+
+// The block of every row kernel: threadIdx.x the thread's place in its row (lanes,
+// then slices), threadIdx.y the row within the block.
+struct BlockRow {
+  int local_row, within_row, row;
+  bool active;  // false past the last row
+};
+
+__device__ __forceinline__ BlockRow block_row(const RowLayout& layout) {
+  const int local_row = static_cast<int>(threadIdx.y);
+  const int row = static_cast<int>(blockIdx.x) * layout.rows_per_block + local_row;
+  return {local_row, static_cast<int>(threadIdx.x), row, row < layout.rows};
 }
 
 }  // namespace detail
@@ -373,42 +437,41 @@ __device__ __forceinline__ void row_position(int row, const RowLayout& layout, i
 // vectors of its row per turn (all loaded before any is combined, so that their
 // round trips to memory overlap: 16 bytes per input per thread in flight left the
 // H200's memory under-used, see benchmarks/NOTES.md).
-// TOut: T, or an fp8 type (then the output does not alias an input).
-template <typename T, typename TOut, int ELEMS, int VECS>
+// TOut: T, or an fp8 type (then the output does not alias an input). Index: the type of
+// element offsets, int32_t when the launch found that every offset fits.
+template <typename T, typename TOut, int ELEMS, int VECS, typename Index>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
   using V = detail::Vec<T, ELEMS>;
   constexpr int kElems = ELEMS;
 
-  const int local_row = threadIdx.x / layout.threads_per_row;
-  const int lane = threadIdx.x - local_row * layout.threads_per_row;
-  // rows = tokens * heads < 2^31 is checked on the host.
-  const int row = blockIdx.x * layout.rows_per_block + local_row;
-  const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
+  const detail::BlockRow r = detail::block_row(layout);
+  const int lane = r.within_row;
   int token = 0, head = 0;
-  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
+  if (r.active) detail::row_position(r.row, layout, token, head);
 
   float merged_lse = 0.f;
-  if (active) {
-    const T* prefix_row = static_cast<const T*>(p.prefix_output) + token * p.prefix_stride_token +
-                          head * p.prefix_stride_head;
-    const T* suffix_row = static_cast<const T*>(p.suffix_output) + token * p.suffix_stride_token +
-                          head * p.suffix_stride_head;
-    TOut* output_row =
-        static_cast<TOut*>(p.output) + token * p.output_stride_token + head * p.output_stride_head;
-    const float output_divisor = detail::output_divisor<TOut>(p);
+  if (r.active) {
+    const T* prefix_row = static_cast<const T*>(p.prefix_output) +
+                          detail::offset_of<Index>(token, head, p.prefix_stride_token, p.prefix_stride_head);
+    const T* suffix_row = static_cast<const T*>(p.suffix_output) +
+                          detail::offset_of<Index>(token, head, p.suffix_stride_token, p.suffix_stride_head);
+    TOut* output_row = static_cast<TOut*>(p.output) +
+                       detail::offset_of<Index>(token, head, p.output_stride_token, p.output_stride_head);
+    const detail::OutputDivisor output_divisor = detail::output_divisor<TOut>(p);
     // lane < threads per row, so every thread owns at least its first vector.
     // The first turn's loads are issued before the lse arithmetic so that the data
     // and the lse round trips to memory overlap instead of running back to back.
-    const int64_t first = static_cast<int64_t>(lane) * kElems;
-    const int64_t step = static_cast<int64_t>(layout.threads_per_row) * kElems;
+    const Index head_dim = static_cast<Index>(p.head_dim);
+    const Index first = static_cast<Index>(lane) * kElems;
+    const Index step = static_cast<Index>(layout.threads_per_row) * kElems;
     V a[VECS], b[VECS];
-    const auto load_turn = [&](int64_t base) {
+    const auto load_turn = [&](Index base) {
 #pragma unroll
       for (int v = 0; v < VECS; ++v) {
-        const int64_t d = base + v * step;
-        if (v == 0 || d < p.head_dim) {
+        const Index d = base + v * step;
+        if (v == 0 || d < head_dim) {
           a[v] = detail::load_plain<T, ELEMS>(prefix_row + d);
           b[v] = detail::load_plain<T, ELEMS>(suffix_row + d);
         }
@@ -416,17 +479,17 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     };
     load_turn(first);
 
-    const detail::TwoStateWeights w = detail::row_weights(p, token, head);
+    const detail::TwoStateWeights w = detail::row_weights<Index>(p, token, head);
     const bool prefix_empty = w.prefix_empty, suffix_empty = w.suffix_empty;
     const float prefix_weight = w.prefix_weight, suffix_weight = w.suffix_weight;
     merged_lse = w.lse / p.lse_scale;
 
     // An empty state contributes nothing, not 0 * (whatever its output holds).
-    const auto store_turn = [&](int64_t base) {
+    const auto store_turn = [&](Index base) {
 #pragma unroll
       for (int v = 0; v < VECS; ++v) {
-        const int64_t d = base + v * step;
-        if (v > 0 && d >= p.head_dim) continue;
+        const Index d = base + v * step;
+        if (v > 0 && d >= head_dim) continue;
         detail::Vec<TOut, ELEMS> out;
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
@@ -439,7 +502,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     };
     store_turn(first);
     // Only head dims wider than a whole block of turns get here.
-    for (int64_t base = first + VECS * step; base < p.head_dim; base += VECS * step) {
+    for (Index base = first + VECS * step; base < head_dim; base += VECS * step) {
       load_turn(base);
       store_turn(base);
     }
@@ -447,8 +510,9 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
 
   if (p.output_lse != nullptr) {
     detail::order_lse_store(layout);
-    if (active && lane == 0) {
-      p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse;
+    if (r.active && lane == 0) {
+      p.output_lse[detail::offset_of<Index>(token, head, p.output_lse_stride_token, p.output_lse_stride_head)] =
+          merged_lse;
     }
   }
 }
@@ -471,7 +535,7 @@ constexpr int kMergeGroup = 4;
 // round trips to memory). At most 64 registers (the launch bound: 1024 threads
 // per multiprocessor) matter as much as the single round trip: the same code at
 // 70 registers, 768 threads per multiprocessor, was slower than both.
-template <typename TIn, int ELEMS>
+template <typename TIn, int ELEMS, int GROUP = kMergeGroup>
 struct RunningMerge {
   float acc[ELEMS];
   float m = -INFINITY;  // largest non-empty lse folded so far
@@ -483,14 +547,14 @@ struct RunningMerge {
     for (int i = 0; i < ELEMS; ++i) acc[i] = 0.f;
   }
 
-  // Folds in states s0 .. s0 + kMergeGroup - 1 (those below num_states) of the
+  // Folds in states s0 .. s0 + GROUP - 1 (those below num_states) of the
   // row whose lse values start at row_lse, at this thread's vector state_vec.
   __device__ __forceinline__ void add_group(const MergeNParams& p, const float* row_lse, const TIn* state_vec,
                                             int64_t s0) {
-    float lse[kMergeGroup];
-    Vec<TIn, ELEMS> v[kMergeGroup];
+    float lse[GROUP];
+    Vec<TIn, ELEMS> v[GROUP];
 #pragma unroll
-    for (int u = 0; u < kMergeGroup; ++u) {
+    for (int u = 0; u < GROUP; ++u) {
       const bool present = s0 + u < p.num_states;
       lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
       if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
@@ -499,19 +563,19 @@ struct RunningMerge {
     // waits for its lse and holds back the next state's loads (seen in the SASS;
     // 8 states of 4096 x 32 x 128 ran 109 us with it, 83 us without).
 #pragma unroll
-    for (int u = 0; u < kMergeGroup; ++u) lse[u] *= p.lse_scale;
+    for (int u = 0; u < GROUP; ++u) lse[u] *= p.lse_scale;
     // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
     // still reaches the sums below (as NaN weights) and the merged lse.
     float group_max = m;
 #pragma unroll
-    for (int u = 0; u < kMergeGroup; ++u) {
+    for (int u = 0; u < GROUP; ++u) {
       any_nan |= isnan(lse[u]);
       if (!is_empty_state(lse[u])) group_max = fmaxf(group_max, lse[u]);
     }
     if (group_max == -INFINITY) return;  // every state so far is empty
     rescale_to(group_max);
 #pragma unroll
-    for (int u = 0; u < kMergeGroup; ++u) {
+    for (int u = 0; u < GROUP; ++u) {
       // An empty state contributes nothing, not 0 * (whatever its output holds).
       if (is_empty_state(lse[u])) continue;
       const float w = expf(lse[u] - m);
@@ -535,7 +599,7 @@ struct RunningMerge {
   // Stores the merged vector at out_vec and returns the merged natural-log lse: 0
   // and -inf when every state is empty, NaN for both when any lse is NaN.
   template <typename TOut>
-  __device__ __forceinline__ float finish(TOut* out_vec, float output_divisor) const {
+  __device__ __forceinline__ float finish(TOut* out_vec, OutputDivisor output_divisor) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
     const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
     Vec<TOut, ELEMS> out;
@@ -559,18 +623,17 @@ struct RunningMerge {
 
 // N-way merge over states stacked on a leading axis, in one pass over the data:
 // the threads of a row fold all its states, one group after another.
-template <typename TIn, typename TOut, int ELEMS>
+// GROUP: states folded per step (RunningMerge).
+template <typename TIn, typename TOut, int ELEMS, int GROUP = detail::kMergeGroup>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_kernel(const MergeNParams p, const detail::RowLayout layout) {
-  const int local_row = threadIdx.x / layout.threads_per_row;
-  const int lane = threadIdx.x - local_row * layout.threads_per_row;
-  const int row = blockIdx.x * layout.rows_per_block + local_row;
-  const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
+  const detail::BlockRow r = detail::block_row(layout);
+  const int lane = r.within_row;
   int token = 0, head = 0;
-  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
+  if (r.active) detail::row_position(r.row, layout, token, head);
 
   float merged_lse = 0.f;
-  if (active) {
+  if (r.active) {
     const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
     const TIn* state_row = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
                            head * p.states_stride_head;
@@ -579,15 +642,15 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     // Only head dims wider than a whole block of vectors take a second turn.
     for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim;
          d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
-      detail::RunningMerge<TIn, ELEMS> merge;
-      for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
+      detail::RunningMerge<TIn, ELEMS, GROUP> merge;
+      for (int64_t s0 = 0; s0 < p.num_states; s0 += GROUP) merge.add_group(p, row_lse, state_row + d, s0);
       merged_lse = merge.finish(output_row + d, detail::output_divisor<TOut>(p));
     }
   }
 
   if (p.output_lse != nullptr) {
     detail::order_lse_store(layout);
-    if (active && lane == 0) {
+    if (r.active && lane == 0) {
       p.output_lse[head * p.output_lse_stride_head + token * p.output_lse_stride_token] = merged_lse / p.lse_scale;
     }
   }
@@ -600,7 +663,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
 // slices-th group of its states, and the first adds up their running merges
 // through shared memory. Each lane owns exactly one vector (the launch takes
 // this kernel only when a row's vectors fit one thread group).
-template <typename TIn, typename TOut, int ELEMS>
+template <typename TIn, typename TOut, int ELEMS, int GROUP = detail::kMergeGroup>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_sliced_kernel(const MergeNParams p, const detail::RowLayout layout) {
   constexpr int kThreads = detail::kThreadsPerBlock<MergeNParams>;
@@ -609,37 +672,35 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   __shared__ float shared_total[kThreads];
   __shared__ bool shared_nan[kThreads];
 
-  const int threads_per_row = layout.threads_per_row * layout.slices;
-  const int local_row = threadIdx.x / threads_per_row;
-  const int within_row = threadIdx.x - local_row * threads_per_row;
-  const int slice = within_row / layout.threads_per_row;
-  const int lane = within_row - slice * layout.threads_per_row;
-  const int row = blockIdx.x * layout.rows_per_block + local_row;
-  const bool active = local_row < layout.rows_per_block && row < p.num_tokens * p.num_heads;
+  const detail::BlockRow r = detail::block_row(layout);
+  const bool active = r.active;
+  const int slice = r.within_row / layout.threads_per_row;
+  const int lane = r.within_row - slice * layout.threads_per_row;
+  const int tid = r.local_row * static_cast<int>(blockDim.x) + r.within_row;  // this thread's shared slots
   int token = 0, head = 0;
-  if (active) detail::row_position(row, layout, p.num_tokens, p.num_heads, token, head);
+  if (active) detail::row_position(r.row, layout, token, head);
   const int64_t d = static_cast<int64_t>(lane) * ELEMS;
 
-  detail::RunningMerge<TIn, ELEMS> merge;
+  detail::RunningMerge<TIn, ELEMS, GROUP> merge;
   if (active) {
     const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
     const TIn* state_vec = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
                            head * p.states_stride_head + d;
-    for (int64_t s0 = static_cast<int64_t>(slice) * detail::kMergeGroup; s0 < p.num_states;
-         s0 += static_cast<int64_t>(layout.slices) * detail::kMergeGroup)
+    for (int64_t s0 = static_cast<int64_t>(slice) * GROUP; s0 < p.num_states;
+         s0 += static_cast<int64_t>(layout.slices) * GROUP)
       merge.add_group(p, row_lse, state_vec, s0);
   }
 #pragma unroll
-  for (int i = 0; i < ELEMS; ++i) shared_acc[i][threadIdx.x] = merge.acc[i];
-  shared_m[threadIdx.x] = merge.m;
-  shared_total[threadIdx.x] = merge.total;
-  shared_nan[threadIdx.x] = merge.any_nan;
+  for (int i = 0; i < ELEMS; ++i) shared_acc[i][tid] = merge.acc[i];
+  shared_m[tid] = merge.m;
+  shared_total[tid] = merge.total;
+  shared_nan[tid] = merge.any_nan;
   // Every state and input lse of the block has been read before any output is
   // written, so outputs may alias inputs (in-place merges).
   __syncthreads();
   if (active && slice == 0) {
     for (int j = 1; j < layout.slices; ++j) {
-      const int other = threadIdx.x + j * layout.threads_per_row;
+      const int other = tid + j * layout.threads_per_row;
       float other_acc[ELEMS];
 #pragma unroll
       for (int i = 0; i < ELEMS; ++i) other_acc[i] = shared_acc[i][other];
@@ -671,17 +732,22 @@ __device__ __forceinline__ float dot_vec(const Vec<T, ELEMS>& x, const float* y)
   return sum;
 }
 
-template <typename T, int ELEMS>
+// PLAIN: plain loads and stores (the two-state backward), else the streaming hints.
+template <bool PLAIN, typename T, int ELEMS>
 __device__ __forceinline__ void store_scaled(T* ptr, const float* values, float scale) {
   Vec<T, ELEMS> out;
 #pragma unroll
   for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<T>::from_float(values[i] * scale);
-  store_streaming<T, ELEMS>(ptr, out);
+  if constexpr (PLAIN) {
+    store_plain<T, ELEMS>(ptr, out);
+  } else {
+    store_streaming<T, ELEMS>(ptr, out);
+  }
 }
 
-template <typename T, int ELEMS>
+template <bool PLAIN, typename T, int ELEMS>
 __device__ __forceinline__ void load_floats(const T* ptr, float* values) {
-  const Vec<T, ELEMS> v = load_streaming<T, ELEMS>(ptr);
+  const Vec<T, ELEMS> v = PLAIN ? load_plain<T, ELEMS>(ptr) : load_streaming<T, ELEMS>(ptr);
 #pragma unroll
   for (int i = 0; i < ELEMS; ++i) values[i] = Convert<T>::to_float(v.elems[i]);
 }
@@ -712,11 +778,11 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
     // Both outputs are read whether or not their state is empty, so that these loads
     // need not wait for the lse values (an empty state's dot product is dropped below).
     float grad[ELEMS];
-    detail::load_floats<T, ELEMS>(grad_row + d, grad);
-    prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(prefix_row + d), grad);
-    suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_streaming<T, ELEMS>(suffix_row + d), grad);
-    detail::store_scaled<T, ELEMS>(grad_prefix_row + d, grad, prefix_weight);
-    detail::store_scaled<T, ELEMS>(grad_suffix_row + d, grad, suffix_weight);
+    detail::load_floats<true, T, ELEMS>(grad_row + d, grad);
+    prefix_dot += detail::dot_vec<T, ELEMS>(detail::load_plain<T, ELEMS>(prefix_row + d), grad);
+    suffix_dot += detail::dot_vec<T, ELEMS>(detail::load_plain<T, ELEMS>(suffix_row + d), grad);
+    detail::store_scaled<true, T, ELEMS>(grad_prefix_row + d, grad, prefix_weight);
+    detail::store_scaled<true, T, ELEMS>(grad_suffix_row + d, grad, suffix_weight);
   }
   // An empty state's output may hold anything (NaN): it stays out of the dot products.
   prefix_dot = w.prefix_empty ? 0.f : detail::segment_sum(prefix_dot, r, lanes);
@@ -755,7 +821,7 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
   float merged_dot = 0.f;
   for (int64_t d = first; d < p.head_dim; d += step) {
     float grad[ELEMS];
-    detail::load_floats<TOut, ELEMS>(grad_row + d, grad);
+    detail::load_floats<false, TOut, ELEMS>(grad_row + d, grad);
     merged_dot += detail::dot_vec<TOut, ELEMS>(detail::load_streaming<TOut, ELEMS>(output_row + d), grad);
   }
   merged_dot = detail::segment_sum(merged_dot, r, lanes);
@@ -793,7 +859,7 @@ __global__ void __launch_bounds__(detail::kBackwardThreads)
       for (int u = 0; u < kGroup; ++u) {
         if (s0 + u >= p.num_states) continue;
         dot[u] += detail::dot_vec<TIn, ELEMS>(v[u], grad);
-        detail::store_scaled<TIn, ELEMS>(grad_state_base + (s0 + u) * p.grad_states_stride_state + d, grad, weight[u]);
+        detail::store_scaled<false, TIn, ELEMS>(grad_state_base + (s0 + u) * p.grad_states_stride_state + d, grad, weight[u]);
       }
     }
 #pragma unroll
@@ -841,6 +907,15 @@ inline RowLayout row_layout(int64_t head_dim, int elems, int max_threads, int sl
   return layout;
 }
 
+// Whether every element offset of a [tokens, heads, inner] tensor (inner contiguous) with
+// these strides lies within int32_t's range: the two-state merge then computes its offsets
+// in 32 bits (merge_attn_states_kernel's Index).
+inline bool offsets_fit_int32(int64_t tokens, int64_t heads, int64_t inner, int64_t stride_token,
+                              int64_t stride_head) {
+  const auto magnitude = [](int64_t x) { return x < 0 ? -x : x; };
+  return (tokens - 1) * magnitude(stride_token) + (heads - 1) * magnitude(stride_head) + inner <= INT32_MAX;
+}
+
 // Whether two float32 tensors of up to three axes (sizes and non-negative strides in
 // elements) share any bytes: their spans from first to last element overlap.
 struct LseExtent {
@@ -873,11 +948,15 @@ inline int64_t row_blocks(const RowLayout& layout, int64_t rows) {
   return (rows + layout.rows_per_block - 1) / layout.rows_per_block;
 }
 
+// Launches `kernel` over all tokens x heads rows (< 2^31, checked on the host) in the
+// layout's blocks (BlockRow), the layout's row count and divisor filled in.
 template <typename Params, typename Kernel>
-inline cudaError_t launch_rows(Kernel kernel, const Params& p, const RowLayout& layout, cudaStream_t stream) {
-  const int64_t blocks = row_blocks(layout, p.num_tokens * p.num_heads);
-  const int threads = layout.threads_per_row * layout.slices * layout.rows_per_block;
-  kernel<<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(p, layout);
+inline cudaError_t launch_rows(Kernel kernel, const Params& p, RowLayout layout, cudaStream_t stream) {
+  const int64_t rows = p.num_tokens * p.num_heads;
+  layout.rows = static_cast<int>(rows);
+  layout.row_divisor = FastDivisor(static_cast<uint32_t>(layout.heads_outer ? p.num_tokens : p.num_heads));
+  const dim3 threads(layout.threads_per_row * layout.slices, layout.rows_per_block);
+  kernel<<<static_cast<unsigned int>(row_blocks(layout, rows)), threads, 0, stream>>>(p, layout);
   return cudaGetLastError();
 }
 
@@ -895,12 +974,15 @@ inline int multiprocessor_count() {
 
 // The N-way merge doubles the thread groups per row while a row's vectors still
 // fit one block, every group gets a whole group of states, and the blocks are
-// fewer than two per multiprocessor (too few rows to keep the memory busy).
+// fewer than four per multiprocessor (too few rows to keep the memory busy): on the
+// H200, 32 float32 states of 64 x 32 x 128 into bf16 (512 blocks of one group per row)
+// took 15.7 us, 12.6 under graph replay, and 14.9 / 10.8 with two groups per row
+// (merge_sweep.cu, benchmarks/NOTES.md); four groups were slower (15.7 / 11.6).
 template <typename TIn, typename TOut, int ELEMS>
 inline cudaError_t launch_merge_states(const MergeNParams& p, cudaStream_t stream) {
   constexpr int kThreads = kThreadsPerBlock<MergeNParams>;
   const int64_t rows = p.num_tokens * p.num_heads;
-  const int64_t few_blocks = 2 * static_cast<int64_t>(multiprocessor_count());
+  const int64_t few_blocks = 4 * static_cast<int64_t>(multiprocessor_count());
   RowLayout layout = row_layout(p.head_dim, ELEMS, kThreads);
   // Tokens outermost (heads_outer stays false): with heads outermost, the N-way merge
   // of 8 states of 4096 x 32 x 128 bf16 took 109 us on the H200 against 84 us in this
@@ -946,11 +1028,18 @@ inline cudaError_t launch_with_vector_elems(int elems, Launch launch) {
 
 // Host entry points. The caller has validated shapes, dtypes and devices and
 // guarantees tokens * heads < 2^31. Returns the launch status.
-// Vectors per row from which each thread of the two-state merge moves two per turn:
-// at 8 (head_dim 64 in 16-bit types) one was faster on the H200 (19.4 against 20.4 us
-// for 4096 x 32 x 64 bf16), at 16 two (434 against 454 us for 65536 x 32 x 128;
-// merge_sweep.cu at 405302a, benchmarks/NOTES.md).
+// The two-state merge's row layout, from merge_sweep.cu on the H200 with its lean
+// prologue (benchmarks/NOTES.md). Rows of at least kVecsFrom vectors (head_dim 128 in
+// 16-bit types): below kManyRows rows, each thread moves two vectors per turn and heads
+// are outermost (1024 x 32 x 128 bf16 under graph replay: 4.45 us, against 5.25 tokens
+// outermost and 5.96 with one vector); from kManyRows, one vector each, tokens outermost
+// (65536 x 32 x 128: 381.6 against 385.4 us with two, 406.6 heads outermost; 4096 x 32
+// x 128: 30.7 against 31.6), except into fp8, which keeps two (65536 x 32 x 128 bf16
+// into e4m3: 343 against 437 us with one). Shorter rows (head_dim 64): one vector, heads
+// outermost. Heads go outermost only where every lse has unit token stride
+// (RowLayout::heads_outer).
 constexpr int64_t kVecsFrom = 16;
+constexpr int64_t kManyRows = 65536;
 
 // TOut: T, or Fp8E4M3 / Fp8E5M2.
 template <typename T, typename TOut = T>
@@ -966,14 +1055,12 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
   return detail::launch_with_vector_elems<T>(detail::vector_elems<T, TOut>(in_bits, out_bits), [&](auto e) {
     constexpr int kElems = decltype(e)::value;
     constexpr int kThreads = detail::kThreadsPerBlock<MergeParams>;
-    // Two vectors per thread once a row has kVecsFrom (head_dim 128 in 16-bit types), else one.
-    const int64_t vecs_per_row = p.head_dim / kElems;
-    const int vecs = vecs_per_row >= kVecsFrom ? 2 : 1;
-    // Tokens outermost with two vectors per thread: a block's reads are then one span of
-    // memory, and on the H200 65536 x 32 x 128 bf16 took 389 against 405 us heads
-    // outermost (16384: 104 against 107), despite the scattered lse accesses; with one
-    // vector (head_dim 64) heads outermost was 1.5% faster (merge_sweep.cu, NOTES.md).
-    const bool heads_outer = vecs == 1 && p.prefix_lse_stride_token == 1 && p.suffix_lse_stride_token == 1 &&
+    // The layout of kVecsFrom / kManyRows above.
+    const bool long_rows = p.head_dim / kElems >= kVecsFrom;
+    const bool many_rows = p.num_tokens * p.num_heads >= kManyRows;
+    const int vecs = long_rows && (!many_rows || detail::kIsFp8<TOut>) ? 2 : 1;
+    const bool heads_outer = !(long_rows && many_rows) && p.prefix_lse_stride_token == 1 &&
+                             p.suffix_lse_stride_token == 1 &&
                              (p.output_lse == nullptr || p.output_lse_stride_token == 1);
     detail::RowLayout layout = detail::row_layout(p.head_dim, vecs * kElems, kThreads);
     layout.heads_outer = heads_outer;
@@ -987,8 +1074,22 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
         (detail::extents_overlap(output_lse, lse_extent(p.prefix_lse, p.prefix_lse_stride_head, p.prefix_lse_stride_token)) ||
          detail::extents_overlap(output_lse, lse_extent(p.suffix_lse, p.suffix_lse_stride_head, p.suffix_lse_stride_token)));
     layout.lse_order = detail::lse_store_order(overlaps, layout);
-    if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 2>, p, layout, stream);
-    return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 1>, p, layout, stream);
+    const auto launch = [&](auto index) {
+      using Index = decltype(index);
+      if (vecs == 2) return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 2, Index>, p, layout, stream);
+      return detail::launch_rows(merge_attn_states_kernel<T, TOut, kElems, 1, Index>, p, layout, stream);
+    };
+    const auto fits = [&](int64_t inner, int64_t stride_token, int64_t stride_head) {
+      return detail::offsets_fit_int32(p.num_tokens, p.num_heads, inner, stride_token, stride_head);
+    };
+    const bool int32_offsets =
+        fits(p.head_dim, p.prefix_stride_token, p.prefix_stride_head) &&
+        fits(p.head_dim, p.suffix_stride_token, p.suffix_stride_head) &&
+        fits(p.head_dim, p.output_stride_token, p.output_stride_head) &&
+        fits(1, p.prefix_lse_stride_token, p.prefix_lse_stride_head) &&
+        fits(1, p.suffix_lse_stride_token, p.suffix_lse_stride_head) &&
+        (p.output_lse == nullptr || fits(1, p.output_lse_stride_token, p.output_lse_stride_head));
+    return int32_offsets ? launch(int32_t{}) : launch(int64_t{});
   });
 }
 
