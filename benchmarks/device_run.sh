@@ -10,6 +10,7 @@
 #   split-sweep           benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
 #   prefix-tile           benchmarks/prefix_tile_sweep.py: the cascade launch's prefix tile on decode shapes
 #   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
+#   memcheck              compute-sanitizer memcheck over pytest (the tests named in $PYTEST_ARGS)
 #   profile-compiled      benchmarks/profile_compiled_step.py: host time of the example's compiled decode steps
 # The exit status is non-zero if any step failed; later steps run regardless.
 # STEP_TIMEOUT=S stops any one step after S seconds, so that the later steps still
@@ -57,6 +58,8 @@ for spec in "$@"; do
                 "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \
                     /tmp/merge_sweep nway; } 2>&1 | tee -a "$log" ;;
+    memcheck) "${limit[@]}" compute-sanitizer --tool memcheck --error-exitcode 1 \
+                  python -m pytest -q -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
     profile-compiled) "${limit[@]}" python benchmarks/profile_compiled_step.py $name $args 2>&1 | tee -a "$log" ;;
     *) echo "unknown step: $spec" | tee -a "$log"; false ;;
   esac

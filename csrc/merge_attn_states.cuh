@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <cfloat>
 #include <cstdint>
 #include <type_traits>
 
@@ -179,16 +180,20 @@ template <typename T>
 constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
 
 // What an output is divided by before its conversion to TOut: the output scale for fp8
-// (with its reciprocal), 1 (and not applied) otherwise.
+// (with its reciprocal), 1 (and not applied) otherwise. `by_reciprocal`: the reciprocal is
+// a normal float (the scale is neither infinite nor subnormal, nor NaN or zero), so that
+// to_output may divide through it.
 struct OutputDivisor {
   float divisor = 1.f, reciprocal = 1.f;
+  bool by_reciprocal = true;
 };
 
 template <typename TOut, typename Params>
 __device__ __forceinline__ OutputDivisor output_divisor(const Params& p) {
   if constexpr (kIsFp8<TOut>) {
     const float divisor = p.output_scale_ptr != nullptr ? __ldg(p.output_scale_ptr) : p.output_scale;
-    return {divisor, 1.f / divisor};
+    const float reciprocal = 1.f / divisor;
+    return {divisor, reciprocal, isfinite(reciprocal) && fabsf(reciprocal) >= FLT_MIN};
   } else {
     return {};
   }
@@ -199,10 +204,13 @@ __device__ __forceinline__ OutputDivisor output_divisor(const Params& p) {
 // divide; a 1-ulp float32 difference is an fp8 step where a value sits on a rounding
 // edge) in 3 instructions instead of the division's sequence: with a division per
 // element the fp8 merge of 65536 x 32 x 128 bf16 ran 414 us, slower than the bf16 one
-// (benchmarks/NOTES.md). An infinite product is kept (the residual would be NaN).
+// (benchmarks/NOTES.md). An infinite product is kept (the residual would be NaN). A scale
+// whose reciprocal is not a normal float (an infinite one: 0 x inf in the residual; a
+// subnormal one: 0 x inf in the product) takes the division.
 template <typename TOut>
 __device__ __forceinline__ TOut to_output(float x, OutputDivisor scale) {
   if constexpr (kIsFp8<TOut>) {
+    if (!scale.by_reciprocal) return Convert<TOut>::from_float(x / scale.divisor);
     const float q = x * scale.reciprocal;
     const float residual = fmaf(-q, scale.divisor, x);
     return Convert<TOut>::from_float(isinf(q) ? q : fmaf(residual, scale.reciprocal, q));
@@ -1082,10 +1090,13 @@ cudaError_t merge_attn_states(const MergeParams& p, cudaStream_t stream) {
     const auto fits = [&](int64_t inner, int64_t stride_token, int64_t stride_head) {
       return detail::offsets_fit_int32(p.num_tokens, p.num_heads, inner, stride_token, stride_head);
     };
+    // The kernel's offset within a row runs up to a turn (VECS vectors of every thread of
+    // the row) past head_dim before its loop ends, in Index too.
+    const int64_t row_extent = p.head_dim + static_cast<int64_t>(vecs) * layout.threads_per_row * kElems;
     const bool int32_offsets =
-        fits(p.head_dim, p.prefix_stride_token, p.prefix_stride_head) &&
-        fits(p.head_dim, p.suffix_stride_token, p.suffix_stride_head) &&
-        fits(p.head_dim, p.output_stride_token, p.output_stride_head) &&
+        fits(row_extent, p.prefix_stride_token, p.prefix_stride_head) &&
+        fits(row_extent, p.suffix_stride_token, p.suffix_stride_head) &&
+        fits(row_extent, p.output_stride_token, p.output_stride_head) &&
         fits(1, p.prefix_lse_stride_token, p.prefix_lse_stride_head) &&
         fits(1, p.suffix_lse_stride_token, p.suffix_lse_stride_head) &&
         (p.output_lse == nullptr || fits(1, p.output_lse_stride_token, p.output_lse_stride_head));

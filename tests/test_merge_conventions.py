@@ -111,6 +111,46 @@ def test_fp8_output(backend, dtype, scale_kind):
     assert unscaled.float().abs().max() == limit and not torch.isnan(unscaled.float()).any()
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                not ON_CUDA, reason="the Triton interpreter's fp8 cast rounds some values a binade low (-124 -> -64)"
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("scale", [1e-39, 3e38, 1e39], ids=["subnormal", "subnormal-reciprocal", "past-float32"])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+def test_fp8_scales_at_float32_edges(backend, scale, scale_kind):
+    """Scales whose float32 value or reciprocal is not a normal float (the CUDA kernel
+    divides through the reciprocal only where it is one): the division's fp8 values,
+    saturated or 0, and 0 for rows whose states are all empty, never NaN."""
+    device = _device(backend)
+    dtype = torch.float8_e4m3fn
+    gen = torch.Generator().manual_seed(13)
+    states, lses = random_states(2, 6, 2, 16, torch.bfloat16, device, gen, inf_fraction=0)
+    lses[:, :, 0] = float("-inf")  # token 0: every state empty, output exactly 0
+    want_out, _ = reference_merge(list(states), list(lses))
+    scale32 = torch.tensor([scale], dtype=torch.float32)  # what every kernel divides by
+    want = _quantised_reference(want_out, dtype, scale32.double().item()).float()
+    output_scale = scale if scale_kind == "float" else scale32.to(device)
+    fp8 = {"output_dtype": dtype, "output_scale": output_scale, "backend": backend}
+    for out, _lse in (
+        splitkv.merge_states(states, lses, **fp8),
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], **fp8),
+    ):
+        got = out.float().cpu()
+        assert not torch.isnan(got).any()
+        assert (got[0] == 0).all()
+        step = torch.where(want.abs() > 0, want.abs() * 2**-3, 1e-2)
+        assert ((got - want).abs() <= step).all()
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if ON_CUDA else []))
 def test_fp8_bad_scales(device):
     # On CUDA the C++ fast path sees these first: it must leave each to the Python errors.

@@ -1,6 +1,8 @@
 """The CUDA merge op on a GPU: opcheck, torch.compile, CUDA graphs, every vector width,
 64-bit offsets, and agreement between the three backends."""
 
+import math
+
 import pytest
 import torch
 from merge_reference import LSE_TOLERANCE, TOLERANCES, random_states, reference_merge
@@ -109,6 +111,21 @@ def test_offsets_past_2_31_elements(backend):
     torch.testing.assert_close(out.double(), ref_out, **TOLERANCES[torch.bfloat16])
     torch.testing.assert_close(lse.double(), ref_lse, **LSE_TOLERANCE)
     del storage
+
+
+@pytest.mark.slow
+def test_row_just_below_2_31_elements():
+    """One row of 2^31 - 8 elements: its offsets fit 32 bits, but the kernel's offset
+    within the row runs a turn past head_dim before its loop ends, so the launch must not
+    take 32-bit offsets (it looped forever, writing 2^31 elements before the row)."""
+    head_dim = 2**31 - 8
+    prefix = torch.ones(1, 1, head_dim, dtype=torch.bfloat16, device="cuda")
+    suffix = torch.full_like(prefix, 3.0)
+    lse = torch.zeros(1, 1, device="cuda")
+    out, merged_lse = splitkv.merge_attn_states(prefix, lse, suffix, lse.clone(), backend="cuda")
+    del prefix, suffix
+    assert bool((out == 2.0).all())
+    torch.testing.assert_close(merged_lse, torch.full_like(lse, math.log(2.0)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
