@@ -543,7 +543,7 @@ constexpr int kMergeGroup = 4;
 // round trips to memory). At most 64 registers (the launch bound: 1024 threads
 // per multiprocessor) matter as much as the single round trip: the same code at
 // 70 registers, 768 threads per multiprocessor, was slower than both.
-template <typename TIn, int ELEMS, int GROUP = kMergeGroup>
+template <typename TIn, int ELEMS>
 struct RunningMerge {
   float acc[ELEMS];
   float m = -INFINITY;  // largest non-empty lse folded so far
@@ -555,14 +555,14 @@ struct RunningMerge {
     for (int i = 0; i < ELEMS; ++i) acc[i] = 0.f;
   }
 
-  // Folds in states s0 .. s0 + GROUP - 1 (those below num_states) of the
+  // Folds in states s0 .. s0 + kMergeGroup - 1 (those below num_states) of the
   // row whose lse values start at row_lse, at this thread's vector state_vec.
   __device__ __forceinline__ void add_group(const MergeNParams& p, const float* row_lse, const TIn* state_vec,
                                             int64_t s0) {
-    float lse[GROUP];
-    Vec<TIn, ELEMS> v[GROUP];
+    float lse[kMergeGroup];
+    Vec<TIn, ELEMS> v[kMergeGroup];
 #pragma unroll
-    for (int u = 0; u < GROUP; ++u) {
+    for (int u = 0; u < kMergeGroup; ++u) {
       const bool present = s0 + u < p.num_states;
       lse[u] = present ? __ldg(row_lse + (s0 + u) * p.lses_stride_state) : -INFINITY;
       if (present) v[u] = load_streaming<TIn, ELEMS>(state_vec + (s0 + u) * p.states_stride_state);
@@ -571,19 +571,19 @@ struct RunningMerge {
     // waits for its lse and holds back the next state's loads (seen in the SASS;
     // 8 states of 4096 x 32 x 128 ran 109 us with it, 83 us without).
 #pragma unroll
-    for (int u = 0; u < GROUP; ++u) lse[u] *= p.lse_scale;
+    for (int u = 0; u < kMergeGroup; ++u) lse[u] *= p.lse_scale;
     // Empty states (lse +-inf) and NaN ones stay out of the max; a NaN lse
     // still reaches the sums below (as NaN weights) and the merged lse.
     float group_max = m;
 #pragma unroll
-    for (int u = 0; u < GROUP; ++u) {
+    for (int u = 0; u < kMergeGroup; ++u) {
       any_nan |= isnan(lse[u]);
       if (!is_empty_state(lse[u])) group_max = fmaxf(group_max, lse[u]);
     }
     if (group_max == -INFINITY) return;  // every state so far is empty
     rescale_to(group_max);
 #pragma unroll
-    for (int u = 0; u < GROUP; ++u) {
+    for (int u = 0; u < kMergeGroup; ++u) {
       // An empty state contributes nothing, not 0 * (whatever its output holds).
       if (is_empty_state(lse[u])) continue;
       const float w = expf(lse[u] - m);
@@ -631,8 +631,7 @@ struct RunningMerge {
 
 // N-way merge over states stacked on a leading axis, in one pass over the data:
 // the threads of a row fold all its states, one group after another.
-// GROUP: states folded per step (RunningMerge).
-template <typename TIn, typename TOut, int ELEMS, int GROUP = detail::kMergeGroup>
+template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_kernel(const MergeNParams p, const detail::RowLayout layout) {
   const detail::BlockRow r = detail::block_row(layout);
@@ -650,8 +649,8 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     // Only head dims wider than a whole block of vectors take a second turn.
     for (int64_t d = static_cast<int64_t>(lane) * ELEMS; d < p.head_dim;
          d += static_cast<int64_t>(layout.threads_per_row) * ELEMS) {
-      detail::RunningMerge<TIn, ELEMS, GROUP> merge;
-      for (int64_t s0 = 0; s0 < p.num_states; s0 += GROUP) merge.add_group(p, row_lse, state_row + d, s0);
+      detail::RunningMerge<TIn, ELEMS> merge;
+      for (int64_t s0 = 0; s0 < p.num_states; s0 += detail::kMergeGroup) merge.add_group(p, row_lse, state_row + d, s0);
       merged_lse = merge.finish(output_row + d, detail::output_divisor<TOut>(p));
     }
   }
@@ -671,7 +670,7 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
 // slices-th group of its states, and the first adds up their running merges
 // through shared memory. Each lane owns exactly one vector (the launch takes
 // this kernel only when a row's vectors fit one thread group).
-template <typename TIn, typename TOut, int ELEMS, int GROUP = detail::kMergeGroup>
+template <typename TIn, typename TOut, int ELEMS>
 __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
     merge_states_sliced_kernel(const MergeNParams p, const detail::RowLayout layout) {
   constexpr int kThreads = detail::kThreadsPerBlock<MergeNParams>;
@@ -689,13 +688,13 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeNParams>, 8)
   if (active) detail::row_position(r.row, layout, token, head);
   const int64_t d = static_cast<int64_t>(lane) * ELEMS;
 
-  detail::RunningMerge<TIn, ELEMS, GROUP> merge;
+  detail::RunningMerge<TIn, ELEMS> merge;
   if (active) {
     const float* row_lse = p.lses + head * p.lses_stride_head + token * p.lses_stride_token;
     const TIn* state_vec = static_cast<const TIn*>(p.states) + token * p.states_stride_token +
                            head * p.states_stride_head + d;
-    for (int64_t s0 = static_cast<int64_t>(slice) * GROUP; s0 < p.num_states;
-         s0 += static_cast<int64_t>(layout.slices) * GROUP)
+    for (int64_t s0 = static_cast<int64_t>(slice) * detail::kMergeGroup; s0 < p.num_states;
+         s0 += static_cast<int64_t>(layout.slices) * detail::kMergeGroup)
       merge.add_group(p, row_lse, state_vec, s0);
   }
 #pragma unroll

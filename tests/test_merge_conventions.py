@@ -62,24 +62,25 @@ def test_bad_conventions_name_the_argument():
         splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], lse_layout="th")
 
 
+# The backends of the fp8 tests: Triton only on a GPU.
+FP8_BACKENDS = [
+    "torch",
+    pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            not ON_CUDA, reason="the Triton interpreter's fp8 cast rounds some values a binade low (-124 -> -64)"
+        ),
+    ),
+]
+
+
 def _quantised_reference(out64: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
     limit = torch.finfo(dtype).max
     return (out64 / scale).clamp(-limit, limit).to(dtype)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
-        pytest.param(
-            "triton",
-            marks=pytest.mark.skipif(
-                not ON_CUDA, reason="the Triton interpreter's fp8 cast rounds some values a binade low (-124 -> -64)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_fp8_output(backend, dtype, scale_kind):
@@ -111,19 +112,7 @@ def test_fp8_output(backend, dtype, scale_kind):
     assert unscaled.float().abs().max() == limit and not torch.isnan(unscaled.float()).any()
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "torch",
-        pytest.param("cuda", marks=pytest.mark.skipif(not ON_CUDA, reason="the CUDA kernels need a CUDA device")),
-        pytest.param(
-            "triton",
-            marks=pytest.mark.skipif(
-                not ON_CUDA, reason="the Triton interpreter's fp8 cast rounds some values a binade low (-124 -> -64)"
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("scale", [1e-39, 3e38, 1e39], ids=["subnormal", "subnormal-reciprocal", "past-float32"])
 @pytest.mark.parametrize("scale_kind", ["float", "tensor"])
 def test_fp8_scales_at_float32_edges(backend, scale, scale_kind):
