@@ -9,7 +9,8 @@
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
 #   split-sweep           benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
 #   prefix-tile           benchmarks/prefix_tile_sweep.py: the cascade launch's prefix tile on decode shapes
-#   ncu-nway              ncu (hardware counters) of one N-way merge launch of merge_sweep.cu (8 states)
+#   ncu-merge             ncu (hardware counters) of merge_sweep.cu's two-state launches at 4096 and 1024
+#                         x 32 x 128 and its N-way launch of 8 states
 #   memcheck              compute-sanitizer memcheck over pytest (the tests named in $PYTEST_ARGS)
 #   profile-compiled      benchmarks/profile_compiled_step.py: host time of the example's compiled decode steps
 # The exit status is non-zero if any step failed; later steps run regardless.
@@ -54,10 +55,10 @@ for spec in "$@"; do
     decode-sweep) "${limit[@]}" python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
     split-sweep) "${limit[@]}" python benchmarks/split_sweep.py 2>&1 | tee -a "$log" ;;
     prefix-tile) "${limit[@]}" python benchmarks/prefix_tile_sweep.py 2>&1 | tee -a "$log" ;;
-    ncu-nway) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
+    ncu-merge) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
                 "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
-                    --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_states_kernel \
-                    /tmp/merge_sweep nway; } 2>&1 | tee -a "$log" ;;
+                    --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_ \
+                    /tmp/merge_sweep ncu; } 2>&1 | tee -a "$log" ;;
     memcheck) "${limit[@]}" compute-sanitizer --tool memcheck --error-exitcode 1 \
                   python -m pytest -q -p no:cacheprovider -m "" ${PYTEST_ARGS:-} 2>&1 | tee -a "$log" | tail -25 ;;
     profile-compiled) "${limit[@]}" python benchmarks/profile_compiled_step.py $name $args 2>&1 | tee -a "$log" ;;

@@ -8,8 +8,9 @@
 // then CUDA-graph replay per launch (L2 warm) for the small shapes; then the N-way
 // merge through the header's launch (2 to 16 states of 4096 x 32 x 128, and 32 float32
 // states of 64 x 32 x 128 into bf16, a decode step's split-KV merge).
-// `merge_sweep nway` runs one N-way launch of 8 states alone, for ncu
-// (benchmarks/device_run.sh step ncu-nway).
+// `merge_sweep ncu` runs, for ncu, the header's two-state launch at 4096 x 32 x 128 and
+// 1024 x 32 x 128 and one N-way launch of 8 states, each once
+// (benchmarks/device_run.sh step ncu-merge).
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -63,7 +64,7 @@ static float median(std::vector<float> x) {
 }
 
 int main(int argc, char** argv) {
-  const bool nway_only = argc > 1 && std::string(argv[1]) == "nway";
+  const bool ncu_only = argc > 1 && std::string(argv[1]) == "ncu";
   const Variant variants[] = {
       {"header", 0, 0, false, LseStoreOrder::kNone},
       {"t256 v2 tokens-outer none i64", 256, 2, false, LseStoreOrder::kNone, true},
@@ -134,7 +135,6 @@ int main(int argc, char** argv) {
   }
 
   for (const Shape& s : shapes) {
-    if (nway_only) break;
     splitkv::MergeParams p{};
     p.output = out;
     p.output_lse = lse_out;
@@ -150,6 +150,13 @@ int main(int argc, char** argv) {
     p.output_lse_stride_head = p.prefix_lse_stride_head = p.suffix_lse_stride_head = s.tokens;
     p.output_lse_stride_token = p.prefix_lse_stride_token = p.suffix_lse_stride_token = 1;
     const double bytes = 3.0 * s.tokens * s.heads * s.head_dim * sizeof(T) + 3.0 * s.tokens * s.heads * 4;
+    if (ncu_only) {
+      if (s.heads == 32 && s.head_dim == 128 && (s.tokens == 4096 || s.tokens == 1024)) {
+        CHECK(launch(variants[0], p, stream));
+        CHECK(cudaStreamSynchronize(stream));
+      }
+      continue;
+    }
     for (const Variant& v : variants) {
       if (v.threads != 0 && s.head_dim / 8 / v.vecs > v.threads) continue;
       CHECK(launch(v, p, stream));  // warm-up
@@ -197,11 +204,11 @@ int main(int argc, char** argv) {
     return p;
   };
   // The N-way merge: `states` bf16 states of 4096 x 32 x 128 (16 of them fill `a`).
-  const std::vector<int64_t> state_counts = nway_only ? std::vector<int64_t>{8} : std::vector<int64_t>{2, 4, 8, 16};
+  const std::vector<int64_t> state_counts = ncu_only ? std::vector<int64_t>{8} : std::vector<int64_t>{2, 4, 8, 16};
   for (const int64_t states : state_counts) {
     const splitkv::MergeNParams p = nway_params(states, 4096);
     const auto merge = [&] { CHECK((splitkv::merge_states<T, T>(p, stream))); };
-    if (nway_only) {
+    if (ncu_only) {
       merge();
       CHECK(cudaStreamSynchronize(stream));
       continue;
@@ -212,7 +219,7 @@ int main(int argc, char** argv) {
     std::printf("N-way %2lld states of 4096 x 32 x 128 (header)       %8.2f us  %5.3f TB/s\n",
                 static_cast<long long>(states), us, bytes / us / 1e6);
   }
-  if (!nway_only) {
+  if (!ncu_only) {
     // Decode-shaped (issue 18): 32 float32 split states of 64 tokens x 32 x 128 into bf16,
     // the states in `a` reinterpreted (32 x 64 x 32 x 128 x 4 bytes fit).
     // The header's launch, then one, two and four thread groups per row forced (the sliced
