@@ -38,8 +38,8 @@ bool attention_inputs_ok(py::handle q_obj, py::handle k_obj, py::handle v_obj, p
   };
   if (!like(k, k.size(0)) || !like(v, k.size(0))) return false;
   const auto seqlens_ok = [&](const at::Tensor& cu_seqlens, py::handle max_seqlen) {
-    if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || cu_seqlens.scalar_type() != at::kInt ||
-        cu_seqlens.device() != device || !PyLong_CheckExact(max_seqlen.ptr()))
+    if (cu_seqlens.dim() != 1 || cu_seqlens.size(0) < 1 || !contiguous_last(cu_seqlens) ||
+        cu_seqlens.scalar_type() != at::kInt || cu_seqlens.device() != device || !PyLong_CheckExact(max_seqlen.ptr()))
       return false;
     int overflow = 0;
     return PyLong_AsLongLongAndOverflow(max_seqlen.ptr(), &overflow) >= 0 && overflow == 0;

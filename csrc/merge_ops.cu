@@ -77,7 +77,8 @@ bool merge_inputs_ok(const at::Tensor& prefix_output, const at::Tensor& prefix_l
   if (dtype != at::kFloat && dtype != at::kHalf && dtype != at::kBFloat16) return false;
   const auto device = prefix_output.device();
   const int64_t tokens = prefix_output.size(0), heads = prefix_output.size(1), head_dim = prefix_output.size(2);
-  if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
+  // head_dim 0 still has lses to write, which the kernels skip: Python sends it to Triton.
+  if (tokens * heads >= std::numeric_limits<int32_t>::max() || head_dim == 0) return false;
   const auto like_output = [&](const at::Tensor& t, bool fp8_allowed = false) {
     return t.sizes() == prefix_output.sizes() && (t.scalar_type() == dtype || (fp8_allowed && is_fp8(t.scalar_type()))) &&
            t.device() == device && (head_dim <= 1 || t.stride(2) == 1);
@@ -320,7 +321,7 @@ bool merge_states_inputs_ok(const at::Tensor& states, const at::Tensor& lses, co
   const auto device = states.device();
   const int64_t num_states = states.size(0), tokens = states.size(1), heads = states.size(2),
                 head_dim = states.size(3);
-  if (tokens * heads >= std::numeric_limits<int32_t>::max()) return false;
+  if (tokens * heads >= std::numeric_limits<int32_t>::max() || head_dim == 0) return false;  // as merge_inputs_ok
   if (head_dim > 1 && states.stride(3) != 1) return false;
   if (lses.dim() != 3 || lses.size(0) != num_states || lses.size(1) != heads || lses.size(2) != tokens ||
       lses.scalar_type() != at::kFloat || lses.device() != device)

@@ -25,7 +25,9 @@ def quantize(values: torch.Tensor, dtype: torch.dtype, output_scale) -> torch.Te
     limit = torch.finfo(dtype).max
     if output_scale is None:
         output_scale = 1.0
-    scaled = values.float() / (output_scale.to(values.device) if torch.is_tensor(output_scale) else output_scale)
+    if torch.is_tensor(output_scale):  # one element, of any shape: a scalar, so that it cannot broadcast values
+        output_scale = output_scale.to(values.device).reshape(())
+    scaled = values.float() / output_scale
     # clamp keeps NaN; the cast would turn an out-of-range value into NaN (e4m3fn has no inf).
     return scaled.clamp(-limit, limit).to(dtype)
 

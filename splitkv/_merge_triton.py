@@ -302,7 +302,7 @@ def merge_attn_states_triton(
     output_scale=None,
 ) -> None:
     num_tokens, num_heads, head_dim = prefix_output.shape
-    if num_tokens == 0 or num_heads == 0 or head_dim == 0:
+    if num_tokens == 0 or num_heads == 0:  # head_dim 0 still has lses to write
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, prefix_lse)
@@ -332,7 +332,7 @@ def merge_states_triton(
     output_scale=None,
 ) -> None:
     num_states, num_tokens, num_heads, head_dim = states.shape
-    if num_tokens == 0 or num_heads == 0 or head_dim == 0:
+    if num_tokens == 0 or num_heads == 0:  # head_dim 0 still has lses to write
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     lse_out, lse_out_stride_head, lse_out_stride_token = _lse_args(output_lse, lses)
@@ -363,7 +363,7 @@ def merge_attn_states_backward_triton(
     grad_output, grad_lse, prefix_output, prefix_lse, suffix_output, suffix_lse, lse_scale: float = 1.0,
 ) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = prefix_output.shape
-    if num_tokens == 0 or num_heads == 0 or head_dim == 0:
+    if num_tokens == 0 or num_heads == 0:  # head_dim 0 still has lses to write
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     grad_lse, grad_lse_stride_head, grad_lse_stride_token, has_grad_lse = _grad_lse_args(grad_lse, prefix_lse)
@@ -391,7 +391,7 @@ def merge_states_backward_triton(
     grad_states, grad_lses, grad_output, grad_lse, states, lses, output, output_lse, lse_scale: float = 1.0,
 ) -> None:  # fmt: skip
     num_states, num_tokens, num_heads, head_dim = states.shape
-    if num_tokens == 0 or num_heads == 0 or head_dim == 0:
+    if num_tokens == 0 or num_heads == 0:  # head_dim 0 still has lses to write
         return
     block_t, block_d = _tile(num_tokens, head_dim)
     grad_lse, grad_lse_stride_head, grad_lse_stride_token, has_grad_lse = _grad_lse_args(grad_lse, lses)

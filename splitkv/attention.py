@@ -244,6 +244,8 @@ def _expect_seqlens(name: str, cu_seqlens, device: torch.device, max_seqlen: int
     expect_tensor(name, cu_seqlens)
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"{name} must be [batch + 1] (1 dim, at least one entry), got shape {tuple(cu_seqlens.shape)}")
+    # The kernels read it as a packed array.
+    expect_contiguous_last(name, cu_seqlens)
     if cu_seqlens.dtype != torch.int32:
         raise TypeError(f"{name} must have dtype torch.int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
@@ -288,6 +290,7 @@ def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor) -> None:
     batch = cu_seqlens_k.shape[0] - 1
     if tuple(seqused_k.shape) != (batch,):
         raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
+    expect_contiguous_last("seqused_k", seqused_k)
     if seqused_k.dtype != torch.int32:
         raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
     if seqused_k.device != cu_seqlens_k.device:

@@ -33,6 +33,7 @@ import torch
 from . import _cuda
 from ._checks import (
     FLOAT_DTYPES,
+    expect_bool,
     expect_contiguous_last,
     expect_float_dtype,
     expect_like,
@@ -65,6 +66,8 @@ def _cuda_why_not(states: torch.Tensor, rows: int, output_dtype: torch.dtype) ->
         return "disabled by SPLITKV_DISABLE_CUDA=1"
     if rows > _MAX_ROWS:
         return f"tokens * heads = {rows} is over the kernel's int32 row index (2^31 - 1)"
+    if states.shape[-1] == 0:
+        return "head_dim is 0: the CUDA kernels write no lse for it"
     return _cuda.load_error() or None
 
 
@@ -394,16 +397,19 @@ def _merge_n_setup(ctx, inputs, output) -> None:
 
 def _merge_n_backward(ctx, grad_output, grad_lse):
     states, lses, output, output_lse = ctx.saved_tensors
-    if output.dtype != states.dtype:
-        # float32 partials merged into a float16/bfloat16 result: the backward's
-        # <grad_output, states_i - output> would read the rounded result and carry its
-        # rounding into the lses gradient (0.04-0.08 off at head_dim 128 in bf16, seen on
-        # the H200), so the backward reads the merge recomputed in the partials' dtype.
-        output, _ = _merge_n_differentiable(states, lses, states.dtype, ctx.lse_scale, ctx.lse_layout, ctx.backend)
-        grad_output = grad_output.to(states.dtype)
-    grads = _merge_n_grad(grad_output, grad_lse, states, lses, output, output_lse, ctx.lse_scale, ctx.lse_layout,
-                          ctx.backend)  # fmt: skip
-    return (*grads, None, None, None, None)
+    states_dtype = states.dtype
+    if output.dtype in (torch.float16, torch.bfloat16):
+        # A float16/bfloat16 result: the backward's <grad_output, states_i - output> would
+        # read the rounded result and carry its rounding into the lses gradient (0.04-0.08
+        # off at head_dim 128 for float32 partials into bf16, seen on the H200; 0.2 for bf16
+        # states into bf16, whose gradients then no longer sum to 0 over the states), so the
+        # backward runs in float32 on the merge recomputed in float32. For 16-bit states that
+        # costs a float32 copy of them.
+        states, grad_output = states.float(), grad_output.float()
+        output, _ = _merge_n_differentiable(states, lses, torch.float32, ctx.lse_scale, ctx.lse_layout, ctx.backend)
+    grad_states, grad_lses = _merge_n_grad(grad_output, grad_lse, states, lses, output, output_lse, ctx.lse_scale,
+                                           ctx.lse_layout, ctx.backend)  # fmt: skip
+    return grad_states.to(states_dtype), grad_lses, None, None, None, None
 
 
 _merge_n_differentiable.register_autograd(_merge_n_backward, setup_context=_merge_n_setup)
@@ -485,13 +491,16 @@ def merge_attn_states(
     """
     # is_compiling() first, as in attention.check_attention_inputs: no guard on eager_ops.
     eager = None if torch.compiler.is_compiling() else _cuda.eager_ops
-    if eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda"):
+    # The C++ call takes a real bool; expect_bool below names anything else.
+    if (eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda")
+            and type(return_lse) is bool):  # fmt: skip
         # One C++ call that checks, allocates and launches (an fp8 result with a float
         # scale too); None means "not for me" (including inputs that require grad).
         result = eager.merge_attn_states(prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse,
                                          return_lse, output_dtype, output_scale)  # fmt: skip
         if result is not None:
             return result
+    return_lse = expect_bool("return_lse", return_lse)
     expect_lse_convention(lse_base, lse_layout)
     output_dtype = _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, output_lse, lse_layout,
                               output_dtype, output_scale, backend)  # fmt: skip
@@ -561,10 +570,13 @@ def merge_states(
         (torch.Size([3, 2, 16]), torch.Size([2, 3]))
     """
     eager = None if torch.compiler.is_compiling() else _cuda.eager_ops
-    if eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda"):
+    # The C++ call takes a real bool; expect_bool below names anything else.
+    if (eager is not None and lse_base == "e" and lse_layout == "ht" and (backend == "auto" or backend == "cuda")
+            and type(return_lse) is bool):  # fmt: skip
         result = eager.merge_states(outputs, lses, output, output_lse, return_lse, output_dtype, output_scale)
         if result is not None:
             return result
+    return_lse = expect_bool("return_lse", return_lse)
     expect_lse_convention(lse_base, lse_layout)
     output_dtype = _check_n(outputs, lses, output, output_lse, output_dtype, lse_layout, output_scale, backend)
     lse_scale = lse_to_natural_factor(lse_base)

@@ -37,6 +37,7 @@ import torch
 from . import _planning
 from ._attention_reference import reference_attention_with_lse
 from ._checks import (
+    FLOAT_DTYPES,
     expect_bool,
     expect_contiguous_last,
     expect_count,
@@ -113,6 +114,7 @@ def _expect_table(block_table, seqused_k, device: torch.device, batch: int) -> N
     expect_tensor("seqused_k", seqused_k)
     if tuple(seqused_k.shape) != (batch,):
         raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
+    expect_contiguous_last("seqused_k", seqused_k)
     if seqused_k.dtype != torch.int32:
         raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
     if seqused_k.device != device:
@@ -181,10 +183,14 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
     differentiable with respect to q, k_cache and v_cache."""
     batch, max_pages = block_table.shape
     num_pages, page_size, heads_kv, head_dim = k_cache.shape
-    pages = block_table.long().clamp(0, max(num_pages - 1, 0))
     room = max_pages * page_size
-    k = k_cache[pages].reshape(batch * room, heads_kv, head_dim)
-    v = v_cache[pages].reshape(batch * room, heads_kv, head_dim)
+    if num_pages == 0:
+        # No page to gather (every seqused_k is 0 then): keys that no row sees.
+        k = v = k_cache.new_zeros((batch * room, heads_kv, head_dim))
+    else:
+        pages = block_table.long().clamp(0, num_pages - 1)
+        k = k_cache[pages].reshape(batch * room, heads_kv, head_dim)
+        v = v_cache[pages].reshape(batch * room, heads_kv, head_dim)
     cu_seqlens_k = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * room
     return reference_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, room, causal,
                                         softmax_scale, seqused_k=seqused_k)  # fmt: skip
@@ -763,6 +769,11 @@ def plan_cascade(
         raise ValueError(f"share must be 'auto' or 'always', got {share!r}")
     for name, value in (("heads_q", heads_q), ("heads_kv", heads_kv), ("head_dim", head_dim)):
         expect_count(name, value, 1)
+    for name, value in (("max_seqlen_k", max_seqlen_k), ("num_pages", num_pages)):
+        if value is not None:
+            expect_count(name, value)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be q's: torch.float32, float16 or bfloat16, got {dtype!r}")
     if heads_q % heads_kv:
         raise ValueError(f"heads_q ({heads_q}) must be a multiple of heads_kv ({heads_kv})")
     expect_tensor("cu_seqlens_q", cu_seqlens_q)
@@ -813,8 +824,8 @@ def plan_cascade(
     run_members = np.fromiter(itertools.chain.from_iterable(members for members, _first, _end in found),
                               dtype=np.int64, count=sum(run_sizes))  # fmt: skip
     run_tokens = np.add.reduceat(q_lens[run_members], run_offsets).tolist() if found else []
-    for (members, _first, end), tokens, start, size in zip(found, run_tokens, run_offsets.tolist(), run_sizes):
-        idx = run_members[start: start + size]
+    for (members, _first, end), tokens, run_offset, size in zip(found, run_tokens, run_offsets.tolist(), run_sizes):
+        idx = run_members[run_offset: run_offset + size]
         lo = int(pending[idx].max()) if user_runs else int(pending[members[0]])
         keys = (end - lo) * page_size
         config = launch_config(head_dim, dtype, 1 << max(tokens * group - 1, 0).bit_length())
@@ -976,6 +987,9 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     for index, level in enumerate(levels):
         try:
             members, first, end = level
+            # Whole numbers only: int() would truncate 0.9 to 0 and take True for 1.
+            if any(isinstance(x, (bool, np.bool_)) or int(x) != x for x in (*members, first, end)):
+                raise TypeError("not integers")
             members = tuple(sorted(int(m) for m in members))
             first, end = int(first), int(end)
         except (TypeError, ValueError) as error:
@@ -1163,6 +1177,7 @@ def paged_cascade_attention(
         raise ValueError(f"block_table holds page id {plan.max_page_id}, past k_cache's {k_cache.shape[0]} pages")
     scale = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
                                plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
+    return_lse = expect_bool("return_lse", return_lse)
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
     triton_backend = PAGED_BACKENDS["triton"]

@@ -270,6 +270,11 @@ BAD = [
     ("max_seqlen_q", lambda a: 2, ValueError, "max_seqlen_q = 2 is below the longest sequence \\(3\\)"),
     ("max_seqlen_k", lambda a: 4.0, TypeError, "max_seqlen_k must be a non-negative int"),
     ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].to("meta"), ValueError, "cu_seqlens_q must be on cpu like q"),
+    # The right values at stride 2: the kernels would read every entry from the wrong place.
+    ("cu_seqlens_k", lambda a: a["cu_seqlens_k"].repeat_interleave(2)[::2], ValueError,
+     "cu_seqlens_k must have a contiguous last dim"),
+    ("seqused_k", lambda a: torch.tensor([2, 0, 4, 0], dtype=torch.int32)[::2], ValueError,
+     "seqused_k must have a contiguous last dim"),
 ]
 
 
@@ -314,6 +319,8 @@ BAD_CUDA = [
     ("cu_seqlens_q", lambda a: a["cu_seqlens_q"][None], ValueError, "cu_seqlens_q must be \\[batch \\+ 1\\]"),
     ("cu_seqlens_q", lambda a: a["cu_seqlens_q"][:0], ValueError, "cu_seqlens_q must be \\[batch \\+ 1\\]"),
     ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].cpu(), ValueError, "cu_seqlens_q must be on cuda:0 like q"),
+    ("cu_seqlens_q", lambda a: a["cu_seqlens_q"].repeat_interleave(2)[::2], ValueError,
+     "cu_seqlens_q must have a contiguous last dim"),
     ("cu_seqlens_k", lambda a: cu_seqlens([2, 2, 2], "cuda"), ValueError, "cu_seqlens_k must have one entry per"),
     ("max_seqlen_q", lambda a: -1, TypeError, "max_seqlen_q must be a non-negative int"),
     ("max_seqlen_q", lambda a: True, TypeError, "max_seqlen_q must be a non-negative int"),

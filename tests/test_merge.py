@@ -146,6 +146,27 @@ def test_empty_states(backend, dtype):
             assert torch.equal(out[row], prefix[row]) and torch.allclose(lse[:, row], prefix_lse[:, row])
 
 
+@pytest.mark.parametrize("backend", ["auto", *backends()])
+def test_zero_head_dim_still_merges_the_lses(backend):
+    """head_dim 0: no output elements, but every (head, token) has its merged lse, and the
+    lses' gradients sum to 1 over the states (the Triton and CUDA kernels returned before
+    writing any: uninitialised memory)."""
+    lses = torch.randn(3, 2, 5, generator=_generator(4)).to(DEVICE)
+    states = torch.empty(3, 5, 2, 0, device=DEVICE)
+    want = torch.logsumexp(lses.double(), 0)
+    if backend == "cuda":
+        with pytest.raises(ValueError, match="head_dim is 0"):
+            splitkv.merge_states(states, lses, backend=backend)
+        return
+    _, lse = splitkv.merge_states(states, lses, backend=backend)
+    _, lse_two = splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], backend=backend)
+    torch.testing.assert_close(lse.double(), want)
+    torch.testing.assert_close(lse_two.double(), torch.logsumexp(lses[:2].double(), 0))
+    grad_lses = lses.clone().requires_grad_()
+    splitkv.merge_states(states, grad_lses, backend=backend)[1].sum().backward()
+    torch.testing.assert_close(grad_lses.grad.sum(0).double(), torch.ones_like(want))
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_nan_lse_is_not_hidden(backend):
     nan = float("nan")
@@ -320,6 +341,7 @@ BAD_INPUTS = [
     ("suffix_lse", lambda a: a["suffix_lse"].to("meta"), ValueError, "suffix_lse must be on cpu"),
     ("suffix_output", lambda a: a["suffix_output"].to("meta"), ValueError, "suffix_output must be on cpu"),
     ("prefix_lse", lambda a: a["prefix_lse"].numpy(), TypeError, "prefix_lse must be a torch.Tensor"),
+    ("return_lse", lambda a: "False", TypeError, "return_lse must be a bool"),  # not taken as truthy
 ]
 
 

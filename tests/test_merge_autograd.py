@@ -184,6 +184,26 @@ def test_float32_partials_into_bfloat16_gradients(backend):
         torch.testing.assert_close(g.double(), w, atol=2.5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_sixteen_bit_states_lse_gradients(backend, dtype):
+    """16-bit states merged into their own dtype: the lses gradient must not carry the
+    rounded result (the Triton backward read it, 0.2 off here, and the gradients of one
+    row no longer summed to 0 over the states). grad_output is exact in the dtype, so
+    the float64 reference sees the same one."""
+    device = "cuda" if ON_CUDA and backend != "torch" else "cpu"
+    states, lses = _inputs(4, 64, 2, 128, torch.float64, device, 11, empties=False)
+    states, lses = (states * 4).to(dtype), lses.float()
+    out_weight = _loss_weights(64, 2, 128, device, 11)[0].to(dtype).double()
+    no_lse_weight = torch.zeros(2, 64, dtype=torch.float64, device=device)
+    _, got = _grads(lambda s, l: splitkv.merge_states(s, l, backend=backend), states, lses, out_weight,
+                    no_lse_weight)  # fmt: skip
+    _, want = _grads(reference_merge, states.double(), lses.double(), out_weight, no_lse_weight)
+    torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=0)
+    # The merge does not change when every lse of a row moves by the same amount.
+    assert got.double().sum(0).abs().max() < 1e-3
+
+
 @NEEDS_CUDA
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 200])

@@ -82,7 +82,7 @@ def _quantised_reference(out64: torch.Tensor, dtype: torch.dtype, scale: float) 
 
 @pytest.mark.parametrize("backend", FP8_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("scale_kind", ["float", "tensor"])
+@pytest.mark.parametrize("scale_kind", ["float", "tensor", "tensor-1x1x1x1"])
 def test_fp8_output(backend, dtype, scale_kind):
     device = _device(backend)
     gen = torch.Generator().manual_seed(12)
@@ -90,7 +90,9 @@ def test_fp8_output(backend, dtype, scale_kind):
     states = states * 300  # some values beyond e4m3's 448 after the scale: saturated, not NaN
     want_out, want_lse = reference_merge(list(states), list(lses))
     scale = 0.5
-    output_scale = scale if scale_kind == "float" else torch.tensor([scale], device=device)
+    # One element of any shape is a scale (the torch backend once broadcast a 4-d one over the output).
+    shape = (1, 1, 1, 1) if scale_kind == "tensor-1x1x1x1" else (1,)
+    output_scale = scale if scale_kind == "float" else torch.full(shape, scale, device=device)
     want = _quantised_reference(want_out, dtype, scale).float()
     for out, lse in (
         splitkv.merge_states(states, lses, output_dtype=dtype, output_scale=output_scale, backend=backend),

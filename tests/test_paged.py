@@ -170,6 +170,9 @@ def test_bad_inputs_name_the_argument():
                                          check_values=True)  # fmt: skip
     with pytest.raises(ValueError, match="max_seqlen_k"):
         splitkv.paged_attention_with_lse(*args[:7], 5, check_values=True)
+    with pytest.raises(ValueError, match="seqused_k must have a contiguous"):  # the right values at stride 2
+        splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k.repeat_interleave(2)[::2],
+                                         *args[5:])  # fmt: skip
     with pytest.raises(ValueError, match="v_cache"):
         splitkv.paged_attention_with_lse(q, k_cache, v_cache[:, :2], *args[3:])
     with pytest.raises(TypeError, match="block_table"):
@@ -187,6 +190,49 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="block_table"):
         plan_cascade(bad_table, seqused_k, cu_seqlens_q, page_size=4, heads_q=4, heads_kv=2, head_dim=16,
                      dtype=torch.float32, num_pages=k_cache.shape[0])  # fmt: skip
+
+
+def test_plan_arguments_are_checked():
+    """plan_cascade refuses what it would otherwise truncate or carry to the call."""
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch([9, 4], [1, 1], 4, 4, 2, 16, torch.float32)
+    kw = {"page_size": 4, "heads_q": 4, "heads_kv": 2, "head_dim": 16, "dtype": torch.float32}
+    for name, value, message in (("dtype", torch.int32, "dtype must be q's"), ("dtype", "float16", "dtype must be q's"),
+                                 ("max_seqlen_k", 16.5, "max_seqlen_k must be an int"),
+                                 ("num_pages", 5.5, "num_pages must be an int")):  # fmt: skip
+        with pytest.raises(TypeError, match=message):
+            plan_cascade(block_table, seqused_k, cu_seqlens_q, **{**kw, name: value})
+    with pytest.raises(ValueError, match="levels\\[0\\] must be"):  # 0.9 would have become sequence 0
+        plan_cascade(block_table, seqused_k, cu_seqlens_q, **kw, levels=[((0.9, 1), 0, 1)])
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, **kw)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, return_lse="no")
+
+
+def test_plan_host_time_is_its_own():
+    """host_us is the plan's own host time, also when it finds a shared run (a run's
+    offset once overwrote the timer's start)."""
+    import time
+
+    block_table = torch.tensor([[0, 1, 2], [0, 1, 3]], dtype=torch.int32)
+    seqused_k, cu_seqlens_q = torch.tensor([40, 44], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    start = time.perf_counter()
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=16, heads_q=4, heads_kv=1, head_dim=64,
+                        dtype=torch.float32, share="always")  # fmt: skip
+    wall_us = (time.perf_counter() - start) * 1e6
+    assert plan.runs and 0 < plan.host_us <= wall_us
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_cache_without_pages(backend):
+    """A cache of no pages, every seqused_k 0 (the table holds padding only): no key
+    anywhere, out 0 and lse -inf (the reference gathered page 0 of an empty cache)."""
+    k_cache = v_cache = torch.zeros(0, 4, 1, 16)
+    block_table = torch.tensor([[7], [9]], dtype=torch.int32)
+    q = torch.randn(2, 2, 16)
+    cu_seqlens_q, seqused_k = torch.tensor([0, 1, 2], dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
+    out, lse = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 1, 5,
+                                                causal=True, backend=backend)  # fmt: skip
+    assert (out == 0).all() and (lse == float("-inf")).all()
 
 
 def test_torch_flash_backend_contract():
