@@ -403,10 +403,11 @@ def _merge_n_backward(ctx, grad_output, grad_lse):
         # read the rounded result and carry its rounding into the lses gradient (0.04-0.08
         # off at head_dim 128 for float32 partials into bf16, seen on the H200; 0.2 for bf16
         # states into bf16, whose gradients then no longer sum to 0 over the states), so the
-        # backward runs in float32 on the merge recomputed in float32. For 16-bit states that
-        # costs a float32 copy of them.
-        states, grad_output = states.float(), grad_output.float()
-        output, _ = _merge_n_differentiable(states, lses, torch.float32, ctx.lse_scale, ctx.lse_layout, ctx.backend)
+        # backward runs in float32 (float64 for float64 partials) on the merge recomputed
+        # so. For 16-bit states that costs a float32 copy of them.
+        compute_dtype = torch.promote_types(states.dtype, torch.float32)
+        states, grad_output = states.to(compute_dtype), grad_output.to(compute_dtype)
+        output, _ = _merge_n_differentiable(states, lses, compute_dtype, ctx.lse_scale, ctx.lse_layout, ctx.backend)
     grad_states, grad_lses = _merge_n_grad(grad_output, grad_lse, states, lses, output, output_lse, ctx.lse_scale,
                                            ctx.lse_layout, ctx.backend)  # fmt: skip
     return grad_states.to(states_dtype), grad_lses, None, None, None, None

@@ -987,12 +987,13 @@ def _check_levels(levels, table: np.ndarray, limits: np.ndarray, batch: int) -> 
     for index, level in enumerate(levels):
         try:
             members, first, end = level
+            members = tuple(members)
             # Whole numbers only: int() would truncate 0.9 to 0 and take True for 1.
             if any(isinstance(x, (bool, np.bool_)) or int(x) != x for x in (*members, first, end)):
                 raise TypeError("not integers")
             members = tuple(sorted(int(m) for m in members))
             first, end = int(first), int(end)
-        except (TypeError, ValueError) as error:
+        except (TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"levels[{index}] must be (members, first_page, end_page), got {level!r}") from error
         if not members or any(not 0 <= m < batch for m in members) or len(set(members)) != len(members):
             raise ValueError(

@@ -202,6 +202,14 @@ def test_sixteen_bit_states_lse_gradients(backend, dtype):
     torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=0)
     # The merge does not change when every lse of a row moves by the same amount.
     assert got.double().sum(0).abs().max() < 1e-3
+    if backend == "torch" and dtype == torch.bfloat16:
+        # float64 partials into a 16-bit result keep a float64 backward.
+        states, lses = _inputs(4, 64, 2, 128, torch.float64, device, 12, empties=False)
+        got = _grads(lambda s, l: splitkv.merge_states(s, l, output_dtype=dtype, backend=backend), states, lses,
+                     out_weight, no_lse_weight)  # fmt: skip
+        want = _grads(reference_merge, states, lses, out_weight, no_lse_weight)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
 
 
 @NEEDS_CUDA

@@ -203,7 +203,10 @@ def test_plan_arguments_are_checked():
             plan_cascade(block_table, seqused_k, cu_seqlens_q, **{**kw, name: value})
     with pytest.raises(ValueError, match="levels\\[0\\] must be"):  # 0.9 would have become sequence 0
         plan_cascade(block_table, seqused_k, cu_seqlens_q, **kw, levels=[((0.9, 1), 0, 1)])
-    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, **kw)
+    shared = make_batch([9, 4], [1, 1], 4, 4, 2, 16, torch.float32, shared=[((0, 1), 1)])
+    members = (m for m in (0, 1))  # an iterator of members is read once
+    plan = plan_cascade(shared[3], shared[4], shared[5], **kw, levels=[(members, 0, 1)])
+    assert [(run.members, run.first_page, run.end_page) for run in plan.runs] == [((0, 1), 0, 1)]
     with pytest.raises(TypeError, match="return_lse must be a bool"):
         splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, return_lse="no")
 
