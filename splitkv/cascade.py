@@ -220,8 +220,10 @@ def cascade_attention(
         >>> out.shape
         torch.Size([3, 4, 16])
     """
-    expect_tensor("cu_seqlens_q", cu_seqlens_q)
-    expect_tensor("cu_seqlens_k", cu_seqlens_k)
+    # The prefix is required here (check_attention_inputs takes None for "no prefix").
+    for name, tensor in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("prefix_k", prefix_k),
+                         ("prefix_v", prefix_v)):  # fmt: skip
+        expect_tensor(name, tensor)
     return_lse = expect_bool("return_lse", return_lse)
     if not (isinstance(cascade, str) and cascade == "auto"):
         if isinstance(cascade, str):

@@ -270,6 +270,8 @@ def test_cascade_rejects_queries_before_the_prefix_end():
     with pytest.raises(ValueError, match="prefix_k must be \\[prefix_len, heads_kv, head_dim\\]"):
         splitkv.cascade_attention(q[:1], cu_seqlens([1], "cpu"), torch.randn(4, 1, 64), kv, kv, kv,
                                   cu_seqlens([1], "cpu"))  # fmt: skip
+    with pytest.raises(TypeError, match="prefix_k must be a torch.Tensor"):  # None is not "no prefix" here
+        splitkv.cascade_attention(q[:1], cu_seqlens([1], "cpu"), None, None, kv, kv, cu_seqlens([1], "cpu"))
 
 
 @pytest.mark.parametrize("cascade", [True, "auto"])
