@@ -495,7 +495,9 @@ class CascadePlan:
     with the plan reads them at replay. Between replays ``seqused_k`` may grow (and
     new pages be written into ``block_table`` past each row's shared pages, in place);
     a change of the shared pages, the query counts, the batch, or a sequence shrinking
-    into its shared pages needs a new plan (and a new capture), unless the plan was
+    into its shared pages needs a new plan (and a new capture; with tables on the CPU,
+    :func:`paged_cascade_attention` refuses a plan whose shared runs no longer hold, on a
+    GPU that check would cost a sync and is not made), unless the plan was
     built with spare capacity (``plan_cascade(..., max_programs=..., max_states=...)``):
     then ``plan_cascade(..., into=plan)`` writes another tree of the same batch
     (same tensors, query counts and shape) into its tables in place, and the
@@ -914,6 +916,29 @@ def plan_cascade(
     return plan
 
 
+def _expect_plan_holds(plan: CascadePlan) -> None:
+    """That the tables still have the tree ``plan`` was built for: each kept run's page
+    ids the same in all its sharers, and each sharer still using all those pages fully
+    and seeing them from its first query (the changes its docstring says need a new plan;
+    the Triton launch would read the old tree silently)."""
+    kept = [run for run in plan.runs if run.kept]
+    if not kept:
+        return
+    table = plan.block_table.numpy()
+    used = plan.seqused_k.numpy().astype(np.int64)
+    q_lens = np.diff(plan.cu_seqlens_q.numpy().astype(np.int64))
+    limits = (used - q_lens + 1) // plan.page_size
+    for run in kept:
+        members = list(run.members)
+        segment = table[members, run.first_page: run.end_page]
+        if not (segment == segment[0]).all() or (limits[members] < run.end_page).any():
+            raise ValueError(
+                f"plan: sequences {run.members} no longer share full, visible pages [{run.first_page}, "
+                f"{run.end_page}) in block_table / seqused_k; a change of the shared pages or a sequence "
+                "shrinking into them needs a new plan (plan_cascade)"
+            )
+
+
 def _retile(items: _Items, narrow_m: int, wide_m: int, group: int) -> _Items:
     """Items with the tile they take in a launch of these two row tiles."""
     return items._replace(block_m=np.where(items.token_count * group <= narrow_m, narrow_m, wide_m))
@@ -1179,6 +1204,8 @@ def paged_cascade_attention(
     scale = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
                                plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
     return_lse = expect_bool("return_lse", return_lse)
+    if plan.block_table.is_cpu and not torch.compiler.is_compiling():
+        _expect_plan_holds(plan)  # the values are on the host: no sync
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
     triton_backend = PAGED_BACKENDS["triton"]

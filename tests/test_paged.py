@@ -211,6 +211,29 @@ def test_plan_arguments_are_checked():
         splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, return_lse="no")
 
 
+def test_a_plan_whose_tree_changed_is_refused():
+    """Where the tables are on the CPU, a call checks that the plan's shared runs still
+    hold: seqused_k may grow, but a sequence shrinking into its shared pages or a shared
+    page rewritten in one sharer needs a new plan (the Triton launch read the old tree:
+    0.45 and 0.33 off)."""
+    block_table = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]], dtype=torch.int32)
+    seqused_k, cu_seqlens_q = torch.tensor([9, 10, 9], dtype=torch.int32), torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    kv = torch.randn(8, 2, 4, 1, 16)
+    q = torch.randn(3, 2, 16)
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=4, heads_q=2, heads_kv=1, head_dim=16,
+                        dtype=torch.float32, share="always", max_seqlen_k=16)  # fmt: skip
+    assert plan.shared
+    seqused_k.copy_(torch.tensor([14, 13, 16], dtype=torch.int32))  # grown: allowed
+    splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+    seqused_k[0] = 5  # into its shared pages [0, 2)
+    with pytest.raises(ValueError, match="needs a new plan"):
+        splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+    seqused_k[0] = 14
+    block_table[2, 1] = 7
+    with pytest.raises(ValueError, match="needs a new plan"):
+        splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+
+
 def test_plan_host_time_is_its_own():
     """host_us is the plan's own host time, also when it finds a shared run (a run's
     offset once overwrote the timer's start)."""
