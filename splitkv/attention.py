@@ -285,16 +285,17 @@ def check_sequence_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_se
             raise ValueError(f"max_seqlen_k = {max_seqlen_k} is below the longest used sequence ({max(used)})")
 
 
-def _expect_seqused_k(seqused_k, cu_seqlens_k: torch.Tensor) -> None:
+def _expect_seqused_k(seqused_k, batch: int, device: torch.device, like: str) -> None:
+    """The metadata of ``seqused_k [batch]`` int32 on ``device`` (``like`` names the tensor it follows)."""
     expect_tensor("seqused_k", seqused_k)
-    batch = cu_seqlens_k.shape[0] - 1
     if tuple(seqused_k.shape) != (batch,):
         raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
+    # The kernels read it as a packed array.
     expect_contiguous_last("seqused_k", seqused_k)
     if seqused_k.dtype != torch.int32:
         raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
-    if seqused_k.device != cu_seqlens_k.device:
-        raise ValueError(f"seqused_k must be on {cu_seqlens_k.device} like cu_seqlens_k, got {seqused_k.device}")
+    if seqused_k.device != device:
+        raise ValueError(f"seqused_k must be on {device} like {like}, got {seqused_k.device}")
 
 
 def check_attention_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
@@ -344,7 +345,7 @@ def _check_in_python(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             f"got {cu_seqlens_k.shape[0]}"
         )
     if seqused_k is not None:
-        _expect_seqused_k(seqused_k, cu_seqlens_k)
+        _expect_seqused_k(seqused_k, cu_seqlens_k.shape[0] - 1, cu_seqlens_k.device, "cu_seqlens_k")
     expect_scale("softmax_scale", softmax_scale)
     if prefix_k is not None or prefix_v is not None:
         layout = "[prefix_len, heads_kv, head_dim]"

@@ -50,6 +50,7 @@ from ._registry import Backend, BackendRegistry
 from .attention import (
     ATTENTION_BACKENDS,
     _expect_seqlens,
+    _expect_seqused_k,
     _flash_why_not,
     _seqlen_values_ok,
     _varlen_api,
@@ -109,16 +110,8 @@ def _expect_table(block_table, seqused_k, device: torch.device, batch: int) -> N
         raise ValueError(f"block_table must be on {device} like q, got {block_table.device}")
     if block_table.shape[0] != batch:
         raise ValueError(f"block_table must have one row per sequence ({batch}), got shape {tuple(block_table.shape)}")
-    if block_table.stride(1) != 1 and block_table.shape[1] > 1:
-        raise ValueError(f"block_table must have a contiguous last dim, got strides {block_table.stride()}")
-    expect_tensor("seqused_k", seqused_k)
-    if tuple(seqused_k.shape) != (batch,):
-        raise ValueError(f"seqused_k must be [batch] = [{batch}], got shape {tuple(seqused_k.shape)}")
-    expect_contiguous_last("seqused_k", seqused_k)
-    if seqused_k.dtype != torch.int32:
-        raise TypeError(f"seqused_k must have dtype torch.int32, got {seqused_k.dtype}")
-    if seqused_k.device != device:
-        raise ValueError(f"seqused_k must be on {device} like q, got {seqused_k.device}")
+    expect_contiguous_last("block_table", block_table)
+    _expect_seqused_k(seqused_k, batch, device, "q")
 
 
 def _check_table_values(block_table: torch.Tensor, seqused_k: torch.Tensor, page_size: int, num_pages: int | None,
@@ -799,9 +792,7 @@ def plan_cascade(
     max_seqlen_k = max_k if max_seqlen_k is None else max_seqlen_k
     num_splits = _planning.user_num_splits(num_splits, max_seqlen_k)
     group = heads_q // heads_kv
-    # A page is shareable for sequence i if full and every query of i sees all its
-    # keys: query 0 sees keys j <= used - q_len.
-    limits = np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
+    limits = _shareable_pages(used, q_lens, page_size)
     with_queries = np.flatnonzero(q_lens > 0)
     element = dtype.itemsize
     kv_token = 2 * heads_kv * head_dim * element
@@ -916,6 +907,13 @@ def plan_cascade(
     return plan
 
 
+def _shareable_pages(used: np.ndarray, q_lens: np.ndarray, page_size: int) -> np.ndarray:
+    """Per sequence, the leading pages it may share: a page is shareable for sequence i if
+    full and every query of i sees all its keys (query 0 sees keys j <= used - q_len); none
+    for a sequence without queries."""
+    return np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
+
+
 def _expect_plan_holds(plan: CascadePlan) -> None:
     """That the tables still have the tree ``plan`` was built for: each kept run's page
     ids the same in all its sharers, and each sharer still using all those pages fully
@@ -927,7 +925,7 @@ def _expect_plan_holds(plan: CascadePlan) -> None:
     table = plan.block_table.numpy()
     used = plan.seqused_k.numpy().astype(np.int64)
     q_lens = np.diff(plan.cu_seqlens_q.numpy().astype(np.int64))
-    limits = (used - q_lens + 1) // plan.page_size
+    limits = _shareable_pages(used, q_lens, plan.page_size)
     for run in kept:
         members = list(run.members)
         segment = table[members, run.first_page: run.end_page]
