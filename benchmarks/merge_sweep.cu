@@ -1,7 +1,6 @@
 // Launch-shape sweep of the CUDA two-state merge, torch-free: the header's kernel
 // launched with other row layouts (threads per block, vectors per thread, row order,
-// the lse store's barrier, launch bounds) beside the header's own choice, on the same
-// inputs.
+// the lse store's barrier) beside the header's own choice, on the same inputs.
 // Build and run on a GPU machine (benchmarks/device_run.sh step "sweep"):
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep && /tmp/merge_sweep
 // Prints one line per (shape, layout): median microseconds over 50 launches, each
@@ -42,7 +41,6 @@ struct Variant {
   bool heads_outer;
   LseStoreOrder order;
   bool int64_offsets = false;  // the kernel's 64-bit offsets (the header takes 32 bits where they fit)
-  int min_blocks = -1;         // the two-vector kernel's launch bound (-1: the header's)
 };
 
 template <typename Index>
@@ -50,14 +48,8 @@ static cudaError_t launch_with(const Variant& v, const splitkv::MergeParams& p, 
   RowLayout layout = splitkv::detail::row_layout(p.head_dim, v.vecs * 8, v.threads);
   layout.heads_outer = v.heads_outer;
   layout.lse_order = v.order;
-  if (v.vecs == 2) {
-    // Launch bounds against the header's (two_state_min_blocks), 32-bit offsets only.
-    if (v.min_blocks == 0)
-      return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2, int32_t, 0>, p, layout, stream);
-    if (v.min_blocks == 8)
-      return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2, int32_t, 8>, p, layout, stream);
+  if (v.vecs == 2)
     return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 2, Index>, p, layout, stream);
-  }
   return splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, T, 8, 1, Index>, p, layout, stream);
 }
 
@@ -79,8 +71,6 @@ int main(int argc, char** argv) {
       {"t256 v2 tokens-outer none", 256, 2, false, LseStoreOrder::kNone},
       {"t256 v2 tokens-outer block-barrier", 256, 2, false, LseStoreOrder::kBlockBarrier},
       {"t256 v2 heads-outer none", 256, 2, true, LseStoreOrder::kNone},
-      {"t256 v2 heads-outer none unbounded", 256, 2, true, LseStoreOrder::kNone, false, 0},
-      {"t256 v2 heads-outer none 8 blocks", 256, 2, true, LseStoreOrder::kNone, false, 8},
       {"t256 v1 tokens-outer none", 256, 1, false, LseStoreOrder::kNone},
       {"t256 v1 heads-outer none", 256, 1, true, LseStoreOrder::kNone},
       {"t256 v1 heads-outer none i64", 256, 1, true, LseStoreOrder::kNone, true},

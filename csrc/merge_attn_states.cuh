@@ -179,18 +179,6 @@ struct Convert<Fp8E5M2> {
 template <typename T>
 constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>;
 
-// The two-state kernel's launch bound, blocks per multiprocessor (0: none). With two
-// vectors per thread, 16-bit outputs and 32-bit offsets, ptxas takes 43 registers
-// unbounded: 5 blocks of 256 per multiprocessor, so 1024 x 32 x 128 (1024 blocks) runs
-// in 1.55 waves on the H200's 132. Six blocks hold it to 40 registers without a spill
-// (1.29 waves). Not for one vector (a bound of any count took it from 32 registers to
-// 40), fp8 outputs or 64-bit offsets (both spill at 40). benchmarks/NOTES.md has the
-// measurement.
-template <typename TOut, int VECS, typename Index>
-constexpr int two_state_min_blocks() {
-  return VECS == 2 && sizeof(Index) == 4 && !kIsFp8<TOut> ? 6 : 0;
-}
-
 // What an output is divided by before its conversion to TOut: the output scale for fp8
 // (with its reciprocal), 1 (and not applied) otherwise. `by_reciprocal`: the reciprocal is
 // a normal float (the scale is neither infinite nor subnormal, nor NaN or zero), so that
@@ -458,11 +446,9 @@ __device__ __forceinline__ BlockRow block_row(const RowLayout& layout) {
 // round trips to memory overlap: 16 bytes per input per thread in flight left the
 // H200's memory under-used, see benchmarks/NOTES.md).
 // TOut: T, or an fp8 type (then the output does not alias an input). Index: the type of
-// element offsets, int32_t when the launch found that every offset fits. MIN_BLOCKS:
-// the launch bound's blocks per multiprocessor (0: none), detail::two_state_min_blocks.
-template <typename T, typename TOut, int ELEMS, int VECS, typename Index,
-          int MIN_BLOCKS = detail::two_state_min_blocks<TOut, VECS, Index>()>
-__global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>, MIN_BLOCKS)
+// element offsets, int32_t when the launch found that every offset fits.
+template <typename T, typename TOut, int ELEMS, int VECS, typename Index>
+__global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
     merge_attn_states_kernel(const MergeParams p, const detail::RowLayout layout) {
   using Conv = detail::Convert<T>;
   using V = detail::Vec<T, ELEMS>;
