@@ -138,8 +138,9 @@ def expect_scale(name: str, value) -> float | None:
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a positive float or None, got {type(value).__name__} {value!r}")
     scale = float(value)
-    if not math.isfinite(scale) or scale <= 0.0:
-        raise ValueError(f"{name} must be a finite positive float, got {value!r}")
+    # Comparisons, not math.isfinite, which cannot trace a float torch.compile made symbolic.
+    if not 0.0 < scale < math.inf:
+        raise ValueError(f"{name} must be a finite positive float, got {scale!r}")
     return scale
 
 

@@ -196,8 +196,8 @@ def _check_output_dtype(output_dtype, input_dtype: torch.dtype, output_scale, de
             )
     elif isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)):
         raise TypeError(f"output_scale must be a float or a float32 tensor, got {type(output_scale).__name__}")
-    elif not (math.isfinite(output_scale) and output_scale > 0):
-        raise ValueError(f"output_scale must be finite and positive, got {output_scale}")
+    elif not 0 < output_scale < math.inf:  # as expect_scale: traceable for a symbolic float
+        raise ValueError(f"output_scale must be finite and positive, got {float(output_scale)}")
     return output_dtype
 
 

@@ -140,27 +140,57 @@ def _check_table_values(block_table: torch.Tensor, seqused_k: torch.Tensor, page
 
 
 def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, check_values: bool = False) -> float:  # fmt: skip
-    """Validates the paged attention arguments; returns the softmax scale to use. Values
-    (page ids, ``seqused_k``, ``cu_seqlens_q``) are checked when on the CPU, or with
-    ``check_values=True`` (one device sync)."""
+                       softmax_scale, check_values: bool = False,
+                       kept_runs: list[int] | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """Validates the paged attention arguments; returns ``(softmax scale to use,
+    seqused_k to read)``. Values (page ids, ``seqused_k``, ``cu_seqlens_q``, and where
+    ``kept_runs`` is given, that a cascade plan's shared runs still hold, see
+    :func:`_flat_kept_runs`) are checked when on the CPU, or with ``check_values=True``
+    (one device sync). Under ``torch.compile`` a traced call cannot read them: they are
+    checked when the compiled call runs, by an op that returns the ``seqused_k`` the
+    computation reads (so that the check runs first and is not dropped)."""
     expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
     expect_float_dtype("q", q)
     expect_contiguous_last("q", q)
     _expect_cache(q, k_cache, v_cache)
-    # Under torch.compile the values are not read (that would break the graph): a
-    # compiled call's inputs are checked by running it eagerly once.
-    compiling = torch.compiler.is_compiling()
     _expect_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, max_seqlen_q, "max_seqlen_q")
-    if cu_seqlens_q.is_cpu and not compiling:
-        _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     batch = cu_seqlens_q.shape[0] - 1
     _expect_table(block_table, seqused_k, q.device, batch)
     expect_count("max_seqlen_k", max_seqlen_k)
     softmax_scale = expect_scale("softmax_scale", softmax_scale)
-    if (q.is_cpu or check_values) and not compiling:
-        _check_table_values(block_table, seqused_k, k_cache.shape[1], k_cache.shape[0], max_seqlen_k)
-    return q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+    scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
+    if q.is_cpu or check_values:
+        args = (block_table, seqused_k, cu_seqlens_q, q.shape[0], max_seqlen_q, max_seqlen_k, k_cache.shape[1],
+                k_cache.shape[0], kept_runs or [])  # fmt: skip
+        if torch.compiler.is_compiling():
+            return scale, _checked_seqused_k_op(*args)
+        _check_paged_values(*args)
+    return scale, seqused_k
+
+
+def _check_paged_values(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, total_q: int,
+                        max_seqlen_q: int, max_seqlen_k: int, page_size: int, num_pages: int,
+                        kept_runs: list[int]) -> None:  # fmt: skip
+    """check_paged_inputs' checks of the values (a device sync where they are on a GPU)."""
+    _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+    _check_table_values(block_table, seqused_k, page_size, num_pages, max_seqlen_k)
+    if kept_runs:
+        _expect_plan_holds(block_table, seqused_k, cu_seqlens_q, page_size, kept_runs)
+
+
+def _checked_seqused_k_impl(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                            total_q: int, max_seqlen_q: int, max_seqlen_k: int, page_size: int, num_pages: int,
+                            kept_runs: list[int]) -> torch.Tensor:  # fmt: skip
+    _check_paged_values(block_table, seqused_k, cu_seqlens_q, total_q, max_seqlen_q, max_seqlen_k, page_size,
+                        num_pages, kept_runs)  # fmt: skip
+    return seqused_k.clone()
+
+
+# The value checks of a compiled call (check_paged_inputs); a copy of seqused_k, which
+# the computation reads in its place, orders the check before it.
+_checked_seqused_k_op = torch.library.custom_op("splitkv_paged::checked_seqused_k", _checked_seqused_k_impl,
+                                                mutates_args=())  # fmt: skip
+_checked_seqused_k_op.register_fake(lambda block_table, seqused_k, *args: torch.empty_like(seqused_k))
 
 
 # ---------------------------------------------------------------------------------
@@ -185,6 +215,11 @@ def reference_paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused
         k = k_cache[pages].reshape(batch * room, heads_kv, head_dim)
         v = v_cache[pages].reshape(batch * room, heads_kv, head_dim)
     cu_seqlens_k = torch.arange(batch + 1, dtype=torch.int32, device=q.device) * room
+    if torch.compiler.is_compiling():
+        # The reference reads sequence bounds on the host, which a trace cannot; the
+        # attention op (with its backward) runs it opaque to the compiler.
+        return torch.ops.splitkv.attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, room, causal,
+                                                    softmax_scale, seqused_k, "reference")  # fmt: skip
     return reference_attention_with_lse(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, room, causal,
                                         softmax_scale, seqused_k=seqused_k)  # fmt: skip
 
@@ -372,8 +407,8 @@ def paged_attention_with_lse(
         >>> out.shape, lse.shape
         (torch.Size([3, 8, 64]), torch.Size([8, 3]))
     """
-    scale = check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                               softmax_scale, expect_bool("check_values", check_values))  # fmt: skip
+    scale, seqused_k = check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q,
+                                          max_seqlen_k, softmax_scale, expect_bool("check_values", check_values))  # fmt: skip
     causal = expect_bool("causal", causal)
     num_splits = _planning.user_num_splits(num_splits, max_seqlen_k)
     impl = PAGED_BACKENDS.select(backend, q, k_cache, v_cache, causal, block_table.shape[0], max_seqlen_q)
@@ -914,25 +949,37 @@ def _shareable_pages(used: np.ndarray, q_lens: np.ndarray, page_size: int) -> np
     return np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
 
 
-def _expect_plan_holds(plan: CascadePlan) -> None:
-    """That the tables still have the tree ``plan`` was built for: each kept run's page
-    ids the same in all its sharers, and each sharer still using all those pages fully
-    and seeing them from its first query (the changes its docstring says need a new plan;
-    the Triton launch would read the old tree silently)."""
-    kept = [run for run in plan.runs if run.kept]
-    if not kept:
-        return
-    table = plan.block_table.numpy()
-    used = plan.seqused_k.numpy().astype(np.int64)
-    q_lens = np.diff(plan.cu_seqlens_q.numpy().astype(np.int64))
-    limits = _shareable_pages(used, q_lens, plan.page_size)
-    for run in kept:
-        members = list(run.members)
-        segment = table[members, run.first_page: run.end_page]
-        if not (segment == segment[0]).all() or (limits[members] < run.end_page).any():
+def _flat_kept_runs(plan: CascadePlan) -> list[int]:
+    """The plan's kept runs as one int list (an op argument): per run ``first_page,
+    end_page, number of members, members...``."""
+    flat = []
+    for run in plan.runs:
+        if run.kept:
+            flat += [run.first_page, run.end_page, len(run.members), *run.members]
+    return flat
+
+
+def _expect_plan_holds(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, page_size: int,
+                       kept_runs: list[int]) -> None:  # fmt: skip
+    """That the tables still have the tree a plan was built for (``kept_runs`` as
+    :func:`_flat_kept_runs` gives them): each kept run's page ids the same in all its
+    sharers, and each sharer still using all those pages fully and seeing them from its
+    first query (the changes plan_cascade's docstring says need a new plan; the Triton
+    launch would read the old tree silently)."""
+    table = block_table.cpu().numpy()
+    used = seqused_k.cpu().numpy().astype(np.int64)
+    q_lens = np.diff(cu_seqlens_q.cpu().numpy().astype(np.int64))
+    limits = _shareable_pages(used, q_lens, page_size)
+    at = 0
+    while at < len(kept_runs):
+        first_page, end_page, count = kept_runs[at: at + 3]
+        members = kept_runs[at + 3: at + 3 + count]
+        at += 3 + count
+        segment = table[members, first_page: end_page]
+        if not (segment == segment[0]).all() or (limits[members] < end_page).any():
             raise ValueError(
-                f"plan: sequences {run.members} no longer share full, visible pages [{run.first_page}, "
-                f"{run.end_page}) in block_table / seqused_k; a change of the shared pages or a sequence "
+                f"plan: sequences {tuple(members)} no longer share full, visible pages [{first_page}, "
+                f"{end_page}) in block_table / seqused_k; a change of the shared pages or a sequence "
                 "shrinking into them needs a new plan (plan_cascade)"
             )
 
@@ -1199,11 +1246,12 @@ def paged_cascade_attention(
         raise ValueError(f"k_cache must have the planned heads_kv = {plan.heads_kv}, got {k_cache.shape[2]}")
     if plan.max_page_id >= k_cache.shape[0]:
         raise ValueError(f"block_table holds page id {plan.max_page_id}, past k_cache's {k_cache.shape[0]} pages")
-    scale = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
-                               plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale)  # fmt: skip
+    # The tables' values, and that the plan's tree still holds, are checked where on the
+    # host (no sync).
+    scale, seqused_k = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
+                                          plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale,
+                                          kept_runs=_flat_kept_runs(plan))  # fmt: skip
     return_lse = expect_bool("return_lse", return_lse)
-    if plan.block_table.is_cpu and not torch.compiler.is_compiling():
-        _expect_plan_holds(plan)  # the values are on the host: no sync
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")
     triton_backend = PAGED_BACKENDS["triton"]
@@ -1217,11 +1265,11 @@ def paged_cascade_attention(
         _expect_no_gradient_for_triton("paged_cascade_attention", q, k_cache, v_cache)
     if backend == "reference" or not plan.launch_tables or plan.total_q == 0:
         out, lse = paged_attention_with_lse(
-            q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.max_seqlen_q,
+            q, k_cache, v_cache, plan.block_table, seqused_k, plan.cu_seqlens_q, plan.max_seqlen_q,
             plan.max_seqlen_k, causal=True, softmax_scale=scale, num_splits=plan.last_splits, backend=backend,
         )  # fmt: skip
     else:
         run = _paged_cascade_op if torch.compiler.is_compiling() else _paged_cascade_impl
-        out, lse = run(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q, plan.launch_tables,
+        out, lse = run(q, k_cache, v_cache, plan.block_table, seqused_k, plan.cu_seqlens_q, plan.launch_tables,
                        plan.launch_configs, plan.num_states, plan.needs_fill, scale)  # fmt: skip
     return out, (lse if return_lse else None)

@@ -189,6 +189,35 @@ def test_bad_input_keeps_its_error_under_compile():
         torch.compile(call, backend="aot_eager")(q)
 
 
+def test_new_scale_values_keep_fullgraph():
+    """A second float value makes dynamo's float symbolic: the scale checks are
+    comparisons it can trace (math.isfinite was not, and broke fullgraph on the second
+    softmax_scale or fp8 output_scale of a step), and bad values keep their message."""
+    q, k, v, cu_q, cu_k = _varlen([1, 1], [2, 3])
+
+    def attend(q, scale):
+        return splitkv.attention_with_lse(q, k, v, cu_q, cu_k, 1, 3, softmax_scale=scale)[0]
+
+    def merge_fp8(out, lse, scale):
+        return splitkv.merge_attn_states(out, lse, out, lse, output_dtype=torch.float8_e4m3fn, output_scale=scale,
+                                         backend="torch")[0].float()  # fmt: skip
+
+    compiled_attend = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    compiled_merge = torch.compile(merge_fp8, backend="aot_eager", fullgraph=True)
+    lse = torch.randn(4, 2)
+    for scale in (0.25, 0.3, 0.4):
+        torch.testing.assert_close(compiled_attend(q, scale), attend(q, scale), rtol=0, atol=0)
+        out = attend(q, scale)
+        torch.testing.assert_close(compiled_merge(out, lse, 2 * scale), merge_fp8(out, lse, 2 * scale), rtol=0, atol=0)
+    # fullgraph reports a raised error as Unsupported, with the error as its cause
+    with pytest.raises(Exception) as raised:
+        compiled_attend(q, float("nan"))
+    assert "softmax_scale must be a finite positive float, got nan" in repr(raised.value.__cause__)
+    with pytest.raises(Exception) as raised:
+        compiled_merge(attend(q, 0.25), lse, -1.0)
+    assert "output_scale must be finite and positive, got -1.0" in repr(raised.value.__cause__)
+
+
 @pytest.mark.slow  # Inductor's CPU compile: about 40 s on 2 busy cores
 def test_cascade_under_inductor():
     # The case of issue 16: Inductor compiling a function that calls cascade_attention.

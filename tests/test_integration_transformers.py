@@ -325,3 +325,50 @@ def test_teacher_forced_logits_bf16_gpu():
         stock_error = (teacher_forced_stock(stock, shared, suffixes, forced) - exact).abs().max().item()
         ours_error = (teacher_forced_splitkv(ours, shared, suffixes, forced) - exact).abs().max().item()
     assert ours_error <= 1.5 * stock_error + 0.02, (ours_error, stock_error)
+
+
+def test_what_silently_differed_from_stock_is_refused_or_matched():
+    """Cases a review found giving other tokens than stock generate() without an error:
+    a static cache (its unfilled slots were attended), a model that transforms K/V after
+    the cache update (JetMoe: the step attended to its new tokens alone), processors that
+    read the prompt's ids across generate_shared's padding, and num_return_sequences from
+    a generation config (ignored); and configs refused although every layer is full."""
+    ours, stock = model_pair("llama")
+    ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match="static / preallocated cache"):
+        ours.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
+    greedy = {"max_new_tokens": 3, "do_sample": False}
+    assert torch.equal(ours.generate(ids, **greedy), stock.generate(ids, **greedy))  # the dynamic cache still runs
+
+    shared, suffixes = prompts(suffix_lens=(1, 6))
+    for name, value in (("repetition_penalty", 3.0), ("no_repeat_ngram_size", 1)):
+        with pytest.raises(ValueError, match=name):
+            generate_shared(ours, shared, suffixes, **greedy, **{name: value})
+    equal = [suffixes[1], suffixes[1]]  # no padding: the processors read the real prompt
+    got = generate_shared(ours, shared, equal, **greedy, repetition_penalty=3.0)
+    want = stock.generate(torch.cat([shared, suffixes[1]])[None].repeat(2, 1), **greedy, repetition_penalty=3.0)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        generate_shared(ours, shared, suffixes, **greedy, use_cache=False)
+
+    config = transformers.GenerationConfig(num_return_sequences=3, do_sample=True, top_k=1, max_new_tokens=3)
+    assert generate_shared(ours, shared, suffixes, generation_config=config).shape[0] == 2 * 3
+
+    from transformers import JetMoeConfig, Qwen2MoeConfig
+
+    jetmoe = JetMoeConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+                          intermediate_size=64, num_local_experts=2, num_experts_per_tok=2, eos_token_id=None,
+                          pad_token_id=0, bos_token_id=1)  # fmt: skip
+    repeats_kv = AutoModelForCausalLM.from_config(jetmoe, attn_implementation="splitkv").eval()
+    for shared_ids, new in ((shared, 3), (shared[:1], 1)):  # the check at the next update, and at the end
+        with pytest.raises(ValueError, match="transforms K/V after cache.update"):
+            generate_shared(repeats_kv, shared_ids, suffixes, max_new_tokens=new, do_sample=False)
+
+    SharedPrefixCache(Qwen2MoeConfig(**{**TINY, "sliding_window": 0}, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2))  # fmt: skip
+    full_layers, full_stock = model_pair("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2)
+    got = generate_shared(full_layers, shared, suffixes[1:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, full_stock.generate(torch.cat([shared, suffixes[1]])[None], max_new_tokens=4,
+                                                do_sample=False))  # fmt: skip
+    with pytest.raises(ValueError, match="sliding"):
+        SharedPrefixCache(Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1))

@@ -7,6 +7,7 @@ interpreter (tests/conftest.py), so the shapes are small; the wide grid is slow-
 
 import itertools
 import math
+import os
 import random
 
 import pytest
@@ -211,11 +212,13 @@ def test_plan_arguments_are_checked():
         splitkv.paged_cascade_attention(q, k_cache, v_cache, plan, return_lse="no")
 
 
-def test_a_plan_whose_tree_changed_is_refused():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_plan_whose_tree_changed_is_refused(compiled):
     """Where the tables are on the CPU, a call checks that the plan's shared runs still
     hold: seqused_k may grow, but a sequence shrinking into its shared pages or a shared
     page rewritten in one sharer needs a new plan (the Triton launch read the old tree:
-    0.45 and 0.33 off)."""
+    0.45 and 0.33 off). Compiled too: the trace cannot read the values, an op checks
+    them when the call runs (the compiled call had been 1.06 off)."""
     block_table = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 5], [0, 1, 6, 7]], dtype=torch.int32)
     seqused_k, cu_seqlens_q = torch.tensor([9, 10, 9], dtype=torch.int32), torch.tensor([0, 1, 2, 3], dtype=torch.int32)
     kv = torch.randn(8, 2, 4, 1, 16)
@@ -223,15 +226,21 @@ def test_a_plan_whose_tree_changed_is_refused():
     plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=4, heads_q=2, heads_kv=1, head_dim=16,
                         dtype=torch.float32, share="always", max_seqlen_k=16)  # fmt: skip
     assert plan.shared
+    call = splitkv.paged_cascade_attention
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
     seqused_k.copy_(torch.tensor([14, 13, 16], dtype=torch.int32))  # grown: allowed
-    splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+    out, lse = call(q, kv[:, 0], kv[:, 1], plan)
+    expected = float64_paged_attention(q, kv[:, 0], kv[:, 1], block_table, seqused_k, cu_seqlens_q, True)
+    assert_close(out, lse, *expected, torch.float32)
     seqused_k[0] = 5  # into its shared pages [0, 2)
     with pytest.raises(ValueError, match="needs a new plan"):
-        splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+        call(q, kv[:, 0], kv[:, 1], plan)
     seqused_k[0] = 14
     block_table[2, 1] = 7
     with pytest.raises(ValueError, match="needs a new plan"):
-        splitkv.paged_cascade_attention(q, kv[:, 0], kv[:, 1], plan)
+        call(q, kv[:, 0], kv[:, 1], plan)
 
 
 def test_plan_host_time_is_its_own():
@@ -303,6 +312,69 @@ def test_custom_op_compiles_fullgraph():
     expected_out, expected_lse = step(*args)
     torch.testing.assert_close(out, expected_out)
     torch.testing.assert_close(lse, expected_lse)
+
+
+@pytest.mark.parametrize("backend", [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                                    reason="Triton on CPU tensors runs in the interpreter only")),
+])  # fmt: skip
+def test_compiled_calls_check_values_on_the_cpu(backend):
+    """A compiled call on CPU tensors refuses what eager refuses (a page id past
+    k_cache, a seqused_k past a row's pages, a max_seqlen_k below it): the trace cannot
+    read values, an op checks them when the call runs. Before, the compiled call read
+    past k_cache (garbage, NaN; an illegal access on a GPU)."""
+    k_cache, v_cache = torch.randn(2, 6, 4, 2, 16).unbind(0)
+    q, cu_seqlens_q = torch.randn(3, 4, 16), torch.tensor([0, 1, 3], dtype=torch.int32)
+    good_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    good_used = torch.tensor([7, 9], dtype=torch.int32)
+
+    def step(q, block_table, seqused_k, max_seqlen_k):
+        return splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 2,
+                                                max_seqlen_k, causal=True, backend=backend)  # fmt: skip
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    out, lse = compiled(q, good_table, good_used, 9)
+    expected = float64_paged_attention(q, k_cache, v_cache, good_table, good_used, cu_seqlens_q, True)
+    assert_close(out, lse, *expected, torch.float32)
+    bad_table = good_table.clone()
+    bad_table[1, 2] = 99
+    for args, match in [((bad_table, good_used, 9), r"block_table\[1, 2\] = 99 is not a page"),
+                        ((good_table, torch.tensor([7, 20], dtype=torch.int32), 20), "seqused_k must lie in"),
+                        ((good_table, good_used, 5), "max_seqlen_k = 5 is below")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            step(q, *args)
+        with pytest.raises(ValueError, match=match):
+            compiled(q, *args)
+
+
+def test_reference_backend_compiles_fullgraph_with_gradients():
+    """The reference backend (auto's choice on CPU and under a gradient) traces under
+    fullgraph, with eager's values and gradients (it read sequence bounds on the host,
+    which broke the graph); split_kv_attention's paged form too."""
+    k_cache, v_cache = torch.randn(2, 6, 4, 2, 16).unbind(0)
+    k_cache.requires_grad_(True)
+    q = torch.randn(3, 4, 16, requires_grad=True)
+    block_table = torch.tensor([[4, 1, 0], [2, 5, 3]], dtype=torch.int32)
+    seqused_k, cu_seqlens_q = torch.tensor([7, 9], dtype=torch.int32), torch.tensor([0, 1, 3], dtype=torch.int32)
+    weights = torch.randn(3, 4, 16)
+
+    def loss(q, k_cache):
+        out, lse = splitkv.paged_attention_with_lse(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, 2, 9,
+                                                    causal=True)  # fmt: skip
+        return (out * weights).sum() + lse.sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    expected, got = loss(q, k_cache), compiled(q, k_cache)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (q, k_cache)), torch.autograd.grad(expected, (q, k_cache))):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=2e-5)
+
+    def split(q):
+        return splitkv.split_kv_attention(q, k_cache.detach(), v_cache, cu_seqlens_q, None, 2, 9, causal=True,
+                                          block_table=block_table, seqused_k=seqused_k)[0]  # fmt: skip
+
+    torch.testing.assert_close(torch.compile(split, backend="aot_eager", fullgraph=True)(q.detach()), split(q.detach()))
 
 
 def test_opcheck():

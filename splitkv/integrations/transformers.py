@@ -68,12 +68,15 @@ _UNSUPPORTED_KWARGS = {
 
 def _refuse_config(config) -> None:
     """ValueError for model configs whose attention cascade attention does not compute."""
-    window = getattr(config, "sliding_window", None)
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if window is not None or layer_types != {"full_attention"}:
+    window = getattr(config, "sliding_window", None) or None  # Qwen2-MoE's 0 means none
+    # A config with layer_types says which layers use its window (Qwen2 keeps
+    # sliding_window set with every layer full); the per-call sliding_window check in
+    # splitkv_attention backs this up.
+    layer_types = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    if layer_types != {"full_attention"}:
         raise ValueError(
             f"attn_implementation='splitkv' computes full causal attention, but the model config has "
-            f"sliding_window={window!r} and layer_types {sorted(layer_types)}; a sliding window is not "
+            f"sliding_window={window!r} and layer_types {getattr(config, 'layer_types', None)!r}; a sliding window is not "
             "supported (set config.sliding_window = None if the window is longer than every sequence)"
         )
     if getattr(config, "attn_logit_softcapping", None) is not None:
@@ -232,6 +235,13 @@ class _PlanMemo:
 _STOCK_CACHE_MEMO = _PlanMemo()
 
 
+_UNSTORED_UPDATE = (
+    "SharedPrefixCache: the keys and values its update returned did not reach splitkv's attention "
+    "function as they were (the model transforms K/V after cache.update, as JetMoe does), so that "
+    "step attended to the new tokens alone; such models are not supported"
+)
+
+
 class _SharedPrefixLayer(CacheLayerMixin):
     """One layer of :class:`SharedPrefixCache`: ``prefix_keys/values [prefix_len, heads_kv, head_dim]``
     (stored once) and ``row_keys/values [batch, capacity, heads_kv, head_dim]`` (contiguous, so
@@ -248,6 +258,8 @@ class _SharedPrefixLayer(CacheLayerMixin):
         self.prefix_keys = self.prefix_values = None
         self.row_keys = self.row_values = None
         self.columns = 0
+        # An update whose tokens splitkv_attention has not stored yet (see update).
+        self.unstored = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads_kv, _, head_dim = key_states.shape
@@ -281,17 +293,24 @@ class _SharedPrefixLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.unstored:
+            # The last update's tokens never reached splitkv_attention with their mark: the
+            # model passed it other tensors (JetMoe repeats K/V after the update), so it
+            # attended to them alone and the cache holds a gap.
+            raise ValueError(_UNSTORED_UPDATE)
         batch, _, new, _ = key_states.shape
         if batch != self.row_keys.shape[0]:
             raise ValueError(f"the cache holds {self.row_keys.shape[0]} sequences, the model was called with {batch}")
         self._grow(self.columns + new)
         self.columns += new
         key_states._splitkv_layer = self
+        self.unstored = True
         return key_states, value_states
 
     def store(self, key_states: torch.Tensor, value_states: torch.Tensor, plan: _StepPlan) -> None:
         """Writes the attended new tokens of ``key/value_states [batch, heads_kv, new, head_dim]`` after
         each row's stored ones (the only copy of this layer's KV a step makes)."""
+        self.unstored = False
         new = key_states.shape[2]
         new_keys, new_values = key_states.transpose(1, 2), value_states.transpose(1, 2)  # [batch, new, heads_kv, dim]
         if plan.write_rows is None:  # nothing padded: every row's next `new` columns
@@ -320,6 +339,7 @@ class _SharedPrefixLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.prefix_keys = self.prefix_values = self.row_keys = self.row_values = None
         self.columns = 0
+        self.unstored = False
         self.is_initialized = False
         self.owner.row_used, self.owner.plan_memo = None, _PlanMemo()
 
@@ -471,6 +491,19 @@ def splitkv_attention_mask(*, batch_size: int, kv_length: int, kv_offset: int = 
         )
     if kv_offset:
         raise ValueError(f"attn_implementation='splitkv' does not support a key offset (kv_offset={kv_offset})")
+    q_offset, q_length = kwargs.get("q_offset"), kwargs.get("q_length")
+    # The attention reads every key column it is given; a preallocated (static) cache
+    # gives its unfilled slots too (an offset tensor, or more columns than tokens so far),
+    # which would be attended silently. transformers versions that pass no q_offset /
+    # q_length are not checked here.
+    if isinstance(q_offset, torch.Tensor) or (q_length is not None and q_offset is not None
+                                              and q_offset + q_length != kv_length):  # fmt: skip
+        raise ValueError(
+            "attn_implementation='splitkv' attends every key column it is given; this cache has "
+            f"{kv_length} columns for {'a tensor offset' if isinstance(q_offset, torch.Tensor) else q_offset} + "
+            f"{q_length} tokens (a static / preallocated cache, e.g. cache_implementation='static'), which it "
+            "does not support: use the default dynamic cache or generate_shared"
+        )
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -608,10 +641,33 @@ def _token_ids(value) -> list[int]:
 
 def _pad_and_eos(model, generate_kwargs) -> tuple[int, list[int]]:
     """The pad token (pad, else the first EOS, else 0) and the EOS tokens generate() stops at."""
-    config = generate_kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(model, generate_kwargs)
     eos = _token_ids(generate_kwargs.get("eos_token_id", config.eos_token_id))
     pad = _token_ids(generate_kwargs.get("pad_token_id", config.pad_token_id))
     return (pad or eos or [0])[0], eos
+
+
+def _generation_config(model, generate_kwargs) -> GenerationConfig:
+    return generate_kwargs.get("generation_config") or model.generation_config or GenerationConfig()
+
+
+# Logits processors that read the prompt's token ids: generate_shared's input_ids hold
+# pad tokens between the shared prompt and a shorter suffix, which they would read as
+# prompt tokens (a pad equal to EOS penalised or banned), so they are refused when the
+# suffixes differ in length. Values that switch each one off.
+_PROMPT_READING_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+                              "sequence_bias": None}  # fmt: skip
+
+
+def _expect_no_prompt_readers(model, generate_kwargs) -> None:
+    config = _generation_config(model, generate_kwargs)
+    for name, off in _PROMPT_READING_PROCESSORS.items():
+        value = generate_kwargs.get(name, getattr(config, name, off))
+        if value is not None and value != off:
+            raise ValueError(
+                f"generate_shared pads suffixes of different lengths with pad tokens, which {name}={value!r} "
+                "would read as prompt tokens; give suffixes of one length or leave it unset"
+            )
 
 
 def _check_generate_kwargs(model, generate_kwargs) -> int:
@@ -619,7 +675,7 @@ def _check_generate_kwargs(model, generate_kwargs) -> int:
     for name in ("input_ids", "inputs", "attention_mask", "past_key_values", "inputs_embeds", "position_ids"):
         if name in generate_kwargs:
             raise TypeError(f"generate_shared builds {name} itself; pass shared_ids and suffix_ids instead")
-    config = generate_kwargs.get("generation_config") or model.generation_config or GenerationConfig()
+    config = _generation_config(model, generate_kwargs)
     num_beams = generate_kwargs.get("num_beams", config.num_beams) or 1
     if num_beams > 1:
         raise ValueError(f"generate_shared does not support beam search (num_beams={num_beams}); "
@@ -627,9 +683,11 @@ def _check_generate_kwargs(model, generate_kwargs) -> int:
     for name in ("assistant_model", "prompt_lookup_num_tokens", "penalty_alpha"):
         if generate_kwargs.get(name) is not None:
             raise ValueError(f"generate_shared does not support {name} (assisted / contrastive decoding)")
-    if generate_kwargs.get("max_length") is not None or generate_kwargs.get("min_length") is not None:
+    if generate_kwargs.get("max_length") is not None or generate_kwargs.get("min_length", config.min_length):
         raise ValueError("generate_shared counts lengths in new tokens: pass max_new_tokens / min_new_tokens, "
                          "not max_length / min_length")  # fmt: skip
+    if generate_kwargs.get("use_cache", config.use_cache) is False:
+        raise ValueError("generate_shared decodes from the shared prompt's cache: use_cache=False is not supported")
     max_new_tokens = generate_kwargs.get("max_new_tokens", config.max_new_tokens)
     if max_new_tokens is None:
         raise ValueError("generate_shared needs max_new_tokens (in generate_kwargs or the generation config)")
@@ -661,7 +719,7 @@ def _as_ids(name: str, ids, device) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tensor] | None = None, *,
-                    num_return_sequences: int = 1, **generate_kwargs):  # fmt: skip
+                    num_return_sequences: int | None = None, **generate_kwargs):  # fmt: skip
     """``generate()`` for prompts ``[shared ; suffix_i]`` with the shared prompt's KV computed and stored once.
 
     Prefills all but the last token of ``shared_ids`` once (batch 1) into a
@@ -679,10 +737,15 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
         suffix_ids: list of ``[len_i]`` LongTensors (or None entries), each request's
             own tokens after the shared prompt; None or ``[]`` means one request with
             no suffix.
-        num_return_sequences: sequences generated per request.
+        num_return_sequences: sequences generated per request; None takes the
+            generation config's (``generation_config`` if given, else the model's), as
+            ``generate()`` does.
         generate_kwargs: passed to ``generate()`` (``max_new_tokens`` required;
             ``max_length``/``min_length``, beam search, assisted and contrastive
-            decoding are refused with a ValueError; ``input_ids``, ``attention_mask``,
+            decoding, ``use_cache=False`` and, where the suffixes differ in length,
+            the logits processors that read the prompt's ids (``repetition_penalty``,
+            ``no_repeat_ngram_size``, ``bad_words_ids``, ``sequence_bias``) are
+            refused with a ValueError; ``input_ids``, ``attention_mask``,
             ``past_key_values``, ``inputs_embeds``, ``position_ids`` with a TypeError).
 
     Returns:
@@ -713,6 +776,8 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
         torch.Size([4, 19])
     """
     max_new_tokens = _check_generate_kwargs(model, generate_kwargs)
+    if num_return_sequences is None:
+        num_return_sequences = _generation_config(model, generate_kwargs).num_return_sequences or 1
     if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) or num_return_sequences < 1:
         raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}")
     device = model.device
@@ -726,6 +791,8 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
     prefix, last = shared[:-1], shared[-1:]
     own = [torch.cat([last, s]) for s in suffixes]  # each ends on a real token
     longest = max(s.shape[0] for s in own)
+    if any(s.shape[0] != longest for s in own):
+        _expect_no_prompt_readers(model, generate_kwargs)
     requests = len(own)
 
     cache = SharedPrefixCache(model.config)
@@ -748,6 +815,8 @@ def generate_shared(model, shared_ids: torch.Tensor, suffix_ids: list[torch.Tens
         attention_mask[i, input_ids.shape[1] - s.shape[0] :] = 1
     result = model.generate(input_ids=input_ids, attention_mask=attention_mask, **{_cache_argument(model): cache},
                             num_return_sequences=num_return_sequences, **generate_kwargs)  # fmt: skip
+    if any(layer.unstored for layer in cache.layers):
+        raise ValueError(_UNSTORED_UPDATE)  # the last step's update, which no later update checked
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
     generated = sequences[:, input_ids.shape[1] :]
     # A sequence ends at its first EOS (generate pads it after that while others go on).
