@@ -236,9 +236,9 @@ _STOCK_CACHE_MEMO = _PlanMemo()
 
 
 _UNSTORED_UPDATE = (
-    "SharedPrefixCache: the keys and values its update returned did not reach splitkv's attention "
-    "function as they were (the model transforms K/V after cache.update, as JetMoe does), so that "
-    "step attended to the new tokens alone; such models are not supported"
+    "SharedPrefixCache: the keys and values its last update returned did not reach splitkv's attention "
+    "function as they were: the model transforms K/V after cache.update (as JetMoe does; not supported), "
+    "or an earlier call failed part-way through and left this cache inconsistent (make a new one)"
 )
 
 
