@@ -231,9 +231,10 @@ bool is_entry_of(const at::Tensor& out, const at::Tensor& stacked) {
   return step > 0 && offset >= 0 && offset % step == 0 && offset / step < stacked.size(0);
 }
 
-// Whether `out` shares storage with an input without being one (`is_input`): the
-// eager fast paths leave that case (a view that partly overlaps an input, which
-// splitkv/merge.py refuses by name) to Python, and run an exact in-place merge.
+// Whether `out` shares storage with an input (any of the call's outputs and lses)
+// without being one (`is_input`): the eager fast paths leave that case (a view that
+// partly overlaps an input, which splitkv/merge.py refuses by name) to Python, and
+// run an exact in-place merge.
 template <typename IsInput>
 bool overlaps_otherwise(const at::Tensor& out, std::initializer_list<const at::Tensor*> inputs, IsInput is_input) {
   for (const at::Tensor* t : inputs)
@@ -262,11 +263,13 @@ bool eager_output_dtype(py::handle output_dtype_obj, const at::Tensor* output, a
 }
 
 // The fp8 scale of an eager fast path: 1 for None, else a finite positive Python
-// float or int (bindings.h). False for anything else (a tensor, a bool, zero, a NumPy
-// float): the Python path takes those, and raises where it should.
+// float or int (bindings.h) that stays positive in float32, which the kernels divide
+// by. False for anything else (a tensor, a bool, zero, 1e-46, a NumPy float): the
+// Python path takes those, and raises where it should.
 bool eager_output_scale(py::handle output_scale_obj, double& output_scale) {
   output_scale = 1.0;
-  return output_scale_obj.is_none() || finite_positive_scale(output_scale_obj, output_scale);
+  return output_scale_obj.is_none() ||
+         (finite_positive_scale(output_scale_obj, output_scale) && static_cast<float>(output_scale) > 0.f);
 }
 
 // The eager fast path of splitkv.merge_attn_states(backend="auto"): one Python
@@ -295,9 +298,9 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
   if (!merge_inputs_ok(prefix_output, prefix_lse, suffix_output, suffix_lse, has_output ? &output : nullptr,
                        has_output_lse ? &output_lse : nullptr, /*fp8_output_allowed=*/true) ||
       cuda_disabled_by_env() || grad_required({&prefix_output, &prefix_lse, &suffix_output, &suffix_lse}) ||
-      (has_output && overlaps_otherwise(output, {&prefix_output, &suffix_output},
+      (has_output && overlaps_otherwise(output, {&prefix_output, &suffix_output, &prefix_lse, &suffix_lse},
                                         [&](const at::Tensor& t) { return same_view(output, t); })) ||
-      (has_output_lse && overlaps_otherwise(output_lse, {&prefix_lse, &suffix_lse},
+      (has_output_lse && overlaps_otherwise(output_lse, {&prefix_output, &suffix_output, &prefix_lse, &suffix_lse},
                                             [&](const at::Tensor& t) { return same_view(output_lse, t); })))
     return py::none();
   if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options().dtype(out_dtype));
@@ -465,9 +468,10 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
   if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}) ||
-      (has_output && overlaps_otherwise(output, {&states}, [&](const at::Tensor& t) { return is_entry_of(output, t); })) ||
+      (has_output &&
+       overlaps_otherwise(output, {&states, &lses}, [&](const at::Tensor& t) { return is_entry_of(output, t); })) ||
       (has_output_lse &&
-       overlaps_otherwise(output_lse, {&lses}, [&](const at::Tensor& t) { return is_entry_of(output_lse, t); })))
+       overlaps_otherwise(output_lse, {&states, &lses}, [&](const at::Tensor& t) { return is_entry_of(output_lse, t); })))
     return py::none();
   at::ScalarType out_dtype;
   double output_scale;

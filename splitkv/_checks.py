@@ -66,34 +66,33 @@ def expect_writable(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} must not be an expanded view (stride 0), got strides {t.stride()}")
 
 
-def _dense_span(t: torch.Tensor) -> tuple[int, int] | None:
-    """``[first, end)`` bytes of ``t`` when its elements fill them exactly (a dense view in
-    any axis order), else None (a strided view: its holes may hold another tensor)."""
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """``[first, end)`` bytes from ``t``'s first element to past its last (non-negative strides)."""
     last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    size = t.numel() * t.element_size()
-    if (last + 1) * t.element_size() != size:
-        return None
-    return t.data_ptr(), t.data_ptr() + size
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def expect_no_partial_overlap(name: str, out: torch.Tensor | None, inputs: dict, *, may_be) -> None:
-    """An output may be exactly one of the tensors ``may_be(out)`` accepts (an in-place
-    merge: each row is read before it is written) or share no memory with the inputs.
-    One that overlaps an input otherwise would have rows written while other rows still
-    read them: a silently wrong result, so it is refused, naming both. Dense views only
-    (a strided view, whose holes may hold the other tensor, is not checked)."""
+    """An output may stand exactly in an input's place where ``may_be(out, input)`` says
+    so (an in-place merge: each row is read before it is written), else share no memory
+    with any of the ``inputs``. One that overlaps an input otherwise would have rows
+    written while other rows still read them: a silently wrong result, so it is refused,
+    naming both. Checked for a dense output (a view whose elements fill its byte range,
+    in any axis order); against a strided input whose byte range it meets it is refused
+    too, since the input's holes cannot be told from its elements cheaply. A strided
+    output is not checked."""
     # Traced tensors have no addresses: under torch.compile the overlap is not checked.
-    if out is None or torch.compiler.is_compiling() or out.numel() == 0 or may_be(out):
+    if out is None or torch.compiler.is_compiling() or out.numel() == 0:
         return
-    out_span = _dense_span(out)
-    if out_span is None:
+    out_first, out_end = _byte_range(out)
+    if out_end - out_first != out.numel() * out.element_size():
         return
     storage = out.untyped_storage().data_ptr()
     for input_name, t in inputs.items():
-        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage:
+        if t.numel() == 0 or t.untyped_storage().data_ptr() != storage or may_be(out, t):
             continue
-        span = _dense_span(t)
-        if span is not None and out_span[0] < span[1] and span[0] < out_span[1]:
+        first, end = _byte_range(t)
+        if out_first < end and first < out_end:
             raise ValueError(f"{name} overlaps {input_name} without being {input_name} itself: an output may be "
                              "an input (in place) or share no memory with the inputs")  # fmt: skip
 

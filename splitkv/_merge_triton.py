@@ -21,7 +21,9 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
                OUTPUT_MAX: tl.constexpr):
     """The merged float32 values in the output's dtype. OUTPUT_SCALE 1: divided by the
     float ``output_scale``, 2: by the float32 at ``output_scale_ptr``; then saturated to
-    +-OUTPUT_MAX, the fp8 type's largest finite value (``tl.clamp`` keeps NaN)."""
+    +-OUTPUT_MAX, the fp8 type's largest finite value, NaN kept (tl.clamp's default,
+    PropagateNan.NONE, made a NaN -OUTPUT_MAX in the interpreter and promises nothing
+    on a GPU)."""
     # One return and static ifs only: triton compiles the code after a return too.
     if OUTPUT_SCALE == 0:
         result = values.to(output_ptr.dtype.element_ty)
@@ -30,7 +32,7 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
             scaled = values / output_scale
         else:
             scaled = values / tl.load(output_scale_ptr)
-        result = tl.clamp(scaled, -OUTPUT_MAX, OUTPUT_MAX).to(output_ptr.dtype.element_ty)
+        result = tl.clamp(scaled, -OUTPUT_MAX, OUTPUT_MAX, propagate_nan=tl.PropagateNan.ALL).to(output_ptr.dtype.element_ty)
     return result
 
 

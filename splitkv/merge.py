@@ -196,8 +196,10 @@ def _check_output_dtype(output_dtype, input_dtype: torch.dtype, output_scale, de
             )
     elif isinstance(output_scale, bool) or not isinstance(output_scale, (int, float)):
         raise TypeError(f"output_scale must be a float or a float32 tensor, got {type(output_scale).__name__}")
-    elif not 0 < output_scale < math.inf:  # as expect_scale: traceable for a symbolic float
-        raise ValueError(f"output_scale must be finite and positive, got {float(output_scale)}")
+    elif not 2.0**-150 < output_scale < math.inf:  # as expect_scale: traceable for a symbolic float
+        # The kernels divide by it in float32, where 2**-150 and below round to 0 (0 / 0: NaN).
+        raise ValueError(f"output_scale must be finite and positive, above 2**-150 (0 in float32), "
+                         f"got {float(output_scale)}")  # fmt: skip
     return output_dtype
 
 
@@ -233,10 +235,10 @@ def _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, out
     if output_lse is not None:
         expect_like("output_lse", output_lse, lse_shape, lse_dtype, device, lse_name)
         expect_writable("output_lse", output_lse)
-    expect_no_partial_overlap("output", output, {"prefix_output": prefix_output, "suffix_output": suffix_output},
-                              may_be=lambda t: same_view(t, prefix_output) or same_view(t, suffix_output))  # fmt: skip
-    expect_no_partial_overlap("output_lse", output_lse, {"prefix_lse": prefix_lse, "suffix_lse": suffix_lse},
-                              may_be=lambda t: same_view(t, prefix_lse) or same_view(t, suffix_lse))  # fmt: skip
+    inputs = {"prefix_output": prefix_output, "suffix_output": suffix_output, "prefix_lse": prefix_lse,
+              "suffix_lse": suffix_lse}  # fmt: skip
+    expect_no_partial_overlap("output", output, inputs, may_be=same_view)
+    expect_no_partial_overlap("output_lse", output_lse, inputs, may_be=same_view)
     return output_dtype
 
 
@@ -263,8 +265,9 @@ def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", ou
     if output_lse is not None:
         expect_like("output_lse", output_lse, lse_shape, lse_dtype, device, lse_name)
         expect_writable("output_lse", output_lse)
-    expect_no_partial_overlap("output", output, {"outputs": states}, may_be=lambda t: is_entry_of(t, states))
-    expect_no_partial_overlap("output_lse", output_lse, {"lses": lses}, may_be=lambda t: is_entry_of(t, lses))
+    inputs = {"outputs": states, "lses": lses}
+    expect_no_partial_overlap("output", output, inputs, may_be=is_entry_of)
+    expect_no_partial_overlap("output_lse", output_lse, inputs, may_be=is_entry_of)
     return output_dtype
 
 
@@ -454,8 +457,8 @@ def merge_attn_states(
         output: optional ``[tokens, heads, head_dim]`` result buffer (the output dtype;
             any strides, contiguous ``head_dim``). It may be ``prefix_output`` or
             ``suffix_output`` itself (in-place merge); a dense view that
-            otherwise overlaps an input is refused (ValueError), and a strided
-            one must not.
+            otherwise overlaps an input (any of the four, or the byte range of a
+            strided one) is refused (ValueError), and a strided one must not.
         output_lse: optional float32 buffer for the merged LSE (``lse_layout``);
             it may be ``prefix_lse`` or ``suffix_lse`` itself, the same rules.
         return_lse: with ``output_lse=None``, ``False`` skips computing and
@@ -471,8 +474,9 @@ def merge_attn_states(
             ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``; with ``output``,
             ``output``'s (a different one is refused).
         output_scale: for an fp8 output, the stored value is ``output / output_scale``
-            saturated to the fp8 range; a positive float or a one-element float32
-            tensor on the inputs' device (default 1).
+            saturated to the fp8 range (NaN stays NaN); a positive float above
+            2**-150 (it is divided by in float32) or a one-element float32 tensor on
+            the inputs' device, whose value is not read (default 1).
 
     Returns:
         ``(output, output_lse)``: ``[tokens, heads, head_dim]`` in the output dtype

@@ -215,7 +215,7 @@ def test_new_scale_values_keep_fullgraph():
     assert "softmax_scale must be a finite positive float, got nan" in repr(raised.value.__cause__)
     with pytest.raises(Exception) as raised:
         compiled_merge(attend(q, 0.25), lse, -1.0)
-    assert "output_scale must be finite and positive, got -1.0" in repr(raised.value.__cause__)
+    assert "output_scale must be finite and positive" in repr(raised.value.__cause__)
 
 
 @pytest.mark.slow  # Inductor's CPU compile: about 40 s on 2 busy cores

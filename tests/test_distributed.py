@@ -149,6 +149,11 @@ def _run_checks(rank, world, device):
         q_s, k_s = _take(q, [8], shards, rank), _take(k, [8], shards, rank)
         with pytest.raises(ValueError, match="zigzag layout"):
             cp.context_parallel_prefill(q_s, k_s, k_s, cu_seqlens(shards[rank], device), 8, layout="zigzag")
+        # A subgroup without this rank: new_group returns a marker here, not a group.
+        first_only = dist.new_group([0])
+        if rank > 0:
+            with pytest.raises(ValueError, match="not a member of the given process group"):
+                cp.context_parallel_prefill(q_s, k_s, k_s, cu_seqlens(shards[rank], device), 8, group=first_only)
     _check_queries(rank, world, device, end_q, end_k, causal=False, combines=("auto",), seed=7)
     # Even shards of long sequences: on all but the last rank every query sees the
     # whole shard (one non-causal call), on the last one the mask is plain causal.

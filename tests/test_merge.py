@@ -423,3 +423,16 @@ def test_output_partly_overlapping_an_input_is_refused(backend):
                              backend=backend)  # fmt: skip
     # Exactly an input, or a state of the stack: allowed (the in-place tests check the values).
     splitkv.merge_states(stacked, lses.clone(), output=stacked[1], backend=backend)
+    # An output over an input of the other kind, and a dense output over a strided
+    # input's range: Triton had returned 2.5 off for both, unrefused.
+    shared = torch.randn(n, device=DEVICE)
+    with pytest.raises(ValueError, match="output_lse overlaps prefix_output"):
+        splitkv.merge_attn_states(shared.view(tokens, heads, head_dim), lses[0], states[1], lses[1],
+                                  output_lse=shared[: heads * tokens].view(heads, tokens), backend=backend)  # fmt: skip
+    with pytest.raises(ValueError, match="output overlaps lses"):
+        splitkv.merge_states(states, shared[: 2 * heads * tokens].view(2, heads, tokens),
+                             output=shared.view(tokens, heads, head_dim), backend=backend)  # fmt: skip
+    wide = torch.randn(tokens, heads, 2 * head_dim, device=DEVICE)
+    with pytest.raises(ValueError, match="output overlaps prefix_output"):
+        splitkv.merge_attn_states(wide[..., :head_dim], lses[0], states[1], lses[1],
+                                  output=wide.view(-1)[n:].view(tokens, heads, head_dim), backend=backend)  # fmt: skip

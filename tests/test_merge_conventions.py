@@ -142,6 +142,25 @@ def test_fp8_scales_at_float32_edges(backend, scale, scale_kind):
         assert ((got - want).abs() <= step).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_output_keeps_nan(backend, dtype):
+    """A NaN LSE (or output value) gives NaN in an fp8 result, as in a 16-bit one: the
+    saturation keeps NaN (Triton's tl.clamp had made it -max by default)."""
+    if backend == "triton" and not ON_CUDA and dtype == torch.float8_e4m3fn:
+        pytest.skip("the Triton interpreter's float32 -> e4m3 cast turns NaN into 384")
+    device = _device(backend)
+    ones = torch.ones(2, 1, 4, device=device)
+    lse = torch.tensor([[float("nan"), 0.0]], device=device)
+    fp8 = {"output_dtype": dtype, "backend": backend}
+    for scale in (None, 0.5):
+        two, _ = splitkv.merge_attn_states(ones, lse, ones, torch.zeros_like(lse), output_scale=scale, **fp8)
+        many, _ = splitkv.merge_states(torch.stack([ones, ones]), torch.stack([lse, torch.zeros_like(lse)]),
+                                       output_scale=scale, **fp8)  # fmt: skip
+        for out in (two, many):
+            assert torch.isnan(out[0].float()).all() and (out[1].float() == 1 / (scale or 1)).all()
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if ON_CUDA else []))
 def test_fp8_bad_scales(device):
     # On CUDA the C++ fast path sees these first: it must leave each to the Python errors.
@@ -158,6 +177,9 @@ def test_fp8_bad_scales(device):
         splitkv.merge_states(states, lses, output=torch.empty(3, 2, 8, device=device), output_dtype=torch.float16)
     with pytest.raises(ValueError, match="output_scale must be finite and positive"):
         splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=0.0)
+    for tiny in (1e-46, 2.0**-150):  # positive, but 0 in float32: the kernels divided by 0
+        with pytest.raises(ValueError, match="above 2\\*\\*-150"):
+            splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output_dtype=fp8, output_scale=tiny)
     with pytest.raises(ValueError, match="output_scale must be a float or a one-element float32 tensor"):
         splitkv.merge_states(states, lses, output_dtype=fp8, output_scale=torch.ones(2))
     with pytest.raises(ValueError, match="output_scale applies to an fp8 output only"):

@@ -24,9 +24,13 @@ The same code runs on NCCL (CUDA tensors) and gloo (CPU tensors): only
 are used, all-gathers move raw bytes (so no backend has to support the dtype)
 and reductions run in float32 (gloo lacks bfloat16 sums in some versions, and a
 float32 sum is what the merge needs anyway). Every rank of the group must call
-these functions with the same arguments except the shards themselves; shapes
-that differ across ranks make the collectives fail or hang, as with any
-collective. Forward only: there is no autograd through the collectives.
+these functions with the same arguments except the shards themselves (the same
+dtypes, heads, head_dim, batch, ``cu_seqlens_q``, ``max_seqlen_q``, flags, combine
+and layout); the collectives carry raw bytes, so arguments that differ across
+ranks are not detected: they make the collectives fail or hang, or return wrong
+results on some ranks without an error. ``context_parallel_attention`` is
+differentiable (its backward runs its own collectives); the other functions are
+forward only.
 docs/distributed.md counts the bytes each call moves.
 
 The package by job: :mod:`~splitkv.distributed.checks` (argument checks that name

@@ -58,6 +58,8 @@ def _resolve_group(group) -> tuple[int, int]:
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialized: call torch.distributed.init_process_group() first")
+    if group is dist.GroupMember.NON_GROUP_MEMBER:  # what new_group returns on the ranks outside it
+        raise ValueError("group: this process is not a member of the given process group")
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     rank = dist.get_rank(group)

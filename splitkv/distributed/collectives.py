@@ -31,10 +31,12 @@ def _all_gather_bytes(flat: torch.Tensor, group, world: int) -> torch.Tensor:
         try:
             gather_single(out, flat, group=group)
             return out.view(world, -1)
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError) as error:
             # An unsupported op is refused locally, before anything is sent, on
-            # every rank alike, so falling back to the list form is safe.
-            if backend == "nccl":
+            # every rank alike, so falling back to the list form is safe. A backend
+            # error (a timeout, a peer gone, a size mismatch) is not that refusal: it
+            # is raised as it is, and the next call tries the single-tensor form again.
+            if backend == "nccl" or isinstance(error, dist.DistBackendError):
                 raise
             _NO_SINGLE_TENSOR_GATHER.add(backend)
     rows = out.view(world, -1)
