@@ -6,6 +6,7 @@
 
 #include <cmath>
 
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
@@ -19,9 +20,12 @@ void add_attention_checks(pybind11::module_& m);
 // TritonLaunchCache (csrc/triton_launch.cpp).
 void add_triton_launch(pybind11::module_& m);
 
-// False when obj is not a tensor.
+// False when obj is not a plain tensor (or a Parameter), or when a torch dispatch mode
+// is active (FakeTensorMode, make_fx): a subclass or a mode must see the call go
+// through the dispatcher, as the Python path does, not a kernel launched on its data
+// (a fake tensor has none).
 inline bool unpack_tensor(pybind11::handle obj, at::Tensor& out) {
-  if (!THPVariable_Check(obj.ptr())) return false;
+  if (!THPVariable_CheckExact(obj.ptr()) || c10::impl::dispatch_mode_enabled()) return false;
   out = THPVariable_Unpack(obj.ptr());
   return true;
 }

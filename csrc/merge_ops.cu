@@ -218,12 +218,14 @@ bool grad_required(std::initializer_list<const at::Tensor*> inputs) {
 // Whether `out` is `t` itself, as a view: the same elements in the same order
 // (splitkv/_checks.py same_view).
 bool same_view(const at::Tensor& out, const at::Tensor& t) {
-  return out.data_ptr() == t.data_ptr() && out.sizes() == t.sizes() && out.strides() == t.strides();
+  return out.data_ptr() == t.data_ptr() && out.scalar_type() == t.scalar_type() && out.sizes() == t.sizes() &&
+         out.strides() == t.strides();
 }
 
 // Whether `out` is `stacked[i]` for some i, as a view (splitkv/_checks.py is_entry_of).
 bool is_entry_of(const at::Tensor& out, const at::Tensor& stacked) {
-  if (stacked.dim() != out.dim() + 1 || out.sizes() != stacked.sizes().slice(1) ||
+  if (out.scalar_type() != stacked.scalar_type() || stacked.dim() != out.dim() + 1 ||
+      out.sizes() != stacked.sizes().slice(1) ||
       out.strides() != stacked.strides().slice(1))
     return false;
   const int64_t step = stacked.stride(0) * static_cast<int64_t>(stacked.element_size());
@@ -301,7 +303,8 @@ py::object merge_attn_states_eager(py::handle prefix_output_obj, py::handle pref
       (has_output && overlaps_otherwise(output, {&prefix_output, &suffix_output, &prefix_lse, &suffix_lse},
                                         [&](const at::Tensor& t) { return same_view(output, t); })) ||
       (has_output_lse && overlaps_otherwise(output_lse, {&prefix_output, &suffix_output, &prefix_lse, &suffix_lse},
-                                            [&](const at::Tensor& t) { return same_view(output_lse, t); })))
+                                            [&](const at::Tensor& t) { return same_view(output_lse, t); })) ||
+      (has_output && has_output_lse && output_lse.storage().is_alias_of(output.storage())))
     return py::none();
   if (!has_output) output = at::empty(prefix_output.sizes(), prefix_output.options().dtype(out_dtype));
   if (!has_output_lse && return_lse) output_lse = at::empty(prefix_lse.sizes(), prefix_lse.options());
@@ -467,11 +470,15 @@ py::object merge_states_eager(py::handle states_obj, py::handle lses_obj, py::ha
   const bool has_output = !output_obj.is_none(), has_output_lse = !output_lse_obj.is_none();
   if ((has_output && !unpack_tensor(output_obj, output)) || (has_output_lse && !unpack_tensor(output_lse_obj, output_lse)))
     return py::none();
-  if (states.dim() != 4 || lses.dim() != 3 || cuda_disabled_by_env() || grad_required({&states, &lses}) ||
+  // lses' shape and the device before anything is allocated (a wrong one is Python's to name).
+  if (states.dim() != 4 || lses.dim() != 3 || !states.is_cuda() || lses.size(0) != states.size(0) ||
+      lses.size(1) != states.size(2) || lses.size(2) != states.size(1) || cuda_disabled_by_env() ||
+      grad_required({&states, &lses}) ||
       (has_output &&
        overlaps_otherwise(output, {&states, &lses}, [&](const at::Tensor& t) { return is_entry_of(output, t); })) ||
       (has_output_lse &&
-       overlaps_otherwise(output_lse, {&states, &lses}, [&](const at::Tensor& t) { return is_entry_of(output_lse, t); })))
+       overlaps_otherwise(output_lse, {&states, &lses}, [&](const at::Tensor& t) { return is_entry_of(output_lse, t); })) ||
+      (has_output && has_output_lse && output_lse.storage().is_alias_of(output.storage())))
     return py::none();
   at::ScalarType out_dtype;
   double output_scale;

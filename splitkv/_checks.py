@@ -98,13 +98,15 @@ def expect_no_partial_overlap(name: str, out: torch.Tensor | None, inputs: dict,
 
 
 def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a`` and ``b`` are the same elements in the same order (one may stand for the other)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    """``a`` and ``b`` are the same elements of one dtype in the same order (one may stand
+    for the other; an fp8 view of a float32 input's bytes may not)."""
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
 def is_entry_of(t: torch.Tensor, stacked: torch.Tensor) -> bool:
     """``t`` is ``stacked[i]`` for some ``i`` (as a view), found without building the S views."""
-    if stacked.dim() != t.dim() + 1 or t.shape != stacked.shape[1:] or t.stride() != stacked.stride()[1:]:
+    if (t.dtype != stacked.dtype or stacked.dim() != t.dim() + 1 or t.shape != stacked.shape[1:]
+            or t.stride() != stacked.stride()[1:]):  # fmt: skip
         return False
     step = stacked.stride(0) * stacked.element_size()
     offset = t.data_ptr() - stacked.data_ptr()

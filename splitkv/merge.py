@@ -238,8 +238,13 @@ def _check_two(prefix_output, prefix_lse, suffix_output, suffix_lse, output, out
     inputs = {"prefix_output": prefix_output, "suffix_output": suffix_output, "prefix_lse": prefix_lse,
               "suffix_lse": suffix_lse}  # fmt: skip
     expect_no_partial_overlap("output", output, inputs, may_be=same_view)
-    expect_no_partial_overlap("output_lse", output_lse, inputs, may_be=same_view)
+    expect_no_partial_overlap("output_lse", output_lse, _with_output(inputs, output), may_be=same_view)
     return output_dtype
+
+
+def _with_output(inputs: dict, output: torch.Tensor | None) -> dict:
+    """What ``output_lse`` must not partly overlap: the inputs and the output buffer."""
+    return inputs if output is None else {**inputs, "output": output}
 
 
 def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", output_scale=None,
@@ -267,7 +272,7 @@ def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", ou
         expect_writable("output_lse", output_lse)
     inputs = {"outputs": states, "lses": lses}
     expect_no_partial_overlap("output", output, inputs, may_be=is_entry_of)
-    expect_no_partial_overlap("output_lse", output_lse, inputs, may_be=is_entry_of)
+    expect_no_partial_overlap("output_lse", output_lse, _with_output(inputs, output), may_be=is_entry_of)
     return output_dtype
 
 

@@ -140,12 +140,13 @@ def _check_table_values(block_table: torch.Tensor, seqused_k: torch.Tensor, page
 
 
 def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, check_values: bool = False,
-                       kept_runs: list[int] | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
+                       softmax_scale, check_values: bool = False, kept_runs: list[int] | None = None,
+                       planned_q_bounds: list[int] | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
     """Validates the paged attention arguments; returns ``(softmax scale to use,
     seqused_k to read)``. Values (page ids, ``seqused_k``, ``cu_seqlens_q``, and where
-    ``kept_runs`` is given, that a cascade plan's shared runs still hold, see
-    :func:`_flat_kept_runs`) are checked when on the CPU, or with ``check_values=True``
+    given, that a cascade plan's shared runs still hold (``kept_runs``, see
+    :func:`_flat_kept_runs`) and its query counts are those it was planned for
+    (``planned_q_bounds``)) are checked when on the CPU, or with ``check_values=True``
     (one device sync). Under ``torch.compile`` a traced call cannot read them: they are
     checked when the compiled call runs, by an op that returns the ``seqused_k`` the
     computation reads (so that the check runs first and is not dropped)."""
@@ -161,7 +162,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q
     scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
     if q.is_cpu or check_values:
         args = (block_table, seqused_k, cu_seqlens_q, q.shape[0], max_seqlen_q, max_seqlen_k, k_cache.shape[1],
-                k_cache.shape[0], kept_runs or [])  # fmt: skip
+                k_cache.shape[0], kept_runs or [], planned_q_bounds or [])  # fmt: skip
         if torch.compiler.is_compiling():
             return scale, _checked_seqused_k_op(*args)
         _check_paged_values(*args)
@@ -169,10 +170,13 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q
 
 
 def _check_paged_values(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, total_q: int,
-                        max_seqlen_q: int, max_seqlen_k: int, page_size: int, num_pages: int,
-                        kept_runs: list[int]) -> None:  # fmt: skip
+                        max_seqlen_q: int, max_seqlen_k: int, page_size: int, num_pages: int, kept_runs: list[int],
+                        planned_q_bounds: list[int]) -> None:  # fmt: skip
     """check_paged_inputs' checks of the values (a device sync where they are on a GPU)."""
     _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
+    if planned_q_bounds and cu_seqlens_q.tolist() != planned_q_bounds:
+        raise ValueError(f"plan: cu_seqlens_q is {cu_seqlens_q.tolist()}, the plan placed its tokens by "
+                         f"{planned_q_bounds}; other query counts need a new plan (plan_cascade)")  # fmt: skip
     _check_table_values(block_table, seqused_k, page_size, num_pages, max_seqlen_k)
     if kept_runs:
         _expect_plan_holds(block_table, seqused_k, cu_seqlens_q, page_size, kept_runs)
@@ -180,9 +184,9 @@ def _check_paged_values(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_s
 
 def _checked_seqused_k_impl(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor,
                             total_q: int, max_seqlen_q: int, max_seqlen_k: int, page_size: int, num_pages: int,
-                            kept_runs: list[int]) -> torch.Tensor:  # fmt: skip
+                            kept_runs: list[int], planned_q_bounds: list[int]) -> torch.Tensor:  # fmt: skip
     _check_paged_values(block_table, seqused_k, cu_seqlens_q, total_q, max_seqlen_q, max_seqlen_k, page_size,
-                        num_pages, kept_runs)  # fmt: skip
+                        num_pages, kept_runs, planned_q_bounds)  # fmt: skip
     return seqused_k.clone()
 
 
@@ -524,8 +528,9 @@ class CascadePlan:
     new pages be written into ``block_table`` past each row's shared pages, in place);
     a change of the shared pages, the query counts, the batch, or a sequence shrinking
     into its shared pages needs a new plan (and a new capture; with tables on the CPU,
-    :func:`paged_cascade_attention` refuses a plan whose shared runs no longer hold, on a
-    GPU that check would cost a sync and is not made), unless the plan was
+    :func:`paged_cascade_attention` refuses a plan whose shared runs no longer hold or
+    whose query counts changed, also under torch.compile; on a GPU that check would
+    cost a sync and is not made), unless the plan was
     built with spare capacity (``plan_cascade(..., max_programs=..., max_states=...)``):
     then ``plan_cascade(..., into=plan)`` writes another tree of the same batch
     (same tensors, query counts and shape) into its tables in place, and the
@@ -567,6 +572,8 @@ class CascadePlan:
     needs_fill: bool = False
     # Work items the launch is sized for when built with spare capacity, else None.
     capacity_programs: int | None = None
+    # cu_seqlens_q's values when planned: the launch tables place tokens by them.
+    planned_q_bounds: tuple = ()
     kv_bytes_plain: int = 0
     kv_bytes_plan: int = 0
     host_us: float = 0.0
@@ -921,7 +928,7 @@ def plan_cascade(
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_q=cu_seqlens_q, total_q=total_q,
         max_seqlen_q=max_q, max_seqlen_k=max_seqlen_k, runs=runs, own_start_page=own_start.tolist(), shared=shared,
         num_states=num_states, last_splits=last_splits, max_page_id=max_page_id, needs_fill=needs_fill,
-        kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
+        planned_q_bounds=tuple(bounds.tolist()), kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
     if into is not None:
         plan = _write_into(into, plan, items, group)
@@ -1250,7 +1257,8 @@ def paged_cascade_attention(
     # host (no sync).
     scale, seqused_k = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
                                           plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale,
-                                          kept_runs=_flat_kept_runs(plan))  # fmt: skip
+                                          kept_runs=_flat_kept_runs(plan),
+                                          planned_q_bounds=list(plan.planned_q_bounds) if plan.launch_tables else None)  # fmt: skip
     return_lse = expect_bool("return_lse", return_lse)
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")

@@ -432,6 +432,17 @@ def test_output_partly_overlapping_an_input_is_refused(backend):
     with pytest.raises(ValueError, match="output overlaps lses"):
         splitkv.merge_states(states, shared[: 2 * heads * tokens].view(2, heads, tokens),
                              output=shared.view(tokens, heads, head_dim), backend=backend)  # fmt: skip
+    # An fp8 output over a float32 input's first bytes has its shape and strides, not
+    # its dtype: not in place (row r would land in input row r / 4's bytes).
+    as_fp8 = torch.randn(tokens, heads, head_dim, device=DEVICE)
+    fp8_view = as_fp8.view(-1).view(torch.uint8)[:n].view(torch.float8_e4m3fn).view(tokens, heads, head_dim)
+    with pytest.raises(ValueError, match="output overlaps prefix_output"):
+        splitkv.merge_attn_states(as_fp8, lses[0], states[1], lses[1], output=fp8_view, backend=backend)
+    # The output buffer and output_lse over each other.
+    joint = torch.empty(n, device=DEVICE)
+    with pytest.raises(ValueError, match="output_lse overlaps output"):
+        splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output=joint.view(tokens, heads, head_dim),
+                                  output_lse=joint[: heads * tokens].view(heads, tokens), backend=backend)  # fmt: skip
     wide = torch.randn(tokens, heads, 2 * head_dim, device=DEVICE)
     with pytest.raises(ValueError, match="output overlaps prefix_output"):
         splitkv.merge_attn_states(wide[..., :head_dim], lses[0], states[1], lses[1],

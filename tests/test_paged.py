@@ -243,6 +243,30 @@ def test_a_plan_whose_tree_changed_is_refused(compiled):
         call(q, kv[:, 0], kv[:, 1], plan)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("capacity", [{}, {"max_programs": 8, "max_states": 2}])
+def test_a_plan_whose_query_counts_changed_is_refused(compiled, capacity):
+    """The launch tables place tokens by the planned cu_seqlens_q: new query counts of the
+    same total and longest (1, 1, 2 -> 1, 2, 1) need a new plan; the Triton launch had
+    read them as the old ones (1.5 off), also for a capacity plan that keeps no run."""
+    block_table = torch.tensor([[0, 1, 2, 3], [0, 1, 4, 5], [6, 7, 8, 9]], dtype=torch.int32)
+    seqused_k = torch.tensor([14, 13, 10], dtype=torch.int32)
+    cu_seqlens_q = torch.tensor([0, 1, 2, 4], dtype=torch.int32)
+    kv, q = torch.randn(10, 2, 4, 1, 16), torch.randn(4, 2, 16)
+    plan = plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=4, heads_q=2, heads_kv=1, head_dim=16,
+                        dtype=torch.float32, share="always", **capacity)  # fmt: skip
+    call = splitkv.paged_cascade_attention
+    if compiled:
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True)
+    out, lse = call(q, kv[:, 0], kv[:, 1], plan)
+    assert_close(out, lse, *float64_paged_attention(q, kv[:, 0], kv[:, 1], block_table, seqused_k, cu_seqlens_q,
+                                                    True), torch.float32)  # fmt: skip
+    cu_seqlens_q.copy_(torch.tensor([0, 1, 3, 4], dtype=torch.int32))
+    with pytest.raises(ValueError, match="other query counts need a new plan"):
+        call(q, kv[:, 0], kv[:, 1], plan)
+
+
 def test_plan_host_time_is_its_own():
     """host_us is the plan's own host time, also when it finds a shared run (a run's
     offset once overwrote the timer's start)."""
