@@ -493,16 +493,16 @@ def splitkv_attention_mask(*, batch_size: int, kv_length: int, kv_offset: int = 
         raise ValueError(f"attn_implementation='splitkv' does not support a key offset (kv_offset={kv_offset})")
     q_offset, q_length = kwargs.get("q_offset"), kwargs.get("q_length")
     # The attention reads every key column it is given; a preallocated (static) cache
-    # gives its unfilled slots too (an offset tensor, or more columns than tokens so far),
-    # which would be attended silently. transformers versions that pass no q_offset /
-    # q_length are not checked here.
-    if isinstance(q_offset, torch.Tensor) or (q_length is not None and q_offset is not None
-                                              and q_offset + q_length != kv_length):  # fmt: skip
+    # gives its unfilled slots too (more columns than tokens so far), which would be
+    # attended silently. An offset given as a tensor (static caches; a sync on a GPU,
+    # once per forward) is read. transformers versions that pass no q_offset / q_length
+    # are not checked here.
+    if q_offset is not None and q_length is not None and int(q_offset) + int(q_length) != kv_length:
         raise ValueError(
             "attn_implementation='splitkv' attends every key column it is given; this cache has "
-            f"{kv_length} columns for {'a tensor offset' if isinstance(q_offset, torch.Tensor) else q_offset} + "
-            f"{q_length} tokens (a static / preallocated cache, e.g. cache_implementation='static'), which it "
-            "does not support: use the default dynamic cache or generate_shared"
+            f"{kv_length} columns for {int(q_offset)} + {int(q_length)} tokens (a static / preallocated cache, "
+            "e.g. cache_implementation='static'), which it does not support: use the default dynamic cache "
+            "or generate_shared"
         )
     if attention_mask is None:
         return None
