@@ -27,7 +27,7 @@ void add_triton_launch(pybind11::module_& m);
 inline bool unpack_tensor(pybind11::handle obj, at::Tensor& out) {
   if (!THPVariable_CheckExact(obj.ptr()) || c10::impl::dispatch_mode_enabled()) return false;
   out = THPVariable_Unpack(obj.ptr());
-  return true;
+  return out.layout() == at::kStrided;  // a sparse tensor has no storage to compare
 }
 
 // Whether obj is a Python float or int (exactly: NumPy scalars and bools excluded),

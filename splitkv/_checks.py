@@ -72,15 +72,34 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
+def _meets_elements(t: torch.Tensor, first: int, end: int) -> bool:
+    """Whether bytes ``[first, end)`` meet an element of ``t``: exact for a tensor that is
+    dense but for its outermost dimension (blocks at a stride, as a slice of stacked
+    pairs), else whether they meet its byte range (holes counted as elements)."""
+    t_first, t_end = _byte_range(t)
+    if not (first < t_end and t_first < end):
+        return False
+    if t.dim() < 2 or t.stride(0) <= 0:
+        return True
+    block_first, block_end = _byte_range(t[0])
+    block = block_end - block_first
+    period = t.stride(0) * t.element_size()
+    if block != t[0].numel() * t.element_size() or period < block:
+        return True
+    # The first block that ends past `first`, and whether it starts before `end`.
+    i = max(0, (first - block - t_first) // period + 1)
+    return i < t.shape[0] and t_first + i * period < end
+
+
 def expect_no_partial_overlap(name: str, out: torch.Tensor | None, inputs: dict, *, may_be) -> None:
     """An output may stand exactly in an input's place where ``may_be(out, input)`` says
     so (an in-place merge: each row is read before it is written), else share no memory
     with any of the ``inputs``. One that overlaps an input otherwise would have rows
     written while other rows still read them: a silently wrong result, so it is refused,
     naming both. Checked for a dense output (a view whose elements fill its byte range,
-    in any axis order); against a strided input whose byte range it meets it is refused
-    too, since the input's holes cannot be told from its elements cheaply. A strided
-    output is not checked."""
+    in any axis order), against each input's elements where its layout tells them
+    cheaply (:func:`_meets_elements`), else against its byte range, holes included
+    (conservative). A strided output is not checked."""
     # Traced tensors have no addresses: under torch.compile the overlap is not checked.
     if out is None or torch.compiler.is_compiling() or out.numel() == 0:
         return
@@ -91,8 +110,7 @@ def expect_no_partial_overlap(name: str, out: torch.Tensor | None, inputs: dict,
     for input_name, t in inputs.items():
         if t.numel() == 0 or t.untyped_storage().data_ptr() != storage or may_be(out, t):
             continue
-        first, end = _byte_range(t)
-        if out_first < end and first < out_end:
+        if _meets_elements(t, out_first, out_end):
             raise ValueError(f"{name} overlaps {input_name} without being {input_name} itself: an output may be "
                              "an input (in place) or share no memory with the inputs")  # fmt: skip
 

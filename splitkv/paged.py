@@ -140,8 +140,8 @@ def _check_table_values(block_table: torch.Tensor, seqused_k: torch.Tensor, page
 
 
 def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-                       softmax_scale, check_values: bool = False, kept_runs: list[int] | None = None,
-                       planned_q_bounds: list[int] | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
+                       softmax_scale, check_values: bool = False, kept_runs: tuple = (),
+                       planned_q_bounds: tuple | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
     """Validates the paged attention arguments; returns ``(softmax scale to use,
     seqused_k to read)``. Values (page ids, ``seqused_k``, ``cu_seqlens_q``, and where
     given, that a cascade plan's shared runs still hold (``kept_runs``, see
@@ -162,7 +162,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q
     scale = q.shape[2] ** -0.5 if softmax_scale is None else softmax_scale
     if q.is_cpu or check_values:
         args = (block_table, seqused_k, cu_seqlens_q, q.shape[0], max_seqlen_q, max_seqlen_k, k_cache.shape[1],
-                k_cache.shape[0], kept_runs or [], planned_q_bounds or [])  # fmt: skip
+                k_cache.shape[0], list(kept_runs), list(planned_q_bounds or ()))  # fmt: skip
         if torch.compiler.is_compiling():
             return scale, _checked_seqused_k_op(*args)
         _check_paged_values(*args)
@@ -383,7 +383,7 @@ def paged_attention_with_lse(
             from the shape and the multiprocessor count.
         check_values: on a GPU, also check the values of ``block_table`` (used entries
             in ``[0, num_pages)``), ``seqused_k`` (within a row's pages) and
-            ``cu_seqlens_q``: one device sync. On the CPU they are always checked.
+            ``cu_seqlens_q``: a few device syncs. On the CPU they are always checked.
         backend: ``"auto"`` (``torch`` on a GPU where the installed torch's
             ``varlen_attn`` takes ``block_table``, as 2.13's does, and ``page_size`` is
             a multiple of 256; then ``triton`` on CUDA tensors; else ``reference``),
@@ -572,8 +572,10 @@ class CascadePlan:
     needs_fill: bool = False
     # Work items the launch is sized for when built with spare capacity, else None.
     capacity_programs: int | None = None
-    # cu_seqlens_q's values when planned: the launch tables place tokens by them.
+    # cu_seqlens_q's values when planned (the launch tables place tokens by them) and the
+    # kept runs as _flat_kept_runs gives them: built once, for the per-call checks.
     planned_q_bounds: tuple = ()
+    kept_runs_flat: tuple = ()
     kv_bytes_plain: int = 0
     kv_bytes_plan: int = 0
     host_us: float = 0.0
@@ -930,6 +932,7 @@ def plan_cascade(
         num_states=num_states, last_splits=last_splits, max_page_id=max_page_id, needs_fill=needs_fill,
         planned_q_bounds=tuple(bounds.tolist()), kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
+    plan.kept_runs_flat = tuple(_flat_kept_runs(plan))
     if into is not None:
         plan = _write_into(into, plan, items, group)
     elif max_programs is not None or max_states is not None:
@@ -1257,8 +1260,8 @@ def paged_cascade_attention(
     # host (no sync).
     scale, seqused_k = check_paged_inputs(q, k_cache, v_cache, plan.block_table, plan.seqused_k, plan.cu_seqlens_q,
                                           plan.max_seqlen_q, plan.max_seqlen_k, softmax_scale,
-                                          kept_runs=_flat_kept_runs(plan),
-                                          planned_q_bounds=list(plan.planned_q_bounds) if plan.launch_tables else None)  # fmt: skip
+                                          kept_runs=plan.kept_runs_flat,
+                                          planned_q_bounds=plan.planned_q_bounds if plan.launch_tables else None)  # fmt: skip
     return_lse = expect_bool("return_lse", return_lse)
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be one of ('auto', 'triton', 'reference'), got {backend!r}")

@@ -443,6 +443,16 @@ def test_output_partly_overlapping_an_input_is_refused(backend):
     with pytest.raises(ValueError, match="output_lse overlaps output"):
         splitkv.merge_attn_states(states[0], lses[0], states[1], lses[1], output=joint.view(tokens, heads, head_dim),
                                   output_lse=joint[: heads * tokens].view(heads, tokens), backend=backend)  # fmt: skip
+    # output_lse over a float32 output's first row (its shape and strides when head_dim == tokens).
+    square = torch.empty(heads, heads, heads, device=DEVICE)
+    with pytest.raises(ValueError, match="output_lse overlaps output"):
+        splitkv.merge_states(torch.randn(2, heads, heads, heads, device=DEVICE),
+                             torch.randn(2, heads, heads, device=DEVICE), output=square, output_lse=square[0],
+                             backend=backend)  # fmt: skip
+    # A dense output in a strided input's gaps shares none of its elements: allowed.
+    pairs = torch.randn(2, 2, tokens, heads, head_dim, device=DEVICE)
+    merged, _ = splitkv.merge_states(pairs[:, 0], lses, output=pairs[0, 1], backend=backend)
+    torch.testing.assert_close(merged, splitkv.merge_states(pairs[:, 0].clone(), lses, backend="torch")[0])
     wide = torch.randn(tokens, heads, 2 * head_dim, device=DEVICE)
     with pytest.raises(ValueError, match="output overlaps prefix_output"):
         splitkv.merge_attn_states(wide[..., :head_dim], lses[0], states[1], lses[1],
