@@ -32,7 +32,8 @@ def _to_output(values, output_ptr, output_scale, output_scale_ptr, OUTPUT_SCALE:
             scaled = values / output_scale
         else:
             scaled = values / tl.load(output_scale_ptr)
-        result = tl.clamp(scaled, -OUTPUT_MAX, OUTPUT_MAX, propagate_nan=tl.PropagateNan.ALL).to(output_ptr.dtype.element_ty)
+        saturated = tl.clamp(scaled, -OUTPUT_MAX, OUTPUT_MAX, propagate_nan=tl.PropagateNan.ALL)
+        result = saturated.to(output_ptr.dtype.element_ty)
     return result
 
 

@@ -270,11 +270,12 @@ def _check_n(states, lses, output, output_lse, output_dtype, lse_layout="ht", ou
     if output_lse is not None:
         expect_like("output_lse", output_lse, lse_shape, lse_dtype, device, lse_name)
         expect_writable("output_lse", output_lse)
+    # Each buffer may stand only for an entry of its own kind (a float32 output[0] can
+    # have an lse's shape and strides).
     inputs = {"outputs": states, "lses": lses}
-    expect_no_partial_overlap("output", output, inputs, may_be=is_entry_of)
-    # The output buffer is never a stand-in for output_lse (a float32 output[0] can have its shape).
+    expect_no_partial_overlap("output", output, inputs, may_be=lambda t, of: of is states and is_entry_of(t, of))
     expect_no_partial_overlap("output_lse", output_lse, _with_output(inputs, output),
-                              may_be=lambda t, of: of is not output and is_entry_of(t, of))  # fmt: skip
+                              may_be=lambda t, of: of is lses and is_entry_of(t, of))  # fmt: skip
     return output_dtype
 
 

@@ -147,7 +147,7 @@ def check_paged_inputs(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q
     given, that a cascade plan's shared runs still hold (``kept_runs``, see
     :func:`_flat_kept_runs`) and its query counts are those it was planned for
     (``planned_q_bounds``)) are checked when on the CPU, or with ``check_values=True``
-    (one device sync). Under ``torch.compile`` a traced call cannot read them: they are
+    (device syncs). Under ``torch.compile`` a traced call cannot read them: they are
     checked when the compiled call runs, by an op that returns the ``seqused_k`` the
     computation reads (so that the check runs first and is not dropped)."""
     expect_rank("q", q, 3, "[total_q, heads_q, head_dim]")
@@ -174,8 +174,9 @@ def _check_paged_values(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_s
                         planned_q_bounds: list[int]) -> None:  # fmt: skip
     """check_paged_inputs' checks of the values (a device sync where they are on a GPU)."""
     _seqlen_values_ok("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "max_seqlen_q")
-    if planned_q_bounds and cu_seqlens_q.tolist() != planned_q_bounds:
-        raise ValueError(f"plan: cu_seqlens_q is {cu_seqlens_q.tolist()}, the plan placed its tokens by "
+    bounds = cu_seqlens_q.tolist()
+    if planned_q_bounds and bounds != planned_q_bounds:
+        raise ValueError(f"plan: cu_seqlens_q is {bounds}, the plan placed its tokens by "
                          f"{planned_q_bounds}; other query counts need a new plan (plan_cascade)")  # fmt: skip
     _check_table_values(block_table, seqused_k, page_size, num_pages, max_seqlen_k)
     if kept_runs:
@@ -932,7 +933,7 @@ def plan_cascade(
         num_states=num_states, last_splits=last_splits, max_page_id=max_page_id, needs_fill=needs_fill,
         planned_q_bounds=tuple(bounds.tolist()), kv_bytes_plain=kv_plain, kv_bytes_plan=kv_plain - saved_total,
     )  # fmt: skip
-    plan.kept_runs_flat = tuple(_flat_kept_runs(plan))
+    plan.kept_runs_flat = _flat_kept_runs(plan)
     if into is not None:
         plan = _write_into(into, plan, items, group)
     elif max_programs is not None or max_states is not None:
@@ -959,14 +960,11 @@ def _shareable_pages(used: np.ndarray, q_lens: np.ndarray, page_size: int) -> np
     return np.where(q_lens > 0, (used - q_lens + 1) // page_size, 0).clip(0)
 
 
-def _flat_kept_runs(plan: CascadePlan) -> list[int]:
-    """The plan's kept runs as one int list (an op argument): per run ``first_page,
+def _flat_kept_runs(plan: CascadePlan) -> tuple[int, ...]:
+    """The plan's kept runs as one tuple of ints (an op argument): per run ``first_page,
     end_page, number of members, members...``."""
-    flat = []
-    for run in plan.runs:
-        if run.kept:
-            flat += [run.first_page, run.end_page, len(run.members), *run.members]
-    return flat
+    return tuple(itertools.chain.from_iterable((run.first_page, run.end_page, len(run.members), *run.members)
+                                               for run in plan.runs if run.kept))  # fmt: skip
 
 
 def _expect_plan_holds(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_seqlens_q: torch.Tensor, page_size: int,
@@ -983,7 +981,7 @@ def _expect_plan_holds(block_table: torch.Tensor, seqused_k: torch.Tensor, cu_se
     at = 0
     while at < len(kept_runs):
         first_page, end_page, count = kept_runs[at: at + 3]
-        members = kept_runs[at + 3: at + 3 + count]
+        members = list(kept_runs[at + 3: at + 3 + count])
         at += 3 + count
         segment = table[members, first_page: end_page]
         if not (segment == segment[0]).all() or (limits[members] < end_page).any():
