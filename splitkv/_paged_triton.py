@@ -4,7 +4,8 @@ The KV cache is ``k_cache, v_cache [num_pages, page_size, heads_kv, head_dim]`` 
 strides but a contiguous ``head_dim``: K and V may be two views of one ``[num_pages,
 2, page_size, heads_kv, head_dim]`` buffer). Every key tile of ``BLOCK_N`` keys looks
 its pages up in the block table (``page = block_table[row, key // page_size]``, slot
-``key % page_size``), so any ``page_size >= 1`` works, powers of two or not, and the
+``key % page_size``), so any ``page_size >= 1`` works, powers of two or not (the
+kernel is compiled once per page size, which it takes as a constexpr), and the
 same physical page may appear in many rows. Entries past a row's last used key are
 never read: the lookup is masked like the keys.
 
@@ -43,15 +44,65 @@ _INTERPRET = interpreter_enabled()
 _LOG2E = math.log2(math.e)
 
 
+@triton.jit
+def _attend_pages(
+    acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, key_lo, key_hi, pages_hi, row_key_end, qk_scale,
+    stride_kp, stride_ks, stride_vp, stride_vs,
+    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax update of (acc, l_i, m_i) with the keys [key_lo, key_hi) of one
+    block-table row, ``next_page`` holding the page ids of the tile at key_lo; returns
+    them with the page ids of the tile at key_hi (block-table entries from ``pages_hi``
+    on are not read). With MASKED, key ``j`` is visible to row ``r`` iff ``j <
+    row_key_end[r]`` and loads stop at key_hi; without it every key of the range is
+    visible to every row and key_hi - key_lo is a multiple of BLOCK_N. PAGE_SIZE is a
+    constexpr: the page and slot of every key of a tile are a shift and a mask for a
+    power of two, where a division by a runtime page size took a fifth of the shared
+    runs' instructions (benchmarks/NOTES.md)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_mask = (tl.arange(0, HEAD_DIM_PAD) < HEAD_DIM)[None, :]
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        keys = start_n + offs_n
+        page = next_page.to(tl.int64)
+        ahead = keys + BLOCK_N
+        next_page = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < pages_hi, other=0)
+        slot = (keys % PAGE_SIZE).to(tl.int64)
+        k_ptrs = k_head + (page * stride_kp + slot * stride_ks)[:, None]
+        v_ptrs = v_head + (page * stride_vp + slot * stride_vs)[:, None]
+        # A mask constant along head_dim keeps the loads vectorised (16 bytes).
+        if MASKED:
+            tile_mask = (keys < key_hi)[:, None]
+            if HEAD_DIM != HEAD_DIM_PAD:
+                tile_mask = tile_mask & d_mask
+            k = tl.load(k_ptrs, mask=tile_mask, other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+        if MASKED:
+            s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
+        p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=tile_mask, other=0.0)
+        elif HEAD_DIM != HEAD_DIM_PAD:
+            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+    return acc, l_i, m_i, next_page
+
 
 @triton.jit
 def _attend_item(
     Q, K, V, Out, Lse, BlockTable, ItemTokens,
     row, tok_off, num_tokens, key_lo, key_hi, k_total, causal, state_base, split, splits, pad_from, row_block,
     kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
-    PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, group, num_states, qk_scale,
+    PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Rows ``row_block`` (of BLOCK_M) of one item and KV head against key chunk
     ``split`` of ``splits`` of the item's keys ``[key_lo, key_hi)``, written as state
@@ -75,45 +126,40 @@ def _attend_item(
             # Bottom-right alignment over the sequence's keys: the item's token t (its
             # t-th query) sees key j iff j <= t + k_total - num_tokens.
             shift = k_total - num_tokens + 1
+            first_tok = (row_block * BLOCK_M) // group
             last_tok = (tl.minimum((row_block + 1) * BLOCK_M, num_rows) - 1) // group
+            common_hi = tl.minimum(chunk_hi, first_tok + shift)
             block_hi = tl.minimum(chunk_hi, last_tok + shift)
             row_key_end = tl.minimum(chunk_hi, tok_idx + shift)
         else:
+            common_hi = chunk_hi
             block_hi = chunk_hi
             row_key_end = tl.zeros([BLOCK_M], dtype=tl.int32) + chunk_hi
 
-        offs_n = tl.arange(0, BLOCK_N)
         bt_row = BlockTable + row.to(tl.int64) * stride_bt
         k_head = K + kv_head * stride_kh + offs_d[None, :]
         v_head = V + kv_head * stride_vh + offs_d[None, :]
-        d_mask = (offs_d < HEAD_DIM)[None, :]
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+        # Whole key tiles that every row of the block sees skip the key masks.
+        unmasked_hi = chunk_lo + tl.maximum(common_hi - chunk_lo, 0) // BLOCK_N * BLOCK_N
         # Only the used keys' block-table entries are read: padding entries may hold
         # anything, an out-of-range page id included. Each tile's page ids are loaded one
         # tile ahead, so the K/V loads do not wait on a dependent block-table load: 10-17%
         # off the plan launch on the H200 (benchmarks/NOTES.md).
-        next_page = tl.load(bt_row + (chunk_lo + offs_n) // page_size, mask=chunk_lo + offs_n < block_hi, other=0)
-        for start_n in range(chunk_lo, block_hi, BLOCK_N):
-            keys = start_n + offs_n
-            key_valid = keys < block_hi
-            page = next_page.to(tl.int64)
-            ahead = keys + BLOCK_N
-            next_page = tl.load(bt_row + ahead // page_size, mask=ahead < block_hi, other=0)
-            slot = (keys % page_size).to(tl.int64)
-            # A mask constant along head_dim keeps the loads vectorised (16 bytes).
-            if HEAD_DIM == HEAD_DIM_PAD:
-                tile_mask = key_valid[:, None]
-            else:
-                tile_mask = key_valid[:, None] & d_mask
-            k = tl.load(k_head + (page * stride_kp + slot * stride_ks)[:, None], mask=tile_mask, other=0.0)
-            s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
-            s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
-            p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
-            v = tl.load(v_head + (page * stride_vp + slot * stride_vs)[:, None], mask=tile_mask, other=0.0)
-            acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
-            m_i = m_new
+        offs_n = tl.arange(0, BLOCK_N)
+        next_page = tl.load(bt_row + (chunk_lo + offs_n) // PAGE_SIZE, mask=chunk_lo + offs_n < block_hi, other=0)
+        acc, l_i, m_i, next_page = _attend_pages(
+            acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, chunk_lo, unmasked_hi, block_hi, row_key_end,
+            qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
+            False, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
+        acc, l_i, m_i, next_page = _attend_pages(
+            acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, unmasked_hi, block_hi, block_hi, row_key_end,
+            qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
+            True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+        )  # fmt: skip
 
         out, lse = finish_state(acc, l_i, m_i)
         state = tl.cast(state_base + split, tl.int64)
@@ -132,10 +178,10 @@ def _paged_fwd_kernel(
     Q, K, V, Out, Lse, BlockTable, SequsedK, CuSeqlensQ, Items, ItemTokens, Programs,
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
-    page_size, heads_kv, group, batch, num_row_blocks, num_splits, num_states, qk_scale,
-    CAUSAL: tl.constexpr, PLAN: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    heads_kv, group, batch, num_row_blocks, num_splits, num_states, qk_scale,
+    CAUSAL: tl.constexpr, PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     # KV heads innermost: the programs of one item and chunk start together and
@@ -166,8 +212,8 @@ def _paged_fwd_kernel(
                 tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
                 tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                 stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
-                page_size, group, num_states, qk_scale,
-                True, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                group, num_states, qk_scale,
+                True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
         else:
             _attend_item(
@@ -175,8 +221,8 @@ def _paged_fwd_kernel(
                 tl.load(fields + 3), key_hi, k_total, causal, tl.load(fields + 5), split, tl.load(fields + 6),
                 tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                 stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
-                page_size, group, num_states, qk_scale,
-                True, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                group, num_states, qk_scale,
+                True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
     else:
         # One item per sequence: its tokens from cu_seqlens_q, its keys [0, seqused_k).
@@ -189,8 +235,8 @@ def _paged_fwd_kernel(
             Q, K, V, Out, Lse, BlockTable, ItemTokens, row, tok_off, tl.load(CuSeqlensQ + row + 1) - tok_off,
             0, k_total, k_total, CAUSAL, 0, split, num_splits, num_states, row_block, kv_head,
             stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, page_size, group, num_states, qk_scale,
-            False, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, group, num_states, qk_scale,
+            False, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
 
 
@@ -246,11 +292,11 @@ def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqle
     args = (
         q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqlens_q, items, item_tokens, programs,
         qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2], ls[0], ls[1],
-        block_table.stride(0), k_cache.shape[1], heads_kv, q.shape[1] // heads_kv, block_table.shape[0],
+        block_table.stride(0), heads_kv, q.shape[1] // heads_kv, block_table.shape[0],
         num_row_blocks, num_splits, out.shape[0], softmax_scale * _LOG2E,
     )  # fmt: skip
     constexprs = (
-        causal, plan, q.shape[2], head_dim_pad, block_m, wide_block_m or block_m, block_n,
+        causal, plan, k_cache.shape[1], q.shape[2], head_dim_pad, block_m, wide_block_m or block_m, block_n,
         # fp32 callers want fp32 accuracy, which TF32 does not give.
         "ieee" if q.dtype == torch.float32 else "tf32",
         _INTERPRET and q.dtype == torch.bfloat16,
