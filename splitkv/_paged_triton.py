@@ -58,7 +58,7 @@ def _attend_pages(
     row_key_end[r]`` and loads stop at key_hi; without it every key of the range is
     visible to every row and key_hi - key_lo is a multiple of BLOCK_N. PAGE_SIZE is a
     constexpr: the page and slot of every key of a tile are a shift and a mask for a
-    power of two, where a division by a runtime page size took a fifth of the shared
+    power of two, where a division by a runtime page size took a quarter of the shared
     runs' instructions (benchmarks/NOTES.md)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_mask = (tl.arange(0, HEAD_DIM_PAD) < HEAD_DIM)[None, :]
