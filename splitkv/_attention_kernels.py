@@ -43,7 +43,7 @@ _PREFIX_PASS = tl.constexpr(int(PrefixMode.PASS))
 
 
 @triton.jit
-def _load_kv_tile(ptrs, keys, key_hi, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+def load_kv_tile(ptrs, keys, key_hi, MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     # Masks are only emitted where they can be false: unmasked loads vectorise better.
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     if MASK_KEYS:
@@ -127,14 +127,14 @@ def _attend_key_range(
     v_ptrs = v_base + tl.cast(key_lo, tl.int64) * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
-        k = _load_kv_tile(k_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
+        k = load_kv_tile(k_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
         s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
         if MASK_KEYS:
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
 
         p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
 
-        v = _load_kv_tile(v_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
+        v = load_kv_tile(v_ptrs, keys, key_hi, MASK_KEYS, HEAD_DIM, HEAD_DIM_PAD)
         acc = acc * alpha[:, None]
         acc = dot(p.to(v.dtype), v, acc, INPUT_PRECISION, UPCAST_DOT)
         m_i = m_new

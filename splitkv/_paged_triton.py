@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_kernels import block_rows, dot, finish_state, online_softmax
+from ._attention_kernels import block_rows, dot, finish_state, load_kv_tile, online_softmax
 from ._triton_launch import CompiledLauncher
 from ._triton_support import interpreter_enabled
 
@@ -61,7 +61,6 @@ def _attend_pages(
     power of two, where a division by a runtime page size took a quarter of the shared
     runs' instructions (benchmarks/NOTES.md)."""
     offs_n = tl.arange(0, BLOCK_N)
-    d_mask = (tl.arange(0, HEAD_DIM_PAD) < HEAD_DIM)[None, :]
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
         page = next_page.to(tl.int64)
@@ -70,26 +69,12 @@ def _attend_pages(
         slot = (keys % PAGE_SIZE).to(tl.int64)
         k_ptrs = k_head + (page * stride_kp + slot * stride_ks)[:, None]
         v_ptrs = v_head + (page * stride_vp + slot * stride_vs)[:, None]
-        # A mask constant along head_dim keeps the loads vectorised (16 bytes).
-        if MASKED:
-            tile_mask = (keys < key_hi)[:, None]
-            if HEAD_DIM != HEAD_DIM_PAD:
-                tile_mask = tile_mask & d_mask
-            k = tl.load(k_ptrs, mask=tile_mask, other=0.0)
-        elif HEAD_DIM != HEAD_DIM_PAD:
-            k = tl.load(k_ptrs, mask=d_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        k = load_kv_tile(k_ptrs, keys, key_hi, MASKED, HEAD_DIM, HEAD_DIM_PAD)
         s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
         if MASKED:
             s = tl.where(keys[None, :] < row_key_end[:, None], s, float("-inf"))
         p, alpha, l_i, m_new = online_softmax(s, m_i, l_i)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=tile_mask, other=0.0)
-        elif HEAD_DIM != HEAD_DIM_PAD:
-            v = tl.load(v_ptrs, mask=d_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = load_kv_tile(v_ptrs, keys, key_hi, MASKED, HEAD_DIM, HEAD_DIM_PAD)
         acc = dot(p.to(v.dtype), v, acc * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
         m_i = m_new
     return acc, l_i, m_i, next_page
