@@ -7,8 +7,9 @@
 #   "example [ARGS]"      examples/shared_prefix_batching.py ARGS
 #   sweep                 benchmarks/merge_sweep.cu: the CUDA merge's launch shapes
 #   decode-sweep          benchmarks/decode_sweep.py: the attention kernel's tiles on decode shapes
-#   split-sweep           benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
+#   "split-sweep [SECTIONS]" benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
 #   prefix-tile           benchmarks/prefix_tile_sweep.py: the cascade launch's prefix tile on decode shapes
+#   plan-sweep            benchmarks/paged_plan_sweep.py: the paged plan's launch by kind of program and tile config
 #   ncu-merge             ncu (hardware counters) of merge_sweep.cu's two-state launches at 4096 and 1024
 #                         x 32 x 128 and its N-way launch of 8 states
 #   memcheck              compute-sanitizer memcheck over pytest (the tests named in $PYTEST_ARGS)
@@ -53,8 +54,9 @@ for spec in "$@"; do
     sweep) { nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
              "${limit[@]}" /tmp/merge_sweep; } 2>&1 | tee -a "$log" ;;
     decode-sweep) "${limit[@]}" python benchmarks/decode_sweep.py --out "$OUT/results" 2>&1 | tee -a "$log" ;;
-    split-sweep) "${limit[@]}" python benchmarks/split_sweep.py 2>&1 | tee -a "$log" ;;
+    split-sweep) "${limit[@]}" python benchmarks/split_sweep.py $name $args 2>&1 | tee -a "$log" ;;
     prefix-tile) "${limit[@]}" python benchmarks/prefix_tile_sweep.py 2>&1 | tee -a "$log" ;;
+    plan-sweep) "${limit[@]}" python benchmarks/paged_plan_sweep.py 2>&1 | tee -a "$log" ;;
     ncu-merge) { nvcc -std=c++17 -O3 -arch=sm_90 -lineinfo -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep &&
                 "${limit[@]}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
                     --section MemoryWorkloadAnalysis --section WarpStateStats -k regex:merge_ \

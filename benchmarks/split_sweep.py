@@ -8,8 +8,11 @@ shapes with the suffix count forced (``choose_num_splits`` patched, the prefix c
 following from it as in a real call). Each call is captured in a CUDA graph of one
 call and the replay timed with L2 flushed (``median_ms``), so a figure is GPU time
 from a cold L2 without host time; the split counts of a shape take turns, 3 rounds.
-"rule" is what ``choose_num_splits`` picks. Run on a GPU machine (device_run.sh step
-``split-sweep``); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+"rule" is what ``choose_num_splits`` picks. Last, cascades with short suffixes (one to
+a few keys per sequence, where the prefix programs are most of the launch) at 1 to 32
+prefix chunks (``shared_level_splits`` patched), "rule" its own count. Run on a GPU
+machine (device_run.sh step ``split-sweep [dense|suffix|prefix ...]``, all three by
+default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
 holds the output of its first copy at b86c94f (the first eight shapes, the same calls
 and timing; its page ids were drawn after the inputs from one generator), from which
 the rule of 634ba47 was set, then this script's run at be83365.
@@ -38,54 +41,107 @@ def graph_ms(fn):
 
 # (16 | 17 | 32) x 16384 and 32 x 8192: where choose_num_splits' two rules meet.
 SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384),
-          (16, 16384), (17, 16384), (32, 8192), (32, 16384)]
+          (16, 16384), (17, 16384), (32, 8192), (32, 16384)]  # fmt: skip
 SPLITS = [1, 2, 3, 4, 6, 8, 12, 16]
-for seqs, keys in SHAPES:
-    q, k, v, cu_q, cu_k = decode_batch(seqs, keys)
-    gen = torch.Generator(device="cuda").manual_seed(0)  # the shuffled page ids
-    page = 16
-    pages = seqs * keys // page
-    perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
-    block_table = perm.view(seqs, keys // page)
-    k_cache, v_cache = k.view(pages, page, HKV, D), v.view(pages, page, HKV, D)
-    used = torch.full((seqs,), keys, dtype=torch.int32, device="cuda")
-    floor_us = 2 * k.numel() * 2 / (copy * 1e6)
-    rule = _planning.choose_num_splits(seqs, HKV, HQ // HKV, keys, q.device)
-    fns = {}
-    for s in SPLITS:
-        if s > keys // 64:
-            continue
-        dense = functools.partial(splitkv.split_kv_attention, q, k, v, cu_q, cu_k, 1, keys, causal=True, num_splits=s)
-        paged = functools.partial(splitkv.paged_attention_with_lse, q, k_cache, v_cache, block_table, used, cu_q, 1,
-                                  keys, causal=True, num_splits=s, backend="triton")  # fmt: skip
-        fns[("dense", s)] = graph_ms(dense)
-        fns[("paged", s)] = graph_ms(paged)
-    times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
-    for kind in ("dense", "paged"):
-        row = {s: us for (kd, s), us in times.items() if kd == kind}
-        best = min(row, key=row.get)
-        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in row.items())
-        print(f"{kind} {seqs:4d} x {keys:6d} floor {floor_us:6.1f} us rule {rule:2d} ({row.get(rule, float('nan')):.1f}) "
-              f"best {best:2d} ({row[best]:.1f}, {100 * floor_us / row[best]:.0f}% of floor) | {cells}", flush=True)  # fmt: skip
-sys.stdout.flush()
 
-# The cascade's headline cases under other suffix split counts (the rule patched).
-rule_fn = _planning.choose_num_splits
-for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
-    q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
-    floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
-    call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
-                             max_seqlen_k=suffix, cascade=True)  # fmt: skip
-    rule = rule_fn(seqs, HKV, HQ // HKV, suffix, q.device)
-    fns = {}
-    for s in sorted({rule, 1, 2, 3, 4, 6, 8}):
-        _planning.choose_num_splits = lambda *args, s=s: s
+
+def dense_and_paged() -> None:
+    """Split counts of split_kv_attention and plain paged attention."""
+    for seqs, keys in SHAPES:
+        q, k, v, cu_q, cu_k = decode_batch(seqs, keys)
+        gen = torch.Generator(device="cuda").manual_seed(0)  # the shuffled page ids
+        page = 16
+        pages = seqs * keys // page
+        perm = torch.randperm(pages, device="cuda", generator=gen).to(torch.int32)
+        block_table = perm.view(seqs, keys // page)
+        k_cache, v_cache = k.view(pages, page, HKV, D), v.view(pages, page, HKV, D)
+        used = torch.full((seqs,), keys, dtype=torch.int32, device="cuda")
+        floor_us = 2 * k.numel() * 2 / (copy * 1e6)
+        rule = _planning.choose_num_splits(seqs, HKV, HQ // HKV, keys, q.device)
+        fns = {}
+        for s in SPLITS:
+            if s > keys // 64:
+                continue
+            dense = functools.partial(splitkv.split_kv_attention, q, k, v, cu_q, cu_k, 1, keys, causal=True,
+                                      num_splits=s)  # fmt: skip
+            paged = functools.partial(splitkv.paged_attention_with_lse, q, k_cache, v_cache, block_table, used, cu_q, 1,
+                                      keys, causal=True, num_splits=s, backend="triton")  # fmt: skip
+            fns[("dense", s)] = graph_ms(dense)
+            fns[("paged", s)] = graph_ms(paged)
+        times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+        for kind in ("dense", "paged"):
+            row = {s: us for (kd, s), us in times.items() if kd == kind}
+            best = min(row, key=row.get)
+            cells = "  ".join(f"{s}:{us:7.1f}" for s, us in row.items())
+            print(f"{kind} {seqs:4d} x {keys:6d} floor {floor_us:6.1f} us rule {rule:2d} ({row.get(rule, float('nan')):.1f}) "
+                  f"best {best:2d} ({row[best]:.1f}, {100 * floor_us / row[best]:.0f}% of floor) | {cells}", flush=True)  # fmt: skip
+
+
+def cascade_suffix() -> None:
+    """The cascade's headline cases under other suffix split counts (the rule patched)."""
+    rule_fn = _planning.choose_num_splits
+    for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
+        q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
+        floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
+        call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
+                                 max_seqlen_k=suffix, cascade=True)  # fmt: skip
+        rule = rule_fn(seqs, HKV, HQ // HKV, suffix, q.device)
+        fns = {}
+        for s in sorted({rule, 1, 2, 3, 4, 6, 8}):
+            _planning.choose_num_splits = lambda *args, s=s: s
+            try:
+                fns[s] = graph_ms(call)
+            finally:
+                _planning.choose_num_splits = rule_fn
+        times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+        best = min(times, key=times.get)
+        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
+        print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) best {best} "
+              f"({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+
+
+# Short suffixes: (sequences, prefix, suffix). The prefix programs are most of the launch.
+PREFIX_SHAPES = [(64, 4096, 1), (64, 4096, 16), (64, 4096, 64), (256, 4096, 1), (16, 32768, 1), (16, 8192, 1),
+                 (128, 16384, 1), (8, 4096, 1), (64, 8192, 512)]  # fmt: skip
+
+
+def cascade_prefix() -> None:
+    """Cascades with short suffixes under other prefix split counts (shared_level_splits patched)."""
+    rule_fn = _planning.shared_level_splits
+    for seqs, prefix, suffix in PREFIX_SHAPES:
+        q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
+        floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
+        call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
+                                 max_seqlen_k=suffix, cascade=True)  # fmt: skip
+        chosen = []
+
+        def recording(*args, chosen=chosen):
+            chosen.append(rule_fn(*args))
+            return chosen[-1]
+
+        fns = {}
+        _planning.shared_level_splits = recording
         try:
-            fns[s] = graph_ms(call)
+            fns["rule"] = graph_ms(call)
         finally:
-            _planning.choose_num_splits = rule_fn
-    times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
-    best = min(times, key=times.get)
-    cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
-    print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) best {best} "
-          f"({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+            _planning.shared_level_splits = rule_fn
+        for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+            if s > prefix // _planning.MIN_KEYS_PER_SPLIT:
+                continue
+            _planning.shared_level_splits = lambda *args, s=s: s
+            try:
+                fns[s] = graph_ms(call)
+            finally:
+                _planning.shared_level_splits = rule_fn
+        times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+        best = min(times, key=times.get)
+        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
+        print(f"prefix {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {chosen[-1] if chosen else '-'} "
+              f"({times['rule']:.1f}) best {best} ({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+
+
+SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix}
+
+if __name__ == "__main__":
+    for section in sys.argv[1:] or SECTIONS:
+        SECTIONS[section]()

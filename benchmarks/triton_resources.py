@@ -88,10 +88,10 @@ VARIANTS = {
     "cascade, inline prefix + fused merge": (_attention_kernels.attention_fwd_kernel,
                                              _attention_variant(_MODE.INLINE, True, True), 4, 3),
     "paged plain decode": (_paged_triton._paged_fwd_kernel, {
-        "CAUSAL": True, "PLAN": False, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 16,
+        "CAUSAL": True, "PLAN": False, "PAGE_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 16,
         "BLOCK_N": 64, "INPUT_PRECISION": "tf32", "UPCAST_DOT": False}, 4, 3),
     "paged plan (wide 64 + narrow 16)": (_paged_triton._paged_fwd_kernel, {
-        "CAUSAL": True, "PLAN": True, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 64,
+        "CAUSAL": True, "PLAN": True, "PAGE_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 64,
         "BLOCK_N": 64, "INPUT_PRECISION": "tf32", "UPCAST_DOT": False}, 4, 3),
 }  # fmt: skip
 

@@ -1,0 +1,159 @@
+"""The paged cascade plan's launch taken apart: which programs hold its time, and which tiles suit each kind.
+
+For each sharing case of ``python -m splitkv.bench paged`` (page 16), the plan's one
+launch is timed with its program table filtered: the shared runs' programs alone, the
+sequences' own programs alone, and all of them; under the plan's tile configuration and
+others (wide row tile, BLOCK_N, pipeline depth, a register cap that lets more blocks
+share an SM); and as two launches, the shared runs under the wide configuration and the
+own programs under a narrow one, one after the other on one stream and side by side on
+two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
+the variants of a case taking turns over 3 rounds; each variant's states, merged, are
+checked against the plan's own result first. Run on a GPU machine (device_run.sh step
+``plan-sweep``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+import splitkv
+from splitkv import _paged_triton
+from splitkv.bench.common import capture_graph, interleaved, median_ms
+from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
+from splitkv.paged import plan_launch_shape, plan_state_buffers
+
+PAGE = 16
+# (wide row tile, BLOCK_N, num_stages, maxnreg): 4 warps each, as the plan's launch.
+CONFIGS = [(64, 64, 3, None), (64, 64, 2, None), (64, 32, 3, None), (64, 32, 3, 168), (64, 32, 2, 168),
+           (32, 32, 3, 168), (32, 32, 3, 128), (32, 64, 2, 168), (16, 32, 3, None), (16, 64, 3, None)]  # fmt: skip
+# Narrow configurations for the own programs when they run as their own launch.
+OWN_CONFIGS = [(64, 3, None), (32, 3, None), (32, 4, None), (64, 2, None)]
+
+
+def patched_launch_config(wide_m: int, block_n: int, stages: int):
+    """``launch_config`` as the plan sees it: the narrow tile as usual, the wide one
+    ``wide_m`` rows; ``block_n`` / ``stages`` for both."""
+    base = _paged_triton.launch_config
+
+    def config(head_dim, dtype, rows_pow2):
+        pad, block_m, _bn, warps, _st = base(head_dim, dtype, rows_pow2)
+        return pad, (min(block_m, wide_m) if block_m > 16 else block_m), block_n, warps, stages
+
+    return config
+
+
+def raw_launcher(maxnreg):
+    """Triton's own launch, with a register cap (the C++ fast launch takes none)."""
+    kernel = _paged_triton._paged_fwd_kernel
+    extra = {} if maxnreg is None else {"maxnreg": maxnreg}
+
+    def launch(grid, args, constexprs, num_warps, num_stages, device_index):
+        kernel[grid](*args, *constexprs, num_warps=num_warps, num_stages=num_stages, **extra)
+
+    return launch
+
+
+def make_plan(tables, config):
+    wide_m, block_n, stages, _maxnreg = config
+    original = _paged_triton.launch_config
+    _paged_triton.launch_config = patched_launch_config(wide_m, block_n, stages)
+    try:
+        return splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
+                                    dtype=DTYPE)  # fmt: skip
+    finally:
+        _paged_triton.launch_config = original
+
+
+def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, maxnreg):
+    """``fn()`` launching ``programs`` (rows of the plan's program table) of the plan."""
+    items, tokens, _all = plan.launch_tables[:3]
+    flat = programs.reshape(-1).contiguous()
+    grid = programs.shape[0] * HEADS_KV
+    launch = raw_launcher(maxnreg)
+
+    def fn():
+        original = _paged_triton._launch_paged_kernel
+        _paged_triton._launch_paged_kernel = launch
+        try:
+            _paged_triton.launch_paged(q, k_cache, v_cache, states, lses, plan.block_table, plan.seqused_k,
+                                       plan.cu_seqlens_q, True, HEAD_DIM ** -0.5, tile_config, grid, items=items,
+                                       item_tokens=tokens, programs=flat, wide_block_m=wide_m)  # fmt: skip
+        finally:
+            _paged_triton._launch_paged_kernel = original
+
+    return fn
+
+
+def split_programs(plan):
+    items = plan.launch_tables[0].view(-1, 9)
+    programs = plan.launch_tables[2].view(-1, 3)
+    shared = items[programs[:, 0].long(), 4] >= 0
+    return programs, programs[shared], programs[~shared]
+
+
+def two_streams(first, second):
+    side = torch.cuda.Stream()
+
+    def fn():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            first()
+        second()
+        torch.cuda.current_stream().wait_stream(side)
+
+    return fn
+
+
+def main() -> None:
+    print(f"torch {torch.__version__} triton {triton.__version__} {torch.cuda.get_device_name()}", flush=True)
+    for name, case in tree_cases(False).items():
+        q, k_cache, v_cache, *tables = build(case, PAGE)
+        base = splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
+                                    dtype=DTYPE)  # fmt: skip
+        if not base.shared:
+            continue
+        want = splitkv.paged_cascade_attention(q, k_cache, v_cache, base)[0].float()
+        fns, diffs = {}, {}
+        for config in CONFIGS:
+            plan = make_plan(tables, config)
+            tile_config, wide_m, _grid = plan_launch_shape(plan.launch_configs, 0)
+            everything, shared, own = split_programs(plan)
+            states, lses = plan_state_buffers(q, plan.num_states, needs_fill=True)
+            for part, programs in (("all", everything), ("shared", shared), ("own", own)):
+                fn = launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, config[3])
+                fns[(config, part)] = fn
+            fns[(config, "all")]()
+            got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
+            diffs[config] = (got - want).abs().max().item()
+        # Two launches: the base plan's shared runs under its own config, the own programs narrow.
+        tile_config, wide_m, _grid = plan_launch_shape(base.launch_configs, 0)
+        _everything, shared, own = split_programs(base)
+        states, lses = plan_state_buffers(q, base.num_states, needs_fill=True)
+        shared_fn = launcher_for(q, k_cache, v_cache, base, states, lses, shared, tile_config, wide_m, None)
+        for block_n, stages, maxnreg in OWN_CONFIGS:
+            narrow = (tile_config[0], tile_config[1], block_n, tile_config[3], stages)
+            own_fn = launcher_for(q, k_cache, v_cache, base, states, lses, own, narrow, tile_config[1], maxnreg)
+            key = ("narrow", block_n, stages, maxnreg)
+            fns[(key, "own")] = own_fn
+            fns[(key, "one stream")] = lambda a=shared_fn, b=own_fn: (a(), b())
+            fns[(key, "two streams")] = two_streams(shared_fn, own_fn)
+            fns[(key, "two streams")]()
+            got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
+            diffs[key] = (got - want).abs().max().item()
+        graphs = {}
+        for key, fn in fns.items():
+            graph, _ = capture_graph(fn)
+            graphs[key] = functools.partial(median_ms, graph.replay, 60)
+        times = interleaved(lambda t: t() * 1e3, graphs, rounds=3)
+        print(f"\n== {name}: plan {plan_launch_shape(base.launch_configs, 0)}, {base.num_states} states, "
+              f"{len(split_programs(base)[1])} shared / {len(split_programs(base)[2])} own work items", flush=True)  # fmt: skip
+        for config in dict.fromkeys(key for key, _part in fns):
+            parts = "  ".join(f"{part} {us:6.1f}" for (key, part), us in times.items() if key == config)
+            print(f"{config!s:32s} max diff {diffs[config]:.2e} | {parts}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
