@@ -3,9 +3,9 @@
 For each sharing case of ``python -m splitkv.bench paged`` (page 16), the plan's one
 launch is timed with its program table filtered: the shared runs' programs alone, the
 sequences' own programs alone, and all of them; under the plan's tile configuration and
-others (wide row tile, BLOCK_N, pipeline depth, a register cap that lets more blocks
-share an SM); and as two launches, the shared runs under the wide configuration and the
-own programs under a narrow one, one after the other on one stream and side by side on
+others (wide row tile and its warps, BLOCK_N, pipeline depth, a register cap that lets more
+blocks share an SM); and as two launches, the shared runs under a wide configuration and
+the own programs under a narrow one, one after the other on one stream and side by side on
 two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
 the variants of a case taking turns over 3 rounds; each variant's states, merged, are
 checked against the plan's own result first. Run on a GPU machine (device_run.sh step
@@ -20,27 +20,33 @@ import torch
 import triton
 
 import splitkv
-from splitkv import _paged_triton
+from splitkv import _paged_triton, _planning
 from splitkv.bench.common import capture_graph, interleaved, median_ms
 from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
 from splitkv.paged import plan_launch_shape, plan_state_buffers
 
 PAGE = 16
-# (wide row tile, BLOCK_N, num_stages, maxnreg): 4 warps each, as the plan's launch.
-CONFIGS = [(64, 64, 3, None), (64, 64, 2, None), (64, 32, 3, None), (64, 32, 3, 168), (64, 32, 2, 168),
-           (32, 32, 3, 168), (32, 32, 3, 128), (32, 64, 2, 168), (16, 32, 3, None), (16, 64, 3, None)]  # fmt: skip
-# Narrow configurations for the own programs when they run as their own launch.
-OWN_CONFIGS = [(64, 3, None), (32, 3, None), (32, 4, None), (64, 2, None)]
+# (wide row tile, BLOCK_N, num_stages, maxnreg, num_warps) of the plan's one launch. At
+# cbbdb6a a first sweep of 4-warp tiles (wide 16 to 64, BLOCK_N 32 / 64, 2 to 4 stages,
+# caps of 128 / 168 registers) found none faster than the plan's own on all three cases.
+CONFIGS = [(64, 64, 3, None, 4), (64, 32, 3, 168, 4), (64, 64, 3, None, 8), (128, 64, 3, None, 8),
+           (128, 64, 2, None, 8), (128, 32, 3, None, 8)]  # fmt: skip
+# Two launches: the shared runs under a plan of these (wide tile, BLOCK_N, stages, maxnreg,
+# warps), the own programs under the narrow (BLOCK_N, stages), 4 warps.
+SHARED_CONFIGS = [(64, 64, 3, None, 4), (128, 64, 3, None, 8), (128, 64, 2, None, 8)]
+OWN_CONFIGS = [(64, 3), (32, 3)]
 
 
-def patched_launch_config(wide_m: int, block_n: int, stages: int):
+def patched_launch_config(wide_m: int, block_n: int, stages: int, warps: int):
     """``launch_config`` as the plan sees it: the narrow tile as usual, the wide one
-    ``wide_m`` rows; ``block_n`` / ``stages`` for both."""
+    ``wide_m`` rows of ``warps`` warps; ``block_n`` / ``stages`` for both."""
     base = _paged_triton.launch_config
 
     def config(head_dim, dtype, rows_pow2):
-        pad, block_m, _bn, warps, _st = base(head_dim, dtype, rows_pow2)
-        return pad, (min(block_m, wide_m) if block_m > 16 else block_m), block_n, warps, stages
+        pad, block_m, _bn, narrow_warps, _st = base(head_dim, dtype, rows_pow2)
+        if block_m > 16:
+            return pad, min(block_m, wide_m), block_n, warps, stages
+        return pad, block_m, block_n, narrow_warps, stages
 
     return config
 
@@ -57,14 +63,16 @@ def raw_launcher(maxnreg):
 
 
 def make_plan(tables, config):
-    wide_m, block_n, stages, _maxnreg = config
-    original = _paged_triton.launch_config
-    _paged_triton.launch_config = patched_launch_config(wide_m, block_n, stages)
+    wide_m, block_n, stages, _maxnreg, warps = config
+    original, rows = _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM
+    # The plan caps its wide tile at ROWS_PER_PROGRAM rows.
+    _paged_triton.launch_config = patched_launch_config(wide_m, block_n, stages, warps)
+    _planning.ROWS_PER_PROGRAM = max(rows, wide_m)
     try:
         return splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
                                     dtype=DTYPE)  # fmt: skip
     finally:
-        _paged_triton.launch_config = original
+        _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM = original, rows
 
 
 def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, maxnreg):
@@ -128,21 +136,25 @@ def main() -> None:
             fns[(config, "all")]()
             got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
             diffs[config] = (got - want).abs().max().item()
-        # Two launches: the base plan's shared runs under its own config, the own programs narrow.
-        tile_config, wide_m, _grid = plan_launch_shape(base.launch_configs, 0)
-        _everything, shared, own = split_programs(base)
-        states, lses = plan_state_buffers(q, base.num_states, needs_fill=True)
-        shared_fn = launcher_for(q, k_cache, v_cache, base, states, lses, shared, tile_config, wide_m, None)
-        for block_n, stages, maxnreg in OWN_CONFIGS:
-            narrow = (tile_config[0], tile_config[1], block_n, tile_config[3], stages)
-            own_fn = launcher_for(q, k_cache, v_cache, base, states, lses, own, narrow, tile_config[1], maxnreg)
-            key = ("narrow", block_n, stages, maxnreg)
-            fns[(key, "own")] = own_fn
-            fns[(key, "one stream")] = lambda a=shared_fn, b=own_fn: (a(), b())
-            fns[(key, "two streams")] = two_streams(shared_fn, own_fn)
-            fns[(key, "two streams")]()
-            got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
-            diffs[key] = (got - want).abs().max().item()
+        # Two launches: a plan's shared runs under its own config, the own programs narrow
+        # (4 warps; the wide tile 16, so that its path compiles small).
+        for config in SHARED_CONFIGS:
+            plan = make_plan(tables, config)
+            tile_config, wide_m, _grid = plan_launch_shape(plan.launch_configs, 0)
+            _everything, shared, own = split_programs(plan)
+            states, lses = plan_state_buffers(q, plan.num_states, needs_fill=True)
+            shared_fn = launcher_for(q, k_cache, v_cache, plan, states, lses, shared, tile_config, wide_m, config[3])
+            for block_n, stages in OWN_CONFIGS:
+                narrow = (tile_config[0], tile_config[1], block_n, 4, stages)
+                own_fn = launcher_for(q, k_cache, v_cache, plan, states, lses, own, narrow, tile_config[1], None)
+                key = ("two launches", config, block_n, stages)
+                fns[(key, "shared")] = shared_fn
+                fns[(key, "own")] = own_fn
+                fns[(key, "one stream")] = lambda a=shared_fn, b=own_fn: (a(), b())
+                fns[(key, "two streams")] = two_streams(shared_fn, own_fn)
+                fns[(key, "two streams")]()
+                got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
+                diffs[key] = (got - want).abs().max().item()
         graphs = {}
         for key, fn in fns.items():
             graph, _ = capture_graph(fn)
@@ -152,7 +164,7 @@ def main() -> None:
               f"{len(split_programs(base)[1])} shared / {len(split_programs(base)[2])} own work items", flush=True)  # fmt: skip
         for config in dict.fromkeys(key for key, _part in fns):
             parts = "  ".join(f"{part} {us:6.1f}" for (key, part), us in times.items() if key == config)
-            print(f"{config!s:32s} max diff {diffs[config]:.2e} | {parts}", flush=True)
+            print(f"{config!s:48s} max diff {diffs[config]:.2e} | {parts}", flush=True)
 
 
 if __name__ == "__main__":

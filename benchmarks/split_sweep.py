@@ -10,9 +10,10 @@ call and the replay timed with L2 flushed (``median_ms``), so a figure is GPU ti
 from a cold L2 without host time; the split counts of a shape take turns, 3 rounds.
 "rule" is what ``choose_num_splits`` picks. Last, cascades with short suffixes (one to
 a few keys per sequence, where the prefix programs are most of the launch) at 1 to 32
-prefix chunks (``shared_level_splits`` patched), "rule" its own count. Run on a GPU
-machine (device_run.sh step ``split-sweep [dense|suffix|prefix ...]``, all three by
-default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+prefix chunks (``shared_level_splits`` patched), "rule" its own count; and ("grid") the
+prefix rule against its form before the one-wave floor on a grid of cascades, where the two
+differ. Run on a GPU machine (device_run.sh step ``split-sweep [dense|suffix|prefix|grid
+...]``, all four by default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
 holds the output of its first copy at b86c94f (the first eight shapes, the same calls
 and timing; its page ids were drawn after the inputs from one generator), from which
 the rule of 634ba47 was set, then this script's run at be83365.
@@ -140,7 +141,37 @@ def cascade_prefix() -> None:
               f"({times['rule']:.1f}) best {best} ({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
 
 
-SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix}
+def prefix_rule_grid() -> None:
+    """The prefix rule against its form before the one-wave floor (``one_wave`` 0), on a grid
+    of cascades: only the shapes where the two counts differ are timed."""
+    rule_fn = _planning.shared_level_splits
+    for seqs in (16, 32, 64, 128, 256):
+        for prefix in (1024, 2048, 4096, 8192, 16384):
+            for suffix in (1, 64, 256, 1024):
+                q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
+                call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
+                                         max_seqlen_k=suffix, cascade=True)  # fmt: skip
+                counts, fns = {}, {}
+                for name, one_wave in (("rule", None), ("old", 0)):
+                    def recording(*args, name=name, one_wave=one_wave, counts=counts):
+                        if one_wave is not None:
+                            args = (*args[:3], one_wave, *args[4:])
+                        counts[name] = rule_fn(*args)
+                        return counts[name]
+
+                    _planning.shared_level_splits = recording
+                    try:
+                        fns[name] = graph_ms(call)
+                    finally:
+                        _planning.shared_level_splits = rule_fn
+                if counts.get("rule") == counts.get("old"):
+                    continue
+                times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+                print(f"grid {seqs} x {prefix} x {suffix}: rule {counts['rule']} {times['rule']:.1f} us, old "
+                      f"{counts['old']} {times['old']:.1f} us ({times['old'] / times['rule']:.2f}x)", flush=True)  # fmt: skip
+
+
+SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix, "grid": prefix_rule_grid}
 
 if __name__ == "__main__":
     for section in sys.argv[1:] or SECTIONS:

@@ -128,8 +128,8 @@ def fill_chunks(sms: int, other_programs: int, tiles: int) -> int:
     return -(-max(0, 2 * sms - other_programs) // max(tiles, 1))
 
 
-def shared_level_splits(keys: int, rows: int, fill: int, suffix_chunk: int, suffix_waves: int, heads_q: int,
-                        heads_kv: int, head_dim: int, element_size: int) -> int:  # fmt: skip
+def shared_level_splits(keys: int, rows: int, fill: int, one_wave: int, suffix_chunk: int, suffix_waves: int,
+                        heads_q: int, heads_kv: int, head_dim: int, element_size: int) -> int:  # fmt: skip
     """Key chunks of one level shared by several sequences (a cascade's prefix, a paged
     cascade's shared run) of ``keys`` keys read by ``rows`` query tokens: at least
     ``fill`` (:func:`fill_chunks`); beyond that, chunks of at least
@@ -137,9 +137,11 @@ def shared_level_splits(keys: int, rows: int, fill: int, suffix_chunk: int, suff
     tile packs many queries' rows, so it streams its keys as fast as a suffix program
     streams fewer) but at most ``BALANCE_KEYS_PER_SPLIT`` per wave of the launch's other
     programs (``suffix_waves``), and only as many as keep the float32 partial states they write (and
-    the merge reads back) within half the level's KV bytes. On the H100 this rule's
-    count was the fastest of a sweep around it, or within 1% of it, in the headline
-    decode cases (benchmarks/NOTES.md)."""
+    the merge reads back) within half the level's KV bytes, unless that leaves the
+    level's own programs short of one wave (``one_wave``: the chunks at which its tiles
+    cover every multiprocessor once). On the H100 this rule's count was the fastest of
+    a sweep around it, or within 1% of it, in the headline decode cases
+    (benchmarks/NOTES.md)."""
     # Longer chunks than BALANCE_KEYS_PER_SPLIT per wave of the other programs make the
     # level's programs the launch's long pole (H200, 16 x 32768 x 4096: 4 chunks of 8192
     # keys against 8 of 4096, benchmarks/NOTES.md).
@@ -148,6 +150,10 @@ def shared_level_splits(keys: int, rows: int, fill: int, suffix_chunk: int, suff
     # Per chunk: one [rows, heads_q, head_dim + 1] float32 state written and read back;
     # half the level's KV is keys x heads_kv x head_dim elements.
     state_cap = (keys * heads_kv * head_dim * element_size) // (rows * heads_q * (head_dim + 1) * 4 * 2)
+    # Under one wave the level's programs are the launch's long pole wherever the other
+    # programs are short, and more chunks shorten it for a few more states (H200, 64 x
+    # 4096 keys x 1: the cap's 3 chunks 37.8 us, 4 31.7, 6 29.7; benchmarks/NOTES.md).
+    state_cap = max(state_cap, one_wave)
     wanted = max(fill, min(balance, state_cap))
     return max(1, min(wanted, MAX_SPLITS, keys // MIN_KEYS_PER_SPLIT))
 
@@ -327,8 +333,8 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     fill = fill_chunks(sms, suffix_programs, prefix_tiles)
     suffix_chunk = suffix_chunk_keys(max_seqlen_k, suffix_splits)
     suffix_waves = -(-suffix_programs // sms)
-    prefix_splits = shared_level_splits(prefix_len, total_q, fill, suffix_chunk, suffix_waves, heads_q, heads_kv,
-                                        head_dim, element_size)  # fmt: skip
+    prefix_splits = shared_level_splits(prefix_len, total_q, fill, sms // prefix_tiles, suffix_chunk, suffix_waves,
+                                        heads_q, heads_kv, head_dim, element_size)  # fmt: skip
     return prefix_splits, suffix_splits
 
 
