@@ -12,8 +12,9 @@ from a cold L2 without host time; the split counts of a shape take turns, 3 roun
 a few keys per sequence, where the prefix programs are most of the launch) at 1 to 32
 prefix chunks (``shared_level_splits`` patched), "rule" its own count; and ("grid") the
 prefix rule against its form before the one-wave floor on a grid of cascades, where the two
-differ. Run on a GPU machine (device_run.sh step ``split-sweep [dense|suffix|prefix|grid
-...]``, all four by default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+differ, and ("paged-grid") the same for paged cascade plans. Run on a GPU machine
+(device_run.sh step ``split-sweep [dense|suffix|prefix|grid|paged-grid ...]``, all by
+default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
 holds the output of its first copy at b86c94f (the first eight shapes, the same calls
 and timing; its page ids were drawn after the inputs from one generator), from which
 the rule of 634ba47 was set, then this script's run at be83365.
@@ -153,6 +154,7 @@ def prefix_rule_grid() -> None:
                                          max_seqlen_k=suffix, cascade=True)  # fmt: skip
                 counts, fns = {}, {}
                 for name, one_wave in (("rule", None), ("old", 0)):
+
                     def recording(*args, name=name, one_wave=one_wave, counts=counts):
                         if one_wave is not None:
                             args = (*args[:3], one_wave, *args[4:])
@@ -171,7 +173,39 @@ def prefix_rule_grid() -> None:
                       f"{counts['old']} {times['old']:.1f} us ({times['old'] / times['rule']:.2f}x)", flush=True)  # fmt: skip
 
 
-SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix, "grid": prefix_rule_grid}
+def paged_rule_grid() -> None:
+    """The same comparison for paged cascade plans: sequences sharing one run of pages
+    (page 16), each with its own keys after it."""
+    from splitkv.bench import paged as bench_paged
+
+    rule_fn = _planning.shared_level_splits
+    for seqs, prefix, suffix in [(64, 2048, 1), (64, 2048, 64), (64, 4096, 1), (64, 4096, 64), (128, 2048, 1),
+                                 (128, 4096, 1), (128, 4096, 256), (32, 4096, 1)]:  # fmt: skip
+        bench_paged.NODE_KEYS[0] = prefix  # node 0: the run every sequence shares
+        q, k_cache, v_cache, *tables = bench_paged.build([((0,), suffix)] * seqs, 16)
+        plans, fns = {}, {}
+        for name, one_wave in (("rule", None), ("old", 0)):
+
+            def with_wave(*args, one_wave=one_wave):
+                return rule_fn(*args) if one_wave is None else rule_fn(*args[:3], one_wave, *args[4:])
+
+            _planning.shared_level_splits = with_wave
+            try:
+                plans[name] = splitkv.plan_cascade(*tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D,
+                                                   dtype=q.dtype)  # fmt: skip
+            finally:
+                _planning.shared_level_splits = rule_fn
+            fns[name] = graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plans[name]))
+        if plans["rule"].num_states == plans["old"].num_states:
+            continue
+        times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+        print(f"paged {seqs} x {prefix} x {suffix}: rule {plans['rule'].num_states} states {times['rule']:.1f} us, "
+              f"old {plans['old'].num_states} states {times['old']:.1f} us ({times['old'] / times['rule']:.2f}x)",
+              flush=True)  # fmt: skip
+
+
+SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix, "grid": prefix_rule_grid,
+            "paged-grid": paged_rule_grid}  # fmt: skip
 
 if __name__ == "__main__":
     for section in sys.argv[1:] or SECTIONS:
