@@ -9,12 +9,13 @@ the own programs under a narrow one, one after the other on one stream and side 
 two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
 the variants of a case taking turns over 3 rounds; each variant's states, merged, are
 checked against the plan's own result first. Run on a GPU machine (device_run.sh step
-``plan-sweep``).
+``plan-sweep``; step ``ncu-plan`` runs ``paged_plan_sweep.py ncu`` under ncu).
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
@@ -167,5 +168,39 @@ def main() -> None:
             print(f"{config!s:48s} max diff {diffs[config]:.2e} | {parts}", flush=True)
 
 
+def profile() -> None:
+    """For ncu (device_run.sh step ``ncu-plan``, which profiles only between
+    ``torch.cuda.profiler.start`` and ``stop``): on the first two cases, the plan's launch
+    with the shared runs' programs alone, the own programs alone and all of them, once
+    each; on the first, also the packed cascade's passes launch over the same batch."""
+    from splitkv.bench.paged import NODE_KEYS, packed_cascade_args
+    from splitkv.cascade import cascade_stages
+
+    runs = []
+    for name, case in list(tree_cases(False).items())[:2]:
+        q, k_cache, v_cache, *tables = build(case, PAGE)
+        plan = splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
+                                    dtype=DTYPE)  # fmt: skip
+        tile_config, wide_m, _grid = plan_launch_shape(plan.launch_configs, 0)
+        states, lses = plan_state_buffers(q, plan.num_states, needs_fill=True)
+        for part, programs in zip(("all", "shared", "own"), split_programs(plan)):
+            runs.append((f"{name}: {part}", launcher_for(q, k_cache, v_cache, plan, states, lses, programs,
+                                                         tile_config, wide_m, None)))  # fmt: skip
+        if name.startswith("1 prompt"):
+            args, max_suffix = packed_cascade_args(q, k_cache, v_cache, plan.block_table, plan.seqused_k,
+                                                   NODE_KEYS[case[0][0][0]], PAGE)  # fmt: skip
+            stages = dict(cascade_stages(*args, 1, max_suffix, HEAD_DIM**-0.5, True))
+            runs.append((f"{name}: packed cascade passes", stages["passes"]))
+    for _name, fn in runs:
+        fn()  # compiles
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for name, fn in runs:
+        print(f"profiled: {name}", flush=True)
+        fn()
+        torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 if __name__ == "__main__":
-    main()
+    profile() if sys.argv[1:] == ["ncu"] else main()
