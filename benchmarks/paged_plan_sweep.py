@@ -161,8 +161,9 @@ def main() -> None:
             graph, _ = capture_graph(fn)
             graphs[key] = functools.partial(median_ms, graph.replay, 60)
         times = interleaved(lambda t: t() * 1e3, graphs, rounds=3)
+        _everything, shared, own = split_programs(base)
         print(f"\n== {name}: plan {plan_launch_shape(base.launch_configs, 0)}, {base.num_states} states, "
-              f"{len(split_programs(base)[1])} shared / {len(split_programs(base)[2])} own work items", flush=True)  # fmt: skip
+              f"{len(shared)} shared / {len(own)} own work items", flush=True)  # fmt: skip
         for config in dict.fromkeys(key for key, _part in fns):
             parts = "  ".join(f"{part} {us:6.1f}" for (key, part), us in times.items() if key == config)
             print(f"{config!s:48s} max diff {diffs[config]:.2e} | {parts}", flush=True)

@@ -75,8 +75,10 @@ def dense_and_paged() -> None:
             row = {s: us for (kd, s), us in times.items() if kd == kind}
             best = min(row, key=row.get)
             cells = "  ".join(f"{s}:{us:7.1f}" for s, us in row.items())
-            print(f"{kind} {seqs:4d} x {keys:6d} floor {floor_us:6.1f} us rule {rule:2d} ({row.get(rule, float('nan')):.1f}) "
-                  f"best {best:2d} ({row[best]:.1f}, {100 * floor_us / row[best]:.0f}% of floor) | {cells}", flush=True)  # fmt: skip
+            at_rule = row.get(rule, float("nan"))
+            print(f"{kind} {seqs:4d} x {keys:6d} floor {floor_us:6.1f} us rule {rule:2d} ({at_rule:.1f}) "
+                  f"best {best:2d} ({row[best]:.1f}, {100 * floor_us / row[best]:.0f}% of floor) | {cells}",
+                  flush=True)  # fmt: skip
 
 
 def cascade_suffix() -> None:
@@ -98,8 +100,8 @@ def cascade_suffix() -> None:
         times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
         best = min(times, key=times.get)
         cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
-        print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) best {best} "
-              f"({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+        print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) "
+              f"best {best} ({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
 
 
 # Short suffixes: (sequences, prefix, suffix). The prefix programs are most of the launch.
@@ -170,7 +172,8 @@ def prefix_rule_grid() -> None:
                     continue
                 times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
                 print(f"grid {seqs} x {prefix} x {suffix}: rule {counts['rule']} {times['rule']:.1f} us, old "
-                      f"{counts['old']} {times['old']:.1f} us ({times['old'] / times['rule']:.2f}x)", flush=True)  # fmt: skip
+                      f"{counts['old']} {times['old']:.1f} us ({times['old'] / times['rule']:.2f}x)",
+                      flush=True)  # fmt: skip
 
 
 def paged_rule_grid() -> None:

@@ -722,8 +722,9 @@ def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: i
     tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
     fill = _planning.fill_chunks(sms, last_programs, tiles)
     waves = -(-last_programs // sms)
-    return [_planning.shared_level_splits(keys, tokens, fill, sms // max(tiles, 1), suffix_chunk, waves, heads_q,
-                                          heads_kv, head_dim, element_size) for keys, tokens, _row_blocks in runs]  # fmt: skip
+    one_wave = sms // max(tiles, 1)
+    return [_planning.shared_level_splits(keys, tokens, fill, one_wave, suffix_chunk, waves, heads_q, heads_kv,
+                                          head_dim, element_size) for keys, tokens, _row_blocks in runs]  # fmt: skip
 
 
 def plan_cascade(

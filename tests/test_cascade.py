@@ -172,9 +172,10 @@ def test_one_sequence_cascade_merges_in_its_launch(dtype, decode, prefix_splits,
 def test_cascade_split_counts(monkeypatch):
     """On a 132-multiprocessor GPU: decode batches get prefix chunks that fill the GPU
     alongside the suffix programs, and otherwise never more partial-state bytes than
-    half the prefix KV unless the prefix's own programs would fall short of one wave; the headline cases get the counts measured fastest (on the H100;
-    the third's 2 suffix chunks on the H200, 71.3 against 73.5 us for 3 under graph replay);
-    short prefixes run as the single-launch cascade, except under graph capture."""
+    half the prefix KV unless the prefix's own programs would fall short of one wave;
+    the headline cases get the counts measured fastest (on the H100; the third's 2
+    suffix chunks on the H200, 71.3 against 73.5 us for 3 under graph replay); short
+    prefixes run as the single-launch cascade, except under graph capture."""
     # Internal on purpose: the test is about the planner on a given GPU, faked through its multiprocessor count.
     from splitkv import _planning
 
