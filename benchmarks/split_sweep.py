@@ -41,6 +41,33 @@ def graph_ms(fn):
     return functools.partial(median_ms, graph.replay, 60)
 
 
+def cascade_call(seqs: int, prefix: int, suffix: int):
+    """``(call, floor_us)``: a cascade_attention call on decode inputs of that shape, and its
+    KV bytes at the copy rate."""
+    q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
+    call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
+                             max_seqlen_k=suffix, cascade=True)  # fmt: skip
+    return call, 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
+
+
+def print_counts(label: str, floor_us: float, rule, rule_key, times: dict) -> None:
+    """One line: the rule's count and time (``times[rule_key]``), the fastest, and every count's time."""
+    best = min(times, key=times.get)
+    cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
+    print(f"{label} floor {floor_us:.1f} us rule {rule} ({times[rule_key]:.1f}) best {best} ({times[best]:.1f}) | "
+          f"{cells}", flush=True)  # fmt: skip
+
+
+def patched(name: str, replacement, fn):
+    """``fn()`` with ``_planning.<name>`` replaced: the planners read their rules at call time."""
+    original = getattr(_planning, name)
+    setattr(_planning, name, replacement)
+    try:
+        return fn()
+    finally:
+        setattr(_planning, name, original)
+
+
 # (16 | 17 | 32) x 16384 and 32 x 8192: where choose_num_splits' two rules meet.
 SHAPES = [(256, 256), (64, 512), (16, 1024), (128, 1024), (32, 2048), (64, 4096), (64, 8704), (8, 16384),
           (16, 16384), (17, 16384), (32, 8192), (32, 16384)]  # fmt: skip
@@ -85,23 +112,13 @@ def cascade_suffix() -> None:
     """The cascade's headline cases under other suffix split counts (the rule patched)."""
     rule_fn = _planning.choose_num_splits
     for seqs, prefix, suffix in [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024)]:
-        q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
-        floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
-        call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
-                                 max_seqlen_k=suffix, cascade=True)  # fmt: skip
-        rule = rule_fn(seqs, HKV, HQ // HKV, suffix, q.device)
+        call, floor_us = cascade_call(seqs, prefix, suffix)
+        rule = rule_fn(seqs, HKV, HQ // HKV, suffix, torch.device("cuda"))
         fns = {}
         for s in sorted({rule, 1, 2, 3, 4, 6, 8}):
-            _planning.choose_num_splits = lambda *args, s=s: s
-            try:
-                fns[s] = graph_ms(call)
-            finally:
-                _planning.choose_num_splits = rule_fn
+            fns[s] = patched("choose_num_splits", lambda *args, s=s: s, functools.partial(graph_ms, call))
         times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
-        best = min(times, key=times.get)
-        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
-        print(f"cascade {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {rule} ({times[rule]:.1f}) "
-              f"best {best} ({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+        print_counts(f"cascade {seqs} x {prefix} x {suffix}", floor_us, rule, rule, times)
 
 
 # Short suffixes: (sequences, prefix, suffix). The prefix programs are most of the launch.
@@ -113,35 +130,19 @@ def cascade_prefix() -> None:
     """Cascades with short suffixes under other prefix split counts (shared_level_splits patched)."""
     rule_fn = _planning.shared_level_splits
     for seqs, prefix, suffix in PREFIX_SHAPES:
-        q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
-        floor_us = 2 * (pk.numel() + sk.numel()) * 2 / (copy * 1e6)
-        call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
-                                 max_seqlen_k=suffix, cascade=True)  # fmt: skip
+        call, floor_us = cascade_call(seqs, prefix, suffix)
         chosen = []
 
         def recording(*args, chosen=chosen):
             chosen.append(rule_fn(*args))
             return chosen[-1]
 
-        fns = {}
-        _planning.shared_level_splits = recording
-        try:
-            fns["rule"] = graph_ms(call)
-        finally:
-            _planning.shared_level_splits = rule_fn
+        fns = {"rule": patched("shared_level_splits", recording, functools.partial(graph_ms, call))}
         for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
-            if s > prefix // _planning.MIN_KEYS_PER_SPLIT:
-                continue
-            _planning.shared_level_splits = lambda *args, s=s: s
-            try:
-                fns[s] = graph_ms(call)
-            finally:
-                _planning.shared_level_splits = rule_fn
+            if s <= prefix // _planning.MIN_KEYS_PER_SPLIT:
+                fns[s] = patched("shared_level_splits", lambda *args, s=s: s, functools.partial(graph_ms, call))
         times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
-        best = min(times, key=times.get)
-        cells = "  ".join(f"{s}:{us:7.1f}" for s, us in times.items())
-        print(f"prefix {seqs} x {prefix} x {suffix} floor {floor_us:.1f} us rule {chosen[-1] if chosen else '-'} "
-              f"({times['rule']:.1f}) best {best} ({times[best]:.1f}) | {cells}", flush=True)  # fmt: skip
+        print_counts(f"prefix {seqs} x {prefix} x {suffix}", floor_us, chosen[-1] if chosen else "-", "rule", times)
 
 
 def prefix_rule_grid() -> None:
@@ -151,9 +152,7 @@ def prefix_rule_grid() -> None:
     for seqs in (16, 32, 64, 128, 256):
         for prefix in (1024, 2048, 4096, 8192, 16384):
             for suffix in (1, 64, 256, 1024):
-                q, cu_q, pk, pv, sk, sv, cu_k = cascade_inputs(seqs, prefix, suffix, seed=1)
-                call = functools.partial(splitkv.cascade_attention, q, cu_q, pk, pv, sk, sv, cu_k, max_seqlen_q=1,
-                                         max_seqlen_k=suffix, cascade=True)  # fmt: skip
+                call, _floor_us = cascade_call(seqs, prefix, suffix)
                 counts, fns = {}, {}
                 for name, one_wave in (("rule", None), ("old", 0)):
 
@@ -163,11 +162,7 @@ def prefix_rule_grid() -> None:
                         counts[name] = rule_fn(*args)
                         return counts[name]
 
-                    _planning.shared_level_splits = recording
-                    try:
-                        fns[name] = graph_ms(call)
-                    finally:
-                        _planning.shared_level_splits = rule_fn
+                    fns[name] = patched("shared_level_splits", recording, functools.partial(graph_ms, call))
                 if counts.get("rule") == counts.get("old"):
                     continue
                 times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
@@ -192,12 +187,8 @@ def paged_rule_grid() -> None:
             def with_wave(*args, one_wave=one_wave):
                 return rule_fn(*args) if one_wave is None else rule_fn(*args[:3], one_wave, *args[4:])
 
-            _planning.shared_level_splits = with_wave
-            try:
-                plans[name] = splitkv.plan_cascade(*tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D,
-                                                   dtype=q.dtype)  # fmt: skip
-            finally:
-                _planning.shared_level_splits = rule_fn
+            plans[name] = patched("shared_level_splits", with_wave, functools.partial(
+                splitkv.plan_cascade, *tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D, dtype=q.dtype))
             fns[name] = graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plans[name]))
         if plans["rule"].num_states == plans["old"].num_states:
             continue
