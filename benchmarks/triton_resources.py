@@ -10,9 +10,14 @@ absolute figures.
 
     python benchmarks/triton_resources.py                 # the table
     python benchmarks/triton_resources.py --ptx DIR       # also each variant's PTX, for a diff
+    python benchmarks/triton_resources.py --loops         # also each variant's loops in SASS
 
 ``--ptx`` writes the PTX without its ``.loc`` / ``.file`` lines and debug sections,
-so two runs diff instruction for instruction.
+so two runs diff instruction for instruction. ``--loops`` lists each loop of the SASS
+(a backward branch and what it jumps over): its instructions, tensor-core ops (HGMMA,
+HMMA), global loads (LDG, and LDGSTS, the asynchronous copies), integer and address ops
+and float ops, per thread and iteration: a static count, for comparing the key loops of
+two kernels (benchmarks/NOTES.md), not a profile.
 """
 
 from __future__ import annotations
@@ -71,6 +76,12 @@ def _attention_variant(prefix_mode: int, fused: bool, splits: bool, block_m=16, 
 
 
 _MODE = _attention_kernels.PrefixMode
+_PASSES_64 = {**_attention_variant(_MODE.PASS, False, True), "PREFIX_BLOCK_M": 64}
+_PAGED_PLAN = {
+    "CAUSAL": True, "PLAN": True, "PAGE_SIZE": 16, "SAME_KV_STRIDES": True, "INT32_OFFSETS": True, "HEAD_DIM": 128,
+    "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 64, "BLOCK_N": 64, "INPUT_PRECISION": "tf32",
+    "UPCAST_DOT": False,
+}  # fmt: skip
 # name: (kernel, constexprs, num_warps, num_stages). bf16, head_dim 128, 32 / 8 heads (GQA 4).
 VARIANTS = {
     "attention split-KV decode": (_attention_kernels.attention_fwd_kernel,
@@ -81,6 +92,8 @@ VARIANTS = {
                                    _attention_variant(_MODE.NONE, False, False, block_m=128), 8, 3),
     "cascade passes (prefix pass)": (_attention_kernels.attention_fwd_kernel,
                                      _attention_variant(_MODE.PASS, False, True), 8, 3),
+    # The narrow prefix tile most decode launches take (_attention_triton._narrow_prefix_tile).
+    "cascade passes, 64-row prefix tile": (_attention_kernels.attention_fwd_kernel, _PASSES_64, 4, 3),
     "cascade, inline prefix": (_attention_kernels.attention_fwd_kernel,
                                _attention_variant(_MODE.INLINE, False, False), 4, 3),
     "cascade, prefix pass + fused merge": (_attention_kernels.attention_fwd_kernel,
@@ -88,23 +101,55 @@ VARIANTS = {
     "cascade, inline prefix + fused merge": (_attention_kernels.attention_fwd_kernel,
                                              _attention_variant(_MODE.INLINE, True, True), 4, 3),
     "paged plain decode": (_paged_triton._paged_fwd_kernel, {
-        "CAUSAL": True, "PLAN": False, "PAGE_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 16,
-        "BLOCK_N": 64, "INPUT_PRECISION": "tf32", "UPCAST_DOT": False}, 4, 3),
-    "paged plan (wide 64 + narrow 16)": (_paged_triton._paged_fwd_kernel, {
-        "CAUSAL": True, "PLAN": True, "PAGE_SIZE": 16, "HEAD_DIM": 128, "HEAD_DIM_PAD": 128, "BLOCK_M": 16, "WIDE_BLOCK_M": 64,
-        "BLOCK_N": 64, "INPUT_PRECISION": "tf32", "UPCAST_DOT": False}, 4, 3),
+        **_PAGED_PLAN, "PLAN": False, "WIDE_BLOCK_M": 16}, 4, 3),
+    "paged plan (wide 64 + narrow 16)": (_paged_triton._paged_fwd_kernel, _PAGED_PLAN, 4, 3),
+    "paged plan, K / V apart, 64-bit offsets": (_paged_triton._paged_fwd_kernel, {
+        **_PAGED_PLAN, "SAME_KV_STRIDES": False, "INT32_OFFSETS": False}, 4, 3),
 }  # fmt: skip
 
 
-def _cubin_resources(cubin: bytes) -> dict:
-    """REG, STACK, SHARED, LOCAL of the compiled kernel, from cuobjdump (CUDA's or Triton's)."""
+def _cuobjdump(cubin: bytes, option: str) -> str:
+    """cuobjdump's (CUDA's or Triton's) report ``option`` of a cubin."""
     cuobjdump = shutil.which("cuobjdump") or str(Path(triton.backends.nvidia.__file__).parent / "bin" / "cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
-        report = subprocess.run([cuobjdump, "--dump-resource-usage", str(path)], capture_output=True, text=True,
-                                check=True).stdout  # fmt: skip
+        return subprocess.run([cuobjdump, option, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+def _cubin_resources(cubin: bytes) -> dict:
+    """REG, STACK, SHARED, LOCAL of the compiled kernel."""
+    report = _cuobjdump(cubin, "--dump-resource-usage")
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", report)}
+
+
+_INTEGER_OPS = ("IMAD", "IADD", "LEA", "SHF", "LOP", "ISETP", "SEL", "IABS", "MOV")
+_FLOAT_OPS = ("FMUL", "FFMA", "FADD", "FMNMX", "MUFU")
+
+
+def _sass_loops(cubin: bytes) -> list[dict]:
+    """Each loop of the kernel's SASS (a branch back to an earlier address, and the
+    instructions from there to it), as counts of its instructions by kind."""
+    listing = []
+    for line in _cuobjdump(cubin, "-sass").splitlines():
+        match = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if match:
+            listing.append((int(match.group(1), 16), match.group(2)))
+    index_of = {address: i for i, (address, _) in enumerate(listing)}
+    loops = []
+    for i, (address, instruction) in enumerate(listing):
+        target = re.search(r"BRA.*?0x([0-9a-f]+)", instruction)
+        if target and int(target.group(1), 16) <= address and int(target.group(1), 16) in index_of:
+            # The opcode, past any predicate.
+            ops = [re.sub(r"^@!?U?P\w+\s+", "", body).split()[0]
+                   for _, body in listing[index_of[int(target.group(1), 16)]: i + 1]]  # fmt: skip
+            loops.append({"instructions": len(ops), "HGMMA": sum("HGMMA" in op for op in ops),
+                          "HMMA": sum(op.startswith("HMMA") for op in ops),
+                          "LDG": sum(op.startswith("LDG") and not op.startswith("LDGSTS") for op in ops),
+                          "LDGSTS": sum(op.startswith("LDGSTS") for op in ops),
+                          "integer": sum(op.startswith(_INTEGER_OPS) for op in ops),
+                          "float": sum(op.startswith(_FLOAT_OPS) for op in ops)})  # fmt: skip
+    return loops
 
 
 def _clean_ptx(ptx: str) -> str:
@@ -115,6 +160,7 @@ def _clean_ptx(ptx: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ptx", type=Path, help="write each variant's PTX (without line info) into this folder")
+    parser.add_argument("--loops", action="store_true", help="also list each variant's loops in SASS (static counts)")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
     print(f"{'variant':40s} {'warps':>5s} {'stages':>6s} {'registers':>9s} {'stack B':>7s} {'shared B':>8s}")
@@ -129,6 +175,10 @@ def main() -> None:
         used = _cubin_resources(compiled.asm["cubin"])
         print(f"{name:40s} {num_warps:5d} {num_stages:6d} {used.get('REG', -1):9d} {used.get('STACK', -1):7d} "
               f"{compiled.metadata.shared:8d}")  # fmt: skip
+        if args.loops:
+            for loop in _sass_loops(compiled.asm["cubin"]):
+                if loop["instructions"] > 20:  # the key loops, not the tails' small ones
+                    print("    loop: " + ", ".join(f"{key} {value}" for key, value in loop.items()))
         if args.ptx:
             args.ptx.mkdir(parents=True, exist_ok=True)
             (args.ptx / (re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + ".ptx")).write_text(

@@ -48,8 +48,9 @@ _LOG2E = math.log2(math.e)
 def _attend_pages(
     acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, key_lo, key_hi, pages_hi, row_key_end, qk_scale,
     stride_kp, stride_ks, stride_vp, stride_vs,
-    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    MASKED: tl.constexpr, PAGE_SIZE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_OFFSETS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Online-softmax update of (acc, l_i, m_i) with the keys [key_lo, key_hi) of one
     block-table row, ``next_page`` holding the page ids of the tile at key_lo; returns
@@ -59,16 +60,29 @@ def _attend_pages(
     visible to every row and key_hi - key_lo is a multiple of BLOCK_N. PAGE_SIZE is a
     constexpr: the page and slot of every key of a tile are a shift and a mask for a
     power of two, where a division by a runtime page size took a quarter of the shared
-    runs' instructions (benchmarks/NOTES.md)."""
+    runs' instructions (benchmarks/NOTES.md). The row offsets of a tile's keys are
+    computed once for K and V when their strides are the same (SAME_KV_STRIDES), and in
+    32 bits when every page's fit (INT32_OFFSETS): the addressing was about half the
+    integer work of a tile, which made the paged launch execute 1.7x the instructions of
+    the packed cascade's for the same keys (benchmarks/NOTES.md)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
-        page = next_page.to(tl.int64)
+        if INT32_OFFSETS:
+            page = next_page
+            slot = keys % PAGE_SIZE
+        else:
+            page = next_page.to(tl.int64)
+            slot = (keys % PAGE_SIZE).to(tl.int64)
         ahead = keys + BLOCK_N
         next_page = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < pages_hi, other=0)
-        slot = (keys % PAGE_SIZE).to(tl.int64)
-        k_ptrs = k_head + (page * stride_kp + slot * stride_ks)[:, None]
-        v_ptrs = v_head + (page * stride_vp + slot * stride_vs)[:, None]
+        k_rows = page * stride_kp + slot * stride_ks
+        if SAME_KV_STRIDES:
+            v_rows = k_rows
+        else:
+            v_rows = page * stride_vp + slot * stride_vs
+        k_ptrs = k_head + k_rows[:, None]
+        v_ptrs = v_head + v_rows[:, None]
         k = load_kv_tile(k_ptrs, keys, key_hi, MASKED, HEAD_DIM, HEAD_DIM_PAD)
         s = dot(q, tl.trans(k), None, INPUT_PRECISION, UPCAST_DOT) * qk_scale
         if MASKED:
@@ -86,8 +100,9 @@ def _attend_item(
     row, tok_off, num_tokens, key_lo, key_hi, k_total, causal, state_base, split, splits, pad_from, row_block,
     kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, group, num_states, qk_scale,
-    PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr, INT32_OFFSETS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     """Rows ``row_block`` (of BLOCK_M) of one item and KV head against key chunk
     ``split`` of ``splits`` of the item's keys ``[key_lo, key_hi)``, written as state
@@ -138,12 +153,14 @@ def _attend_item(
         acc, l_i, m_i, next_page = _attend_pages(
             acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, chunk_lo, unmasked_hi, block_hi, row_key_end,
             qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
-            False, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            False, PAGE_SIZE, SAME_KV_STRIDES, INT32_OFFSETS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION,
+            UPCAST_DOT,
         )  # fmt: skip
         acc, l_i, m_i, next_page = _attend_pages(
             acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, unmasked_hi, block_hi, block_hi, row_key_end,
             qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
-            True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            True, PAGE_SIZE, SAME_KV_STRIDES, INT32_OFFSETS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, INPUT_PRECISION,
+            UPCAST_DOT,
         )  # fmt: skip
 
         out, lse = finish_state(acc, l_i, m_i)
@@ -164,9 +181,9 @@ def _paged_fwd_kernel(
     stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
     heads_kv, group, batch, num_row_blocks, num_splits, num_states, qk_scale,
-    CAUSAL: tl.constexpr, PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    CAUSAL: tl.constexpr, PLAN: tl.constexpr, PAGE_SIZE: tl.constexpr, SAME_KV_STRIDES: tl.constexpr,
+    INT32_OFFSETS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    WIDE_BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     # KV heads innermost: the programs of one item and chunk start together and
@@ -198,7 +215,8 @@ def _paged_fwd_kernel(
                 tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                 stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
                 group, num_states, qk_scale,
-                True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                True, PAGE_SIZE, SAME_KV_STRIDES, INT32_OFFSETS, HEAD_DIM, HEAD_DIM_PAD, WIDE_BLOCK_M, BLOCK_N,
+                INPUT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
         else:
             _attend_item(
@@ -207,7 +225,8 @@ def _paged_fwd_kernel(
                 tl.load(fields + 7), row_block, kv_head, stride_qt, stride_qh, stride_kp, stride_ks, stride_kh,
                 stride_vp, stride_vs, stride_vh, stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt,
                 group, num_states, qk_scale,
-                True, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+                True, PAGE_SIZE, SAME_KV_STRIDES, INT32_OFFSETS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+                INPUT_PRECISION, UPCAST_DOT,
             )  # fmt: skip
     else:
         # One item per sequence: its tokens from cu_seqlens_q, its keys [0, seqused_k).
@@ -221,11 +240,25 @@ def _paged_fwd_kernel(
             0, k_total, k_total, CAUSAL, 0, split, num_splits, num_states, row_block, kv_head,
             stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
             stride_os, stride_ot, stride_oh, stride_ls, stride_lh, stride_bt, group, num_states, qk_scale,
-            False, PAGE_SIZE, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, INPUT_PRECISION, UPCAST_DOT,
+            False, PAGE_SIZE, SAME_KV_STRIDES, INT32_OFFSETS, HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N,
+            INPUT_PRECISION, UPCAST_DOT,
         )  # fmt: skip
 
 
 _launch_paged_kernel = CompiledLauncher(_paged_fwd_kernel)
+
+
+# Row offsets (page * stride(0) + slot * stride(1), in elements) at or past this take 64 bits.
+INT32_OFFSET_LIMIT = 2**31
+
+
+def row_offsets_fit_int32(cache: torch.Tensor) -> bool:
+    """Whether every page's row offsets in ``cache [num_pages, page_size, heads_kv,
+    head_dim]`` fit in int32 (the kernel adds the head and the dimension to the pointer
+    apart). Page ids past the cache are not in the bound: the opt-in value check of the
+    block table is what keeps them out."""
+    num_pages, page_size = cache.shape[:2]
+    return (num_pages - 1) * cache.stride(0) + (page_size - 1) * cache.stride(1) < INT32_OFFSET_LIMIT
 
 
 def _next_power_of_2(n: int) -> int:
@@ -280,8 +313,12 @@ def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqle
         block_table.stride(0), heads_kv, q.shape[1] // heads_kv, block_table.shape[0],
         num_row_blocks, num_splits, out.shape[0], softmax_scale * _LOG2E,
     )  # fmt: skip
+    # K and V at the same page and slot strides (two views of one buffer) share each key's row offset.
+    same_kv_strides = ks[:2] == vs[:2]
+    int32_offsets = row_offsets_fit_int32(k_cache) and row_offsets_fit_int32(v_cache)
     constexprs = (
-        causal, plan, k_cache.shape[1], q.shape[2], head_dim_pad, block_m, wide_block_m or block_m, block_n,
+        causal, plan, k_cache.shape[1], same_kv_strides, int32_offsets, q.shape[2], head_dim_pad, block_m,
+        wide_block_m or block_m, block_n,
         # fp32 callers want fp32 accuracy, which TF32 does not give.
         "ieee" if q.dtype == torch.float32 else "tf32",
         _INTERPRET and q.dtype == torch.bfloat16,

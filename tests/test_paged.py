@@ -118,6 +118,41 @@ def test_triton_matches_float64(page_size, dtype, causal, group, head_dim, num_s
     run_case(page_size, dtype, causal, group, head_dim, "triton", num_splits)
 
 
+@pytest.mark.parametrize("int32_offsets", [True, False])
+def test_triton_kv_layouts_and_offset_widths(monkeypatch, int32_offsets):
+    """K and V at other strides than each other (their row offsets computed apart), and
+    both offset widths (64 bits forced by the limit), against float64."""
+    from splitkv import _paged_triton
+
+    if not int32_offsets:
+        monkeypatch.setattr(_paged_triton, "INT32_OFFSET_LIMIT", 0)
+    seq_lens, q_lens, page_size = [0, 2 * 5 + 3, 11, 3 * 5], [1, 3, 2, 1], 5
+    q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = make_batch(seq_lens, q_lens, page_size, 4, 2, 24,
+                                                                           torch.float32, spare_pages=0)  # fmt: skip
+    # V in its own buffer, one spare head per slot: other page and slot strides than K's.
+    v_apart = torch.full((v_cache.shape[0], page_size, 3, 24), math.nan, device=DEVICE)[:, :, :2]
+    v_apart.copy_(v_cache)
+    for v in (v_cache, v_apart):
+        expected = float64_paged_attention(q, k_cache, v, block_table, seqused_k, cu_seqlens_q, True)
+        out, lse = splitkv.paged_attention_with_lse(q, k_cache, v, block_table, seqused_k, cu_seqlens_q, max(q_lens),
+                                                    max(seq_lens), causal=True, backend="triton")  # fmt: skip
+        assert_close(out, lse, *expected, torch.float32)
+
+
+def test_row_offsets_fit_int32_at_the_limit():
+    from splitkv._paged_triton import row_offsets_fit_int32
+
+    # [num_pages, page_size, heads_kv, head_dim] on the meta device: shapes and strides only.
+    per_page = 16 * 8 * 128
+    largest = (2**31 - 1 - 15 * 8 * 128) // per_page + 1  # the last page whose last slot's offset is < 2**31
+    assert row_offsets_fit_int32(torch.empty(largest, 16, 8, 128, device="meta"))
+    assert not row_offsets_fit_int32(torch.empty(largest + 1, 16, 8, 128, device="meta"))
+    # Two views of one [num_pages, 2, ...] buffer: a page's stride is twice its size (V's
+    # first page's offset is in its data pointer, not in the row offsets).
+    assert row_offsets_fit_int32(torch.empty(largest // 2, 2, 16, 8, 128, device="meta")[:, 1])
+    assert not row_offsets_fit_int32(torch.empty(largest // 2 + 1, 2, 16, 8, 128, device="meta")[:, 1])
+
+
 @pytest.mark.parametrize(("page_size", "causal"), [(1, True), (5, False)])
 def test_reference_matches_float64(page_size, causal):
     run_case(page_size, torch.float32, causal, 4, 24, "reference")
