@@ -144,7 +144,8 @@ def test_row_offsets_fit_int32_at_the_limit():
 
     # [num_pages, page_size, heads_kv, head_dim] on the meta device: shapes and strides only.
     per_page = 16 * 8 * 128
-    largest = (2**31 - 1 - 15 * 8 * 128) // per_page + 1  # the last page whose last slot's offset is < 2**31
+    # The most pages for which the last page's last slot lies below 2**31 elements.
+    largest = (2**31 - 1 - 15 * 8 * 128) // per_page + 1
     assert row_offsets_fit_int32(torch.empty(largest, 16, 8, 128, device="meta"))
     assert not row_offsets_fit_int32(torch.empty(largest + 1, 16, 8, 128, device="meta"))
     # Two views of one [num_pages, 2, ...] buffer: a page's stride is twice its size (V's
