@@ -24,7 +24,7 @@ import splitkv
 from splitkv import _paged_triton, _planning
 from splitkv.bench.common import capture_graph, interleaved, median_ms
 from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
-from splitkv.paged import plan_launch_shape, plan_state_buffers
+from splitkv.paged import DYNAMIC_KEY_HI, ITEM_FIELDS, plan_launch_shape, plan_state_buffers
 
 PAGE = 16
 # (wide row tile, BLOCK_N, num_stages, maxnreg, num_warps) of the plan's one launch. At
@@ -97,9 +97,12 @@ def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config,
 
 
 def split_programs(plan):
-    items = plan.launch_tables[0].view(-1, 9)
+    """``(all, shared, own)``: the rows of the plan's program table (item, row block, split),
+    those of the shared runs' items and those of the sequences' own."""
+    items = plan.launch_tables[0].view(-1, ITEM_FIELDS)
     programs = plan.launch_tables[2].view(-1, 3)
-    shared = items[programs[:, 0].long(), 4] >= 0
+    # Column 4 of an item is key_hi (splitkv/paged.py's item table).
+    shared = items[programs[:, 0].long(), 4] != DYNAMIC_KEY_HI
     return programs, programs[shared], programs[~shared]
 
 

@@ -11,10 +11,10 @@ from a cold L2 without host time; the split counts of a shape take turns, 3 roun
 "rule" is what ``choose_num_splits`` picks. Last, cascades with short suffixes (one to
 a few keys per sequence, where the prefix programs are most of the launch) at 1 to 32
 prefix chunks (``shared_level_splits`` patched), "rule" its own count; and ("grid") the
-prefix rule against its form before the one-wave floor on a grid of cascades, where the two
-differ, and ("paged-grid") the same for paged cascade plans. Run on a GPU machine
-(device_run.sh step ``split-sweep [dense|suffix|prefix|grid|paged-grid ...]``, all by
-default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+prefix rule against its form before the one-wave floor (``one_wave_chunks`` patched to 0)
+on a grid of cascades, where the two differ, and ("paged-grid") the same for paged
+cascade plans. Run on a GPU machine (device_run.sh step ``split-sweep
+[dense|suffix|prefix|grid|paged-grid ...]``, all by default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
 holds the output of its first copy at b86c94f (the first eight shapes, the same calls
 and timing; its page ids were drawn after the inputs from one generator), from which
 the rule of 634ba47 was set, then this script's run at be83365.
@@ -145,24 +145,29 @@ def cascade_prefix() -> None:
         print_counts(f"prefix {seqs} x {prefix} x {suffix}", floor_us, chosen[-1] if chosen else "-", "rule", times)
 
 
+def as_rule(name: str, fn):
+    """``fn()`` under the prefix rule (``"rule"``) or its form before the one-wave floor
+    (``"old"``: ``one_wave_chunks`` 0)."""
+    return fn() if name == "rule" else patched("one_wave_chunks", lambda sms, tiles: 0, fn)
+
+
 def prefix_rule_grid() -> None:
-    """The prefix rule against its form before the one-wave floor (``one_wave`` 0), on a grid
-    of cascades: only the shapes where the two counts differ are timed."""
+    """The prefix rule against its form before the one-wave floor, on a grid of cascades:
+    only the shapes where the two counts differ are timed."""
     rule_fn = _planning.shared_level_splits
     for seqs in (16, 32, 64, 128, 256):
         for prefix in (1024, 2048, 4096, 8192, 16384):
             for suffix in (1, 64, 256, 1024):
                 call, _floor_us = cascade_call(seqs, prefix, suffix)
                 counts, fns = {}, {}
-                for name, one_wave in (("rule", None), ("old", 0)):
+                for name in ("rule", "old"):
 
-                    def recording(*args, name=name, one_wave=one_wave, counts=counts):
-                        if one_wave is not None:
-                            args = (*args[:3], one_wave, *args[4:])
+                    def recording(*args, name=name, counts=counts):
                         counts[name] = rule_fn(*args)
                         return counts[name]
 
-                    fns[name] = patched("shared_level_splits", recording, functools.partial(graph_ms, call))
+                    fns[name] = as_rule(name, functools.partial(patched, "shared_level_splits", recording,
+                                                                functools.partial(graph_ms, call)))  # fmt: skip
                 if counts.get("rule") == counts.get("old"):
                     continue
                 times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
@@ -176,19 +181,18 @@ def paged_rule_grid() -> None:
     (page 16), each with its own keys after it."""
     from splitkv.bench import paged as bench_paged
 
-    rule_fn = _planning.shared_level_splits
     for seqs, prefix, suffix in [(64, 2048, 1), (64, 2048, 64), (64, 4096, 1), (64, 4096, 64), (128, 2048, 1),
                                  (128, 4096, 1), (128, 4096, 256), (32, 4096, 1)]:  # fmt: skip
+        node_keys = bench_paged.NODE_KEYS[0]
         bench_paged.NODE_KEYS[0] = prefix  # node 0: the run every sequence shares
-        q, k_cache, v_cache, *tables = bench_paged.build([((0,), suffix)] * seqs, 16)
+        try:
+            q, k_cache, v_cache, *tables = bench_paged.build([((0,), suffix)] * seqs, 16)
+        finally:
+            bench_paged.NODE_KEYS[0] = node_keys
         plans, fns = {}, {}
-        for name, one_wave in (("rule", None), ("old", 0)):
-
-            def with_wave(*args, one_wave=one_wave):
-                return rule_fn(*args) if one_wave is None else rule_fn(*args[:3], one_wave, *args[4:])
-
-            plans[name] = patched("shared_level_splits", with_wave, functools.partial(
-                splitkv.plan_cascade, *tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D, dtype=q.dtype))
+        for name in ("rule", "old"):
+            plans[name] = as_rule(name, functools.partial(splitkv.plan_cascade, *tables, page_size=16, heads_q=HQ,
+                                                          heads_kv=HKV, head_dim=D, dtype=q.dtype))  # fmt: skip
             fns[name] = graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plans[name]))
         if plans["rule"].num_states == plans["old"].num_states:
             continue

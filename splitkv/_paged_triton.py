@@ -252,13 +252,13 @@ _launch_paged_kernel = CompiledLauncher(_paged_fwd_kernel)
 INT32_OFFSET_LIMIT = 2**31
 
 
-def row_offsets_fit_int32(cache: torch.Tensor) -> bool:
-    """Whether every page's row offsets in ``cache [num_pages, page_size, heads_kv,
-    head_dim]`` fit in int32 (the kernel adds the head and the dimension to the pointer
-    apart). Page ids past the cache are not in the bound: the opt-in value check of the
-    block table is what keeps them out."""
-    num_pages, page_size = cache.shape[:2]
-    return (num_pages - 1) * cache.stride(0) + (page_size - 1) * cache.stride(1) < INT32_OFFSET_LIMIT
+def row_offsets_fit_int32(num_pages: int, page_size: int, strides: tuple[int, ...]) -> bool:
+    """Whether every page's row offsets in a cache ``[num_pages, page_size, heads_kv,
+    head_dim]`` of these ``strides`` fit in int32 (the kernel adds the head and the
+    dimension to the pointer apart). Page ids past the cache are not in the bound: the
+    opt-in value check of the block table is what keeps them out. Plain ints: it runs on
+    every launch, which has read the strides already."""
+    return (num_pages - 1) * strides[0] + (page_size - 1) * strides[1] < INT32_OFFSET_LIMIT
 
 
 def _next_power_of_2(n: int) -> int:
@@ -315,9 +315,10 @@ def launch_paged(q, k_cache, v_cache, out, lse, block_table, seqused_k, cu_seqle
     )  # fmt: skip
     # K and V at the same page and slot strides (two views of one buffer) share each key's row offset.
     same_kv_strides = ks[:2] == vs[:2]
-    int32_offsets = row_offsets_fit_int32(k_cache) and row_offsets_fit_int32(v_cache)
+    num_pages, page_size = k_cache.shape[:2]  # v_cache's too (checked)
+    int32_offsets = row_offsets_fit_int32(num_pages, page_size, ks) and row_offsets_fit_int32(num_pages, page_size, vs)
     constexprs = (
-        causal, plan, k_cache.shape[1], same_kv_strides, int32_offsets, q.shape[2], head_dim_pad, block_m,
+        causal, plan, page_size, same_kv_strides, int32_offsets, q.shape[2], head_dim_pad, block_m,
         wide_block_m or block_m, block_n,
         # fp32 callers want fp32 accuracy, which TF32 does not give.
         "ieee" if q.dtype == torch.float32 else "tf32",

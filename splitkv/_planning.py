@@ -128,23 +128,30 @@ def fill_chunks(sms: int, other_programs: int, tiles: int) -> int:
     return -(-max(0, 2 * sms - other_programs) // max(tiles, 1))
 
 
-def shared_level_splits(keys: int, rows: int, fill: int, one_wave: int, suffix_chunk: int, suffix_waves: int,
+def one_wave_chunks(sms: int, tiles: int) -> int:
+    """Chunks per tile at which a shared level's ``tiles`` cover every one of ``sms``
+    multiprocessors once (0 when they already fill more than one wave)."""
+    return sms // max(tiles, 1)
+
+
+def shared_level_splits(keys: int, rows: int, sms: int, tiles: int, other_programs: int, suffix_chunk: int,
                         heads_q: int, heads_kv: int, head_dim: int, element_size: int) -> int:  # fmt: skip
     """Key chunks of one level shared by several sequences (a cascade's prefix, a paged
-    cascade's shared run) of ``keys`` keys read by ``rows`` query tokens: at least
-    ``fill`` (:func:`fill_chunks`); beyond that, chunks of at least
-    ``PREFIX_CHUNK_FACTOR`` times a suffix program's keys (``suffix_chunk``: a shared
-    tile packs many queries' rows, so it streams its keys as fast as a suffix program
-    streams fewer) but at most ``BALANCE_KEYS_PER_SPLIT`` per wave of the launch's other
-    programs (``suffix_waves``), and only as many as keep the float32 partial states they write (and
-    the merge reads back) within half the level's KV bytes, unless that leaves the
-    level's own programs short of one wave (``one_wave``: the chunks at which its tiles
-    cover every multiprocessor once). On the H100 this rule's count was the fastest of
-    a sweep around it, or within 1% of it, in the headline decode cases
-    (benchmarks/NOTES.md)."""
+    cascade's shared run) of ``keys`` keys read by ``rows`` query tokens, whose launch on
+    ``sms`` multiprocessors holds ``tiles`` programs per chunk of the shared levels and
+    ``other_programs`` of the sequences' own: at least :func:`fill_chunks`; beyond that,
+    chunks of at least ``PREFIX_CHUNK_FACTOR`` times a suffix program's keys
+    (``suffix_chunk``: a shared tile packs many queries' rows, so it streams its keys as
+    fast as a suffix program streams fewer) but at most ``BALANCE_KEYS_PER_SPLIT`` per
+    wave of the other programs, and only as many as keep the float32 partial states
+    they write (and the merge reads back) within half the level's KV bytes, unless that
+    leaves the level's own programs short of one wave (:func:`one_wave_chunks`). On the
+    H100 this rule's count was the fastest of a sweep around it, or within 1% of it, in
+    the headline decode cases (benchmarks/NOTES.md)."""
     # Longer chunks than BALANCE_KEYS_PER_SPLIT per wave of the other programs make the
     # level's programs the launch's long pole (H200, 16 x 32768 x 4096: 4 chunks of 8192
     # keys against 8 of 4096, benchmarks/NOTES.md).
+    suffix_waves = -(-other_programs // sms)
     chunk_keys = min(PREFIX_CHUNK_FACTOR * suffix_chunk, BALANCE_KEYS_PER_SPLIT * max(1, suffix_waves))
     balance = -(-keys // chunk_keys)
     # Per chunk: one [rows, heads_q, head_dim + 1] float32 state written and read back;
@@ -153,8 +160,8 @@ def shared_level_splits(keys: int, rows: int, fill: int, one_wave: int, suffix_c
     # Under one wave the level's programs are the launch's long pole wherever the other
     # programs are short, and more chunks shorten it for a few more states (H200, 64 x
     # 4096 keys x 1: the cap's 3 chunks 37.8 us, 4 31.7, 6 29.7; benchmarks/NOTES.md).
-    state_cap = max(state_cap, one_wave)
-    wanted = max(fill, min(balance, state_cap))
+    state_cap = max(state_cap, one_wave_chunks(sms, tiles))
+    wanted = max(fill_chunks(sms, other_programs, tiles), min(balance, state_cap))
     return max(1, min(wanted, MAX_SPLITS, keys // MIN_KEYS_PER_SPLIT))
 
 
@@ -330,11 +337,9 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
     if prefix_len <= MIN_KEYS_PER_SPLIT:
         return 1, suffix_splits
     prefix_tiles = heads_kv * math.ceil(total_q * group / ROWS_PER_PROGRAM)
-    fill = fill_chunks(sms, suffix_programs, prefix_tiles)
-    suffix_chunk = suffix_chunk_keys(max_seqlen_k, suffix_splits)
-    suffix_waves = -(-suffix_programs // sms)
-    prefix_splits = shared_level_splits(prefix_len, total_q, fill, sms // prefix_tiles, suffix_chunk, suffix_waves,
-                                        heads_q, heads_kv, head_dim, element_size)  # fmt: skip
+    prefix_splits = shared_level_splits(prefix_len, total_q, sms, prefix_tiles, suffix_programs,
+                                        suffix_chunk_keys(max_seqlen_k, suffix_splits), heads_q, heads_kv, head_dim,
+                                        element_size)  # fmt: skip
     return prefix_splits, suffix_splits
 
 

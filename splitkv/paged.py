@@ -720,10 +720,7 @@ def _shared_splits(runs: list, last_programs: int, suffix_chunk: int, heads_q: i
         return [num_splits or 1 for _ in runs]
     sms = _planning.multiprocessors(_planning.device_index(device))
     tiles = sum(row_blocks * heads_kv for _keys, _tokens, row_blocks in runs)
-    fill = _planning.fill_chunks(sms, last_programs, tiles)
-    waves = -(-last_programs // sms)
-    one_wave = sms // max(tiles, 1)
-    return [_planning.shared_level_splits(keys, tokens, fill, one_wave, suffix_chunk, waves, heads_q, heads_kv,
+    return [_planning.shared_level_splits(keys, tokens, sms, tiles, last_programs, suffix_chunk, heads_q, heads_kv,
                                           head_dim, element_size) for keys, tokens, _row_blocks in runs]  # fmt: skip
 
 

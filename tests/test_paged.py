@@ -140,7 +140,10 @@ def test_triton_kv_layouts_and_offset_widths(monkeypatch, int32_offsets):
 
 
 def test_row_offsets_fit_int32_at_the_limit():
-    from splitkv._paged_triton import row_offsets_fit_int32
+    from splitkv._paged_triton import row_offsets_fit_int32 as fits
+
+    def row_offsets_fit_int32(cache):
+        return fits(*cache.shape[:2], cache.stride())
 
     # [num_pages, page_size, heads_kv, head_dim] on the meta device: shapes and strides only.
     per_page = 16 * 8 * 128
