@@ -334,7 +334,8 @@ def cascade_splits(num_sequences: int, heads_q: int, heads_kv: int, head_dim: in
             and _inline_prefix_gpu_us(suffix_programs, prefix_len + max_seqlen_k, head_dim, element_size, sms)
             <= INLINE_HOST_US and not torch.cuda.is_current_stream_capturing()):  # fmt: skip
         return 0, 1
-    if prefix_len <= MIN_KEYS_PER_SPLIT:
+    # No query reads the prefix (the state cap below divides by the queries).
+    if prefix_len <= MIN_KEYS_PER_SPLIT or total_q == 0:
         return 1, suffix_splits
     prefix_tiles = heads_kv * math.ceil(total_q * group / ROWS_PER_PROGRAM)
     prefix_splits = shared_level_splits(prefix_len, total_q, sms, prefix_tiles, suffix_programs,

@@ -220,6 +220,8 @@ def test_cascade_split_counts(monkeypatch):
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu, 4) == (1, 1)
     capturing = True
     assert cascade_module.cascade_splits(64, heads_q, heads_kv, head_dim, 64, 1, 256, 512, gpu) == (1, 1)
+    # No query at all: one chunk, not a division by the query count.
+    assert cascade_module.cascade_splits(4, heads_q, heads_kv, head_dim, 0, 0, 16, 4096, gpu) == (1, 1)
 
 
 def test_split_kv_counts_follow_the_h200_sweep(monkeypatch):
