@@ -13,8 +13,9 @@ a few keys per sequence, where the prefix programs are most of the launch) at 1 
 prefix chunks (``shared_level_splits`` patched), "rule" its own count; and ("grid") the
 prefix rule against its form before the one-wave floor (``one_wave_chunks`` patched to 0)
 on a grid of cascades, where the two differ, and ("paged-grid") the same for paged
-cascade plans. Run on a GPU machine (device_run.sh step ``split-sweep
-[dense|suffix|prefix|grid|paged-grid ...]``, all by default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
+cascade plans; ("paged-chunks") ``bench paged``'s shared cases at forced shared-run
+chunk counts. Run on a GPU machine (device_run.sh step ``split-sweep
+[dense|suffix|prefix|grid|paged-grid|paged-chunks ...]``, all by default); prints one line per shape. ``benchmarks/results/split_counts_h200.log``
 holds the output of its first copy at b86c94f (the first eight shapes, the same calls
 and timing; its page ids were drawn after the inputs from one generator), from which
 the rule of 634ba47 was set, then this script's run at be83365.
@@ -202,8 +203,32 @@ def paged_rule_grid() -> None:
               flush=True)  # fmt: skip
 
 
+def paged_chunks() -> None:
+    """``bench paged``'s shared cases (page 16) with every shared run at other chunk
+    counts (shared_level_splits patched), "rule" the plan's own."""
+    from splitkv.bench import paged as bench_paged
+
+    for label, case in bench_paged.tree_cases(quick=False).items():
+        if all(not path for path, _own in case):
+            continue  # nothing shared: no shared run to split
+        q, k_cache, v_cache, *tables = bench_paged.build(case, 16)
+
+        def plan_call():
+            plan = splitkv.plan_cascade(*tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D, dtype=q.dtype)
+            return plan, graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plan))
+
+        plan, fns = {}, {}
+        plan["rule"], fns["rule"] = plan_call()
+        for s in (2, 3, 4, 6, 8, 12, 16):
+            plan[s], fns[s] = patched("shared_level_splits", lambda *args, s=s: s, plan_call)
+        times = interleaved(lambda t: t() * 1e3, fns, rounds=3)
+        cells = "  ".join(f"{s} ({plan[s].num_states} states):{us:6.1f}" for s, us in times.items())
+        best = min(times, key=times.get)
+        print(f"paged chunks, {label}: best {best} ({times[best]:.1f} us) | {cells}", flush=True)
+
+
 SECTIONS = {"dense": dense_and_paged, "suffix": cascade_suffix, "prefix": cascade_prefix, "grid": prefix_rule_grid,
-            "paged-grid": paged_rule_grid}  # fmt: skip
+            "paged-grid": paged_rule_grid, "paged-chunks": paged_chunks}  # fmt: skip
 
 if __name__ == "__main__":
     for section in sys.argv[1:] or SECTIONS:
