@@ -203,6 +203,12 @@ def paged_rule_grid() -> None:
               flush=True)  # fmt: skip
 
 
+def planned_call(q, k_cache, v_cache, *tables):
+    """``(plan, timer)``: a page-16 cascade plan of the tables and its call's graph-replay timer."""
+    plan = splitkv.plan_cascade(*tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D, dtype=q.dtype)
+    return plan, graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plan))
+
+
 def paged_chunks() -> None:
     """``bench paged``'s shared cases (page 16) with every shared run at other chunk
     counts (shared_level_splits patched), "rule" the plan's own."""
@@ -211,12 +217,7 @@ def paged_chunks() -> None:
     for label, case in bench_paged.tree_cases(quick=False).items():
         if all(not path for path, _own in case):
             continue  # nothing shared: no shared run to split
-        q, k_cache, v_cache, *tables = bench_paged.build(case, 16)
-
-        def plan_call():
-            plan = splitkv.plan_cascade(*tables, page_size=16, heads_q=HQ, heads_kv=HKV, head_dim=D, dtype=q.dtype)
-            return plan, graph_ms(functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plan))
-
+        plan_call = functools.partial(planned_call, *bench_paged.build(case, 16))
         plan, fns = {}, {}
         plan["rule"], fns["rule"] = plan_call()
         for s in (2, 3, 4, 6, 8, 12, 16):
