@@ -45,15 +45,6 @@ _LOG2E = math.log2(math.e)
 
 
 @triton.jit
-def _page_index(keys, PAGE_SIZE: tl.constexpr):
-    """Block-table column and page slot of each key. Keys are never negative, and as
-    unsigned a division by the constexpr page size is a shift (a multiply-high for other
-    sizes) without the sign fixups of a signed one."""
-    unsigned = keys.to(tl.uint32)
-    return (unsigned // PAGE_SIZE).to(tl.int32), (unsigned % PAGE_SIZE).to(tl.int32)
-
-
-@triton.jit
 def _attend_pages(
     acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, key_lo, key_hi, pages_hi, row_key_end, qk_scale,
     stride_kp, stride_ks, stride_vp, stride_vs,
@@ -77,15 +68,14 @@ def _attend_pages(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
-        _, slot = _page_index(keys, PAGE_SIZE)
         if INT32_OFFSETS:
             page = next_page
+            slot = keys % PAGE_SIZE
         else:
             page = next_page.to(tl.int64)
-            slot = slot.to(tl.int64)
+            slot = (keys % PAGE_SIZE).to(tl.int64)
         ahead = keys + BLOCK_N
-        column, _ = _page_index(ahead, PAGE_SIZE)
-        next_page = tl.load(bt_row + column, mask=ahead < pages_hi, other=0)
+        next_page = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < pages_hi, other=0)
         k_rows = page * stride_kp + slot * stride_ks
         if SAME_KV_STRIDES:
             v_rows = k_rows
@@ -159,8 +149,7 @@ def _attend_item(
         # tile ahead, so the K/V loads do not wait on a dependent block-table load: 10-17%
         # off the plan launch on the H200 (benchmarks/NOTES.md).
         offs_n = tl.arange(0, BLOCK_N)
-        column, _ = _page_index(chunk_lo + offs_n, PAGE_SIZE)
-        next_page = tl.load(bt_row + column, mask=chunk_lo + offs_n < block_hi, other=0)
+        next_page = tl.load(bt_row + (chunk_lo + offs_n) // PAGE_SIZE, mask=chunk_lo + offs_n < block_hi, other=0)
         acc, l_i, m_i, next_page = _attend_pages(
             acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, chunk_lo, unmasked_hi, block_hi, row_key_end,
             qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
