@@ -4,7 +4,7 @@ For each sharing case of ``python -m splitkv.bench paged`` (page 16), the plan's
 launch is timed with its program table filtered: the shared runs' programs alone, the
 sequences' own programs alone, and all of them; under the plan's tile configuration and
 others (wide row tile and its warps, BLOCK_N, pipeline depth, a register cap that lets more
-blocks share an SM); and as two launches, the shared runs under a wide configuration and
+blocks share an SM), some with every shared run at twice the rule's chunks; and as two launches, the shared runs under a wide configuration and
 the own programs under a narrow one, one after the other on one stream and side by side on
 two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
 the variants of a case taking turns over 3 rounds; each variant's states, merged, are
@@ -35,6 +35,10 @@ CONFIGS = [(64, 64, 3, None, 4), (64, 32, 3, 168, 4), (64, 64, 3, None, 8), (128
 # Two launches: the shared runs under a plan of these (wide tile, BLOCK_N, stages, maxnreg,
 # warps), the own programs under the narrow (BLOCK_N, stages), 4 warps.
 SHARED_CONFIGS = [(64, 64, 3, None, 4), (128, 64, 3, None, 8), (128, 64, 2, None, 8)]
+# One launch with every shared run at this many times the rule's chunks: 128-row tiles
+# at twice the chunks have the programs of 64-row tiles at the rule's (the sweep at
+# faec5c7 ran 128-row tiles at the rule's count only, on half as many programs).
+CHUNK_SCALED = [((128, 64, 3, None, 8), 2), ((64, 64, 3, None, 4), 2)]
 OWN_CONFIGS = [(64, 3), (32, 3)]
 
 
@@ -63,17 +67,20 @@ def raw_launcher(maxnreg):
     return launch
 
 
-def make_plan(tables, config):
+def make_plan(tables, config, chunk_scale: int = 1):
+    """The plan under ``config``'s tiles, every shared run at ``chunk_scale`` times the rule's chunks."""
     wide_m, block_n, stages, _maxnreg, warps = config
-    original, rows = _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM
+    original, rows, splits = _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM, _planning.shared_level_splits
     # The plan caps its wide tile at ROWS_PER_PROGRAM rows.
     _paged_triton.launch_config = patched_launch_config(wide_m, block_n, stages, warps)
     _planning.ROWS_PER_PROGRAM = max(rows, wide_m)
+    _planning.shared_level_splits = lambda *args: chunk_scale * splits(*args)
     try:
         return splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
                                     dtype=DTYPE)  # fmt: skip
     finally:
         _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM = original, rows
+        _planning.shared_level_splits = splits
 
 
 def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, maxnreg):
@@ -129,17 +136,18 @@ def main() -> None:
             continue
         want = splitkv.paged_cascade_attention(q, k_cache, v_cache, base)[0].float()
         fns, diffs = {}, {}
-        for config in CONFIGS:
-            plan = make_plan(tables, config)
+        for config, chunk_scale in [(config, 1) for config in CONFIGS] + CHUNK_SCALED:
+            key = config if chunk_scale == 1 else (config, f"{chunk_scale}x chunks")
+            plan = make_plan(tables, config, chunk_scale)
             tile_config, wide_m, _grid = plan_launch_shape(plan.launch_configs, 0)
             everything, shared, own = split_programs(plan)
             states, lses = plan_state_buffers(q, plan.num_states, needs_fill=True)
             for part, programs in (("all", everything), ("shared", shared), ("own", own)):
                 fn = launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, config[3])
-                fns[(config, part)] = fn
-            fns[(config, "all")]()
+                fns[(key, part)] = fn
+            fns[(key, "all")]()
             got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
-            diffs[config] = (got - want).abs().max().item()
+            diffs[key] = (got - want).abs().max().item()
         # Two launches: a plan's shared runs under its own config, the own programs narrow
         # (4 warps; the wide tile 16, so that its path compiles small).
         for config in SHARED_CONFIGS:
