@@ -10,7 +10,7 @@
 #   "split-sweep [SECTIONS]" benchmarks/split_sweep.py: split counts on decode shapes (dense, paged, cascade)
 #   prefix-tile           benchmarks/prefix_tile_sweep.py: the cascade launch's prefix tile on decode shapes
 #   plan-sweep            benchmarks/paged_plan_sweep.py: the paged plan's launch by kind of program and tile config
-#   "paged-ab VARIANT.py" benchmarks/paged_ab.py: the paged kernel against a variant copy of it, in one process
+#   "paged-ab VARIANT.py [PAGE]" benchmarks/paged_ab.py: the paged kernel against a variant copy of it, in one process
 #   ncu-plan              ncu of that launch's parts (shared runs, own programs, all) and of the packed cascade's passes
 #   ncu-merge             ncu (hardware counters) of merge_sweep.cu's two-state launches at 4096 and 1024
 #                         x 32 x 128 and its N-way launch of 8 states
@@ -59,7 +59,7 @@ for spec in "$@"; do
     split-sweep) "${limit[@]}" python benchmarks/split_sweep.py $name $args 2>&1 | tee -a "$log" ;;
     prefix-tile) "${limit[@]}" python benchmarks/prefix_tile_sweep.py 2>&1 | tee -a "$log" ;;
     plan-sweep) "${limit[@]}" python benchmarks/paged_plan_sweep.py 2>&1 | tee -a "$log" ;;
-    paged-ab) "${limit[@]}" python benchmarks/paged_ab.py $name 2>&1 | tee -a "$log" ;;
+    paged-ab) "${limit[@]}" python benchmarks/paged_ab.py $name $args 2>&1 | tee -a "$log" ;;
     ncu-plan) "${limit[@]}" ncu --clock-control none --profile-from-start off --section SpeedOfLight --section Occupancy \
                   --section LaunchStats --section WarpStateStats --section ComputeWorkloadAnalysis \
                   --section MemoryWorkloadAnalysis -k regex:"_paged_fwd_kernel|attention_fwd_kernel" \

@@ -4,16 +4,18 @@ Two device calls of one session, on two lent machines, read the plain paged kern
 apart on the sharing cases with one kernel change between them, the size of the change
 being measured (benchmarks/NOTES.md, eleventh session). So::
 
-    python benchmarks/paged_ab.py VARIANT.py      # device_run.sh step "paged-ab VARIANT.py"
+    python benchmarks/paged_ab.py VARIANT.py [PAGE_SIZE]   # device_run.sh step "paged-ab VARIANT.py [PAGE_SIZE]"
 
 loads VARIANT.py, a copy of ``splitkv/_paged_triton.py`` with a change (it imports the
 package's other modules relatively, as the original does), as a second module of the
-package, and times ``bench paged``'s cases (page 16) under both versions: the plain call
+package, and times ``bench paged``'s cases (page 16 unless given) under both versions: the plain call
 and the plan's call, the plan built under each version's ``launch_config``, each call
 captured in a CUDA graph under its version's ``launch_paged`` and the replay timed with
 L2 flushed (``median_ms``), the versions taking turns over 5 rounds. Each variant output
 is checked against the project's first. A variant file travels to the device with the
 working tree when it is untracked and not ignored; it is not meant to be committed.
+``benchmarks/variants/`` keeps the variants tried or queued as patches (NOTES says
+which): ``patch -o variant.py splitkv/_paged_triton.py benchmarks/variants/NAME.patch``.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ import splitkv
 from splitkv import _paged_triton
 from splitkv.bench.common import capture_graph, interleaved, median_ms
 from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
-
-PAGE = 16
 
 
 def load_variant(path: str):
@@ -62,14 +62,15 @@ def graph_timer(fn):
 
 def main() -> None:
     versions = {"project": _paged_triton, "variant": load_variant(sys.argv[1])}
-    print(f"variant {sys.argv[1]}; {torch.cuda.get_device_name()}", flush=True)
+    page = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    print(f"variant {sys.argv[1]}, page {page}; {torch.cuda.get_device_name()}", flush=True)
     for label, case in tree_cases(quick=False).items():
-        q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = build(case, PAGE)
+        q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_q = build(case, page)
         max_k = int(seqused_k.max())
         timers, outputs = {}, {}
         for version, module in versions.items():
             with kernels_of(module):
-                plan = splitkv.plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=PAGE, heads_q=HEADS_Q,
+                plan = splitkv.plan_cascade(block_table, seqused_k, cu_seqlens_q, page_size=page, heads_q=HEADS_Q,
                                             heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype=DTYPE)  # fmt: skip
                 calls = {
                     "plain": functools.partial(splitkv.paged_attention_with_lse, q, k_cache, v_cache, block_table,

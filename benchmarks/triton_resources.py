@@ -11,6 +11,9 @@ absolute figures.
     python benchmarks/triton_resources.py                 # the table
     python benchmarks/triton_resources.py --ptx DIR       # also each variant's PTX, for a diff
     python benchmarks/triton_resources.py --loops         # also each variant's loops in SASS
+    python benchmarks/triton_resources.py --loops --page-size 128 --paged-variant variant.py
+                                                          # the paged kernels at page 128, and a
+                                                          # variant copy of _paged_triton.py's beside them
 
 ``--ptx`` writes the PTX without its ``.loc`` / ``.file`` lines and debug sections,
 so two runs diff instruction for instruction. ``--loops`` lists each loop of the SASS
@@ -161,10 +164,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ptx", type=Path, help="write each variant's PTX (without line info) into this folder")
     parser.add_argument("--loops", action="store_true", help="also list each variant's loops in SASS (static counts)")
+    parser.add_argument("--page-size", type=int, default=16, help="the paged kernels' PAGE_SIZE (default 16)")
+    parser.add_argument("--paged-variant", type=Path,
+                        help="also compile each paged variant from this copy of splitkv/_paged_triton.py")
     args = parser.parse_args()
+    variants = dict(VARIANTS)
+    for name, (kernel, constexprs, num_warps, num_stages) in VARIANTS.items():
+        if kernel is _paged_triton._paged_fwd_kernel:
+            variants[name] = (kernel, {**constexprs, "PAGE_SIZE": args.page_size}, num_warps, num_stages)
+            if args.paged_variant:
+                from paged_ab import load_variant  # benchmarks/, the script's folder
+
+                variants[name + " [variant]"] = (load_variant(args.paged_variant)._paged_fwd_kernel,
+                                                 variants[name][1], num_warps, num_stages)  # fmt: skip
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
     print(f"{'variant':40s} {'warps':>5s} {'stages':>6s} {'registers':>9s} {'stack B':>7s} {'shared B':>8s}")
-    for name, (kernel, constexprs, num_warps, num_stages) in VARIANTS.items():
+    for name, (kernel, constexprs, num_warps, num_stages) in variants.items():
         constexprs = {key: (int(value) if isinstance(value, _MODE) else value) for key, value in constexprs.items()}
         signature = _signature(kernel, "*bf16", constexprs)
         # As the launch specialises them on the device's shapes: pointers and strides divisible by 16.
