@@ -4,9 +4,9 @@ For each sharing case of ``python -m splitkv.bench paged`` (page 16), the plan's
 launch is timed with its program table filtered: the shared runs' programs alone, the
 sequences' own programs alone, and all of them; under the plan's tile configuration and
 others (wide row tile and its warps, BLOCK_N, pipeline depth, a register cap that lets more
-blocks share an SM), some with every shared run at twice the rule's chunks; and as two launches, the shared runs under a wide configuration and
-the own programs under a narrow one, one after the other on one stream and side by side on
-two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
+blocks share an SM), some with every shared run at twice the rule's chunks; and as two
+launches, the shared runs under a wide configuration and the own programs under a narrow
+one, one after the other on one stream and side by side on two. Each figure is the replay of a CUDA graph of one call, L2 flushed (``median_ms``),
 the variants of a case taking turns over 3 rounds; each variant's states, merged, are
 checked against the plan's own result first. Run on a GPU machine (device_run.sh step
 ``plan-sweep``; step ``ncu-plan`` runs ``paged_plan_sweep.py ncu`` under ncu).

@@ -168,15 +168,16 @@ def main() -> None:
     parser.add_argument("--paged-variant", type=Path,
                         help="also compile each paged variant from this copy of splitkv/_paged_triton.py")
     args = parser.parse_args()
+    if args.paged_variant:
+        from paged_ab import load_variant  # benchmarks/, the script's folder
+
+        variant_kernel = load_variant(args.paged_variant)._paged_fwd_kernel
     variants = dict(VARIANTS)
     for name, (kernel, constexprs, num_warps, num_stages) in VARIANTS.items():
         if kernel is _paged_triton._paged_fwd_kernel:
             variants[name] = (kernel, {**constexprs, "PAGE_SIZE": args.page_size}, num_warps, num_stages)
             if args.paged_variant:
-                from paged_ab import load_variant  # benchmarks/, the script's folder
-
-                variants[name + " [variant]"] = (load_variant(args.paged_variant)._paged_fwd_kernel,
-                                                 variants[name][1], num_warps, num_stages)  # fmt: skip
+                variants[name + " [variant]"] = (variant_kernel, variants[name][1], num_warps, num_stages)
     print(f"triton {triton.__version__}, target sm_{TARGET.arch}")
     print(f"{'variant':40s} {'warps':>5s} {'stages':>6s} {'registers':>9s} {'stack B':>7s} {'shared B':>8s}")
     for name, (kernel, constexprs, num_warps, num_stages) in variants.items():
