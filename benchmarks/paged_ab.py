@@ -12,7 +12,7 @@ package, and times ``bench paged``'s cases (page 16 unless given) under both ver
 and the plan's call, the plan built under each version's ``launch_config``, each call
 captured in a CUDA graph under its version's ``launch_paged`` and the replay timed with
 L2 flushed (``median_ms``), the versions taking turns over 5 rounds. Each variant output
-is checked against the project's first. A variant file travels to the device with the
+is checked against the project's (after the timing, from the replays). A variant file travels to the device with the
 working tree when it is untracked and not ignored; it is not meant to be committed.
 ``benchmarks/variants/`` keeps the variants tried or queued as patches (NOTES says
 which): ``patch -o variant.py splitkv/_paged_triton.py benchmarks/variants/NAME.patch``.
@@ -20,16 +20,16 @@ which): ``patch -o variant.py splitkv/_paged_triton.py benchmarks/variants/NAME.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import sys
+from unittest import mock
 
 import torch
 
 import splitkv
 from splitkv import _paged_triton
-from splitkv.bench.common import capture_graph, interleaved, median_ms
+from splitkv.bench.common import graph_replay_timer, interleaved
 from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
 
 
@@ -41,23 +41,10 @@ def load_variant(path: str):
     return module
 
 
-@contextlib.contextmanager
 def kernels_of(module):
     """The library's paged calls run ``module``'s launch_config and launch_paged (they
     import both from splitkv._paged_triton at call time)."""
-    saved = _paged_triton.launch_config, _paged_triton.launch_paged
-    _paged_triton.launch_config, _paged_triton.launch_paged = module.launch_config, module.launch_paged
-    try:
-        yield
-    finally:
-        _paged_triton.launch_config, _paged_triton.launch_paged = saved
-
-
-def graph_timer(fn):
-    """``(timer, output)``: fn captured in a CUDA graph of one call, and its output."""
-    graph, result = capture_graph(fn)
-    graph.replay()
-    return functools.partial(median_ms, graph.replay, 60), result
+    return mock.patch.multiple(_paged_triton, launch_config=module.launch_config, launch_paged=module.launch_paged)
 
 
 def main() -> None:
@@ -78,13 +65,13 @@ def main() -> None:
                     "plan": functools.partial(splitkv.paged_cascade_attention, q, k_cache, v_cache, plan),
                 }  # fmt: skip
                 for call, fn in calls.items():
-                    timers[(call, version)], result = graph_timer(fn)
-                    outputs[(call, version)] = result[0].float().clone()
+                    timers[(call, version)], outputs[(call, version)] = graph_replay_timer(fn)
+        times = interleaved(lambda timer: timer() * 1e3, timers, rounds=5)
+        # Each graph's output, refreshed by its replays (every graph has its own memory pool).
         for call in ("plain", "plan"):
-            diff = (outputs[(call, "variant")] - outputs[(call, "project")]).abs().max().item()
+            diff = (outputs[(call, "variant")][0].float() - outputs[(call, "project")][0].float()).abs().max().item()
             if not diff <= 1e-2:  # NaN fails too
                 raise SystemExit(f"{label}, {call}: the variant's output differs from the project's by {diff}")
-        times = interleaved(lambda timer: timer() * 1e3, timers, rounds=5)
         cells = "  ".join(f"{call} {times[(call, 'project')]:6.1f} -> {times[(call, 'variant')]:6.1f} us "
                           f"({times[(call, 'project')] / times[(call, 'variant')]:.3f}x)"
                           for call in ("plain", "plan"))  # fmt: skip

@@ -14,15 +14,15 @@ checked against the plan's own result first. Run on a GPU machine (device_run.sh
 
 from __future__ import annotations
 
-import functools
 import sys
+from unittest import mock
 
 import torch
 import triton
 
 import splitkv
 from splitkv import _paged_triton, _planning
-from splitkv.bench.common import capture_graph, interleaved, median_ms
+from splitkv.bench.common import graph_replay_timer, interleaved
 from splitkv.bench.paged import DTYPE, HEAD_DIM, HEADS_KV, HEADS_Q, build, tree_cases
 from splitkv.paged import DYNAMIC_KEY_HI, ITEM_FIELDS, plan_launch_shape, plan_state_buffers
 
@@ -70,17 +70,15 @@ def raw_launcher(maxnreg):
 def make_plan(tables, config, chunk_scale: int = 1):
     """The plan under ``config``'s tiles, every shared run at ``chunk_scale`` times the rule's chunks."""
     wide_m, block_n, stages, _maxnreg, warps = config
-    original, rows, splits = _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM, _planning.shared_level_splits
+    rule = _planning.shared_level_splits
     # The plan caps its wide tile at ROWS_PER_PROGRAM rows.
-    _paged_triton.launch_config = patched_launch_config(wide_m, block_n, stages, warps)
-    _planning.ROWS_PER_PROGRAM = max(rows, wide_m)
-    _planning.shared_level_splits = lambda *args: chunk_scale * splits(*args)
-    try:
+    with (
+        mock.patch.object(_paged_triton, "launch_config", patched_launch_config(wide_m, block_n, stages, warps)),
+        mock.patch.object(_planning, "ROWS_PER_PROGRAM", max(_planning.ROWS_PER_PROGRAM, wide_m)),
+        mock.patch.object(_planning, "shared_level_splits", lambda *args: chunk_scale * rule(*args)),
+    ):
         return splitkv.plan_cascade(*tables, page_size=PAGE, heads_q=HEADS_Q, heads_kv=HEADS_KV, head_dim=HEAD_DIM,
                                     dtype=DTYPE)  # fmt: skip
-    finally:
-        _paged_triton.launch_config, _planning.ROWS_PER_PROGRAM = original, rows
-        _planning.shared_level_splits = splits
 
 
 def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config, wide_m, maxnreg):
@@ -91,14 +89,10 @@ def launcher_for(q, k_cache, v_cache, plan, states, lses, programs, tile_config,
     launch = raw_launcher(maxnreg)
 
     def fn():
-        original = _paged_triton._launch_paged_kernel
-        _paged_triton._launch_paged_kernel = launch
-        try:
+        with mock.patch.object(_paged_triton, "_launch_paged_kernel", launch):
             _paged_triton.launch_paged(q, k_cache, v_cache, states, lses, plan.block_table, plan.seqused_k,
                                        plan.cu_seqlens_q, True, HEAD_DIM ** -0.5, tile_config, grid, items=items,
                                        item_tokens=tokens, programs=flat, wide_block_m=wide_m)  # fmt: skip
-        finally:
-            _paged_triton._launch_paged_kernel = original
 
     return fn
 
@@ -167,10 +161,7 @@ def main() -> None:
                 fns[(key, "two streams")]()
                 got = splitkv.merge_states(states, lses, output_dtype=q.dtype)[0].float()
                 diffs[key] = (got - want).abs().max().item()
-        graphs = {}
-        for key, fn in fns.items():
-            graph, _ = capture_graph(fn)
-            graphs[key] = functools.partial(median_ms, graph.replay, 60)
+        graphs = {key: graph_replay_timer(fn)[0] for key, fn in fns.items()}
         times = interleaved(lambda t: t() * 1e3, graphs, rounds=3)
         _everything, shared, own = split_programs(base)
         print(f"\n== {name}: plan {plan_launch_shape(base.launch_configs, 0)}, {base.num_states} states, "

@@ -17,7 +17,7 @@ import functools
 import splitkv
 from splitkv import _attention_triton
 from splitkv.bench.cascade import cascade_inputs
-from splitkv.bench.common import capture_graph, copy_bandwidth_tbs, interleaved, median_ms
+from splitkv.bench.common import copy_bandwidth_tbs, graph_replay_timer, interleaved, median_ms
 
 SHAPES = [(64, 8192, 512), (256, 4096, 256), (16, 32768, 1024), (32, 4096, 256), (256, 32768, 1),
           (256, 4096, 4096), (64, 4096, 1), (128, 16384, 64)]  # fmt: skip
@@ -64,9 +64,8 @@ def main() -> None:
         timed = {}
         for name in VARIANTS:
             diff = (under(name, call).float() - want).abs().max().item()
-            graph, _ = under(name, functools.partial(capture_graph, call))
             timed[(name, "eager")] = functools.partial(under, name, functools.partial(median_ms, call, 40))
-            timed[(name, "graph")] = functools.partial(median_ms, graph.replay, 40)
+            timed[(name, "graph")], _ = under(name, functools.partial(graph_replay_timer, call, 40))
             print(f"  {name}: max diff vs wide {diff:.2e}", flush=True)
         times = interleaved(lambda time_it: time_it() * 1e3, timed, rounds=3)
         cells = "  ".join(f"{name}/{mode}:{us:7.1f}" for (name, mode), us in times.items())

@@ -23,6 +23,7 @@ the rule of 634ba47 was set, then this script's run at be83365.
 
 import functools
 import sys
+from unittest import mock
 
 import torch
 from decode_sweep import decode_batch  # benchmarks/, the script's folder
@@ -30,7 +31,7 @@ from decode_sweep import decode_batch  # benchmarks/, the script's folder
 import splitkv
 from splitkv import _planning
 from splitkv.bench.cascade import cascade_inputs
-from splitkv.bench.common import capture_graph, copy_bandwidth_tbs, interleaved, median_ms
+from splitkv.bench.common import copy_bandwidth_tbs, graph_replay_timer, interleaved
 
 HQ, HKV, D = 32, 8, 128
 copy = copy_bandwidth_tbs()
@@ -38,8 +39,7 @@ print(f"copy {copy:.3f} TB/s; SMs {torch.cuda.get_device_properties(0).multi_pro
 
 
 def graph_ms(fn):
-    graph, _ = capture_graph(fn)
-    return functools.partial(median_ms, graph.replay, 60)
+    return graph_replay_timer(fn)[0]
 
 
 def cascade_call(seqs: int, prefix: int, suffix: int):
@@ -61,12 +61,8 @@ def print_counts(label: str, floor_us: float, rule, rule_key, times: dict) -> No
 
 def patched(name: str, replacement, fn):
     """``fn()`` with ``_planning.<name>`` replaced: the planners read their rules at call time."""
-    original = getattr(_planning, name)
-    setattr(_planning, name, replacement)
-    try:
+    with mock.patch.object(_planning, name, replacement):
         return fn()
-    finally:
-        setattr(_planning, name, original)
 
 
 # (16 | 17 | 32) x 16384 and 32 x 8192: where choose_num_splits' two rules meet.
@@ -184,12 +180,8 @@ def paged_rule_grid() -> None:
 
     for seqs, prefix, suffix in [(64, 2048, 1), (64, 2048, 64), (64, 4096, 1), (64, 4096, 64), (128, 2048, 1),
                                  (128, 4096, 1), (128, 4096, 256), (32, 4096, 1)]:  # fmt: skip
-        node_keys = bench_paged.NODE_KEYS[0]
-        bench_paged.NODE_KEYS[0] = prefix  # node 0: the run every sequence shares
-        try:
+        with mock.patch.dict(bench_paged.NODE_KEYS, {0: prefix}):  # node 0: the run every sequence shares
             q, k_cache, v_cache, *tables = bench_paged.build([((0,), suffix)] * seqs, 16)
-        finally:
-            bench_paged.NODE_KEYS[0] = node_keys
         plans, fns = {}, {}
         for name in ("rule", "old"):
             plans[name] = as_rule(name, functools.partial(splitkv.plan_cascade, *tables, page_size=16, heads_q=HQ,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import statistics
@@ -62,6 +63,15 @@ def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, objec
     with torch.cuda.graph(graph):
         result = fn()
     return graph, result
+
+
+def graph_replay_timer(fn: Callable[[], object], rep_ms: int = 60) -> tuple[Callable[[], float], object]:
+    """``(timer, result)``: ``fn`` captured in a CUDA graph of one call, ``timer()`` the
+    median ms of its replay with L2 flushed before each (``median_ms``: GPU time from a
+    cold L2, no host time), ``result`` what the captured call returned, refreshed by
+    each replay. The sweeps under ``benchmarks/`` time their variants this way."""
+    graph, result = capture_graph(fn)
+    return functools.partial(median_ms, graph.replay, rep_ms), result
 
 
 def graph_replay_us(fn: Callable[[], object], calls_per_graph: int = 20, replays: int = 50) -> float:
