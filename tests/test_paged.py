@@ -140,21 +140,21 @@ def test_triton_kv_layouts_and_offset_widths(monkeypatch, int32_offsets):
 
 
 def test_row_offsets_fit_int32_at_the_limit():
-    from splitkv._paged_triton import row_offsets_fit_int32 as fits
+    from splitkv._paged_triton import row_offsets_fit_int32
 
-    def row_offsets_fit_int32(cache):
-        return fits(*cache.shape[:2], cache.stride())
+    def cache_fits(cache):
+        return row_offsets_fit_int32(*cache.shape[:2], cache.stride())
 
     # [num_pages, page_size, heads_kv, head_dim] on the meta device: shapes and strides only.
     per_page = 16 * 8 * 128
     # The most pages for which the last page's last slot lies below 2**31 elements.
     largest = (2**31 - 1 - 15 * 8 * 128) // per_page + 1
-    assert row_offsets_fit_int32(torch.empty(largest, 16, 8, 128, device="meta"))
-    assert not row_offsets_fit_int32(torch.empty(largest + 1, 16, 8, 128, device="meta"))
+    assert cache_fits(torch.empty(largest, 16, 8, 128, device="meta"))
+    assert not cache_fits(torch.empty(largest + 1, 16, 8, 128, device="meta"))
     # Two views of one [num_pages, 2, ...] buffer: a page's stride is twice its size (V's
     # first page's offset is in its data pointer, not in the row offsets).
-    assert row_offsets_fit_int32(torch.empty(largest // 2, 2, 16, 8, 128, device="meta")[:, 1])
-    assert not row_offsets_fit_int32(torch.empty(largest // 2 + 1, 2, 16, 8, 128, device="meta")[:, 1])
+    assert cache_fits(torch.empty(largest // 2, 2, 16, 8, 128, device="meta")[:, 1])
+    assert not cache_fits(torch.empty(largest // 2 + 1, 2, 16, 8, 128, device="meta")[:, 1])
 
 
 @pytest.mark.parametrize(("page_size", "causal"), [(1, True), (5, False)])
