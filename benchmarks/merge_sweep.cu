@@ -5,7 +5,8 @@
 //   nvcc -std=c++17 -O3 -arch=sm_90 -I csrc benchmarks/merge_sweep.cu -o /tmp/merge_sweep && /tmp/merge_sweep
 // Prints one line per (shape, layout): median microseconds over 50 launches, each
 // after an L2 flush, and TB/s of the counted bytes (2 inputs + 1 output + 3 lse);
-// then CUDA-graph replay per launch (L2 warm) for the small shapes; then the N-way
+// then CUDA-graph replay per launch (L2 warm) for the small shapes; then fp8 (e4m3)
+// results by row layout, taking turns with the bf16 result; then the N-way
 // merge through the header's launch (2 to 16 states of 4096 x 32 x 128, and 32 float32
 // states of 64 x 32 x 128 into bf16, a decode step's split-KV merge).
 // `merge_sweep ncu` runs, for ncu, the header's two-state launch at 4096 x 32 x 128 and
@@ -180,6 +181,67 @@ int main(int argc, char** argv) {
                   static_cast<long long>(s.heads), static_cast<long long>(s.head_dim), v.name, us, bytes / us / 1e6);
       if (graph_us > 0.f) std::printf("  graph %6.2f us", graph_us);
       std::printf("\n");
+    }
+  }
+  if (!ncu_only) {
+    // fp8 (e4m3) output, scale 0.5: the header's launch against its row layouts forced,
+    // with the bf16 result's header launch beside it, taking turns over 5 rounds (the
+    // fp8 rows of `bench merge` read 333-425 us at 65536 x 32 x 128 from one run to the
+    // next, benchmarks/NOTES.md).
+    struct Fp8Variant {
+      const char* name;
+      bool fp8;  // else the bf16 result
+      int vecs;  // 0: the header's launch
+      bool heads_outer;
+    };
+    const Fp8Variant fp8_variants[] = {{"header bf16", false, 0, false},      {"header fp8", true, 0, false},
+                                       {"fp8 v2 tokens-outer", true, 2, false}, {"fp8 v1 tokens-outer", true, 1, false},
+                                       {"fp8 v2 heads-outer", true, 2, true},   {"fp8 v1 heads-outer", true, 1, true}};
+    for (const int64_t tokens : {65536, 4096}) {
+      splitkv::MergeParams p{};
+      p.output = out;
+      p.output_lse = lse_out;
+      p.prefix_output = a;
+      p.suffix_output = b;
+      p.prefix_lse = lse_a;
+      p.suffix_lse = lse_b;
+      p.num_tokens = tokens;
+      p.num_heads = 32;
+      p.head_dim = 128;
+      p.output_stride_token = p.prefix_stride_token = p.suffix_stride_token = 32 * 128;
+      p.output_stride_head = p.prefix_stride_head = p.suffix_stride_head = 128;
+      p.output_lse_stride_head = p.prefix_lse_stride_head = p.suffix_lse_stride_head = tokens;
+      p.output_lse_stride_token = p.prefix_lse_stride_token = p.suffix_lse_stride_token = 1;
+      p.output_scale = 0.5f;
+      const auto run = [&](const Fp8Variant& v) {
+        using Fp8 = splitkv::Fp8E4M3;
+        if (v.vecs == 0) {
+          CHECK((v.fp8 ? splitkv::merge_attn_states<T, Fp8>(p, stream) : splitkv::merge_attn_states<T>(p, stream)));
+          return;
+        }
+        RowLayout layout = splitkv::detail::row_layout(p.head_dim, v.vecs * 8, 256);
+        layout.heads_outer = v.heads_outer;
+        layout.lse_order = LseStoreOrder::kNone;
+        CHECK((v.vecs == 2
+                  ? splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, Fp8, 8, 2, int32_t>, p, layout, stream)
+                  : splitkv::detail::launch_rows(splitkv::merge_attn_states_kernel<T, Fp8, 8, 1, int32_t>, p, layout, stream)));
+      };
+      std::vector<std::vector<float>> rounds(std::size(fp8_variants));
+      for (int round = 0; round < 5; ++round) {
+        for (size_t i = 0; i < std::size(fp8_variants); ++i) {
+          run(fp8_variants[i]);  // warm-up
+          rounds[i].push_back(median_us(30, true, 1, [&] { run(fp8_variants[i]); }));
+        }
+      }
+      for (size_t i = 0; i < std::size(fp8_variants); ++i) {
+        const double out_bytes = fp8_variants[i].fp8 ? 1.0 : sizeof(T);
+        const double bytes = tokens * 32.0 * (128 * (2 * sizeof(T) + out_bytes) + 3 * 4);
+        const float us = median(rounds[i]);
+        std::printf("fp8 %6lld x 32 x 128  %-24s %8.2f us  %5.3f TB/s  (rounds %.1f-%.1f)\n",
+                    static_cast<long long>(tokens), fp8_variants[i].name, us, bytes / us / 1e6,
+                    *std::min_element(rounds[i].begin(), rounds[i].end()),
+                    *std::max_element(rounds[i].begin(), rounds[i].end()));
+      }
     }
   }
   // N-way parameters for `states` dense [states, tokens, 32, 128] states in `a` (lses

@@ -14,8 +14,8 @@ captured in a CUDA graph under its version's ``launch_paged`` and the replay tim
 L2 flushed (``median_ms``), the versions taking turns over 5 rounds. Each variant output
 is checked against the project's (after the timing, from the replays). A variant file travels to the device with the
 working tree when it is untracked and not ignored; it is not meant to be committed.
-``benchmarks/variants/`` keeps the variants tried or queued as patches (NOTES says
-which): ``patch -o variant.py splitkv/_paged_triton.py benchmarks/variants/NAME.patch``.
+A variant tried and not kept stays in the history: NOTES names its commit, and
+``git show COMMIT:splitkv/_paged_triton.py > variant.py`` brings it back.
 """
 
 from __future__ import annotations

@@ -64,23 +64,38 @@ def _attend_pages(
     computed once for K and V when their strides are the same (SAME_KV_STRIDES), and in
     32 bits when every page's fit (INT32_OFFSETS): the addressing was about half the
     integer work of a tile, which made the paged launch execute 1.7x the instructions of
-    the packed cascade's for the same keys (benchmarks/NOTES.md)."""
+    the packed cascade's for the same keys (benchmarks/NOTES.md). Where PAGE_SIZE is a
+    multiple of BLOCK_N and key_lo of BLOCK_N, each tile lies in one page: one page id
+    per tile, and the rows' offsets a scalar plus loop-invariant slot offsets (5-8% off
+    the plain paged kernel at page 128 on the H200, 2-6% off the plan's launch)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         keys = start_n + offs_n
-        if INT32_OFFSETS:
-            page = next_page
-            slot = keys % PAGE_SIZE
+        if PAGE_SIZE % BLOCK_N == 0:
+            # The tile lies in one page (it starts at a multiple of BLOCK_N: _attend_item):
+            # one page id, and the rows' offsets a scalar plus loop-invariant slot offsets.
+            page = next_page if INT32_OFFSETS else next_page.to(tl.int64)
+            next_page = tl.load(bt_row + (start_n + BLOCK_N) // PAGE_SIZE, mask=start_n + BLOCK_N < pages_hi,
+                                other=0)  # fmt: skip
+            k_rows = page * stride_kp + (start_n % PAGE_SIZE) * stride_ks + offs_n * stride_ks
+            if SAME_KV_STRIDES:
+                v_rows = k_rows
+            else:
+                v_rows = page * stride_vp + (start_n % PAGE_SIZE + offs_n) * stride_vs
         else:
-            page = next_page.to(tl.int64)
-            slot = (keys % PAGE_SIZE).to(tl.int64)
-        ahead = keys + BLOCK_N
-        next_page = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < pages_hi, other=0)
-        k_rows = page * stride_kp + slot * stride_ks
-        if SAME_KV_STRIDES:
-            v_rows = k_rows
-        else:
-            v_rows = page * stride_vp + slot * stride_vs
+            if INT32_OFFSETS:
+                page = next_page
+                slot = keys % PAGE_SIZE
+            else:
+                page = next_page.to(tl.int64)
+                slot = (keys % PAGE_SIZE).to(tl.int64)
+            ahead = keys + BLOCK_N
+            next_page = tl.load(bt_row + ahead // PAGE_SIZE, mask=ahead < pages_hi, other=0)
+            k_rows = page * stride_kp + slot * stride_ks
+            if SAME_KV_STRIDES:
+                v_rows = k_rows
+            else:
+                v_rows = page * stride_vp + slot * stride_vs
         k_ptrs = k_head + k_rows[:, None]
         v_ptrs = v_head + v_rows[:, None]
         k = load_kv_tile(k_ptrs, keys, key_hi, MASKED, HEAD_DIM, HEAD_DIM_PAD)
@@ -120,6 +135,11 @@ def _attend_item(
                     other=0.0)  # fmt: skip
 
         chunk = (key_hi - key_lo + splits - 1) // splits
+        if PAGE_SIZE % BLOCK_N == 0:
+            # Chunks of whole tiles: every item's key_lo is at a page boundary (0, or a
+            # shared run's edge), so every tile starts at a multiple of BLOCK_N and lies in
+            # one page, which _attend_pages then looks up once.
+            chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
         chunk_lo = tl.minimum(key_lo + split * chunk, key_hi)
         chunk_hi = tl.minimum(chunk_lo + chunk, key_hi)
         if causal:
@@ -149,7 +169,12 @@ def _attend_item(
         # tile ahead, so the K/V loads do not wait on a dependent block-table load: 10-17%
         # off the plan launch on the H200 (benchmarks/NOTES.md).
         offs_n = tl.arange(0, BLOCK_N)
-        next_page = tl.load(bt_row + (chunk_lo + offs_n) // PAGE_SIZE, mask=chunk_lo + offs_n < block_hi, other=0)
+        if PAGE_SIZE % BLOCK_N == 0:
+            # One page id per tile.
+            next_page = tl.load(bt_row + chunk_lo // PAGE_SIZE, mask=chunk_lo < block_hi, other=0)
+        else:
+            next_page = tl.load(bt_row + (chunk_lo + offs_n) // PAGE_SIZE, mask=chunk_lo + offs_n < block_hi,
+                                other=0)  # fmt: skip
         acc, l_i, m_i, next_page = _attend_pages(
             acc, l_i, m_i, next_page, q, k_head, v_head, bt_row, chunk_lo, unmasked_hi, block_hi, row_key_end,
             qk_scale, stride_kp, stride_ks, stride_vp, stride_vs,
