@@ -168,12 +168,14 @@ struct Convert<__nv_bfloat16> {
 // fp8 is only ever written.
 template <>
 struct Convert<Fp8E4M3> {
-  __device__ __forceinline__ static Fp8E4M3 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3)}; }
+  static constexpr __nv_fp8_interpretation_t kFormat = __NV_E4M3;
+  __device__ __forceinline__ static Fp8E4M3 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, kFormat)}; }
 };
 
 template <>
 struct Convert<Fp8E5M2> {
-  __device__ __forceinline__ static Fp8E5M2 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E5M2)}; }
+  static constexpr __nv_fp8_interpretation_t kFormat = __NV_E5M2;
+  __device__ __forceinline__ static Fp8E5M2 from_float(float x) { return {__nv_cvt_float_to_fp8(x, __NV_SATFINITE, kFormat)}; }
 };
 
 template <typename T>
@@ -182,7 +184,7 @@ constexpr bool kIsFp8 = std::is_same_v<T, Fp8E4M3> || std::is_same_v<T, Fp8E5M2>
 // What an output is divided by before its conversion to TOut: the output scale for fp8
 // (with its reciprocal), 1 (and not applied) otherwise. `by_reciprocal`: the reciprocal is
 // a normal float (the scale is neither infinite nor subnormal, nor NaN or zero), so that
-// to_output may divide through it.
+// fp8_vector may divide through it.
 struct OutputDivisor {
   float divisor = 1.f, reciprocal = 1.f;
   bool by_reciprocal = true;
@@ -196,26 +198,6 @@ __device__ __forceinline__ OutputDivisor output_divisor(const Params& p) {
     return {divisor, reciprocal, isfinite(reciprocal) && fabsf(reciprocal) >= FLT_MIN};
   } else {
     return {};
-  }
-}
-
-// x / divisor as the product with the reciprocal plus one fma residual step (Markstein),
-// which rounds as the division does for finite quotients (the torch and Triton merges
-// divide; a 1-ulp float32 difference is an fp8 step where a value sits on a rounding
-// edge) in 3 instructions instead of the division's sequence: with a division per
-// element the fp8 merge of 65536 x 32 x 128 bf16 ran 414 us, slower than the bf16 one
-// (benchmarks/NOTES.md). An infinite product is kept (the residual would be NaN). A scale
-// whose reciprocal is not a normal float (an infinite one: 0 x inf in the residual; a
-// subnormal one: 0 x inf in the product) takes the division.
-template <typename TOut>
-__device__ __forceinline__ TOut to_output(float x, OutputDivisor scale) {
-  if constexpr (kIsFp8<TOut>) {
-    if (!scale.by_reciprocal) return Convert<TOut>::from_float(x / scale.divisor);
-    const float q = x * scale.reciprocal;
-    const float residual = fmaf(-q, scale.divisor, x);
-    return Convert<TOut>::from_float(isinf(q) ? q : fmaf(residual, scale.reciprocal, q));
-  } else {
-    return Convert<TOut>::from_float(x);
   }
 }
 
@@ -239,6 +221,54 @@ union Vec {
   WordType word;
   T elems[ELEMS];
 };
+
+// The fp8 vector of the merged floats value[0 .. ELEMS-1], each divided by the output
+// scale: as the product with the reciprocal plus one fma residual step (Markstein), which
+// rounds as the division does for finite quotients (the torch and Triton merges divide; a
+// 1-ulp float32 difference is an fp8 step where a value sits on a rounding edge) in 3
+// instructions instead of the division's sequence: with a division per element the fp8
+// merge of 65536 x 32 x 128 bf16 ran 414 us, slower than the bf16 one
+// (benchmarks/NOTES.md). An infinite product is kept (the residual would be NaN). A scale
+// whose reciprocal is not a normal float (an infinite one: 0 x inf in the residual; a
+// subnormal one: 0 x inf in the product) takes the division. That choice is made once
+// per vector, not per element (a branch per element made the two-state fp8 kernel 1544
+// SASS instructions, 73 of them reconvergence pairs; 1368 and 45 now), and pairs of
+// elements convert in one instruction (cvt.rn.satfinite.e4m3x2.f32, sm_89 and later).
+// The 16-bit results convert at their call sites: routed through an array here, the
+// two-state bf16 kernel grew from 480 to 512 instructions.
+template <typename TOut, int ELEMS>
+__device__ __forceinline__ Vec<TOut, ELEMS> fp8_vector(const float (&value)[ELEMS], OutputDivisor scale) {
+  static_assert(kIsFp8<TOut>, "fp8_vector writes fp8");
+  float q[ELEMS];
+  if (scale.by_reciprocal) {
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) {
+      const float product = value[i] * scale.reciprocal;
+      const float residual = fmaf(-product, scale.divisor, value[i]);
+      q[i] = isinf(product) ? product : fmaf(residual, scale.reciprocal, product);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) q[i] = value[i] / scale.divisor;
+  }
+  Vec<TOut, ELEMS> out;
+  if constexpr (ELEMS % 2 == 0) {
+    // Element 2j in pair j's low byte, as in memory.
+    union {
+      typename Vec<TOut, ELEMS>::WordType word;
+      __nv_fp8x2_storage_t pairs[ELEMS / 2];
+    } packed;
+#pragma unroll
+    for (int j = 0; j < ELEMS / 2; ++j)
+      packed.pairs[j] =
+          __nv_cvt_float2_to_fp8x2(make_float2(q[2 * j], q[2 * j + 1]), __NV_SATFINITE, Convert<TOut>::kFormat);
+    out.word = packed.word;
+  } else {
+#pragma unroll
+    for (int i = 0; i < ELEMS; ++i) out.elems[i] = Convert<TOut>::from_float(q[i]);
+  }
+  return out;
+}
 
 // Inputs and outputs are touched once: stream them past L1 and mark them
 // evict-first in L2 so they do not push out data other kernels reuse.
@@ -498,13 +528,16 @@ __global__ void __launch_bounds__(detail::kThreadsPerBlock<MergeParams>)
       for (int v = 0; v < VECS; ++v) {
         const Index d = base + v * step;
         if (v > 0 && d >= head_dim) continue;
+        float merged[kElems];
         detail::Vec<TOut, ELEMS> out;
 #pragma unroll
         for (int i = 0; i < kElems; ++i) {
           const float from_prefix = prefix_empty ? 0.f : Conv::to_float(a[v].elems[i]) * prefix_weight;
           const float from_suffix = suffix_empty ? 0.f : Conv::to_float(b[v].elems[i]) * suffix_weight;
-          out.elems[i] = detail::to_output<TOut>(from_prefix + from_suffix, output_divisor);
+          merged[i] = from_prefix + from_suffix;
+          if constexpr (!detail::kIsFp8<TOut>) out.elems[i] = detail::Convert<TOut>::from_float(merged[i]);
         }
+        if constexpr (detail::kIsFp8<TOut>) out = detail::fp8_vector<TOut, ELEMS>(merged, output_divisor);
         detail::store_plain<TOut, ELEMS>(output_row + d, out);
       }
     };
@@ -610,9 +643,14 @@ struct RunningMerge {
   __device__ __forceinline__ float finish(TOut* out_vec, OutputDivisor output_divisor) const {
     const bool all_empty = (m == -INFINITY) && !any_nan;
     const float inv_total = any_nan ? NAN : (all_empty ? 0.f : __fdividef(1.f, total));
+    float merged[ELEMS];
     Vec<TOut, ELEMS> out;
 #pragma unroll
-    for (int i = 0; i < ELEMS; ++i) out.elems[i] = to_output<TOut>(acc[i] * inv_total, output_divisor);
+    for (int i = 0; i < ELEMS; ++i) {
+      merged[i] = acc[i] * inv_total;
+      if constexpr (!kIsFp8<TOut>) out.elems[i] = Convert<TOut>::from_float(merged[i]);
+    }
+    if constexpr (kIsFp8<TOut>) out = fp8_vector<TOut, ELEMS>(merged, output_divisor);
     store_streaming<TOut, ELEMS>(out_vec, out);
     return all_empty ? -INFINITY : (any_nan ? NAN : m + logf(total));
   }
